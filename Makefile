@@ -1,0 +1,34 @@
+# stylequeue — two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# imagenet (default) needs torchvision's VGG19 weights (downloaded once, see README);
+# `make demo WEIGHTS=random` runs on a machine that cannot download them.
+WEIGHTS ?= imagenet
+
+.PHONY: install test lint bench demo clean
+
+install: $(VENV)/.installed
+
+# Reinstall when the project's requirements change.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check api worker shared tests bench deploy
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) bench/engine.py
+	$(PY) bench/service.py
+
+demo: install
+	$(PY) deploy/demo.py --weights $(WEIGHTS)
+
+clean:
+	rm -rf $(VENV) demo-out .stylequeue .pytest_cache

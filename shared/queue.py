@@ -1,0 +1,66 @@
+"""The Celery application shared by the API (which only publishes) and the worker (which consumes).
+
+Configured for multi-minute GPU jobs (see ../shared/docs/queue-facts.md): late acks, reject on worker
+lost, prefetch 1, and a broker visibility timeout longer than the task time limit. The job row is the
+source of truth; a message carries only the job id, and the task id is the job id.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from shared.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "stylequeue.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("stylequeue", broker=settings.broker_url)
+    transport_options: dict[str, object] = {}
+    if not settings.embedded:
+        transport_options = {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Restore unacknowledged messages of a dead worker quickly (default sweep: ~100 s).
+            "unacked_restore_throttle": 1,
+            "unacked_restore_interval": 2,
+        }
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue_name,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_time_limit=settings.task_time_limit_s,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    if settings.embedded:
+        _tune_sql_transport()
+    return app
+
+
+def _tune_sql_transport() -> None:
+    # Passing polling_interval through broker_transport_options crashes kombu's SQL transport
+    # (TypeError from create_engine); the class attribute works. 0.1 s keeps pickup latency low.
+    from kombu.transport.sqlalchemy import Channel
+
+    Channel.polling_interval = 0.1  # type: ignore[attr-defined]
+
+
+@lru_cache(maxsize=1)
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def publish_job(app: Celery, job_id: str) -> None:
+    """Publish one job after its row is committed. The task id is the job id."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue)

@@ -1,0 +1,79 @@
+"""One settings object for the API, the worker and the CLI, read once from the environment.
+
+Every field can be set as ``STYLEQUEUE_<FIELD>`` (e.g. ``STYLEQUEUE_DATABASE_URL``). With nothing set,
+everything runs on one machine with no server installed (the *embedded default*): a SQLite database
+file, kombu's SQL transport on SQLite as the broker, and a local storage folder, all under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STYLEQUEUE_", extra="ignore")
+
+    # --- where things live (empty = embedded default under data_dir) ---
+    data_dir: Path = Path(".stylequeue")
+    database_url: str = ""  # e.g. postgresql+psycopg://user@host/db; default sqlite:///<data_dir>/stylequeue.db
+    broker_url: str = ""  # e.g. redis://host:6379/0; default sqla+sqlite:///<data_dir>/broker.db
+    storage_url: str = ""  # file:///path or s3://bucket/prefix; default file://<data_dir>/storage
+    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2, moto...
+    s3_region: str = "us-east-1"
+    presign_expiry_s: int = 3600
+
+    # --- API ---
+    auth: Literal["on", "off"] = "on"  # "off" only for a single local user
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_url: str = ""  # base URL used in links; default http://<api_host>:<api_port>
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000  # lower than Pillow's 89.5 MP warning on purpose
+    max_size: int = 2048  # largest output long edge a job may ask for
+    max_iterations: int = 5000  # total iterations over all scales
+    max_batch_jobs: int = 1000
+    max_styles: int = 8
+
+    # --- queue and worker ---
+    queue_name: str = "stylequeue"
+    task_time_limit_s: int = 4 * 3600
+    visibility_timeout_s: int = 5 * 3600  # must exceed task_time_limit_s (checked at worker start)
+    weights: str = "imagenet"  # imagenet | PATH | caffe:PATH | random (tests and demos only)
+    device: str = "auto"
+    progress_interval_s: float = 1.0  # progress written to the DB at most this often
+    checkpoint_every: int = 0  # also checkpoint every N iterations (0 = at the end of each scale)
+    max_attempts: int = 3
+    heartbeat_s: float = 5.0
+    lease_s: float = 60.0  # a running job whose heartbeat is older than this is presumed dead
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        data = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data / 'stylequeue.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{data / 'storage'}"
+        if not self.public_url:
+            self.public_url = f"http://{self.api_host}:{self.api_port}"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is kombu's SQL transport (no visibility timeout, no fanout)."""
+        return self.broker_url.startswith("sqla+")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once. Tests call ``get_settings.cache_clear()``."""
+    return Settings()
+
+
+__all__ = ["Settings", "get_settings"]

@@ -1,0 +1,74 @@
+"""Job states, engine parameters and settings: plain data, no servers."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.jobs import TERMINAL, InvalidTransition, JobStatus, check_transition, sources_for
+from shared.params import JobParams
+
+
+@pytest.mark.parametrize("terminal", sorted(TERMINAL, key=lambda s: s.value))
+def test_terminal_states_never_change(terminal: JobStatus) -> None:
+    for new in JobStatus:
+        with pytest.raises(InvalidTransition):
+            check_transition(terminal, new)
+
+
+def test_allowed_transitions() -> None:
+    check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
+    check_transition(JobStatus.RUNNING, JobStatus.QUEUED)  # given back on shutdown
+    with pytest.raises(InvalidTransition):
+        check_transition(JobStatus.QUEUED, JobStatus.SUCCEEDED)
+    assert sources_for(JobStatus.CANCELED) == {JobStatus.QUEUED, JobStatus.RUNNING}
+    assert sources_for(JobStatus.SUCCEEDED) == {JobStatus.RUNNING}
+
+
+def test_params_defaults_and_scale_count() -> None:
+    p = JobParams()
+    assert (p.size, p.min_size, p.optimizer) == (512, 128, "lbfgs")
+    assert p.scale_count() == 5  # 128, 181, 256, 362, 512
+    assert JobParams(size=128, min_size=128).scale_count() == 1
+    assert JobParams(size=64, min_size=32, scale_factor=2).scale_count() == 2
+    assert JobParams(scales=[64, 96, 128], size=128).scale_count() == 3
+
+
+def test_params_total_iterations() -> None:
+    assert JobParams(iterations=10).total_iterations(810) == 50
+    assert JobParams(size=64, min_size=32, scale_factor=2, iterations=[5, 7]).total_iterations(0) == 12
+    assert JobParams().total_iterations(810) == 810
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"sizee": 512},  # unknown key: a typo must not be a silent default
+        {"size": 8},
+        {"min_size": 600},
+        {"iterations": 0},
+        {"iterations": [10, 10]},  # 2 values for 5 scales
+        {"style_weights": [-1, 2]},
+        {"optimizer": "sgd"},
+        {"output_format": "gif"},
+    ],
+)
+def test_params_rejects(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        JobParams(**bad)
+
+
+def test_settings_embedded_default(settings_factory) -> None:  # type: ignore[no-untyped-def]
+    s = settings_factory()
+    assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("stylequeue.db")
+    assert s.broker_url.startswith("sqla+sqlite:///") and s.embedded
+    assert s.storage_url.startswith("file:///")
+    assert s.auth == "on"  # never off by default
+
+
+def test_settings_production(settings_factory) -> None:  # type: ignore[no-untyped-def]
+    s = settings_factory(
+        database_url="postgresql+psycopg://u@db/x", broker_url="redis://r:6379/0",
+        storage_url="s3://bucket/p",
+    )
+    assert not s.embedded and s.storage_url == "s3://bucket/p"
