@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     heartbeat_s: float = 5.0
     lease_s: float = 60.0  # a running job whose heartbeat is older than this is presumed dead
+    requeue_after_s: float = 600.0  # a queued job not picked up for this long is published again
+    reconcile_interval_s: float = 30.0
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
