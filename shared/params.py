@@ -89,3 +89,7 @@ class JobParams(BaseModel):
         if isinstance(self.iterations, int):
             return self.iterations * self.scale_count()
         return sum(self.iterations)
+
+
+# The engine's default schedule: 300+200+150+100+60 iterations over its 5 default scales.
+DEFAULT_TOTAL_ITERATIONS = 810

@@ -1,0 +1,117 @@
+"""Upload validation without torch: is it an image we accept, how big is it, is it whole?
+
+Order matters: the byte count first, then the header (format from an explicit allow-list,
+dimensions) BEFORE any pixel is decoded, then one full decode to catch truncated files. Pillow's own
+decompression-bomb warning is turned into an error, and our pixel limit is lower than Pillow's.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import InvalidInput, PayloadTooLarge
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+MIN_SIDE = 16
+
+CONTENT_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "GIF": "image/gif",
+}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # one of ALLOWED_FORMATS
+    width: int
+    height: int
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1_000_000:.1f} MB"
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Open (header only) with the allow-list; map failures to not_an_image / unsupported_format."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        pass
+    try:  # Is it an image Pillow knows but we do not accept?
+        other = Image.open(io.BytesIO(data))
+        fmt = other.format or "unknown"
+        other.close()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InvalidInput(
+            "not_an_image",
+            "the file is not a readable image; upload a PNG, JPEG, WEBP, BMP, TIFF or GIF file",
+        ) from None
+    raise InvalidInput(
+        "unsupported_format",
+        f"{fmt} images are not accepted; convert to PNG, JPEG, WEBP, BMP, TIFF or GIF",
+    )
+
+
+def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Validate an upload; raise ``InvalidInput`` (``PayloadTooLarge`` for size) if unfit."""
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            "too_many_bytes",
+            f"the file is {_mb(len(data))}; the limit is {_mb(max_bytes)} per image",
+        )
+    if not data:
+        raise InvalidInput("not_an_image", "the file is empty; upload an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = _open_header(data)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise InvalidInput(
+                "too_many_pixels",
+                f"the image has more than {max_pixels:,} pixels; downscale it and upload again",
+            ) from None
+        except (OSError, ValueError, SyntaxError):
+            raise InvalidInput(
+                "truncated", "the image header is damaged or incomplete; upload the file again"
+            ) from None
+        with img:
+            info = ImageInfo(format=str(img.format), width=img.width, height=img.height)
+            _check_dimensions(info, max_pixels)
+            try:
+                img.load()
+            except (OSError, ValueError, SyntaxError, EOFError) as exc:
+                raise InvalidInput(
+                    "truncated",
+                    f"the image could not be decoded completely ({exc}); it may be truncated or "
+                    "damaged, upload the file again",
+                ) from None
+    return info
+
+
+def _check_dimensions(info: ImageInfo, max_pixels: int) -> None:
+    if info.width * info.height > max_pixels:
+        raise InvalidInput(
+            "too_many_pixels",
+            f"the image is {info.width}x{info.height} ({info.width * info.height:,} pixels); "
+            f"the limit is {max_pixels:,} pixels, downscale it and upload again",
+        )
+    if info.width < MIN_SIDE or info.height < MIN_SIDE:
+        raise InvalidInput(
+            "too_small",
+            f"the image is {info.width}x{info.height}; both sides must be at least {MIN_SIDE} px",
+        )
+
+
+__all__ = ["ALLOWED_FORMATS", "CONTENT_TYPES", "ImageInfo", "inspect_image"]
