@@ -1,9 +1,10 @@
 """The reconciler: the job table is the truth, the broker only a hint. Re-publish what was lost.
 
 Two kinds of job need a new message:
-- ``queued`` jobs whose message never arrived or was lost (published_at NULL after a crash between
-  commit and publish, Redis restarted empty, the embedded SQL broker lost an in-flight message):
-  published again when ``published_at`` is older than ``requeue_after_s``;
+- ``queued`` jobs whose message never arrived or was lost: published again when ``published_at`` is
+  older than ``requeue_after_s`` (Redis restarted empty, the embedded SQL broker lost an in-flight
+  message), or still NULL ``UNPUBLISHED_GRACE`` after the job was last changed (the API crashed
+  between its commit and its publish; the grace keeps us from racing an API that is publishing now);
 - ``running`` jobs whose heartbeat expired (the worker died and the broker has not redelivered):
   given back to ``queued`` and published again, or failed with ``worker_lost`` once their attempts
   are spent.
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 Publish = Callable[[str], None]
 BATCH = 500  # rows looked at per pass and kind, so one pass stays short
+UNPUBLISHED_GRACE = timedelta(seconds=30)
 
 
 @dataclass
@@ -51,6 +54,8 @@ def reconcile_once(
     now = now or utcnow()
     report = ReconcileReport()
     _expired_leases(sessions, now - timedelta(seconds=lease_s), now, report)
+    for job_id in report.requeued:  # given back just now: publish at once, no grace
+        _publish_claimed(sessions, publish, job_id, None, now, report)
     _stale_queued(sessions, publish, now - timedelta(seconds=requeue_after_s), now, report)
     return report
 
@@ -73,25 +78,16 @@ def _expired_leases(
                 or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
             )
             if cancel or attempt >= max_attempts:
-                code, status = ("canceled", JobStatus.CANCELED) if cancel else (
-                    "worker_lost", JobStatus.FAILED)
-                values = dict(status=status.value, finished_at=now)
-                if not cancel:
-                    values.update(
-                        error_code=code,
-                        error_message=f"the worker running this job was lost {attempt} times "
-                        f"(max_attempts={max_attempts}); checkpoints are kept",
-                        error_retryable=False,
-                    )
-                if session.execute(update(Job).where(guard).values(**values)).rowcount:
+                values = _terminal_values(bool(cancel), attempt, max_attempts, now)
+                if _changed(session.execute(update(Job).where(guard).values(**values))):
                     report.failed.append(job_id)
                     logger.warning("job_event job_id=%s event=reconciled_%s attempt=%s",
-                                   job_id, status.value, attempt)
+                                   job_id, values["status"], attempt)
                 continue
-            # Back to queued with published_at NULL: the queued pass below publishes it.
-            if session.execute(
-                update(Job).where(guard).values(status=JobStatus.QUEUED.value, published_at=None)
-            ).rowcount:
+            # Back to queued; published_at is set when the message goes out (below).
+            if _changed(session.execute(
+                update(Job).where(guard).values(status=JobStatus.QUEUED.value, published_at=now)
+            )):
                 report.requeued.append(job_id)
                 logger.warning("job_event job_id=%s event=lease_expired attempt=%s", job_id, attempt)
         session.commit()
@@ -108,7 +104,12 @@ def _stale_queued(
         rows = session.execute(
             select(Job.id, Job.published_at)
             .where(Job.status == JobStatus.QUEUED.value)
-            .where(or_(Job.published_at.is_(None), Job.published_at < cutoff))
+            .where(
+                or_(
+                    and_(Job.published_at.is_(None), Job.updated_at < now - UNPUBLISHED_GRACE),
+                    Job.published_at < cutoff,
+                )
+            )
             .order_by(Job.created_at)
             .limit(BATCH)
         ).all()
@@ -116,28 +117,57 @@ def _stale_queued(
         with sessions() as session:
             seen = (Job.published_at.is_(None) if published_at is None
                     else Job.published_at == published_at)
-            claimed = session.execute(
+            claimed = _changed(session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, seen)
                 .values(published_at=now)
-            ).rowcount
+            ))
             session.commit()
-        if not claimed:
-            continue  # another reconciler, a worker or a cancel got there first
-        try:
-            publish(job_id)
-        except Exception:
-            # Leave it for the next pass: put published_at back so the job stays "unpublished".
-            logger.exception("job_event job_id=%s event=republish_failed", job_id)
-            with sessions() as session:
-                session.execute(
-                    update(Job).where(Job.id == job_id, Job.published_at == now)
-                    .values(published_at=published_at)
-                )
-                session.commit()
-            continue
-        report.republished.append(job_id)
-        logger.info("job_event job_id=%s event=republished", job_id)
+        if claimed:  # else another reconciler, a worker or a cancel got there first
+            _publish_claimed(sessions, publish, job_id, published_at, now, report)
+
+
+def _publish_claimed(
+    sessions: sessionmaker[Session],
+    publish: Publish,
+    job_id: str,
+    previous: datetime | None,
+    now: datetime,
+    report: ReconcileReport,
+) -> None:
+    """Publish a job whose published_at this reconciler set to ``now``; undo that if it fails."""
+    try:
+        publish(job_id)
+    except Exception:
+        logger.exception("job_event job_id=%s event=republish_failed", job_id)
+        with sessions() as session:  # leave the job for the next pass
+            session.execute(
+                update(Job).where(Job.id == job_id, Job.published_at == now)
+                .values(published_at=previous)
+            )
+            session.commit()
+        return
+    report.republished.append(job_id)
+    logger.info("job_event job_id=%s event=republished", job_id)
+
+
+def _terminal_values(cancel: bool, attempt: int, max_attempts: int, now: datetime) -> dict[str, Any]:
+    """A dead worker's job that was being canceled ends canceled; one out of attempts ends failed."""
+    if cancel:
+        return {"status": JobStatus.CANCELED.value, "finished_at": now}
+    return {
+        "status": JobStatus.FAILED.value,
+        "finished_at": now,
+        "error_code": "worker_lost",
+        "error_message": f"the worker running this job was lost {attempt} times "
+        f"(max_attempts={max_attempts}); its checkpoints are kept",
+        "error_retryable": False,
+    }
+
+
+def _changed(result: Any) -> bool:
+    """Whether a guarded UPDATE matched a row (CursorResult.rowcount)."""
+    return bool(result.rowcount)
 
 
 def run_forever(

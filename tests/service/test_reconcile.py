@@ -47,14 +47,15 @@ def status_of(sessions, job_id: str) -> Job:  # type: ignore[no-untyped-def]
 
 def test_lost_and_unpublished_messages_are_republished(sessions) -> None:  # type: ignore[no-untyped-def]
     old = utcnow() - timedelta(hours=1)
-    never = add_job(sessions, published_at=None)
+    never = add_job(sessions, published_at=None, updated_at=old)  # API died before publishing
+    publishing = add_job(sessions, published_at=None)  # the API is publishing it right now
     lost = add_job(sessions, published_at=old)
     fresh = add_job(sessions, published_at=utcnow())
     done = add_job(sessions, status=JobStatus.SUCCEEDED.value, published_at=old)
     published: list[str] = []
     report = reconcile_once(sessions, published.append, requeue_after_s=60, lease_s=60)
     assert sorted(published) == sorted([never, lost]) == sorted(report.republished)
-    assert fresh not in published and done not in published
+    assert fresh not in published and done not in published and publishing not in published
     # A second pass right away publishes nothing: published_at was moved forward.
     again: list[str] = []
     reconcile_once(sessions, again.append, requeue_after_s=60, lease_s=60)
@@ -77,20 +78,21 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(sessions) -> None:
 
 
 def test_publish_failure_leaves_job_for_next_pass(sessions) -> None:  # type: ignore[no-untyped-def]
-    job_id = add_job(sessions, published_at=None)
+    job_id = add_job(sessions, published_at=utcnow() - timedelta(hours=1))
 
     def broken(_: str) -> None:
         raise ConnectionError("broker down")
 
+    before = status_of(sessions, job_id).published_at
     report = reconcile_once(sessions, broken, requeue_after_s=60, lease_s=60)
-    assert report.republished == [] and status_of(sessions, job_id).published_at is None
+    assert report.republished == [] and status_of(sessions, job_id).published_at == before
     published: list[str] = []
     reconcile_once(sessions, published.append, requeue_after_s=60, lease_s=60)
     assert published == [job_id]
 
 
 def test_concurrent_reconcilers_publish_each_job_once(sessions) -> None:  # type: ignore[no-untyped-def]
-    ids = {add_job(sessions, published_at=None) for _ in range(20)}
+    ids = {add_job(sessions, published_at=utcnow() - timedelta(hours=1)) for _ in range(20)}
     published: list[str] = []
     lock = threading.Lock()
 
