@@ -6,14 +6,17 @@ act on.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DomainError(Exception):
     """Base class: ``code`` for programs, ``message`` for people."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details  # extra keys rendered inside the error object (e.g. status)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
@@ -26,8 +29,8 @@ class NotFound(DomainError):
 class InvalidInput(DomainError):
     """Well-formed request, unacceptable content (HTTP 422; 400 when ``malformed``)."""
 
-    def __init__(self, code: str, message: str, *, malformed: bool = False) -> None:
-        super().__init__(code, message)
+    def __init__(self, code: str, message: str, *, malformed: bool = False, **details: Any) -> None:
+        super().__init__(code, message, **details)
         self.malformed = malformed
 
 
@@ -46,8 +49,8 @@ class Conflict(DomainError):
 class ServiceUnavailable(DomainError):
     """A dependency (database, broker, storage) is down; retry later (HTTP 503 with Retry-After)."""
 
-    def __init__(self, code: str, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(code, message)
+    def __init__(self, code: str, message: str, *, retry_after_s: int = 5, **details: Any) -> None:
+        super().__init__(code, message, **details)
         self.retry_after_s = retry_after_s
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
@@ -53,10 +53,10 @@ def _clean_key(key: str) -> str:
     """Reject keys that are empty, absolute or climb out of the root ("..")."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
         raise StorageError(f"invalid storage key {key!r}")
-    parts = PurePosixPath(key).parts
+    parts = key.split("/")
     if any(p in ("..", ".", "") for p in parts):
         raise StorageError(f"invalid storage key {key!r}")
-    return "/".join(parts)
+    return key
 
 
 class FolderStorage:

@@ -1,0 +1,61 @@
+"""The FastAPI application: ``create_app(settings)``; OpenAPI at ``/docs``.
+
+``uvicorn --factory api.app:create_app`` or ``stylequeue api``. With SQLite (the embedded default) the
+migrations run at startup; on PostgreSQL run ``stylequeue migrate`` when deploying.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.limits import BodyLimitMiddleware
+from api.publisher import CeleryPublisher, Publisher
+from api.routes import batches, health, images, jobs, results
+from shared.settings import Settings, get_settings
+from shared.storage import Storage, open_storage
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    publisher: Publisher | None = None,
+    storage: Storage | None = None,
+    migrate: bool | None = None,
+) -> FastAPI:
+    """Build the app. ``publisher``/``storage`` replace the configured ones (tests);
+    ``migrate`` defaults to True for SQLite only."""
+    settings = settings or get_settings()
+    if migrate is None:
+        migrate = settings.database_url.startswith("sqlite")
+    if migrate:
+        from shared.migrate import upgrade
+
+        upgrade(settings.database_url)
+    app = FastAPI(
+        title="stylequeue",
+        version="0.1.0",
+        description="Batch neural style transfer as a service.",
+        docs_url="/docs",
+    )
+    app.state.settings = settings
+    app.state.storage = storage or open_storage(settings)
+    app.state.publisher = publisher or CeleryPublisher(settings)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    for module in (health, images, jobs, results, batches):
+        app.include_router(module.router)
+    logger.info(
+        "api_event job_id=- event=app_created auth=%s database=%s storage=%s",
+        settings.auth,
+        settings.database_url.split(":", 1)[0],
+        settings.storage_url.split(":", 1)[0],
+    )
+    return app
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,128 @@
+"""The HTTP side of ``stylequeue submit`` and ``stylequeue status`` (printing is allowed here)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from api.client import ApiError, StyleQueueClient
+
+MAX_JOB_BARS = 16  # beyond this many jobs, one overall bar
+POLL_S = 1.0
+
+
+def _plan_names(contents: list[Path], styles: list[Path], mode: str) -> list[str]:
+    if mode == "pairs":
+        return [f"{c.stem}__{s.stem}" for c, s in zip(contents, styles, strict=True)]
+    return [f"{c.stem}__{s.stem}" for c in contents for s in styles]
+
+
+def submit(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    contents = [Path(p) for p in args.contents]
+    styles = [Path(p) for p in args.style]
+    if args.mode == "pairs" and len(contents) != len(styles):
+        print("--mode pairs needs as many --style as contents", file=sys.stderr)
+        return 2
+    missing = [str(p) for p in contents + styles if not p.is_file()]
+    if missing:
+        print(f"no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    with StyleQueueClient(args.url, args.key) as client:
+        try:
+            ids = {p: client.upload_path(p) for p in dict.fromkeys(contents + styles)}
+            pairs = [[i, i] for i in range(len(contents))] if args.mode == "pairs" else None
+            batch = client.submit_batch([ids[p] for p in contents], [ids[p] for p in styles],
+                                        mode=args.mode, pairs=pairs, params=params)
+        except ApiError as exc:
+            print(f"rejected: {exc}", file=sys.stderr)
+            return 1
+        names = dict(zip(batch["job_ids"], _plan_names(contents, styles, args.mode), strict=True))
+        print(f"batch {batch['id']}: {batch['job_count']} job(s) queued")
+        for job_id in batch["job_ids"]:
+            print(f"  {job_id}  {names[job_id]}")
+        if not args.wait:
+            return 0
+        jobs = wait(client, batch["id"], names)
+        return download(client, jobs, names, Path(args.output))
+
+
+def wait(client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> list[dict[str, Any]]:
+    """Poll until every job is finished, with tqdm bars (one per job for small batches)."""
+    from tqdm import tqdm
+
+    per_job = len(names) <= MAX_JOB_BARS
+    bars = (
+        {jid: tqdm(total=100, desc=names[jid][:30], position=i, leave=True,
+                   bar_format="{desc:<30} {percentage:3.0f}%|{bar}| {postfix}")
+         for i, jid in enumerate(names)}
+        if per_job
+        else {"all": tqdm(total=len(names), desc="jobs finished")}
+    )
+    try:
+        while True:
+            jobs = client.list_jobs(batch_id=batch_id)
+            finished = [j for j in jobs if j["status"] in ("succeeded", "failed", "canceled")]
+            if per_job:
+                for job in jobs:
+                    bar = bars[job["id"]]
+                    bar.n = round(100 * float(job["progress"].get("fraction") or 0))
+                    eta = job["progress"].get("eta_seconds")
+                    bar.set_postfix_str(job["status"] + (f" eta {eta:.0f}s" if eta else ""))
+                    bar.refresh()
+            else:
+                bars["all"].n = len(finished)
+                bars["all"].refresh()
+            if len(finished) == len(names):
+                return jobs
+            time.sleep(POLL_S)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[str, str],
+             out: Path) -> int:
+    failed = 0
+    for job in jobs:
+        if job["status"] != "succeeded":
+            failed += 1
+            err = job.get("error") or {}
+            print(f"{job['id']} {names.get(job['id'], '')}: {job['status']} "
+                  f"{err.get('code', '')} {err.get('message', '')}".rstrip())
+            continue
+        ext = str(job["params"].get("output_format", "png")).replace("jpeg", "jpg")
+        path = client.download_result(job["id"], out / f"{names.get(job['id'], job['id'])}.{ext}")
+        print(f"{job['id']} -> {path}")
+    return 1 if failed else 0
+
+
+def status(args: argparse.Namespace) -> int:
+    with StyleQueueClient(args.url, args.key) as client:
+        try:
+            job = client.get_job(args.id)
+        except ApiError as exc:
+            if exc.status != 404:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            job = None
+        if job is not None:
+            prog = job["progress"]
+            print(f"job {job['id']}: {job['status']} {100 * (prog.get('fraction') or 0):.0f}%"
+                  f" attempts={job['attempts']}")
+            if job["error"]:
+                print(f"  error {job['error']['code']}: {job['error']['message']}")
+            if job["result_url"]:
+                print(f"  result {job['result_url']}")
+            return 0
+        try:
+            batch = client.get_batch(args.id)
+        except ApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        counts = " ".join(f"{k}={v}" for k, v in batch["counts"].items() if v)
+        print(f"batch {batch['id']}: {batch['job_count']} job(s), "
+              f"{100 * batch['progress']:.0f}% done; {counts}")
+        return 0

@@ -1,0 +1,117 @@
+"""The one place that renders errors to HTTP. Every error body is
+``{"error": {"code": ..., "message": ...}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import (
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
+
+logger = logging.getLogger(__name__)
+
+DB_RETRY_AFTER_S = 5
+
+_STATUS_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    400: "bad_request",
+    401: "unauthorized",
+    413: "payload_too_large",
+}
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **details}}
+
+
+def status_for(exc: DomainError) -> int:
+    """The HTTP status of a domain error (subclasses first)."""
+    if isinstance(exc, PayloadTooLarge):
+        return 413
+    if isinstance(exc, InvalidInput):
+        return 400 if exc.malformed else 422
+    for cls, status in (
+        (NotFound, 404),
+        (Unauthorized, 401),
+        (Conflict, 409),
+        (ServiceUnavailable, 503),
+    ):
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    status = status_for(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, ServiceUnavailable):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return JSONResponse(error_body("invalid_request", "; ".join(parts) or "invalid request"), 422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
+
+
+async def _db_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.error(
+        "request_event job_id=- event=db_unavailable path=%s error=%s",
+        request.url.path,
+        type(exc).__name__,
+    )
+    return JSONResponse(
+        error_body("database_unavailable", "the database is unreachable; retry shortly"),
+        503,
+        headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception(
+        "request_event job_id=- event=unhandled_error path=%s error=%s",
+        request.url.path,
+        type(exc).__name__,
+    )
+    return JSONResponse(error_body("internal_error", "unexpected server error"), 500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _db_unavailable)
+    app.add_exception_handler(InterfaceError, _db_unavailable)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+__all__ = ["error_body", "install_error_handlers", "status_for"]

@@ -1,0 +1,73 @@
+"""Reading multipart forms: files with per-file size limits, repeatable fields, JSON fields."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+
+from shared.errors import InvalidInput, PayloadTooLarge
+from shared.settings import Settings
+
+
+async def read_form(request: Request, *, max_files: int) -> FormData:
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise InvalidInput(
+            "unsupported_media_type",
+            "send multipart/form-data (files and fields)",
+            malformed=True,
+        )
+    try:
+        return await request.form(max_files=max_files, max_fields=max_files + 4096)
+    except HTTPException as exc:  # Starlette's multipart errors (too many files, bad boundary)
+        code = "too_many_files" if "files" in str(exc.detail) else "malformed_form"
+        raise InvalidInput(code, f"the form could not be read: {exc.detail}",
+                           malformed=True) from None
+    except (ValueError, KeyError) as exc:
+        raise InvalidInput("malformed_form", f"the form could not be read: {exc}",
+                           malformed=True) from None
+
+
+def files(form: FormData, name: str) -> list[UploadFile]:
+    return [v for v in form.getlist(name) if isinstance(v, UploadFile)]
+
+
+def texts(form: FormData, name: str) -> list[str]:
+    return [v.strip() for v in form.getlist(name) if isinstance(v, str) and v.strip()]
+
+
+def text(form: FormData, name: str) -> str | None:
+    values = texts(form, name)
+    return values[-1] if values else None
+
+
+async def read_upload(upload: UploadFile, settings: Settings, field: str) -> bytes:
+    """Read one uploaded file, refusing it (413) from its parsed size before reading it."""
+    limit = settings.max_upload_bytes
+    if upload.size is not None and upload.size > limit:
+        raise PayloadTooLarge(
+            "too_many_bytes",
+            f"{field}: the file is {upload.size / 1e6:.1f} MB; the limit is {limit / 1e6:.1f} MB",
+        )
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge("too_many_bytes", f"{field}: the file is over {limit / 1e6:.1f} MB")
+    return data
+
+
+def json_field(raw: str | None, name: str) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"malformed_{name}", f"{name} is not valid JSON ({exc.msg})", malformed=True
+        ) from None
+
+
+__all__ = ["files", "json_field", "read_form", "read_upload", "text", "texts"]

@@ -1,0 +1,75 @@
+"""Request body limits (Starlette sets none): refuse oversized bodies before reading them.
+
+A declared ``Content-Length`` above the route's limit is answered 413 at once; a body without one is
+counted as it streams and aborted with 413 when it passes the limit. Per-file limits are checked again
+after parsing (``api.forms``).
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_body
+from shared.errors import PayloadTooLarge
+from shared.settings import Settings
+
+MAX_BATCH_FILES = 64  # files in one multipart batch; larger sets: upload via /v1/images first
+_FORM_OVERHEAD = 1024 * 1024
+
+
+def body_limit(settings: Settings, path: str) -> int:
+    per_file = settings.max_upload_bytes
+    if path.startswith("/v1/images"):
+        return per_file + _FORM_OVERHEAD
+    if path.startswith("/v1/batches"):
+        return per_file * MAX_BATCH_FILES + _FORM_OVERHEAD
+    if path.startswith("/v1/jobs"):
+        return per_file * (settings.max_styles + 1) + _FORM_OVERHEAD
+    return _FORM_OVERHEAD
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        "request_too_large",
+        f"the request body exceeds {limit:,} bytes; send fewer or smaller files",
+    )
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = body_limit(self.settings, scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(send, limit)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _too_large(limit)  # rendered by the DomainError handler
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _reject(self, send: Send, limit: int) -> None:
+        import json
+
+        exc = _too_large(limit)
+        body = json.dumps(error_body(exc.code, exc.message)).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["MAX_BATCH_FILES", "BodyLimitMiddleware", "body_limit"]

@@ -1,0 +1,110 @@
+"""Reading jobs and batches for one tenant: lookups, cursor pagination, batch summaries.
+
+Another tenant's job or batch is simply not found (404): ids never leak across tenants.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from api.views import aware
+from shared.errors import InvalidInput, NotFound
+from shared.jobs import JobStatus
+from shared.models import Batch, Job
+
+MAX_PAGE = 200
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound("job_not_found", f"no job {job_id!r}")
+    return job
+
+
+def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
+    batch = session.scalar(
+        select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
+    )
+    if batch is None:
+        raise NotFound("batch_not_found", f"no batch {batch_id!r}")
+    return batch
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, job_id = json.loads(raw)
+        return datetime.fromisoformat(stamp), str(job_id)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise InvalidInput("invalid_cursor", "cursor is not one this API returned") from None
+
+
+def list_jobs(session: Session, tenant_id: str, *, status: str | None, batch_id: str | None,
+              limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+    """Newest first, by (created_at, id): stable under concurrent inserts, no duplicates."""
+    if status is not None and status not in {s.value for s in JobStatus}:
+        allowed = ", ".join(s.value for s in JobStatus)
+        raise InvalidInput("invalid_status", f"status must be one of: {allowed}")
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        query = query.where(Job.status == status)
+    if batch_id:
+        query = query.where(Job.batch_id == batch_id)
+    if cursor:
+        at, last_id = decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id))
+        )
+    rows = list(
+        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None
+    return rows, next_cursor
+
+
+def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
+    """Counts per status, overall progress (finished jobs count as 1) and job ids."""
+    rows = session.execute(
+        select(Job.id, Job.status, Job.progress)
+        .where(Job.batch_id == batch.id)
+        .order_by(Job.created_at, Job.id)
+    ).all()
+    counts = Counter({s.value: 0 for s in JobStatus})
+    done = 0.0
+    for _, status, progress in rows:
+        counts[status] += 1
+        if JobStatus(status).terminal:
+            done += 1.0
+        elif status == JobStatus.RUNNING.value:
+            done += min(max(float((progress or {}).get("fraction") or 0.0), 0.0), 1.0)
+    total = len(rows)
+    return {
+        "id": batch.id,
+        "job_count": total,
+        "counts": dict(counts),
+        "progress": round(done / total, 4) if total else 1.0,
+        "done": all(JobStatus(r[1]).terminal for r in rows),
+        "params": batch.params,
+        "created_at": aware(batch.created_at),
+        "job_ids": [r[0] for r in rows],
+    }
+
+
+__all__ = ["MAX_PAGE", "batch_summary", "decode_cursor", "encode_cursor", "get_batch", "get_job",
+           "list_jobs"]

@@ -1,0 +1,79 @@
+"""``/v1/images``: upload an image once, reference it by id (its sha256) in jobs and batches."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantCtx, TenantDep
+from api.forms import files, read_form, read_upload
+from api.imagestore import PendingImage, persist_images, validate_upload
+from api.routes.jobs import ERRORS
+from api.schemas import ImageOut
+from shared.db import get_sessionmaker
+from shared.errors import InvalidInput, NotFound
+from shared.models import StoredImage, TenantImage
+from shared.settings import Settings
+from shared.storage import Storage
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+_FORM_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+}
+
+
+def _image_out(img: PendingImage) -> ImageOut:
+    return ImageOut(id=img.id, format=img.info.format, width=img.info.width,
+                    height=img.info.height, bytes=len(img.data))
+
+
+def _store(settings: Settings, storage: Storage, tenant: TenantCtx, img: PendingImage) -> bool:
+    with get_sessionmaker(settings.database_url)() as session:
+        fresh = persist_images(session, storage, tenant.id, [img])
+        session.commit()
+    return bool(fresh)
+
+
+@router.post("", response_model=ImageOut, status_code=201, responses=ERRORS,
+             openapi_extra=_FORM_DOC,
+             summary="Upload one image (field 'file'): 201 the first time, 200 after")
+async def upload_image(request: Request, response: Response, settings: SettingsDep,
+                       storage: StorageDep, tenant: TenantDep) -> ImageOut:
+    form = await read_form(request, max_files=1)
+    try:
+        uploads = [*files(form, "file"), *files(form, "image"), *files(form, "content")]
+        if len(uploads) != 1:
+            raise InvalidInput("missing_file", "send exactly one image in the form field 'file'")
+        data = await read_upload(uploads[0], settings, "file")
+    finally:
+        await form.close()
+    img = validate_upload(data, settings)
+    fresh = await run_in_threadpool(_store, settings, storage, tenant, img)
+    response.status_code = 201 if fresh else 200
+    return _image_out(img)
+
+
+@router.get("/{image_id}", response_model=ImageOut, responses=ERRORS)
+def read_image(image_id: str, session: SessionDep, tenant: TenantDep) -> ImageOut:
+    img = session.scalar(
+        select(StoredImage)
+        .join(TenantImage, TenantImage.image_id == StoredImage.id)
+        .where(StoredImage.id == image_id, TenantImage.tenant_id == tenant.id)
+    )
+    if img is None:
+        raise NotFound("unknown_image", f"no image {image_id!r}")
+    return ImageOut(id=img.id, format=img.format, width=img.width, height=img.height,
+                    bytes=img.bytes)

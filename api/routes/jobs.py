@@ -1,0 +1,191 @@
+"""``/v1/jobs``: submit one job, read, list, cancel."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import update
+from starlette.datastructures import UploadFile
+
+from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, TenantCtx, TenantDep
+from api.forms import files, read_form, read_upload, text, texts
+from api.imagestore import PendingImage, check_owned, persist_images, validate_upload
+from api.publisher import Publisher
+from api.queries import MAX_PAGE, get_job, list_jobs
+from api.schemas import ErrorResponse, JobList, JobOut
+from api.submit import JobSpec, insert_jobs, parse_params_json, publish_and_mark, validate_params
+from api.views import Linker, job_out
+from shared.db import get_sessionmaker
+from shared.errors import Conflict, InvalidInput
+from shared.jobs import JobStatus
+from shared.models import Job, utcnow
+from shared.params import JobParams
+from shared.settings import Settings
+from shared.storage import Storage
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JOB_FIELDS = {"content", "style", "content_id", "style_id", "params"}
+ERRORS: dict[int | str, dict[str, object]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 503)
+}
+_FORM_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "content": {"type": "string", "format": "binary"},
+                        "content_id": {"type": "string", "description": "an uploaded image id"},
+                        "style": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "style_id": {"type": "array", "items": {"type": "string"}},
+                        "params": {"type": "string", "description": "JSON object (JobParams)"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _check_fields(names: set[str]) -> None:
+    unknown = sorted(names - JOB_FIELDS)
+    if unknown:
+        raise InvalidInput(
+            "unknown_field",
+            f"unknown form field {unknown[0]!r}; use {', '.join(sorted(JOB_FIELDS))}",
+        )
+
+
+async def _parse_job_form(
+    request: Request, settings: Settings
+) -> tuple[PendingImage | str, list[PendingImage | str], JobParams]:
+    form = await read_form(request, max_files=settings.max_styles + 8)  # then our own check
+    try:
+        _check_fields(set(form.keys()))
+        contents: list[UploadFile | str] = [*files(form, "content"), *texts(form, "content_id")]
+        styles: list[UploadFile | str] = [*files(form, "style"), *texts(form, "style_id")]
+        if not contents:
+            raise InvalidInput("missing_content", "send a content image (content or content_id)")
+        if len(contents) > 1:
+            raise InvalidInput("too_many_contents", "one content image per job; use /v1/batches")
+        if not styles:
+            raise InvalidInput("missing_style", "send at least one style image (style or style_id)")
+        params = validate_params(parse_params_json(text(form, "params")), settings, [len(styles)])
+        resolved: list[PendingImage | str] = []
+        for i, item in enumerate(contents + styles):
+            if isinstance(item, str):
+                resolved.append(item)
+                continue
+            field = "content" if i == 0 else f"style[{i - 1}]"
+            data = await read_upload(item, settings, field)
+            resolved.append(validate_upload(data, settings, field=field))
+        return resolved[0], resolved[1:], params
+    finally:
+        await form.close()
+
+
+def _image_id(item: PendingImage | str) -> str:
+    return item if isinstance(item, str) else item.id
+
+
+def _create_job(settings: Settings, storage: Storage, publisher: Publisher, tenant: TenantCtx,
+                content: PendingImage | str, styles: list[PendingImage | str],
+                params: JobParams) -> Job:
+    factory = get_sessionmaker(settings.database_url)
+    items = [content, *styles]
+    with factory() as session:
+        check_owned(session, tenant.id, [i for i in items if isinstance(i, str)])
+        persist_images(session, storage, tenant.id, [i for i in items if not isinstance(i, str)])
+        spec = JobSpec(_image_id(content), tuple(_image_id(s) for s in styles))
+        (job_id,) = insert_jobs(session, tenant_id=tenant.id, batch_id=None, specs=[spec],
+                                params=params, settings=settings)
+        session.commit()
+    publish_and_mark(factory, publisher, [job_id])
+    with factory() as session:
+        return get_job(session, tenant.id, job_id)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=ERRORS,
+             openapi_extra=_FORM_DOC, summary="Submit one job (multipart)")
+async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
+                     storage: StorageDep, publisher: PublisherDep) -> JobOut:
+    content, styles, params = await _parse_job_form(request, settings)
+    job = await run_in_threadpool(
+        _create_job, settings, storage, publisher, tenant, content, styles, params
+    )
+    return job_out(job, Linker(request, settings, storage))
+
+
+@router.get("", response_model=JobList, responses=ERRORS, summary="List own jobs, newest first")
+def list_own_jobs(
+    request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+    tenant: TenantDep,
+    status: str | None = None,
+    batch_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    cursor: str | None = None,
+) -> JobList:
+    jobs, next_cursor = list_jobs(session, tenant.id, status=status, batch_id=batch_id,
+                                  limit=limit, cursor=cursor)
+    linker = Linker(request, settings, storage)
+    return JobList(items=[job_out(j, linker) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+def read_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+             storage: StorageDep, tenant: TenantDep) -> JobOut:
+    return job_out(get_job(session, tenant.id, job_id), Linker(request, settings, storage))
+
+
+def _try_cancel(session: SessionDep, tenant_id: str, job_id: str) -> int | None:
+    """One guarded attempt: 200 if a queued job was canceled, 202 if a running job was asked to
+    stop, None if the job is in neither state."""
+    now = utcnow()
+    base = update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
+    opts = {"synchronize_session": False}
+    queued = session.execute(
+        base.where(Job.status == JobStatus.QUEUED.value).values(
+            status=JobStatus.CANCELED.value, cancel_requested=True, finished_at=now,
+            updated_at=now,
+        ),
+        execution_options=opts,
+    )
+    if queued.rowcount:  # type: ignore[attr-defined]
+        return 200
+    running = session.execute(
+        base.where(Job.status == JobStatus.RUNNING.value).values(
+            cancel_requested=True, updated_at=now
+        ),
+        execution_options=opts,
+    )
+    return 202 if running.rowcount else None  # type: ignore[attr-defined]
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=ERRORS,
+             summary="Cancel: a queued job at once (200), a running one on request (202)")
+def cancel_job(job_id: str, request: Request, response: Response, session: SessionDep,
+               settings: SettingsDep, storage: StorageDep, tenant: TenantDep) -> JobOut:
+    """A finished job answers 409 with its status. A running job keeps ``running`` (with
+    ``cancel_requested``) until its worker stops, within about 2 s."""
+    job = get_job(session, tenant.id, job_id)  # 404 for unknown or another tenant's job
+    code = None
+    for _ in range(3):  # a job may move between queued and running while we look
+        code = _try_cancel(session, tenant.id, job_id)
+        session.commit()
+        session.expire_all()
+        job = get_job(session, tenant.id, job_id)
+        if code is not None or job.job_status.terminal:
+            break
+    if code is None:
+        raise Conflict("job_finished", f"the job is already {job.status}", status=job.status)
+    response.status_code = code
+    logger.info("job_event job_id=%s event=cancel_%s", job.id,
+                "done" if code == 200 else "requested")
+    return job_out(job, Linker(request, settings, storage))

@@ -1,0 +1,138 @@
+"""Job submission: validate params against the limits, insert jobs in bulk, publish after commit.
+
+The job rows are committed BEFORE any message is published (the task id is the job id). If the broker
+fails after the commit, the jobs stay queued with ``published_at`` NULL for the reconciler to
+republish, and the request still succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import insert, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.publisher import Publisher
+from shared.errors import InvalidInput
+from shared.jobs import JobStatus
+from shared.models import Job, new_id, utcnow
+from shared.params import DEFAULT_TOTAL_ITERATIONS, JobParams
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    content_id: str
+    style_ids: tuple[str, ...]
+
+
+def parse_params_json(raw: str | None) -> dict[str, Any]:
+    """The ``params`` form field: a JSON object, or empty for the defaults."""
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            "malformed_params", f"params is not valid JSON ({exc.msg} at char {exc.pos})",
+            malformed=True,
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidInput("malformed_params", "params must be a JSON object", malformed=True)
+    return value
+
+
+def params_error(exc: ValidationError) -> InvalidInput:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        allowed = ", ".join(sorted(JobParams.model_fields))
+        return InvalidInput(
+            "unknown_parameter", f"unknown parameter {loc!r}; allowed: {allowed}", parameter=loc
+        )
+    where = f"params.{loc}" if loc else "params"
+    return InvalidInput("invalid_parameter", f"{where}: {err.get('msg')}", parameter=loc or None)
+
+
+def validate_params(raw: dict[str, Any], settings: Settings,
+                    style_counts: Sequence[int]) -> JobParams:
+    """Validate ``params`` and the configured limits for jobs with these numbers of styles."""
+    try:
+        params = JobParams.model_validate(raw)
+    except ValidationError as exc:
+        raise params_error(exc) from None
+    if params.largest_size() > settings.max_size:
+        raise InvalidInput(
+            "size_too_large",
+            f"size {params.largest_size()} is above the maximum {settings.max_size}",
+        )
+    total = params.total_iterations(DEFAULT_TOTAL_ITERATIONS)
+    if total > settings.max_iterations:
+        raise InvalidInput(
+            "too_many_iterations",
+            f"{total} iterations in all scales; the maximum is {settings.max_iterations}",
+        )
+    for count in sorted(set(style_counts)):
+        if count > settings.max_styles:
+            raise InvalidInput(
+                "too_many_styles", f"{count} styles; the maximum is {settings.max_styles}"
+            )
+        if params.style_weights is not None and len(params.style_weights) != count:
+            raise InvalidInput(
+                "style_weights_mismatch",
+                f"{len(params.style_weights)} style_weights for {count} style image(s)",
+            )
+    return params
+
+
+def insert_jobs(session: Session, *, tenant_id: str, batch_id: str | None,
+                specs: Sequence[JobSpec], params: JobParams, settings: Settings) -> list[str]:
+    """Bulk-insert queued jobs (one statement); the caller commits. Returns their ids in order."""
+    now = utcnow()  # + i microseconds: (created_at, id) order is the submission order
+    dumped = params.model_dump(mode="json")
+    rows: list[dict[str, Any]] = [
+        {
+            "id": new_id(), "tenant_id": tenant_id, "batch_id": batch_id,
+            "status": JobStatus.QUEUED.value, "params": dumped,
+            "content_image_id": spec.content_id, "style_image_ids": list(spec.style_ids),
+            "progress": {}, "checkpoints": [], "attempt": 0,
+            "max_attempts": settings.max_attempts, "cancel_requested": False,
+            "created_at": now + timedelta(microseconds=i), "updated_at": now,
+        }
+        for i, spec in enumerate(specs)
+    ]
+    if rows:
+        session.execute(insert(Job), rows)
+    return [str(row["id"]) for row in rows]
+
+
+def publish_and_mark(factory: sessionmaker[Session], publisher: Publisher,
+                     job_ids: Sequence[str]) -> list[str]:
+    """Publish committed jobs, then set ``published_at`` on those the broker accepted."""
+    published = publisher.publish(job_ids)
+    if published:
+        with factory() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(published), Job.published_at.is_(None))
+                .values(published_at=utcnow()),
+                execution_options={"synchronize_session": False},
+            )
+            session.commit()
+    logger.info(
+        "job_event job_id=%s event=submitted jobs=%d published=%d",
+        job_ids[0] if job_ids else "-", len(job_ids), len(published),
+    )
+    return published
+
+
+__all__ = ["JobSpec", "insert_jobs", "params_error", "parse_params_json", "publish_and_mark",
+           "validate_params"]

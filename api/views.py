@@ -1,0 +1,94 @@
+"""Turning job rows into API responses, with links to results and checkpoints.
+
+On S3 the links are presigned GETs (``storage.url_for``); for folder storage they point at the API's
+own ``/v1/jobs/{id}/result`` and ``/v1/jobs/{id}/checkpoints/{index}[/preview]`` routes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import Request
+
+from api.schemas import CheckpointOut, JobErrorOut, JobOut, Progress
+from shared.models import Job
+from shared.settings import Settings
+from shared.storage import Storage
+
+
+def base_url(request: Request, settings: Settings) -> str:
+    """Links use STYLEQUEUE_PUBLIC_URL when set explicitly, else the URL the client called."""
+    default = f"http://{settings.api_host}:{settings.api_port}"
+    if settings.public_url and settings.public_url != default:
+        return settings.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+class Linker:
+    def __init__(self, request: Request, settings: Settings, storage: Storage) -> None:
+        self.base = base_url(request, settings)
+        self.storage = storage
+        self.expires = settings.presign_expiry_s
+
+    def link(self, key: str | None, api_path: str) -> str | None:
+        if not key:
+            return None
+        url = self.storage.url_for(key, expires_s=self.expires)
+        return url if url is not None else f"{self.base}{api_path}"
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _progress(raw: dict[str, Any] | None) -> Progress:
+    fields = Progress.model_fields
+    return Progress(**{k: v for k, v in (raw or {}).items() if k in fields and v is not None})
+
+
+def job_out(job: Job, linker: Linker) -> JobOut:
+    path = f"/v1/jobs/{job.id}"
+    checkpoints = [
+        CheckpointOut(
+            scale=cp.get("scale"),
+            iteration=cp.get("iteration"),
+            step=cp.get("step"),
+            url=linker.link(cp.get("key"), f"{path}/checkpoints/{i}"),
+            preview_url=linker.link(cp.get("preview_key"), f"{path}/checkpoints/{i}/preview"),
+        )
+        for i, cp in enumerate(job.checkpoints or [])
+    ]
+    error = (
+        JobErrorOut(code=job.error_code, message=job.error_message or "",
+                    retryable=job.error_retryable)
+        if job.error_code
+        else None
+    )
+    progress = _progress(job.progress)
+    if job.status == "succeeded":
+        progress.fraction = 1.0
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        batch_id=job.batch_id,
+        content_id=job.content_image_id,
+        style_ids=list(job.style_image_ids or []),
+        params=job.params or {},
+        progress=progress,
+        attempts=job.attempt,
+        cancel_requested=job.cancel_requested,
+        created_at=aware(job.created_at) or job.created_at,
+        started_at=aware(job.started_at),
+        finished_at=aware(job.finished_at),
+        error=error,
+        result_url=linker.link(job.result_key, f"{path}/result") if job.status == "succeeded"
+        else None,
+        checkpoints=checkpoints,
+    )
+
+
+__all__ = ["Linker", "base_url", "job_out"]

@@ -1,0 +1,70 @@
+"""Commit before publish, publish failures, and real messages in the real Redis queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+
+import redis
+from sqlalchemy import select
+
+from api.publisher import CeleryPublisher
+from shared.db import get_sessionmaker
+from shared.models import Job
+from tests.api.conftest import FakePublisher, build_api, image_bytes, submit, upload
+from tests.conftest import free_port
+
+
+def test_jobs_are_committed_before_publishing(settings_factory, pg_url) -> None:
+    settings = settings_factory(database_url=pg_url)
+    seen: list[str] = []
+
+    def assert_visible(job_ids: Sequence[str]) -> None:
+        with get_sessionmaker(settings.database_url)() as fresh:  # a NEW session
+            rows = fresh.scalars(select(Job).where(Job.id.in_(job_ids))).all()
+            assert len(rows) == len(job_ids)
+            assert all(r.status == "queued" and r.published_at is None for r in rows)
+        seen.extend(job_ids)
+
+    api = build_api(settings, FakePublisher(on_publish=assert_visible))
+    r = submit(api.client, content=image_bytes(), styles=[image_bytes()])
+    assert r.status_code == 202
+    c = upload(api.client, image_bytes()).json()["id"]
+    b = api.client.post("/v1/batches", json={"contents": [c] * 3, "styles": [c]})
+    assert b.status_code == 202
+    assert seen == [r.json()["id"], *b.json()["job_ids"]]
+    with get_sessionmaker(settings.database_url)() as session:
+        assert all(j.published_at is not None for j in session.scalars(select(Job)))
+
+
+def test_publish_failure_still_answers_202_and_leaves_published_at_null(settings_factory) -> None:
+    settings = settings_factory(broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    api = build_api(settings, CeleryPublisher(settings))  # the real publisher, broker down
+    r = submit(api.client, content=image_bytes(), styles=[image_bytes()])
+    assert r.status_code == 202, r.text
+    c = upload(api.client, image_bytes()).json()["id"]
+    b = api.client.post("/v1/batches", json={"contents": [c] * 2, "styles": [c]})
+    assert b.status_code == 202
+    with get_sessionmaker(settings.database_url)() as session:
+        jobs = session.scalars(select(Job)).all()
+    assert len(jobs) == 3
+    assert all(j.status == "queued" and j.published_at is None for j in jobs)
+
+
+def test_messages_land_in_the_redis_queue(settings_factory, redis_url, pg_url) -> None:
+    settings = settings_factory(database_url=pg_url, broker_url=redis_url)
+    api = build_api(settings, CeleryPublisher(settings))
+    job = submit(api.client, content=image_bytes(), styles=[image_bytes()]).json()
+    c = upload(api.client, image_bytes()).json()["id"]
+    batch = api.client.post("/v1/batches", json={"contents": [c] * 5, "styles": [c]}).json()
+    client = redis.Redis.from_url(redis_url)
+    raw = client.lrange(settings.queue_name, 0, -1)
+    client.close()
+    messages = [json.loads(m) for m in raw]
+    task_ids = {m["headers"]["id"] for m in messages}
+    assert task_ids == {job["id"], *batch["job_ids"]}
+    assert all(m["headers"]["task"] == "stylequeue.run_job" for m in messages)
+    args = [json.loads(base64.b64decode(m["body"]))[0] for m in messages]
+    assert sorted(a[0] for a in args) == sorted(task_ids)  # args = [job_id]
+    assert api.client.get("/readyz").status_code == 200
