@@ -11,9 +11,11 @@ import logging
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.indoubt import InDoubt
 from api.limits import BodyLimitMiddleware
 from api.publisher import CeleryPublisher, Publisher
 from api.routes import batches, health, images, jobs, results
+from shared.db import get_sessionmaker
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
 
@@ -45,6 +47,7 @@ def create_app(
     app.state.settings = settings
     app.state.storage = storage or open_storage(settings)
     app.state.publisher = publisher or CeleryPublisher(settings)
+    app.state.indoubt = InDoubt(get_sessionmaker(settings.database_url))
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     for module in (health, images, jobs, results, batches):

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from api.errors import is_db_outage
+from api.idem import IdemRequest
+from api.indoubt import InDoubt
 from api.publisher import Publisher
+from api.views import Linker
 from shared.db import get_sessionmaker
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.tenants import LOCAL_TENANT, authenticate, get_or_create_tenant
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,19 @@ def get_session(request: Request) -> Iterator[Session]:
     try:
         yield session
     finally:
+        _close_quietly(session)
+
+
+def _close_quietly(session: Session) -> None:
+    """Close after the response may have started: a database that vanished meanwhile must not turn
+    into an error then (the ROLLBACK of a dead connection fails; the pool discards it anyway)."""
+    try:
         session.close()
+    except Exception as exc:
+        if not is_db_outage(exc):
+            raise
+        logger.warning("request_event job_id=- event=session_close_failed error=%s",
+                       type(exc).__name__)
 
 
 def get_storage(request: Request) -> Storage:
@@ -67,16 +86,40 @@ def current_tenant(request: Request, session: SessionDep, settings: SettingsDep)
             request.app.state.local_tenant = cached
         return cached
     tenant = authenticate(session, _bearer(request))
-    return TenantCtx(tenant.id, tenant.name)
+    ctx = TenantCtx(tenant.id, tenant.name)
+    session.rollback()  # hand the connection back while a (slow) upload is read
+    return ctx
 
 
 TenantDep = Annotated[TenantCtx, Depends(current_tenant)]
+
+
+@dataclass(frozen=True)
+class SubmitCtx:
+    """Everything a submission needs once its request is parsed (passed to the threadpool)."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    storage: Storage
+    publisher: Publisher
+    tenant: TenantCtx
+    linker: Linker
+    indoubt: InDoubt
+    idem: IdemRequest | None
+
+    @classmethod
+    def build(cls, request: Request, tenant: TenantCtx, storage: Storage, publisher: Publisher,
+              idem: IdemRequest | None) -> SubmitCtx:
+        settings: Settings = request.app.state.settings
+        return cls(settings, get_sessionmaker(settings.database_url), storage, publisher, tenant,
+                   Linker(request, settings, storage), request.app.state.indoubt, idem)
 
 __all__ = [
     "PublisherDep",
     "SessionDep",
     "SettingsDep",
     "StorageDep",
+    "SubmitCtx",
     "TenantCtx",
     "TenantDep",
     "current_tenant",

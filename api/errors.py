@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import (
@@ -83,6 +84,20 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
 
 
+def is_db_outage(exc: BaseException) -> bool:
+    """A database error that means "unreachable" (connect refused, connection lost, pool exhausted,
+    SQLite locked), as opposed to a bug such as a constraint violation."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+async def _db_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_db_outage(exc):
+        return await _db_unavailable(request, exc)
+    return await _unexpected(request, exc)
+
+
 async def _db_unavailable(request: Request, exc: Exception) -> JSONResponse:
     logger.error(
         "request_event job_id=- event=db_unavailable path=%s error=%s",
@@ -109,9 +124,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(OperationalError, _db_unavailable)
-    app.add_exception_handler(InterfaceError, _db_unavailable)
+    app.add_exception_handler(DBAPIError, _db_error)  # OperationalError, InterfaceError...
+    app.add_exception_handler(PoolTimeoutError, _db_unavailable)
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["error_body", "install_error_handlers", "status_for"]
+__all__ = ["error_body", "install_error_handlers", "is_db_outage", "status_for"]

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.errors import is_db_outage
 from api.publisher import Publisher
 from shared.errors import InvalidInput
 from shared.jobs import JobStatus
@@ -114,19 +115,34 @@ def insert_jobs(session: Session, *, tenant_id: str, batch_id: str | None,
     return [str(row["id"]) for row in rows]
 
 
+def _mark_published(factory: sessionmaker[Session], job_ids: Sequence[str]) -> None:
+    with factory() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.published_at.is_(None))
+            .values(published_at=utcnow()),
+            execution_options={"synchronize_session": False},
+        )
+        session.commit()
+
+
 def publish_and_mark(factory: sessionmaker[Session], publisher: Publisher,
                      job_ids: Sequence[str]) -> list[str]:
-    """Publish committed jobs, then set ``published_at`` on those the broker accepted."""
+    """Publish committed jobs, then set ``published_at`` on those the broker accepted.
+
+    The jobs are committed: a database outage now must not turn the answer into an error. Their
+    ``published_at`` then stays NULL and the reconciler publishes them again (a duplicate message
+    is harmless: a worker claims a job with a guarded UPDATE).
+    """
     published = publisher.publish(job_ids)
     if published:
-        with factory() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id.in_(published), Job.published_at.is_(None))
-                .values(published_at=utcnow()),
-                execution_options={"synchronize_session": False},
-            )
-            session.commit()
+        try:
+            _mark_published(factory, published)
+        except Exception as exc:
+            if not is_db_outage(exc):
+                raise
+            logger.error("job_event job_id=%s event=mark_published_failed jobs=%d error=%s",
+                         published[0], len(published), type(exc).__name__)
     logger.info(
         "job_event job_id=%s event=submitted jobs=%d published=%d",
         job_ids[0] if job_ids else "-", len(job_ids), len(published),

@@ -5,9 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+# Fail fast when the database is down or unreachable: callers answer 503 instead of hanging.
+CONNECT_TIMEOUT_S = 3  # per connection attempt (libpq connect_timeout)
+POOL_TIMEOUT_S = 5  # waiting for a free pooled connection
+_PG_CONNECT_ARGS = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    # A server that vanished without closing the socket is noticed in seconds, not minutes.
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,  # ms that sent data may stay unacknowledged
+}
 
 
 @lru_cache(maxsize=8)
@@ -16,7 +30,7 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while a worker writes; busy timeout instead of "database is locked".
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -25,7 +39,15 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = _PG_CONNECT_ARGS if url.startswith("postgresql") else {}
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args=connect_args,
+    )
 
 
 @lru_cache(maxsize=8)

@@ -9,26 +9,26 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import FormData
 
-from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, TenantCtx, TenantDep
+from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
 from api.forms import files, json_field, read_form, read_upload, text, texts
+from api.idem import commit_submission, find_stored, form_request, header_key, json_request, respond
 from api.imagestore import PendingImage, check_owned, persist_images, validate_upload
+from api.indoubt import Submission
 from api.limits import MAX_BATCH_FILES
-from api.publisher import Publisher
 from api.queries import batch_summary, get_batch
 from api.routes.jobs import ERRORS
 from api.schemas import BatchCreated, BatchOut, BatchRequest
 from api.submit import JobSpec, insert_jobs, parse_params_json, publish_and_mark, validate_params
-from shared.db import get_sessionmaker
 from shared.errors import InvalidInput
+from shared.idempotency import StoredResponse
 from shared.models import Batch, new_id, utcnow
 from shared.params import JobParams
 from shared.settings import Settings
-from shared.storage import Storage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -73,11 +73,14 @@ def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: i
     return plan
 
 
-async def _from_json(request: Request) -> tuple[list[Any], list[Any], str, Any, dict[str, Any]]:
+async def _json_body(request: Request) -> Any:
     try:
-        body = await request.json()
+        return await request.json()
     except ValueError:
         raise InvalidInput("malformed_json", "the body is not valid JSON", malformed=True) from None
+
+
+def _from_json(body: Any) -> tuple[list[Any], list[Any], str, Any, dict[str, Any]]:
     try:
         req = BatchRequest.model_validate(body)
     except ValidationError as exc:
@@ -112,53 +115,76 @@ async def _read_items(items: list[Any], settings: Settings, name: str) -> list[I
     return out
 
 
-def _create_batch(settings: Settings, storage: Storage, publisher: Publisher, tenant: TenantCtx,
-                  contents: list[Item], styles: list[Item], plan: Plan,
-                  params: JobParams) -> BatchCreated:
+def _create_batch(ctx: SubmitCtx, contents: list[Item], styles: list[Item], plan: Plan,
+                  params: JobParams) -> tuple[StoredResponse, bool]:
+    """One transaction: images, the batch, its jobs, the idempotency key; then publish."""
     def ident(item: Item) -> str:
         return item if isinstance(item, str) else item.id
 
-    factory = get_sessionmaker(settings.database_url)
+    tenant_id = ctx.tenant.id
     items = contents + styles
     specs = [JobSpec(ident(contents[c]), tuple(ident(styles[s]) for s in ss)) for c, ss in plan]
-    with factory() as session:
-        check_owned(session, tenant.id, [i for i in items if isinstance(i, str)])
-        persist_images(session, storage, tenant.id, [i for i in items if not isinstance(i, str)])
-        batch = Batch(id=new_id(), tenant_id=tenant.id, params=params.model_dump(mode="json"),
+    with ctx.sessions() as session:
+        check_owned(session, tenant_id, [i for i in items if isinstance(i, str)])
+        persist_images(session, ctx.storage, tenant_id, [i for i in items if not isinstance(i, str)])
+        batch = Batch(id=new_id(), tenant_id=tenant_id, params=params.model_dump(mode="json"),
                       job_count=len(specs), created_at=utcnow())
         session.add(batch)
         session.flush()
-        job_ids = insert_jobs(session, tenant_id=tenant.id, batch_id=batch.id, specs=specs,
-                              params=params, settings=settings)
-        session.commit()
+        job_ids = insert_jobs(session, tenant_id=tenant_id, batch_id=batch.id, specs=specs,
+                              params=params, settings=ctx.settings)
+        created = BatchCreated(id=batch.id, job_count=len(job_ids), job_ids=job_ids)
+        answer = StoredResponse(202, created.model_dump(mode="json"))
+        sub = Submission(tenant_id, tuple(job_ids), batch.id, ctx.idem.key if ctx.idem else None)
+        winner = commit_submission(session, sub, ctx.idem, answer, ctx.indoubt)
+    if winner is not None:
+        return winner, True
     logger.info("job_event job_id=%s event=batch_created batch_id=%s jobs=%d",
                 job_ids[0], batch.id, len(job_ids))
-    publish_and_mark(factory, publisher, job_ids)
-    return BatchCreated(id=batch.id, job_count=len(job_ids), job_ids=job_ids)
+    publish_and_mark(ctx.sessions, ctx.publisher, job_ids)
+    return answer, False
+
+
+async def _parse(form: FormData | None, body: Any,
+                 settings: Settings) -> tuple[list[Item], list[Item], Plan, JobParams]:
+    if form is not None:
+        contents, styles, mode, pairs, raw = _from_form(form)
+    else:
+        contents, styles, mode, pairs, raw = _from_json(body)
+    plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs)
+    params = validate_params(raw, settings, [len(ss) for _, ss in plan])
+    return (await _read_items(contents, settings, "content"),
+            await _read_items(styles, settings, "style"), plan, params)
 
 
 @router.post("", status_code=202, response_model=BatchCreated, responses=ERRORS,
              summary="Submit many jobs: JSON naming image ids, or multipart files")
 async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDep,
-                       storage: StorageDep, publisher: PublisherDep) -> BatchCreated:
+                       storage: StorageDep, publisher: PublisherDep) -> Response:
+    """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
+    response (header ``Idempotent-Replayed: true``) and creates nothing."""
+    key = header_key(request)
     form: FormData | None = None
+    body: Any = None
     if request.headers.get("content-type", "").startswith("application/json"):
-        contents, styles, mode, pairs, raw = await _from_json(request)
+        body = await _json_body(request)
     else:
         form = await read_form(request, max_files=MAX_BATCH_FILES)
     try:
-        if form is not None:
-            contents, styles, mode, pairs, raw = _from_form(form)
-        plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs)
-        params = validate_params(raw, settings, [len(ss) for _, ss in plan])
-        contents = await _read_items(contents, settings, "content")
-        styles = await _read_items(styles, settings, "style")
+        idem = (json_request(request, body, key) if form is None
+                else await form_request(request, form, key))
+        ctx = SubmitCtx.build(request, tenant, storage, publisher, idem)
+        if idem is not None:
+            stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt,
+                                             tenant.id, idem)
+            if stored is not None:
+                return respond(stored, replayed=True)
+        contents, styles, plan, params = await _parse(form, body, settings)
     finally:
         if form is not None:
             await form.close()
-    return await run_in_threadpool(
-        _create_batch, settings, storage, publisher, tenant, contents, styles, plan, params
-    )
+    answer, replayed = await run_in_threadpool(_create_batch, ctx, contents, styles, plan, params)
+    return respond(answer, replayed=replayed)
 
 
 @router.get("/{batch_id}", response_model=BatchOut, responses=ERRORS)

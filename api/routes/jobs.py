@@ -8,23 +8,23 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import update
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
-from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, TenantCtx, TenantDep
+from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
 from api.forms import files, read_form, read_upload, text, texts
+from api.idem import commit_submission, find_stored, form_request, header_key, respond
 from api.imagestore import PendingImage, check_owned, persist_images, validate_upload
-from api.publisher import Publisher
+from api.indoubt import Submission
 from api.queries import MAX_PAGE, get_job, list_jobs
 from api.schemas import ErrorResponse, JobList, JobOut
 from api.submit import JobSpec, insert_jobs, parse_params_json, publish_and_mark, validate_params
 from api.views import Linker, job_out
-from shared.db import get_sessionmaker
 from shared.errors import Conflict, InvalidInput
+from shared.idempotency import StoredResponse
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
 from shared.params import JobParams
 from shared.settings import Settings
-from shared.storage import Storage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -64,63 +64,76 @@ def _check_fields(names: set[str]) -> None:
 
 
 async def _parse_job_form(
-    request: Request, settings: Settings
+    form: FormData, settings: Settings
 ) -> tuple[PendingImage | str, list[PendingImage | str], JobParams]:
-    form = await read_form(request, max_files=settings.max_styles + 8)  # then our own check
-    try:
-        _check_fields(set(form.keys()))
-        contents: list[UploadFile | str] = [*files(form, "content"), *texts(form, "content_id")]
-        styles: list[UploadFile | str] = [*files(form, "style"), *texts(form, "style_id")]
-        if not contents:
-            raise InvalidInput("missing_content", "send a content image (content or content_id)")
-        if len(contents) > 1:
-            raise InvalidInput("too_many_contents", "one content image per job; use /v1/batches")
-        if not styles:
-            raise InvalidInput("missing_style", "send at least one style image (style or style_id)")
-        params = validate_params(parse_params_json(text(form, "params")), settings, [len(styles)])
-        resolved: list[PendingImage | str] = []
-        for i, item in enumerate(contents + styles):
-            if isinstance(item, str):
-                resolved.append(item)
-                continue
-            field = "content" if i == 0 else f"style[{i - 1}]"
-            data = await read_upload(item, settings, field)
-            resolved.append(validate_upload(data, settings, field=field))
-        return resolved[0], resolved[1:], params
-    finally:
-        await form.close()
+    _check_fields(set(form.keys()))
+    contents: list[UploadFile | str] = [*files(form, "content"), *texts(form, "content_id")]
+    styles: list[UploadFile | str] = [*files(form, "style"), *texts(form, "style_id")]
+    if not contents:
+        raise InvalidInput("missing_content", "send a content image (content or content_id)")
+    if len(contents) > 1:
+        raise InvalidInput("too_many_contents", "one content image per job; use /v1/batches")
+    if not styles:
+        raise InvalidInput("missing_style", "send at least one style image (style or style_id)")
+    params = validate_params(parse_params_json(text(form, "params")), settings, [len(styles)])
+    resolved: list[PendingImage | str] = []
+    for i, item in enumerate(contents + styles):
+        if isinstance(item, str):
+            resolved.append(item)
+            continue
+        field = "content" if i == 0 else f"style[{i - 1}]"
+        data = await read_upload(item, settings, field)
+        resolved.append(validate_upload(data, settings, field=field))
+    return resolved[0], resolved[1:], params
 
 
 def _image_id(item: PendingImage | str) -> str:
     return item if isinstance(item, str) else item.id
 
 
-def _create_job(settings: Settings, storage: Storage, publisher: Publisher, tenant: TenantCtx,
-                content: PendingImage | str, styles: list[PendingImage | str],
-                params: JobParams) -> Job:
-    factory = get_sessionmaker(settings.database_url)
+def _create_job(ctx: SubmitCtx, content: PendingImage | str, styles: list[PendingImage | str],
+                params: JobParams) -> tuple[StoredResponse, bool]:
+    """One transaction: images, the job, the idempotency key; then publish. Returns the answer
+    and whether it is a replay (a concurrent request with the same key won)."""
     items = [content, *styles]
-    with factory() as session:
-        check_owned(session, tenant.id, [i for i in items if isinstance(i, str)])
-        persist_images(session, storage, tenant.id, [i for i in items if not isinstance(i, str)])
+    with ctx.sessions() as session:
+        check_owned(session, ctx.tenant.id, [i for i in items if isinstance(i, str)])
+        persist_images(session, ctx.storage, ctx.tenant.id,
+                       [i for i in items if not isinstance(i, str)])
         spec = JobSpec(_image_id(content), tuple(_image_id(s) for s in styles))
-        (job_id,) = insert_jobs(session, tenant_id=tenant.id, batch_id=None, specs=[spec],
-                                params=params, settings=settings)
-        session.commit()
-    publish_and_mark(factory, publisher, [job_id])
-    with factory() as session:
-        return get_job(session, tenant.id, job_id)
+        (job_id,) = insert_jobs(session, tenant_id=ctx.tenant.id, batch_id=None, specs=[spec],
+                                params=params, settings=ctx.settings)
+        job = job_out(get_job(session, ctx.tenant.id, job_id), ctx.linker)
+        answer = StoredResponse(202, job.model_dump(mode="json"))
+        sub = Submission(ctx.tenant.id, (job_id,), None, ctx.idem.key if ctx.idem else None)
+        winner = commit_submission(session, sub, ctx.idem, answer, ctx.indoubt)
+    if winner is not None:
+        return winner, True
+    publish_and_mark(ctx.sessions, ctx.publisher, [job_id])
+    return answer, False
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS,
              openapi_extra=_FORM_DOC, summary="Submit one job (multipart)")
 async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
-                     storage: StorageDep, publisher: PublisherDep) -> JobOut:
-    content, styles, params = await _parse_job_form(request, settings)
-    job = await run_in_threadpool(
-        _create_job, settings, storage, publisher, tenant, content, styles, params
-    )
-    return job_out(job, Linker(request, settings, storage))
+                     storage: StorageDep, publisher: PublisherDep) -> Response:
+    """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
+    response (header ``Idempotent-Replayed: true``) and creates nothing."""
+    key = header_key(request)
+    form = await read_form(request, max_files=settings.max_styles + 8)  # then our own check
+    try:
+        idem = await form_request(request, form, key)
+        ctx = SubmitCtx.build(request, tenant, storage, publisher, idem)
+        if idem is not None:
+            stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt,
+                                             tenant.id, idem)
+            if stored is not None:
+                return respond(stored, replayed=True)
+        content, styles, params = await _parse_job_form(form, settings)
+    finally:
+        await form.close()
+    answer, replayed = await run_in_threadpool(_create_job, ctx, content, styles, params)
+    return respond(answer, replayed=replayed)
 
 
 @router.get("", response_model=JobList, responses=ERRORS, summary="List own jobs, newest first")
