@@ -1,0 +1,174 @@
+"""Engine benchmark on this machine's CPU with random VGG19 weights (a script, not a test).
+
+    python bench/engine.py            # full: 256 and 512, default 512 job cached/uncached, baseline
+    python bench/engine.py --quick    # 256 only, short schedules (~2 min): checks the script works
+
+(a) bare VGG19 (to relu5_1) forward+backward, (b) the engine's seconds per iteration at the final
+scale inside a real run, (c) b/a, (d) wall time and peak RSS of a default job with and without
+style-target caching, (e) a naive single-scale Adam loop (the seed article's recipe). Every case runs
+in its own child process so ru_maxrss is that case's own high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONTENT = ROOT / "examples" / "images" / "content_astronaut.png"  # 512x512: the costliest shape
+STYLE = ROOT / "examples" / "images" / "style_hokusai_great_wave.jpg"
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def case_bare(size: int, reps: int) -> dict[str, Any]:
+    """(a) torchvision vgg19().features[:30] (relu5_1), frozen; grad w.r.t. the input only."""
+    import torch
+    import torchvision
+
+    from worker.engine.vgg import random_init_
+
+    net = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["E"])
+    random_init_(net, 0)  # vgg19()'s own init: the default init would decay into slow denormals
+    net = net[:30].eval().requires_grad_(False)
+    x = torch.rand(1, 3, size, size, requires_grad=True)
+    times = []
+    for _ in range(reps + 1):  # first one is warm-up
+        t0 = time.perf_counter()
+        net(x).square().mean().backward()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times[1:]), "peak_mb": _peak_mb()}
+
+
+def case_engine(size: int, iterations: int, channels_last: bool) -> dict[str, Any]:
+    """(b) seconds per iteration at the final scale of a real run (Progress.elapsed deltas)."""
+    from worker.engine import StyleTransfer, TransferConfig
+
+    stamps: list[float] = []
+    cfg = TransferConfig(size=size, scales=(size // 2, size), iterations=(2, iterations),
+                         weights="random", device="cpu", channels_last=channels_last)
+    StyleTransfer(weights="random", device="cpu").run(
+        CONTENT, [STYLE], cfg, on_progress=lambda p: stamps.append(p.elapsed) if p.scale == 1 else None
+    )
+    deltas = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"seconds": statistics.median(deltas), "peak_mb": _peak_mb()}
+
+
+def case_job(size: int, cached: bool, iterations: list[int] | None) -> dict[str, Any]:
+    """(d) a whole coarse-to-fine job with the default schedule (or the given one)."""
+    from worker.engine import StyleTransfer, TransferConfig, job
+
+    job._CACHE_STYLE_TARGETS = cached
+    cfg = TransferConfig(size=size, weights="random", device="cpu",
+                         iterations=tuple(iterations) if iterations else None)
+    t0 = time.perf_counter()
+    r = StyleTransfer(weights="random", device="cpu").run(CONTENT, [STYLE], cfg)
+    return {"seconds": time.perf_counter() - t0, "peak_mb": _peak_mb(),
+            "schedule": [f"{h}x{w}:{n}" for (h, w), n in zip(r.metadata["scales"],
+                                                          r.metadata["iterations"], strict=True)]}
+
+
+def case_naive(size: int, iterations: int) -> dict[str, Any]:
+    """(e) seed article: Adam lr 0.003 on ImageNet-normalised pixels, content 1e3, style 1e6."""
+    import torch
+
+    from worker.engine import load_image
+    from worker.engine.images import pil_to_tensor, resize
+    from worker.engine.losses import content_loss, gram, style_layer_loss
+    from worker.engine.vgg import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        LAYER_INDEX,
+        build_features,
+        random_init_,
+    )
+
+    t0 = time.perf_counter()
+    f = build_features()
+    random_init_(f, 0)
+    net = f[: LAYER_INDEX["relu5_1"] + 1].eval().requires_grad_(False)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    norm = [(resize(pil_to_tensor(load_image(p)), (size, size)) - mean) / std for p in (CONTENT, STYLE)]
+    c_idx, s_idx = LAYER_INDEX["relu4_2"], [LAYER_INDEX[f"relu{i}_1"] for i in range(1, 6)]
+
+    def feats(x: torch.Tensor) -> dict[int, torch.Tensor]:
+        out = {}
+        for i, layer in enumerate(net):
+            x = torch.relu(x) if isinstance(layer, torch.nn.ReLU) else layer(x)
+            out[i] = x
+        return out
+
+    with torch.no_grad():
+        c_t, s_f = feats(norm[0])[c_idx], feats(norm[1])
+        s_t = {i: gram(s_f[i]) for i in s_idx}
+    x = norm[0].clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.003)
+    for _ in range(iterations):
+        opt.zero_grad()
+        fx = feats(x)
+        loss = 1e3 * content_loss(fx[c_idx], c_t).sum() + 1e6 * sum(
+            style_layer_loss(gram(fx[i]), s_t[i]).sum() for i in s_idx)
+        loss.backward()
+        opt.step()
+    moved = ((x.detach() - norm[0]) * std).abs().max().item()  # in [0,1] pixel units
+    return {"seconds": time.perf_counter() - t0, "peak_mb": _peak_mb(), "max_pixel_change": moved}
+
+
+CASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "bare": case_bare, "engine": case_engine, "job": case_job, "naive": case_naive,
+}
+
+
+def child(name: str, **kw: Any) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", json.dumps([name, kw])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 only, short schedules")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+    if args.child:
+        name, kw = json.loads(args.child)
+        print(json.dumps(CASES[name](**kw)))
+        return
+    sizes = [256] if args.quick else [256, 512]
+    print(f"# python bench/engine.py{' --quick' if args.quick else ''}   "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads, random weights)")
+    print(f"{'size':>5} {'(a) bare s':>11} {'(b) engine s/it':>16} {'(c) b/a':>8} {'chan_last s/it':>15}")
+    for size in sizes:
+        a = child("bare", size=size, reps=3 if size >= 512 else 5)["seconds"]
+        b = child("engine", size=size, iterations=5, channels_last=False)["seconds"]
+        cl = child("engine", size=size, iterations=3, channels_last=True)["seconds"]
+        print(f"{size:>5} {a:>11.3f} {b:>16.3f} {b / a:>8.3f} {cl:>15.3f}")
+    job_size = 256 if args.quick else 512
+    its = [20, 10, 5] if args.quick else None
+    print(f"\n(d) coarse-to-fine job to {job_size} ({'short' if its else 'default'} schedule)")
+    for cached in (True, False):
+        r = child("job", size=job_size, cached=cached, iterations=its)
+        print(f"  style targets {'cached  ' if cached else 'uncached'}: {r['seconds']:8.1f} s  "
+              f"peak RSS {r['peak_mb']:7.0f} MB  schedule {' '.join(r['schedule'])}")
+    n = 30 if args.quick else 300
+    r = child("naive", size=job_size, iterations=n)
+    print(f"\n(e) naive single-scale Adam lr 0.003, {n} it at {job_size}: {r['seconds']:.1f} s, "
+          f"peak RSS {r['peak_mb']:.0f} MB, max pixel change {r['max_pixel_change']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""`stylequeue run` and `stylequeue weights` in-process, with the lead's dispatcher shape."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from worker import cli_engine
+from worker.engine.vgg import build_features, random_init_
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="stylequeue")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli_engine.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+@pytest.fixture
+def files(tmp_path: Path, content: Image.Image, style: Image.Image) -> dict[str, Path]:
+    content.save(tmp_path / "c.png")
+    style.save(tmp_path / "s.jpg")
+    return {"content": tmp_path / "c.png", "style": tmp_path / "s.jpg"}
+
+
+def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    out, trace, ck = tmp_path / "out.jpg", tmp_path / "trace.jsonl", tmp_path / "ck"
+    argv = [
+        "run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random",
+        "--size", "48", "--scales", "32,48", "--iterations", "3", "--trace", str(trace),
+        "--checkpoint-dir", str(ck), "--save-every", "2", "--device", "cpu",
+    ]
+    assert main(argv) == 0
+    assert max(Image.open(out).size) == 48 and Image.open(out).format == "JPEG"
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(lines) == 6 and [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert {"scale", "size", "iteration", "loss", "style_loss", "seconds"} <= set(lines[0])
+    names = sorted(p.name for p in ck.iterdir())
+    assert names == sorted(f"ckpt-s{s}-i{i}.{x}" for s in (0, 1) for i in (2, 3) for x in ("pt", "png"))
+    assert "wrote" in capsys.readouterr().err
+    resumed = tmp_path / "resumed.png"
+    argv[4] = str(resumed)
+    assert main([*argv, "--resume", str(ck / "ckpt-s1-i2.pt")]) == 0
+    assert Image.open(resumed).size == Image.open(out).size
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (["missing.png", "S", "-o", "O.png"], "cannot read"),
+    (["C", "S", "-o", "O.gif"], "must end in .png"),
+    (["NOTIMG", "S", "-o", "O.png"], "not an image"),
+    (["C", "S", "-o", "O.png", "--scales", "32,48", "--iterations", "1,2,3"], "iteration counts"),
+    (["C", "S", "-o", "O.png", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA"),
+    (["C", "S", "-o", "O.png", "--resume", "NOTIMG"], "not a stylequeue checkpoint"),
+    (["C", "S", "-o", "nodir/O.png"], "does not exist"),
+])
+def test_bad_input_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
+                           bad: list[str], needle: str) -> None:
+    (tmp_path / "junk.txt").write_text("not an image")
+    subst = {"C": str(files["content"]), "S": str(files["style"]), "NOTIMG": str(tmp_path / "junk.txt")}
+    argv = ["run", *[subst.get(a, a) for a in bad], "--weights", "random", "--size", "32",
+            "--no-progress"]
+    argv = [str(tmp_path / a) if a.startswith(("O.", "nodir", "missing")) else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stylequeue run: error:") and needle in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_argparse_errors_exit_2(files: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(files["content"]), str(files["style"]), "-o", "x.png", "--iterations", "a,b"])
+    assert e.value.code == 2
+
+
+def test_weights_fetch_and_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    f = build_features()
+    random_init_(f, 1)
+    src = tmp_path / "vgg19.pth"
+    torch.save({f"features.{k}": v for k, v in f.state_dict().items()}, src)
+    assert main(["weights", "fetch", "--from", str(src)]) == 2  # checksum is not torchvision's
+    assert "expected a prefix" in capsys.readouterr().err
+    named = src.with_name(f"vgg19-{hashlib.sha256(src.read_bytes()).hexdigest()[:8]}.pth")
+    src.rename(named)
+    assert main(["weights", "fetch", "--from", str(named)]) == 0
+    assert "installed" in capsys.readouterr().out
+    assert main(["weights", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "stylequeue-vgg19-features.pth" in out and "verified" in out and "not installed" in out
+
+
+def test_cli_module_does_not_import_torch() -> None:
+    code = "import sys, worker.cli_engine; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip() == "False"

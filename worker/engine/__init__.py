@@ -1,0 +1,26 @@
+"""stylequeue's style-transfer engine: Gatys et al. optimisation on VGG19, coarse to fine.
+
+Imports only torch, torchvision, PIL, numpy and the standard library.
+"""
+
+from .checkpoint import Checkpoint
+from .config import BatchItem, TransferConfig
+from .errors import EngineError, ImageError, WeightsError
+from .images import load_image, save_image
+from .job import Progress
+from .transfer import Result, StyleTransfer, stylize
+
+__all__ = [
+    "BatchItem",
+    "Checkpoint",
+    "EngineError",
+    "ImageError",
+    "Progress",
+    "Result",
+    "StyleTransfer",
+    "TransferConfig",
+    "WeightsError",
+    "load_image",
+    "save_image",
+    "stylize",
+]

@@ -1,0 +1,189 @@
+"""Loading, validating, converting and saving images; PIL <-> tensor helpers."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageCms, ImageOps
+
+from .errors import ImageError
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+MIN_SIDE = 16
+DEFAULT_MAX_BYTES = 50_000_000  # 50 MB of encoded file
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP, below Pillow's own 89.5 MP decompression-bomb limit
+_SAVE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+Source = str | os.PathLike[str] | bytes | bytearray | Image.Image
+
+
+def load_image(
+    source: Source,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Load an image from a path or bytes as an 8-bit RGB PIL image.
+
+    The header size is checked before decoding; EXIF orientation is applied; an embedded ICC profile
+    is converted to sRGB; L/LA/RGBA/P/CMYK/I;16 images become RGB (transparency composited on white).
+    Every failure raises ImageError with a code.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    name, data = _read(source, max_bytes)
+    im = _open(name, data, max_pixels)
+    try:
+        im.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(
+            f"{name} is truncated or corrupt ({e}); upload the complete file", code="truncated"
+        ) from e
+    im = ImageOps.exif_transpose(im) or im
+    return to_rgb(_to_srgb(im))
+
+
+def _read(source: Any, max_bytes: int) -> tuple[str, bytes]:
+    if isinstance(source, (bytes, bytearray)):
+        name, size = "the image", len(source)
+    else:
+        name = f"'{os.fspath(source)}'"
+        try:
+            size = os.path.getsize(source)
+        except OSError as e:
+            raise ImageError(f"cannot read {name}: {e.strerror or e}", code="not_an_image") from e
+    if size > max_bytes:
+        raise ImageError(
+            f"{name} is {size:,} bytes; images must be at most {max_bytes:,} bytes",
+            code="too_many_bytes",
+        )
+    if isinstance(source, (bytes, bytearray)):
+        return name, bytes(source)
+    return name, Path(source).read_bytes()
+
+
+def _open(name: str, data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(
+            f"{name} is too large to decode safely ({e}); images must have at most "
+            f"{max_pixels:,} pixels",
+            code="too_many_pixels",
+        ) from e
+    except Exception as e:  # PIL raises UnidentifiedImageError, but also others on garbage input
+        raise _unidentified(name, data) from e
+    w, h = im.size  # from the header: nothing decoded yet
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{name} is {w}×{h} pixels ({w * h:,}); images must have at most {max_pixels:,} pixels",
+            code="too_many_pixels",
+        )
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(
+            f"{name} is {w}×{h} pixels; images must be at least {MIN_SIDE}×{MIN_SIDE}",
+            code="too_small",
+        )
+    return im
+
+
+def _unidentified(name: str, data: bytes) -> ImageError:
+    """Say whether the data is a format we refuse, or not an image at all."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fmt = Image.open(io.BytesIO(data)).format
+    except Exception:
+        fmt = None
+    if fmt:
+        return ImageError(
+            f"{name} is a {fmt} image; supported formats are {', '.join(ALLOWED_FORMATS)}",
+            code="unsupported_format",
+        )
+    return ImageError(
+        f"{name} is not an image (or is damaged); supported formats are {', '.join(ALLOWED_FORMATS)}",
+        code="not_an_image",
+    )
+
+
+def _to_srgb(im: Image.Image) -> Image.Image:
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return im
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        mode = "RGBA" if im.mode == "RGBA" else "RGB"
+        out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode=mode)
+        return out if out is not None else im
+    except Exception as e:  # a broken profile should not fail the job
+        logger.warning("ignoring an ICC profile that could not be applied: %s", e)
+        return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.max(initial=0) > 255:  # 16-bit range
+            arr = arr / 257.0
+        im = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def save_image(
+    img: Image.Image, dest: str | os.PathLike[str] | IO[bytes], format: str | None = None,
+    quality: int = 95,
+) -> None:
+    """Write PNG, JPEG or WebP; the format comes from ``format`` or else the file suffix."""
+    fmt = (format or "").lower().lstrip(".")
+    if not fmt:
+        is_path = isinstance(dest, (str, os.PathLike))
+        fmt = Path(os.fspath(dest)).suffix.lower().lstrip(".") if is_path else "png"  # type: ignore[arg-type]
+    if fmt not in _SAVE_FORMATS:
+        raise ImageError(
+            f"cannot write {fmt or 'files without a suffix'!r}; use .png, .jpg or .webp",
+            code="unsupported_format",
+        )
+    kind = _SAVE_FORMATS[fmt]
+    opts: dict[str, Any] = {"quality": quality} if kind in ("JPEG", "WEBP") else {}
+    to_rgb(img).save(dest, format=kind, **opts)
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) float32 in [0, 1]."""
+    arr = np.asarray(to_rgb(im), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255)
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (1, 3, H, W) in [0, 1] -> RGB PIL image (rounded to 8 bits)."""
+    x = x.detach().float().cpu().reshape(-1, *x.shape[-2:])[:3]
+    arr = x.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, h, w) -> (B, 3, H, W): bicubic (antialiased when shrinking), clamped to [0, 1]."""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x.clone()
+    shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
+    out = F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=shrink)
+    return out.clamp_(0, 1)

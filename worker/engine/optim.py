@@ -1,0 +1,151 @@
+"""Optimiser steps in pixel space [0, 1] with a NaN guard; Adam state carried across scales.
+
+L-BFGS: torch.optim.LBFGS with max_iter=1, so one step() is one closure evaluation is one reported
+iteration; its history is reset at every scale. Note that for a batch L-BFGS couples the images (one
+line-search step length and one curvature history for the whole batch), while Adam is per element,
+so a batched Adam run is exactly a set of independent runs.
+Departure from the papers: the image is clamped to [0, 1] after every step (as crowsonkb does), which
+L-BFGS's curvature pairs do not know about; in practice it only bites at the borders of the range.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+LBFGS_STATE_LIMIT_BYTES = 64 * 2**20  # larger L-BFGS states are not put in checkpoints
+
+
+class Stepper:
+    """Owns the optimiser of one scale. step() -> [total, content, style, tv] as floats."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        kind: str,
+        lr: float,
+        *,
+        betas: tuple[float, float] = (0.9, 0.99),
+        history: int = 50,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.x = x.detach().clone().requires_grad_(True)  # (B, 3, H, W) the optimised image
+        self.good = self.x.detach().clone()  # last iterate whose loss and gradient were finite
+        self.loss_fn, self.kind, self.lr = loss_fn, kind, lr
+        self.betas, self.history = betas, history
+        self.recoveries = 0
+        self.last = [math.nan] * 4
+        self.opt = self._new_optimizer()
+        if state is not None:
+            self.opt.load_state_dict(state)
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        if self.kind == "adam":
+            return torch.optim.Adam([self.x], lr=self.lr, betas=self.betas)
+        # tolerance_grad=0 would stop on an exactly-zero gradient only: that is how a bad closure
+        # makes step() return without moving (see _closure).
+        return torch.optim.LBFGS(
+            [self.x], lr=self.lr, max_iter=1, history_size=self.history,
+            tolerance_grad=0.0, tolerance_change=0.0,
+        )
+
+    def _evaluate(self) -> tuple[torch.Tensor, bool]:
+        """Loss and gradient at x; one host sync for all loss terms and the finiteness check."""
+        self.x.grad = None
+        terms = self.loss_fn(self.x)
+        terms[0].backward()
+        assert self.x.grad is not None
+        vals = torch.cat([terms.detach(), self.x.grad.sum().view(1)]).tolist()
+        ok = all(math.isfinite(v) for v in vals)
+        if ok:
+            self.last = vals[:4]
+            self.good.copy_(self.x.detach())
+        return terms[0].detach(), ok
+
+    def _closure(self) -> torch.Tensor:
+        loss, ok = self._evaluate()
+        if not ok:  # zero gradient: L-BFGS returns before moving (max|g| <= tolerance_grad)
+            self.bad = True
+            assert self.x.grad is not None
+            self.x.grad.zero_()
+            return torch.zeros((), device=self.x.device)
+        return loss
+
+    def step(self) -> list[float]:
+        self.bad = False
+        with torch.enable_grad():
+            if self.kind == "adam":
+                _, ok = self._evaluate()
+                self.bad = not ok
+                if ok:
+                    self.opt.step()
+            else:
+                self.opt.step(self._closure)  # type: ignore[arg-type]
+        with torch.no_grad():
+            if self.bad:
+                self._recover()
+            self.x.clamp_(0, 1)
+        return list(self.last)
+
+    def _recover(self) -> None:
+        """Non-finite loss or gradient: back to the last good iterate, halve the step, reset state."""
+        self.recoveries += 1
+        self.lr *= 0.5
+        logger.warning(
+            "non-finite loss or gradient: restored the last good image, lr -> %g (recovery %d)",
+            self.lr, self.recoveries,
+        )
+        self.x.copy_(self.good)
+        self.opt = self._new_optimizer()
+
+    def state(self) -> dict[str, Any] | None:
+        """A detached copy of the optimiser state for a checkpoint (None when L-BFGS's is too big)."""
+        sd = self.opt.state_dict()
+        if self.kind == "lbfgs" and _tensor_bytes(sd) > LBFGS_STATE_LIMIT_BYTES:
+            logger.info("L-BFGS state is %d MB: not checkpointed", _tensor_bytes(sd) >> 20)
+            return None
+        return _clone(sd)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone(v) for v in obj)
+    return copy.copy(obj)
+
+
+def resize_adam_state(state: dict[str, Any], hw: tuple[int, int]) -> dict[str, Any]:
+    """Adam moments resized to a new scale, as crowsonkb/style-transfer-pytorch does: first moment
+    bicubic, second moment bilinear and kept non-negative."""
+    state = _clone(state)
+    for s in state["state"].values():
+        s["exp_avg"] = F.interpolate(s["exp_avg"], size=hw, mode="bicubic", align_corners=False)
+        sq = F.interpolate(s["exp_avg_sq"], size=hw, mode="bilinear", align_corners=False)
+        s["exp_avg_sq"] = sq.relu_()
+    return state

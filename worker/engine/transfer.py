@@ -1,0 +1,202 @@
+"""Public entry points: StyleTransfer (models cached for reuse across jobs) and stylize()."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import job as job_mod
+from .checkpoint import Checkpoint
+from .config import BatchItem, TransferConfig, normalise_blend
+from .errors import EngineError
+from .images import load_image, pil_to_tensor, tensor_to_pil
+from .job import Job, Progress, prepare_item
+from .losses import autocast
+from .schedule import Schedule, build_schedule
+from .vgg import LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
+from .weights import Weights, resolve_weights
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[Progress], Any]
+CheckpointFn = Callable[[Checkpoint], Any]
+
+
+@dataclass
+class Result:
+    image: Image.Image  # the first (or only) output, RGB
+    images: list[Image.Image] = field(default_factory=list)  # one per batch item
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tensor: torch.Tensor | None = None  # (B, 3, H, W) fp32 cpu in [0, 1], before 8-bit rounding
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise EngineError(f"unknown device {spec!r}; use auto, cpu or cuda:N", "invalid_config") from e
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise EngineError(f"device {spec} is not available here; use --device cpu", "device_unavailable")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """dtype for autocast on the VGG pass, None for plain fp32 (Gram and losses are always fp32)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if precision == "fp16" and device.type != "cuda":
+        raise EngineError("fp16 needs a CUDA device; use bf16 or fp32 on CPU", "invalid_config")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class StyleTransfer:
+    """Holds the VGG19 models for reuse across jobs in one process, cached per
+    (weights, device, pooling, deepest layer)."""
+
+    def __init__(self, weights: str = "imagenet", device: str = "auto", seed: int = 0) -> None:
+        self.weights, self.device, self.seed = weights, device, seed
+        self._weights: dict[str, Weights] = {}
+        self._models: dict[ModelKey, VGGFeatures] = {}
+
+    def load_weights(self, spec: str | None = None) -> Weights:
+        spec = spec or self.weights
+        if spec not in self._weights:
+            self._weights[spec] = resolve_weights(spec, self.seed)
+        return self._weights[spec]
+
+    def model(self, spec: str, device: torch.device, pooling: str, deepest: int) -> VGGFeatures:
+        key = ModelKey(spec, str(device), pooling, deepest)
+        if key not in self._models:
+            w = self.load_weights(spec)
+            features = build_features(pooling)
+            features.load_state_dict(w.state)
+            self._models[key] = VGGFeatures(features, deepest, w.normalization).to(device)
+            logger.info("loaded VGG19 (%s, %s, %s pooling, up to %s)", w.source, device, pooling,
+                        list(LAYER_INDEX)[deepest])
+        return self._models[key]
+
+    def run(
+        self, content: Any, styles: Any, config: TransferConfig | None = None, *,
+        on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
+        resume: Checkpoint | None = None,
+    ) -> Result:
+        """Stylise one content image with one or more styles (a batch of one)."""
+        config = config or TransferConfig()
+        style_list = list(styles) if isinstance(styles, (list, tuple)) else [styles]
+        item = BatchItem(content, style_list, config.style_blend_weights)
+        return self.run_batch([item], config, on_progress=on_progress,
+                              on_checkpoint=on_checkpoint, resume=resume)
+
+    def run_batch(
+        self, items: Sequence[BatchItem], config: TransferConfig | None = None, *,
+        on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
+        resume: Checkpoint | None = None,
+    ) -> Result:
+        """Stylise several same-sized images in one batch (B, 3, H, W); Result.images has one each."""
+        config = config or TransferConfig()
+        if not items:
+            raise EngineError("a batch needs at least one item", "invalid_config")
+        t0 = time.perf_counter()
+        spec = config.weights or self.weights
+        weights = self.load_weights(spec)
+        device = resolve_device(config.device or self.device)
+        dtype = resolve_precision(config.precision, device)
+        layers = [layer_index(n) for n in (*config.content_layers, *config.style_layers)]
+        model = self.model(spec, device, config.pooling, max(layers))
+        # channels_last: measured slower on CPU (bench/engine.py), the usual win on CUDA
+        channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        prepared, digest_parts = _prepare(items, config, weights)
+        schedule = _batch_schedule(prepared, config)
+        digest = config.digest([spec, weights.kind, digest_parts])
+        job = Job(model, prepared, config, schedule, device=device, cast=lambda: autocast(device, dtype),
+                  channels_last=channels_last, digest=digest, on_progress=on_progress,
+                  on_checkpoint=on_checkpoint)
+        with torch.random.fork_rng(devices=[]):  # nothing global is consumed, but be safe
+            torch.manual_seed(config.seed)
+            x = job.finish(job.run(resume))
+        images = [tensor_to_pil(x[i]) for i in range(x.shape[0])]
+        meta = {
+            "weights_kind": weights.kind, "weights_source": weights.source,
+            "random_weights": weights.kind == "random", "seed": config.seed,
+            "scales": [list(hw) for hw, _ in schedule], "iterations": [n for _, n in schedule],
+            "steps": job.step, "seconds": round(time.perf_counter() - t0, 3),
+            "nan_recoveries": job.recoveries, "device": str(device),
+            "precision": str(dtype or torch.float32).replace("torch.", ""),
+            "optimizer": config.optimizer, "channels_last": channels_last,
+            "loss_weights": [list(it.weights) for it in prepared], "config_digest": digest,
+            "resumed_from_step": resume.step if resume is not None else None,
+        }
+        return Result(images[0], images, meta, x.detach().float().cpu())
+
+
+def _prepare(
+    items: Sequence[BatchItem], config: TransferConfig, weights: Weights
+) -> tuple[list[job_mod.PreparedItem], list[Any]]:
+    preset = config.loss_weights(weights.kind)
+    prepared, parts = [], []
+    for item in items:
+        content = load_image(item.content)
+        styles = [load_image(s) for s in (item.styles or [])]
+        if not styles:
+            raise EngineError("give at least one style image", "invalid_config")
+        blend = normalise_blend(item.style_blend_weights or config.style_blend_weights, len(styles))
+        w = (
+            preset.content if item.content_weight is None else item.content_weight,
+            preset.style if item.style_weight is None else item.style_weight,
+            preset.tv if item.tv_weight is None else item.tv_weight,
+        )
+        prepared.append(prepare_item(
+            pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.preserve_color
+        ))
+        parts.append([_hash(content), [_hash(s) for s in styles], blend, list(w)])
+    return prepared, parts
+
+
+def _hash(im: Image.Image) -> str:
+    return hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest()[:16]
+
+
+def _batch_schedule(prepared: list[job_mod.PreparedItem], config: TransferConfig) -> Schedule:
+    schedules = [
+        build_schedule(
+            (int(p.content.shape[-2]), int(p.content.shape[-1])), size=config.size,
+            min_size=config.min_size, scale_factor=config.scale_factor, scales=config.scales,
+            iterations=config.iterations,
+        )
+        for p in prepared
+    ]
+    if any(s != schedules[0] for s in schedules):
+        sizes = sorted({str(s[-1][0]) for s in schedules})
+        raise EngineError(
+            f"batch items must have the same aspect ratio (output sizes {', '.join(sizes)}); "
+            "run them as separate jobs",
+            code="batch_shape_mismatch",
+        )
+    return schedules[0]
+
+
+def stylize(
+    content: Any, styles: Any, config: TransferConfig | None = None, *,
+    on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
+    resume: Checkpoint | None = None, engine: StyleTransfer | None = None,
+) -> Result:
+    """One-shot stylisation; pass ``engine`` to reuse loaded models across calls."""
+    config = config or TransferConfig()
+    if engine is None:
+        engine = StyleTransfer(config.weights or "imagenet", config.device or "auto", config.seed)
+    return engine.run(content, styles, config, on_progress=on_progress,
+                      on_checkpoint=on_checkpoint, resume=resume)

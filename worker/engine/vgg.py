@@ -1,0 +1,123 @@
+"""VGG19 feature extractor: torchvision's ``vgg19().features`` layout, frozen, truncated after the
+deepest layer in use, with the input normalisation inside the model.
+
+Layer names mean what they say: ``convX_Y`` is the convolution output *before* its ReLU (can be
+negative) and ``reluX_Y`` the rectified output. torchvision applies ReLU in place, which silently turns
+a stored conv output into the ReLU'd one; here a ReLU runs in place only when the conv output before
+it is not requested.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+# torchvision.models.vgg.cfgs["E"] (VGG19): channels per conv, "M" = pooling.
+VGG19_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def _layer_names() -> list[str]:
+    names, block, conv = [], 1, 0
+    for v in VGG19_CFG:
+        if v == "M":
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:
+            conv += 1
+            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
+    return names
+
+
+LAYER_NAMES = _layer_names()  # index in vgg19().features -> name, e.g. 21 -> conv4_2, 22 -> relu4_2
+LAYER_INDEX = {name: i for i, name in enumerate(LAYER_NAMES)}
+CONV_INDICES = [i for i, n in enumerate(LAYER_NAMES) if n.startswith("conv")]
+
+
+def layer_index(name: str) -> int:
+    if name not in LAYER_INDEX:
+        raise EngineError(
+            f"unknown VGG19 layer {name!r}; use names like conv4_2, relu4_2 or pool3",
+            code="invalid_config",
+        )
+    return LAYER_INDEX[name]
+
+
+def build_features(pooling: str = "max") -> nn.Sequential:
+    """The 37 layers of torchvision's vgg19().features (ReLUs applied functionally in forward)."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for v in VGG19_CFG:
+        if v == "M":
+            pool = nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2)
+            layers.append(pool)
+        else:
+            layers += [nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1), nn.ReLU()]
+            in_ch = int(v)
+    return nn.Sequential(*layers)
+
+
+def random_init_(features: nn.Sequential, seed: int) -> None:
+    """torchvision's VGG init (kaiming normal, fan_out, zero bias) from a local seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    for m in features:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=g)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    weights: str
+    device: str
+    pooling: str
+    deepest: int
+
+
+class VGGFeatures(nn.Module):
+    """Frozen, truncated VGG19 that returns the requested layers' outputs."""
+
+    def __init__(self, features: nn.Sequential, deepest: int, normalization: str) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*list(features)[: deepest + 1])
+        self.caffe = normalization == "caffe"
+        mean = CAFFE_MEAN_BGR if self.caffe else IMAGENET_MEAN
+        std = (1.0, 1.0, 1.0) if self.caffe else IMAGENET_STD
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> the network's input space."""
+        if self.caffe:  # original Caffe VGG: BGR, 0-255, mean-subtracted
+            x = x.flip(1) * 255.0
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor, wanted: frozenset[int]) -> dict[int, torch.Tensor]:
+        """(B, 3, H, W) in [0, 1] -> {layer index: (B, C, h, w) activation} for the wanted layers."""
+        x = self.normalize(x)
+        out: dict[int, torch.Tensor] = {}
+        last = max(wanted)
+        for i, layer in enumerate(self.layers):
+            # in-place ReLU saves memory, but would overwrite a conv output we were asked for
+            x = F.relu(x, inplace=(i - 1) not in wanted) if isinstance(layer, nn.ReLU) else layer(x)
+            if i in wanted:
+                out[i] = x
+            if i >= last:
+                break
+        return out
