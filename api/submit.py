@@ -23,7 +23,7 @@ from api.publisher import Publisher
 from shared.errors import InvalidInput
 from shared.jobs import JobStatus
 from shared.models import Job, new_id, utcnow
-from shared.params import DEFAULT_TOTAL_ITERATIONS, JobParams
+from shared.params import JobParams
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def validate_params(raw: dict[str, Any], settings: Settings,
             "size_too_large",
             f"size {params.largest_size()} is above the maximum {settings.max_size}",
         )
-    total = params.total_iterations(DEFAULT_TOTAL_ITERATIONS)
+    total = params.total_iterations()
     if total > settings.max_iterations:
         raise InvalidInput(
             "too_many_iterations",

@@ -6,7 +6,6 @@ engine's ``TransferConfig``. Unknown keys are rejected, so a typo is a 422, not 
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -71,25 +70,40 @@ class JobParams(BaseModel):
             )
         return self
 
-    def scale_count(self) -> int:
-        """Number of scales in the schedule (mirrors the engine's schedule rule)."""
+    def long_edges(self) -> list[int]:
+        """The long edge of each scale: the same rule as ``worker.engine.schedule.long_edges``
+        (mirrored because the API never imports the engine; tests/engine checks they agree)."""
         if self.scales:
-            return len(self.scales)
+            return list(self.scales)
         if self.min_size >= self.size:
-            return 1
-        return math.ceil(math.log(self.size / self.min_size, self.scale_factor) - 1e-9) + 1
+            return [self.size]
+        edges: list[int] = []
+        edge = float(self.min_size)
+        while edge < self.size * (1 - 1e-6):
+            edges.append(round(edge))
+            edge *= self.scale_factor
+        return [*edges, self.size]
+
+    def scale_count(self) -> int:
+        return len(self.long_edges())
 
     def largest_size(self) -> int:
-        return max(self.scales) if self.scales else self.size
+        return max(self.long_edges())
 
-    def total_iterations(self, default_total: int) -> int:
-        """Iterations over all scales; ``default_total`` is the engine's default schedule's total."""
+    def iterations_per_scale(self) -> list[int]:
+        """Iterations at each scale; None means the engine's auto schedule (mirrored below)."""
+        edges = self.long_edges()
         if self.iterations is None:
-            return default_total
+            return [auto_iterations(e) for e in edges]
         if isinstance(self.iterations, int):
-            return self.iterations * self.scale_count()
-        return sum(self.iterations)
+            return [self.iterations] * len(edges)
+        return list(self.iterations)
+
+    def total_iterations(self) -> int:
+        return sum(self.iterations_per_scale())
 
 
-# The engine's default schedule: 300+200+150+100+60 iterations over its 5 default scales.
-DEFAULT_TOTAL_ITERATIONS = 810
+def auto_iterations(long_edge: int) -> int:
+    """The engine's auto schedule, ``60 * (512 / edge) ** 1.2`` clamped to [20, 400]
+    (``worker.engine.schedule.auto_iterations``; tests/engine checks they agree)."""
+    return max(20, min(400, round(60 * (512 / long_edge) ** 1.2)))

@@ -35,9 +35,9 @@ def test_params_defaults_and_scale_count() -> None:
 
 
 def test_params_total_iterations() -> None:
-    assert JobParams(iterations=10).total_iterations(810) == 50
-    assert JobParams(size=64, min_size=32, scale_factor=2, iterations=[5, 7]).total_iterations(0) == 12
-    assert JobParams().total_iterations(810) == 810
+    assert JobParams(iterations=10).total_iterations() == 50
+    assert JobParams(size=64, min_size=32, scale_factor=2, iterations=[5, 7]).total_iterations() == 12
+    assert JobParams().iterations_per_scale() == [317, 209, 138, 91, 60]
 
 
 @pytest.mark.parametrize(
