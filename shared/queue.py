@@ -51,9 +51,11 @@ def make_celery(settings: Settings) -> Celery:
 def _tune_sql_transport() -> None:
     # Passing polling_interval through broker_transport_options crashes kombu's SQL transport
     # (TypeError from create_engine); the class attribute works. 0.1 s keeps pickup latency low.
-    from kombu.transport.sqlalchemy import Channel
+    # The attribute lives on the Transport (kombu.transport.virtual.base.Transport.drain_events reads
+    # self.polling_interval); setting it on Channel had no effect (measured ~0.8 s pickup delay).
+    from kombu.transport.sqlalchemy import Transport
 
-    Channel.polling_interval = 0.1  # type: ignore[attr-defined]
+    Transport.polling_interval = 0.1
 
 
 @lru_cache(maxsize=1)

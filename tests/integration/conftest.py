@@ -1,0 +1,242 @@
+"""Real processes for the integration tests: ``stylequeue worker`` and ``stylequeue api`` subprocesses.
+
+One worker and one API per backend per module (starting torch takes seconds); tests isolate by using
+their own jobs and waiting for each to end. Two backends:
+
+* ``server_stack``: PostgreSQL + Redis + moto S3 (skips without the servers; fails under CI=true);
+* ``embedded_stack``: nothing but a fresh data folder (SQLite, kombu's SQL transport, a folder). The
+  worker starts first, on an empty folder: it must create it and migrate the database itself.
+
+Workers run with ``STYLEQUEUE_WEIGHTS=random`` on the CPU, tiny images and few iterations.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+from api.client import StyleQueueClient
+from shared.db import get_sessionmaker
+from shared.models import Job
+from shared.settings import Settings
+from shared.storage import Storage, open_storage
+from tests.conftest import REDIS_HOST, REDIS_PORT, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+STYLEQUEUE = [sys.executable, "-m", "shared.cli"]
+
+# Tiny, fast jobs: 2 scales (24 and 48 px).
+TINY = {"size": 48, "min_size": 24, "scale_factor": 2, "iterations": 2}
+# A job long enough to act on while it runs (2 x 300 iterations; ~0.03 s each at 48 px).
+LONG = {"size": 48, "min_size": 24, "scale_factor": 2, "iterations": 300}
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    return subprocess.Popen(
+        [*STYLEQUEUE, *args], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM, wait, then SIGKILL the process group if it is still there."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return int(proc.returncode)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Stack:
+    name: str
+    env: dict[str, str]
+    settings: Settings
+    tmp: Path
+    api_url: str = ""
+    key: str = ""
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def worker_log(self) -> Path:
+        return self.tmp / "worker.log"
+
+    def start_worker(self, *extra: str) -> subprocess.Popen[bytes]:
+        proc = start(["worker", "--cpu", "--loglevel", "info", *extra], self.env, self.worker_log)
+        self.procs["worker"] = proc
+        wait_for(
+            lambda: proc.poll() is not None or " ready." in self.worker_log.read_text(),
+            60,
+            "the worker to be ready",
+        )
+        assert proc.poll() is None, self.log_tail()
+        return proc
+
+    def stop_worker(self) -> int:
+        code = stop(self.procs.pop("worker"))
+        text = self.worker_log.read_text()  # the next start waits for a new "ready."
+        self.worker_log.write_text(text.replace(" ready.", " was ready."))
+        return code
+
+    def start_api(self) -> None:
+        port = free_port()
+        self.api_url = f"http://127.0.0.1:{port}"
+        self.procs["api"] = start(["api", "--port", str(port)], self.env, self.tmp / "api.log")
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, "the API", interval=0.2)
+
+    def client(self) -> StyleQueueClient:
+        return StyleQueueClient(self.api_url, self.key, timeout=30)
+
+    def storage(self) -> Storage:
+        return open_storage(self.settings)
+
+    def job(self, job_id: str) -> Job:
+        with get_sessionmaker(self.settings.database_url)() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            return job
+
+    def update_job(self, job_id: str, **values: Any) -> None:
+        with get_sessionmaker(self.settings.database_url)() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(**values))
+            s.commit()
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.worker_log.read_text(errors="replace").splitlines() if self.worker_log.exists() else []
+        return "\n".join(lines[-n:])
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+        self.procs.clear()
+
+
+def _env(tmp: Path, **values: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
+    base: dict[str, Any] = dict(
+        data_dir=tmp / "data",
+        weights="random",
+        device="cpu",
+        auth="on",
+        progress_interval_s=0.2,
+        heartbeat_s=0.5,
+        lease_s=20,
+        checkpoint_every=100,
+        queue_name=f"sq-test-{uuid.uuid4().hex[:8]}",
+    )
+    base.update(values)
+    env.update({f"STYLEQUEUE_{k.upper()}": str(v) for k, v in base.items()})
+    env["OMP_NUM_THREADS"] = "1"  # two pool processes on two cores
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    values = {k[len("STYLEQUEUE_") :].lower(): v for k, v in env.items() if k.startswith("STYLEQUEUE_")}
+    return Settings.model_validate(values)
+
+
+def _make_key(settings: Settings) -> str:
+    from shared.tenants import create_key
+
+    with get_sessionmaker(settings.database_url)() as s:
+        key = create_key(s, f"tenant-{uuid.uuid4().hex[:6]}").key
+        s.commit()
+    return key
+
+
+@pytest.fixture(scope="module")
+def server_stack(
+    pg_url: str, _redis_db: int, _moto_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    import boto3
+
+    from shared.migrate import upgrade
+
+    tmp = tmp_path_factory.mktemp("server-stack")
+    bucket = f"sq-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=_moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    env = _env(
+        tmp,
+        database_url=pg_url,
+        broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{_redis_db}",
+        storage_url=f"s3://{bucket}/sq",
+        s3_endpoint_url=_moto_server,
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        env[name] = os.environ[name]
+    stack = Stack("server", env, _settings(env), tmp)
+    upgrade(stack.settings.database_url)
+    try:
+        stack.start_worker("--concurrency", "2")
+        stack.start_api()
+        stack.key = _make_key(stack.settings)
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("embedded-stack")
+    env = _env(tmp)
+    stack = Stack("embedded", env, _settings(env), tmp)
+    assert not stack.settings.data_dir.exists()
+    try:
+        stack.start_worker()  # creates the data folder and migrates the database
+        stack.start_api()
+        stack.key = _make_key(stack.settings)
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, bytes]:
+    """Small inputs (64 px) made from the example images."""
+    import io
+
+    from PIL import Image
+
+    out = {}
+    folder = REPO / "examples" / "images"
+    for name in ("content_astronaut.png", "content_chelsea_cat.png", "style_hokusai_great_wave.jpg"):
+        im = Image.open(folder / name).convert("RGB")
+        im.thumbnail((64, 64))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out[name.split(".")[0]] = buf.getvalue()
+    return out

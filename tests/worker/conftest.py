@@ -1,0 +1,65 @@
+"""Worker unit tests: a migrated SQLite database with one tenant, two images and job factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.db import get_sessionmaker
+from shared.migrate import upgrade
+from shared.models import Job, StoredImage, Tenant
+from shared.settings import Settings
+
+CONTENT, STYLE = "c" * 64, "s" * 64
+MakeJob = Callable[..., str]
+LoadJob = Callable[[str], Job]
+
+
+@pytest.fixture
+def settings(settings_factory: Callable[..., Settings], tmp_path: Path) -> Settings:
+    s = settings_factory(
+        data_dir=tmp_path / "data",
+        weights="random",
+        device="cpu",
+        progress_interval_s=0.1,
+        heartbeat_s=0.2,
+        lease_s=30,
+    )
+    upgrade(s.database_url)
+    with get_sessionmaker(s.database_url)() as session:
+        session.add(Tenant(id="t1", name="t1"))
+        for image_id in (CONTENT, STYLE):
+            session.add(
+                StoredImage(
+                    id=image_id, format="PNG", width=48, height=48, bytes=1, storage_key=f"images/{image_id}"
+                )
+            )
+        session.commit()
+    return s
+
+
+@pytest.fixture
+def make_job(settings: Settings) -> Callable[..., str]:
+    def make(**fields: Any) -> str:
+        fields.setdefault("params", {"size": 32, "min_size": 16, "scale_factor": 2, "iterations": 2})
+        job = Job(tenant_id="t1", content_image_id=CONTENT, style_image_ids=[STYLE], **fields)
+        with get_sessionmaker(settings.database_url)() as session:
+            session.add(job)
+            session.commit()
+            return job.id
+
+    return make
+
+
+@pytest.fixture
+def load_job(settings: Settings) -> Callable[[str], Job]:
+    def load(job_id: str) -> Job:
+        with get_sessionmaker(settings.database_url)() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return job
+
+    return load

@@ -1,0 +1,50 @@
+"""A job's stored parameters (``shared.params.JobParams`` dump) turned into the engine's TransferConfig.
+
+The API validated the parameters already; the engine validates again (``EngineError`` code
+``invalid_config``), which fails the job permanently. ``None`` means "the engine's default" and is not
+passed on, so the engine's presets stay the single source of defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from shared.params import JobParams
+from shared.settings import Settings
+from worker.engine import TransferConfig
+
+# JobParams field -> TransferConfig field, where the names differ.
+_RENAMED = {"style_weights": "style_blend_weights"}
+# JobParams fields that are not engine controls (they shape the saved file).
+_NOT_ENGINE = {"output_format", "quality"}
+
+
+def job_params(raw: dict[str, Any]) -> JobParams:
+    """The stored params, validated again (a row written by an older API may lack new fields)."""
+    return JobParams.model_validate(raw or {})
+
+
+def transfer_config(params: JobParams, settings: Settings) -> TransferConfig:
+    """The engine config for one job; device, weights and checkpoint cadence come from the worker."""
+    engine_fields = {f.name for f in dataclasses.fields(TransferConfig)}
+    values: dict[str, Any] = {}
+    for name, value in params.model_dump().items():
+        if name in _NOT_ENGINE or value is None:
+            continue
+        target = _RENAMED.get(name, name)
+        if target not in engine_fields:
+            continue
+        values[target] = tuple(value) if isinstance(value, list) else value
+    values["save_every"] = max(0, settings.checkpoint_every)
+    values["device"] = None  # the loaded engine's device (settings.device, see worker.model)
+    values["weights"] = None  # the loaded engine's weights (settings.weights)
+    return TransferConfig(**values)
+
+
+def result_extension(params: JobParams) -> str:
+    return {"png": "png", "jpeg": "jpg", "webp": "webp"}[params.output_format]
+
+
+def content_type(params: JobParams) -> str:
+    return f"image/{params.output_format}"

@@ -1,0 +1,219 @@
+"""Every database read and write the worker makes on a job row.
+
+A delivery first *claims* the job: one guarded UPDATE moves it to ``running`` and bumps ``attempt``.
+That new attempt number is a fencing token: every later write is
+``UPDATE ... WHERE id = :id AND attempt = :mine AND status = 'running'`` and a write that changes no row
+means a newer attempt (or a cancel) took the job over, so the caller stops quietly.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import select, update
+
+from shared.db import session_scope
+from shared.jobs import JobStatus
+from shared.models import Job, utcnow
+
+logger = logging.getLogger(__name__)
+
+RUNNING = JobStatus.RUNNING.value
+QUEUED = JobStatus.QUEUED.value
+
+
+class Drop(str, enum.Enum):
+    """Why a delivery was dropped (acknowledged without running)."""
+
+    MISSING = "missing"
+    TERMINAL = "terminal"
+    LIVE_ELSEWHERE = "running_elsewhere"
+    LOST_RACE = "lost_race"
+    CANCELED = "canceled"
+    EXHAUSTED = "attempts_exhausted"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker now holds under ``attempt``, with the row as it was when claimed."""
+
+    job_id: str
+    attempt: int
+    params: dict[str, Any]
+    content_image_id: str
+    style_image_ids: list[str]
+    checkpoints: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    status: str
+    attempt: int
+    cancel_requested: bool
+
+
+def worker_identity(nodename: str) -> str:
+    """``node@host#pid``: who holds a job, precise enough to tell a dead pool child from a live one."""
+    return f"{nodename}#{os.getpid()}"
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every time the service writes is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _holder_is_dead(holder: str | None, me: str) -> bool:
+    """True when the recorded holder ran on this host and its process is gone (or is this process)."""
+    if not holder or "#" not in holder:
+        return False
+    node, _, pid_text = holder.rpartition("#")
+    my_node = me.rpartition("#")[0]
+    host, my_host = node.partition("@")[2], my_node.partition("@")[2]
+    if not pid_text.isdigit() or not host or host not in (my_host, socket.gethostname()):
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # a retry of our own attempt: the earlier run has ended
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _decide(job: Job, me: str, lease_s: float) -> Drop | None:
+    status = JobStatus(job.status)
+    if status.terminal:
+        return Drop.TERMINAL
+    if status is JobStatus.RUNNING:
+        beat = as_utc(job.heartbeat_at)
+        fresh = beat is not None and utcnow() - beat < timedelta(seconds=lease_s)
+        if fresh and not _holder_is_dead(job.worker, me):
+            return Drop.LIVE_ELSEWHERE
+    if job.cancel_requested:
+        return Drop.CANCELED
+    if job.attempt >= job.max_attempts:
+        return Drop.EXHAUSTED
+    return None
+
+
+def claim(url: str, job_id: str, me: str, lease_s: float) -> Claim | Drop:
+    """Take the job for a new attempt, or say why this delivery must be dropped."""
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return Drop.MISSING
+        reason = _decide(job, me, lease_s)
+        seen = (Job.id == job_id, Job.attempt == job.attempt, Job.status == job.status)
+        now = utcnow()
+        if reason is Drop.CANCELED:
+            s.execute(update(Job).where(*seen).values(status="canceled", finished_at=now))
+            return reason
+        if reason is Drop.EXHAUSTED:
+            message = f"the job was started {job.attempt} times and its worker was lost each time"
+            s.execute(
+                update(Job)
+                .where(*seen)
+                .values(status="failed", error_code="worker_lost", error_message=message,
+                        error_retryable=True, finished_at=now)
+            )
+            return reason
+        if reason is not None:
+            return reason
+        attempt = job.attempt + 1
+        values: dict[str, Any] = dict(status=RUNNING, attempt=attempt, worker=me, heartbeat_at=now)
+        if job.started_at is None:
+            values["started_at"] = now
+        if s.execute(update(Job).where(*seen).values(**values)).rowcount != 1:  # type: ignore[attr-defined]
+            return Drop.LOST_RACE
+        return Claim(job_id, attempt, dict(job.params or {}), job.content_image_id,
+                     list(job.style_image_ids or []), list(job.checkpoints or []))
+
+
+def _fenced(url: str, job_id: str, attempt: int, **values: Any) -> bool:
+    with session_scope(url) as s:
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == RUNNING)
+            .values(**values)
+        )
+        return bool(s.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+
+
+def heartbeat(url: str, job_id: str, attempt: int, progress: dict[str, Any] | None = None) -> bool:
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    return _fenced(url, job_id, attempt, **values)
+
+
+def snapshot(url: str, job_id: str) -> Snapshot | None:
+    with session_scope(url) as s:
+        row = s.execute(
+            select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == job_id)
+        ).first()
+    return None if row is None else Snapshot(row[0], row[1], bool(row[2]))
+
+
+def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any]) -> bool:
+    """Record an uploaded checkpoint. Only the attempt holder writes the list, so read-then-write is safe."""
+    with session_scope(url) as s:
+        current = s.execute(
+            select(Job.checkpoints).where(
+                Job.id == job_id, Job.attempt == attempt, Job.status == RUNNING
+            )
+        ).scalar_one_or_none()
+    if current is None:
+        return False
+    refs = [c for c in current if c.get("key") != ref["key"]] + [ref]
+    return _fenced(url, job_id, attempt, checkpoints=refs, heartbeat_at=utcnow())
+
+
+def succeed(url: str, job_id: str, attempt: int, result_key: str, progress: dict[str, Any]) -> bool:
+    return _fenced(url, job_id, attempt, status=JobStatus.SUCCEEDED.value, result_key=result_key,
+                   progress=progress, finished_at=utcnow(), error_code=None, error_message=None,
+                   error_retryable=None)
+
+
+def fail(url: str, job_id: str, attempt: int, code: str, message: str, retryable: bool) -> bool:
+    return _fenced(url, job_id, attempt, status=JobStatus.FAILED.value, error_code=code,
+                   error_message=message[:2000], error_retryable=retryable, finished_at=utcnow())
+
+
+def cancel(url: str, job_id: str, attempt: int) -> bool:
+    return _fenced(url, job_id, attempt, status=JobStatus.CANCELED.value, finished_at=utcnow())
+
+
+def release(url: str, job_id: str, attempt: int, *, graceful: bool) -> bool:
+    """Give a running job back to the queue (attempt kept: the next claim bumps it).
+
+    A graceful hand-back (worker shutdown) also raises ``max_attempts`` by one, so rolling restarts
+    never use up a job's attempts; only lost workers and transient failures count.
+    """
+    values: dict[str, Any] = {"status": QUEUED, "worker": None, "heartbeat_at": None,
+                              "published_at": utcnow()}  # a message follows (retry or re-publish)
+    if graceful:
+        values["max_attempts"] = Job.max_attempts + 1
+    return _fenced(url, job_id, attempt, **values)
+
+
+def fail_released(url: str, job_id: str, code: str, message: str) -> bool:
+    """Fail a job given back to the queue whose retries are spent (no attempt holds it)."""
+    with session_scope(url) as s:
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.status == QUEUED)
+            .values(status=JobStatus.FAILED.value, error_code=code, error_message=message[:2000],
+                    error_retryable=True, finished_at=utcnow())
+        )
+        return bool(s.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]

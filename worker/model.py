@@ -1,0 +1,84 @@
+"""The style-transfer engine, loaded once per worker *pool process*, never in the parent.
+
+CUDA must not be initialised before prefork's fork, so nothing here runs at import. When a pool
+process starts (``worker_process_init``), loading begins in a background thread (that signal's handler
+must return within seconds); the first job waits for it if it is not done. A failed load (e.g. missing
+imagenet weights) is not cached: the next job tries again and fails with the engine's ``WeightsError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from shared.settings import Settings, get_settings
+from worker.progress import SHUTDOWN
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.RLock()  # held while the model is built, so a first job waits for preload
+_engine: Any = None
+_key: tuple[str, str] | None = None
+
+
+def get_engine(settings: Settings) -> Any:
+    """The process's ``StyleTransfer`` for ``settings.weights`` on ``settings.device``.
+
+    While ``preload`` is still building the model, this waits for it (the lock), so a first job never
+    builds a second copy."""
+    global _engine, _key
+    key = (settings.weights, settings.device)
+    with _lock:
+        if _engine is None or _key != key:
+            from worker.engine import StyleTransfer
+
+            started = time.monotonic()
+            _engine = StyleTransfer(weights=settings.weights, device=settings.device, seed=0)
+            _key = key
+            logger.info("engine_loaded weights=%s device=%s seconds=%.2f", settings.weights,
+                        getattr(_engine, "device", settings.device), time.monotonic() - started)
+        return _engine
+
+
+def warm(settings: Settings) -> None:
+    """Load the weights and build the VGG19 model the default layers need, on the worker's device."""
+    from worker.engine.config import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
+    from worker.engine.transfer import resolve_device
+    from worker.engine.vgg import layer_index
+
+    deepest = max(layer_index(n) for n in (*DEFAULT_CONTENT_LAYERS, *DEFAULT_STYLE_LAYERS))
+    with _lock:
+        engine = get_engine(settings)
+        engine.model(settings.weights, resolve_device(settings.device), "max", deepest)
+
+
+def preload() -> None:
+    """Start loading the engine in the background (errors are logged; the job reports them)."""
+
+    def load() -> None:
+        try:
+            warm(get_settings())
+        except Exception as exc:
+            logger.warning("engine_preload_failed error=%s", exc)
+
+    threading.Thread(target=load, name="engine-preload", daemon=True).start()
+
+
+def init_pool_process(**_: object) -> None:
+    """``worker_process_init`` handler (in each pool process): load the engine in the background."""
+    SHUTDOWN.clear()
+    preload()
+
+
+def on_worker_shutting_down(**_: object) -> None:
+    """``worker_shutting_down`` handler (in Celery's main process, warm shutdown): running jobs
+    stop at their next iteration and are handed back to the queue (see ``worker.progress``)."""
+    SHUTDOWN.set()
+
+
+def reset_for_tests() -> None:
+    global _engine, _key
+    with _lock:
+        _engine, _key = None, None

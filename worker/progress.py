@@ -1,0 +1,191 @@
+"""The watcher that runs beside the engine: heartbeat, progress, cancellation and fencing.
+
+The engine's ``on_progress`` callback only hands the latest ``Progress`` over and raises if the
+watcher says stop, so the optimisation loop never waits on the database. A background thread:
+
+* every ``poll_s`` (0.5 s) reads status / cancel flag / attempt: a cancel, a newer attempt or a
+  worker shutdown sets ``stop`` (a running job sees a cancel within about a second);
+* every ``progress_interval_s`` writes the latest progress (with the heartbeat);
+* every ``heartbeat_s`` at least, writes the heartbeat.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import mmap
+import threading
+import time
+from typing import Any
+
+from shared.settings import Settings
+from worker import jobstore
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.5
+
+
+class StopReason(str, enum.Enum):
+    CANCELED = "canceled"
+    FENCED = "fenced"  # a newer attempt holds the job, or it is no longer running
+    SHUTDOWN = "shutdown"  # this worker is stopping: hand the job back
+
+
+class JobStopped(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised inside an engine callback to end ``run()`` early."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+class ShutdownFlag:
+    """One byte of anonymous shared memory, made at import in Celery's main process, so the pool
+    processes it forks see it when the main process sets it on a warm shutdown (no signals reach the
+    pool processes, whose SIGTERM handling billiard owns)."""
+
+    def __init__(self) -> None:
+        self._mem = mmap.mmap(-1, 1)  # MAP_SHARED | MAP_ANONYMOUS: shared across fork()
+
+    def set(self) -> None:
+        self._mem[0] = 1
+
+    def clear(self) -> None:
+        self._mem[0] = 0
+
+    def is_set(self) -> bool:
+        return self._mem[0] == 1
+
+
+SHUTDOWN = ShutdownFlag()
+
+
+def progress_dict(p: Any, started: float, start_step: int,
+                  pace: tuple[float, int] | None = None, edges: list[int] | None = None) -> dict[str, Any]:
+    """``job.progress`` from an engine ``Progress``.
+
+    ETA: with ``pace`` (when this scale started, iterations done before that) and the scales' long
+    ``edges``, the current scale's seconds per iteration, scaled by pixel count for later scales
+    (a scale of twice the edge costs about four times as much); else this attempt's average rate.
+    """
+    total = max(int(p.total_steps), 1)
+    step = min(int(p.step), total)
+    now = time.monotonic()
+    eta = _paced_eta(p, step, total, now, pace, edges)
+    if eta is None and step > start_step:
+        eta = (total - step) * (now - started) / (step - start_step)
+    return {
+        "scale": int(p.scale), "scales": int(p.scales),
+        "iteration": int(p.iteration), "iterations": int(p.iterations),
+        "step": step, "total_steps": total, "fraction": round(step / total, 4),
+        "loss": float(p.loss) if p.loss is not None else None,
+        "eta_seconds": round(eta, 1) if eta is not None else None,
+    }
+
+
+def _paced_eta(p: Any, step: int, total: int, now: float, pace: tuple[float, int] | None,
+               edges: list[int] | None) -> float | None:
+    if pace is None or not edges or len(edges) != int(p.scales):
+        return None
+    scale_t0, done_before = pace
+    done_here = int(p.iteration) - done_before
+    if done_here <= 0:
+        return None
+    per_it = (now - scale_t0) / done_here
+    left_here = int(p.iterations) - int(p.iteration)
+    later = edges[int(p.scale) + 1:]
+    left_later = max(total - step - left_here, 0)
+    cost = sum((e / edges[int(p.scale)]) ** 2 for e in later) / len(later) if later else 0.0
+    return per_it * (left_here + left_later * cost)
+
+
+class Watcher:
+    """Heartbeat and control thread for one claimed job (use as a context manager)."""
+
+    def __init__(self, settings: Settings, job_id: str, attempt: int, start_step: int = 0,
+                 edges: list[int] | None = None) -> None:
+        self.url = settings.database_url
+        self.job_id, self.attempt = job_id, attempt
+        self.progress_s = max(settings.progress_interval_s, 0.05)
+        self.heartbeat_s = max(settings.heartbeat_s, 0.05)
+        self.poll_s = min(POLL_S, self.progress_s, self.heartbeat_s)
+        self.started = time.monotonic()
+        self.start_step = start_step
+        self.edges = edges
+        self._pace: tuple[float, int] | None = None
+        self._pace_scale = -1
+        self._last_t: float | None = self.started
+        self.stop: StopReason | None = None
+        self._latest: Any = None
+        self._written: Any = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"watch-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    # --- engine side (called in the engine's thread, cheap) ---
+    def on_progress(self, p: Any) -> None:
+        if p.scale != self._pace_scale:  # a new scale: its own pace (previous iteration's end)
+            self._pace_scale, self._pace = p.scale, (self._last_t or time.monotonic(), p.iteration - 1)
+        self._last_t = time.monotonic()
+        self._latest = p
+        self.raise_if_stopped()
+
+    def raise_if_stopped(self) -> None:
+        if self.stop is None and SHUTDOWN.is_set():
+            self.stop = StopReason.SHUTDOWN
+        if self.stop is not None:
+            raise JobStopped(self.stop)
+
+    def progress_now(self) -> dict[str, Any] | None:
+        p = self._latest
+        if p is None:
+            return None
+        return progress_dict(p, self.started, self.start_step, self._pace, self.edges)
+
+    # --- watcher thread ---
+    def _loop(self) -> None:
+        last_write = last_beat = time.monotonic()
+        while not self._done.wait(self.poll_s):
+            try:
+                now = time.monotonic()
+                self._check()
+                latest = self._latest
+                due_progress = latest is not None and latest is not self._written
+                if due_progress and now - last_write >= self.progress_s:
+                    ok = jobstore.heartbeat(self.url, self.job_id, self.attempt, self.progress_now())
+                    self._written, last_write, last_beat = latest, now, now
+                    self._note(ok)
+                elif now - last_beat >= self.heartbeat_s:
+                    self._note(jobstore.heartbeat(self.url, self.job_id, self.attempt))
+                    last_beat = now
+            except Exception:  # the database may blip; the lease covers a few missed beats
+                logger.warning("job_event job_id=%s attempt=%s event=watch_error",
+                               self.job_id, self.attempt, exc_info=True)
+
+    def _check(self) -> None:
+        if self.stop is not None:
+            return
+        if SHUTDOWN.is_set():
+            self.stop = StopReason.SHUTDOWN
+            return
+        snap = jobstore.snapshot(self.url, self.job_id)
+        if snap is None:
+            self.stop = StopReason.FENCED
+        elif snap.cancel_requested or snap.status == "canceled":
+            self.stop = StopReason.CANCELED
+        elif snap.attempt != self.attempt or snap.status != "running":
+            self.stop = StopReason.FENCED
+
+    def _note(self, wrote: bool) -> None:
+        if not wrote and self.stop is None:
+            self._check()
+            if self.stop is None:
+                self.stop = StopReason.FENCED

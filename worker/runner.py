@@ -1,0 +1,209 @@
+"""Run one job delivery: claim, load inputs, run the engine, store checkpoints and the result.
+
+Outcomes are returned as short strings (for the task's log and tests). Permanent errors (bad image,
+bad parameters, missing weights) fail the job at once with the engine's code; transient ones
+(storage or database unreachable, broker connection) give the job back and propagate, so the Celery
+task retries with backoff. Every write after the claim is fenced by the attempt number.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+
+from shared.models import utcnow
+from shared.queue import get_celery, publish_job
+from shared.settings import Settings
+from shared.storage import ObjectNotFound, Storage, StorageUnavailable, open_storage
+from worker import jobstore
+from worker.config import content_type, job_params, result_extension, transfer_config
+from worker.engine import Checkpoint, EngineError, load_image, save_image
+from worker.engine.schedule import long_edges
+from worker.model import get_engine
+from worker.progress import JobStopped, StopReason, Watcher
+
+logger = logging.getLogger(__name__)
+
+# Errors worth retrying later: the task declares these in ``autoretry_for``.
+TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalError, ConnectionError)
+
+
+def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO,
+              **fields: Any) -> None:
+    """The one log shape of the worker: ``job_event job_id=... attempt=... event=... k=v...``."""
+    extra = "".join(f" {k}={v}" for k, v in fields.items())
+    logger.log(level, "job_event job_id=%s attempt=%s event=%s%s", job_id, attempt, event, extra)
+
+
+class Failure(Exception):
+    """A permanent failure of this job, with its code."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retryable = code, message, retryable
+
+
+def run_job(job_id: str, nodename: str, settings: Settings) -> str:
+    """Handle one delivery of ``job_id``; returns the outcome (succeeded, failed, canceled, ...)."""
+    url = settings.database_url
+    got = jobstore.claim(url, job_id, jobstore.worker_identity(nodename), settings.lease_s)
+    if isinstance(got, jobstore.Drop):
+        log_event(job_id, None, "dropped", reason=got.value)
+        return f"dropped:{got.value}"
+    log_event(job_id, got.attempt, "claimed", worker=nodename)
+    try:
+        return _execute(got, settings)
+    except TRANSIENT as exc:
+        log_event(job_id, got.attempt, "transient_error", logging.WARNING,
+                  error=type(exc).__name__, detail=str(exc)[:200])
+        _best_effort(lambda: jobstore.release(url, job_id, got.attempt, graceful=False))
+        raise
+    except Failure as exc:
+        return _fail(settings, got, exc.code, exc.message, exc.retryable)
+    except EngineError as exc:
+        return _fail(settings, got, exc.code, exc.message or str(exc), False)
+    except Exception as exc:
+        logger.exception("job_event job_id=%s attempt=%s event=crash", job_id, got.attempt)
+        code, retryable = _classify_crash(exc)
+        return _fail(settings, got, code, f"{type(exc).__name__}: {exc}", retryable)
+
+
+def _execute(claim: jobstore.Claim, settings: Settings) -> str:
+    storage = open_storage(settings)
+    try:
+        params = job_params(claim.params)
+    except ValidationError as exc:
+        raise Failure("invalid_params", f"the job's parameters are not valid: {exc}") from exc
+    config = transfer_config(params, settings)
+    content = _load_input(storage, claim.content_image_id)
+    styles = [_load_input(storage, image_id) for image_id in claim.style_image_ids]
+    if not styles:
+        raise Failure("invalid_params", "the job has no style image")
+    resume, start_step = _resume_point(storage, claim)
+    engine = get_engine(settings)
+    edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
+    with Watcher(settings, claim.job_id, claim.attempt, start_step, list(edges)) as watcher:
+        saver = CheckpointSaver(storage, settings.database_url, claim, watcher)
+        log_event(claim.job_id, claim.attempt, "started", resume_step=start_step)
+        try:
+            result = _run_engine(engine, content, styles, config, watcher, saver, resume)
+        except JobStopped as stop:
+            return _stopped(settings, claim, stop.reason)
+        final = watcher.progress_now() or {}
+    final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
+    key = f"jobs/{claim.job_id}/result.{result_extension(params)}"
+    buf = io.BytesIO()
+    save_image(result.image, buf, format=params.output_format, quality=params.quality)
+    storage.put_bytes(key, buf.getvalue(), content_type(params))
+    if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final):
+        log_event(claim.job_id, claim.attempt, "fenced", stage="result")
+        return "fenced"
+    log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
+    return "succeeded"
+
+
+def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watcher: Watcher,
+                saver: CheckpointSaver, resume: Any) -> Any:
+    """``engine.run``; a checkpoint the engine will not resume from is skipped (start afresh)."""
+    try:
+        return engine.run(content, styles, config, on_progress=watcher.on_progress,
+                          on_checkpoint=saver, resume=resume)
+    except EngineError as exc:
+        if resume is None or exc.code not in ("checkpoint_mismatch", "checkpoint_invalid"):
+            raise
+        log_event(saver.claim.job_id, saver.claim.attempt, "resume_skipped", logging.WARNING,
+                  error=exc.code)
+        watcher.start_step = 0
+        return engine.run(content, styles, config, on_progress=watcher.on_progress,
+                          on_checkpoint=saver, resume=None)
+
+
+def _load_input(storage: Storage, image_id: str) -> Any:
+    try:
+        data = storage.get_bytes(f"images/{image_id}")
+    except ObjectNotFound as exc:
+        raise Failure("input_missing", f"input image {image_id} is not in storage") from exc
+    return load_image(data)
+
+
+def _resume_point(storage: Storage, claim: jobstore.Claim) -> tuple[Any, int]:
+    """The latest recorded checkpoint, or (None, 0) when there is none or it cannot be read."""
+    if not claim.checkpoints:
+        return None, 0
+    ref = claim.checkpoints[-1]
+    try:
+        ckpt = Checkpoint.from_bytes(storage.get_bytes(ref["key"]))
+    except (ObjectNotFound, EngineError, ValueError, KeyError) as exc:
+        log_event(claim.job_id, claim.attempt, "resume_skipped", logging.WARNING, error=exc)
+        return None, 0
+    log_event(claim.job_id, claim.attempt, "resuming", step=ref.get("step"))
+    return ckpt, int(ref.get("step") or 0)
+
+
+class CheckpointSaver:
+    """``on_checkpoint``: upload ``<step>.pt`` and a ``<step>.png`` preview, then record the reference."""
+
+    def __init__(self, storage: Storage, url: str, claim: jobstore.Claim, watcher: Watcher) -> None:
+        self.storage, self.url, self.claim, self.watcher = storage, url, claim, watcher
+
+    def __call__(self, ckpt: Any) -> None:
+        from worker.engine.images import tensor_to_pil
+
+        job_id, attempt = self.claim.job_id, self.claim.attempt
+        base = f"jobs/{job_id}/checkpoints/{int(ckpt.step)}"
+        self.storage.put_bytes(f"{base}.pt", ckpt.to_bytes(), "application/octet-stream")
+        preview = io.BytesIO()
+        tensor_to_pil(ckpt.image).save(preview, format="PNG")
+        self.storage.put_bytes(f"{base}.png", preview.getvalue(), "image/png")
+        ref = {"key": f"{base}.pt", "preview_key": f"{base}.png", "scale": int(ckpt.scale),
+               "iteration": int(ckpt.iteration), "step": int(ckpt.step),
+               "end_of_scale": bool(ckpt.end_of_scale), "at": utcnow().isoformat()}
+        if not jobstore.append_checkpoint(self.url, job_id, attempt, ref):
+            self.watcher.stop = self.watcher.stop or StopReason.FENCED
+        log_event(job_id, attempt, "checkpoint", step=ref["step"], scale=ref["scale"])
+        self.watcher.raise_if_stopped()
+
+
+def _stopped(settings: Settings, claim: jobstore.Claim, reason: StopReason) -> str:
+    url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
+    if reason is StopReason.CANCELED:
+        jobstore.cancel(url, job_id, attempt)  # no row changed: the API marked it canceled already
+        log_event(job_id, attempt, "canceled")
+        return "canceled"
+    if reason is StopReason.SHUTDOWN:
+        if jobstore.release(url, job_id, attempt, graceful=True):
+            publish_job(get_celery(), job_id)
+        log_event(job_id, attempt, "handed_back")
+        return "handed_back"
+    log_event(job_id, attempt, "fenced", stage="run")
+    return "fenced"
+
+
+def _fail(settings: Settings, claim: jobstore.Claim, code: str, message: str,
+          retryable: bool) -> str:
+    wrote = jobstore.fail(settings.database_url, claim.job_id, claim.attempt, code, message,
+                          retryable)
+    log_event(claim.job_id, claim.attempt, "failed" if wrote else "fenced", logging.WARNING,
+              code=code, message=repr(message[:200]))
+    return "failed" if wrote else "fenced"
+
+
+def _classify_crash(exc: Exception) -> tuple[str, bool]:
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "time_limit", False
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out_of_memory", False
+    return "internal_error", True
+
+
+def _best_effort(action: Any) -> None:
+    try:
+        action()
+    except Exception as exc:  # the database may be the thing that is down
+        logger.warning("job_event job_id=- attempt=- event=release_failed error=%s", exc)

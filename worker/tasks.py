@@ -1,0 +1,55 @@
+"""The Celery task: a thin adapter from a queue delivery to ``worker.runner.run_job``.
+
+Celery is only the doorbell: the message carries the job id (also the task id) and the job row says
+everything else. Transient errors are retried here with backoff; the runner has already handed the job
+back to the queue so the retry can claim it. Everything else is settled inside the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.signals import setup_logging, worker_process_init, worker_shutting_down
+
+from shared.queue import RUN_JOB_TASK, get_celery
+from shared.settings import get_settings
+from worker import jobstore, model, runner
+
+logger = logging.getLogger(__name__)
+
+app = get_celery()
+
+
+class JobTask(Task):
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Retries spent on a transient error: fail the job if no attempt holds it."""
+        job_id = args[0] if args else task_id
+        message = f"gave up after {self.max_retries} retries: {type(exc).__name__}: {exc}"
+        try:
+            if jobstore.fail_released(get_settings().database_url, job_id, "unavailable", message):
+                runner.log_event(job_id, None, "failed", logging.ERROR, code="unavailable")
+        except Exception:
+            logger.exception("job_event job_id=%s attempt=- event=fail_after_retries_failed", job_id)
+
+
+@app.task(
+    name=RUN_JOB_TASK, bind=True, base=JobTask, acks_late=True,
+    autoretry_for=runner.TRANSIENT, retry_backoff=2, retry_backoff_max=120, retry_jitter=True,
+    max_retries=8,
+    # A little before the hard limit (which kills the pool process): the job fails as time_limit.
+    soft_time_limit=max(1, get_settings().task_time_limit_s - 30),
+)
+def run_job(self: Task, job_id: str) -> str:
+    return runner.run_job(job_id, self.request.hostname or "worker@localhost", get_settings())
+
+
+@setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_: Any) -> None:
+    logging.basicConfig(level=loglevel or logging.INFO,
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s")
+
+
+worker_process_init.connect(model.init_pool_process, weak=False)
+worker_shutting_down.connect(model.on_worker_shutting_down, weak=False)
