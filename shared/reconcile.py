@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import idempotency
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
 
@@ -41,6 +42,7 @@ class ReconcileReport:
     republished: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    pruned_keys: int = 0
 
 
 def reconcile_once(
@@ -57,6 +59,9 @@ def reconcile_once(
     for job_id in report.requeued:  # given back just now: publish at once, no grace
         _publish_claimed(sessions, publish, job_id, None, now, report)
     _stale_queued(sessions, publish, now - timedelta(seconds=requeue_after_s), now, report)
+    with sessions() as session:  # Idempotency-Keys past their retention
+        report.pruned_keys = idempotency.prune(session, now)
+        session.commit()
     return report
 
 

@@ -110,3 +110,20 @@ def test_concurrent_reconcilers_publish_each_job_once(sessions) -> None:  # type
     for t in threads:
         t.join()
     assert sorted(published) == sorted(ids)  # every job once, none twice
+
+
+def test_reconcile_prunes_expired_idempotency_keys(sessions) -> None:  # type: ignore[no-untyped-def]
+    from shared.idempotency import RETENTION
+    from shared.models import IdempotencyKey
+
+    with sessions() as s:
+        s.execute(delete(IdempotencyKey))
+        s.add(IdempotencyKey(tenant_id="t1", key="old", request_hash="h", status_code=202,
+                             response={}, created_at=utcnow() - RETENTION - timedelta(minutes=1)))
+        s.add(IdempotencyKey(tenant_id="t1", key="new", request_hash="h", status_code=202,
+                             response={}))
+        s.commit()
+    report = reconcile_once(sessions, lambda _: None, requeue_after_s=60, lease_s=60)
+    assert report.pruned_keys == 1
+    with sessions() as s:
+        assert [k.key for k in s.query(IdempotencyKey).all()] == ["new"]
