@@ -26,6 +26,8 @@ lint: install
 bench: install
 	$(PY) bench/engine.py
 	$(PY) bench/service.py
+	$(PY) bench/service_worker.py
+	$(PY) bench/chaos.py --jobs 50 --kills 20
 
 demo: install
 	$(PY) deploy/demo.py --weights $(WEIGHTS)

@@ -10,10 +10,8 @@ The API runs as ``uvicorn --factory api.app:create_app`` in a subprocess on a fr
 
     .venv/bin/python bench/service.py [--singles 200] [--skip-pg]
 
-TODO(worker engineer): "delay from submission to worker start (median, p99) on Redis" and "worker
-overhead ratio" go in ``worker_metrics()`` below (start ``stylequeue worker --cpu`` with
-STYLEQUEUE_WEIGHTS=random against the same settings, submit N tiny jobs, read started_at -
-created_at from the jobs table).
+The delay from submission to the worker starting a job and the worker's overhead over the engine
+alone are measured by ``bench/service_worker.py`` (``make bench`` runs both).
 """
 
 from __future__ import annotations
@@ -118,11 +116,6 @@ def measure(url: str, key: str, singles: int) -> dict[str, float]:
     return {"single_per_s": singles / single_s, "batch_s": batch_s, "batch_per_s": 1000 / batch_s}
 
 
-def worker_metrics(env: dict[str, str]) -> dict[str, float] | None:
-    """TODO(worker engineer): submission-to-start delay (median, p99) and worker overhead ratio."""
-    return None
-
-
 def report(name: str, m: dict[str, float]) -> None:
     print(f"{name:<28} single: {m['single_per_s']:7.1f} jobs/s   "
           f"batch of 1000: {m['batch_s']:.3f} s = {m['batch_per_s']:8.0f} jobs/s")
@@ -147,9 +140,6 @@ def main() -> int:
         env = {"STYLEQUEUE_DATA_DIR": f"{tmp}/embedded"}
         with api_server(env) as (url, key):
             report("embedded (SQLite + SQL MQ)", measure(url, key, args.singles))
-        extra = worker_metrics(env)
-        if extra is None:
-            print("submission-to-start delay and worker overhead: not measured here (TODO worker)")
     return 0
 
 
