@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     weights: str = "imagenet"  # imagenet | PATH | caffe:PATH | random (tests and demos only)
     device: str = "auto"
     progress_interval_s: float = 1.0  # progress written to the DB at most this often
-    checkpoint_every: int = 0  # also checkpoint every N iterations (0 = at the end of each scale)
+    checkpoint_every: int = 50  # also checkpoint every N iterations (0 = only at the end of each scale)
     max_attempts: int = 3
     heartbeat_s: float = 5.0
     lease_s: float = 60.0  # a running job whose heartbeat is older than this is presumed dead
