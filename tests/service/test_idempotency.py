@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import get_sessionmaker
@@ -20,7 +20,7 @@ from shared.idempotency import (
     remember,
 )
 from shared.migrate import upgrade
-from shared.models import IdempotencyKey, Tenant, utcnow
+from shared.models import Base, IdempotencyKey, Tenant, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -29,8 +29,8 @@ def sessions(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     upgrade(url)
     maker = get_sessionmaker(url)
     with maker() as s:
-        s.execute(delete(IdempotencyKey))
-        s.execute(delete(Tenant).where(Tenant.id.in_(["t1", "t2"])))
+        for table in reversed(Base.metadata.sorted_tables):
+            s.execute(table.delete())
         s.add_all([Tenant(id="t1", name="idem-t1"), Tenant(id="t2", name="idem-t2")])
         s.commit()
     return maker

@@ -11,7 +11,7 @@ from sqlalchemy import delete
 from shared.db import get_sessionmaker
 from shared.jobs import JobStatus
 from shared.migrate import upgrade
-from shared.models import Job, StoredImage, Tenant, utcnow
+from shared.models import Base, Job, StoredImage, Tenant, utcnow
 from shared.reconcile import reconcile_once
 
 
@@ -21,8 +21,8 @@ def sessions(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     upgrade(url)
     maker = get_sessionmaker(url)
     with maker() as s:
-        for model in (Job, StoredImage, Tenant):
-            s.execute(delete(model))
+        for table in reversed(Base.metadata.sorted_tables):  # the reconciler looks at every job
+            s.execute(table.delete())
         s.add(Tenant(id="t1", name="t1"))
         s.add(StoredImage(id="a" * 64, format="PNG", width=32, height=32, bytes=10,
                           storage_key="images/" + "a" * 64))
