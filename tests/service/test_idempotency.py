@@ -8,7 +8,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from shared.db import get_sessionmaker
 from shared.errors import InvalidInput
 from shared.idempotency import (
     RETENTION,
@@ -19,21 +18,7 @@ from shared.idempotency import (
     prune,
     remember,
 )
-from shared.migrate import upgrade
-from shared.models import Base, IdempotencyKey, Tenant, utcnow
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(url)
-    maker = get_sessionmaker(url)
-    with maker() as s:
-        for table in reversed(Base.metadata.sorted_tables):
-            s.execute(table.delete())
-        s.add_all([Tenant(id="t1", name="idem-t1"), Tenant(id="t2", name="idem-t2")])
-        s.commit()
-    return maker
+from shared.models import IdempotencyKey, utcnow
 
 
 def test_fingerprint_separates_parts() -> None:

@@ -8,26 +8,19 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import delete
 
-from shared.db import get_sessionmaker
 from shared.jobs import JobStatus
-from shared.migrate import upgrade
-from shared.models import Base, Job, StoredImage, Tenant, utcnow
+from shared.models import Job, StoredImage, utcnow
 from shared.reconcile import reconcile_once
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(url)
-    maker = get_sessionmaker(url)
-    with maker() as s:
-        for table in reversed(Base.metadata.sorted_tables):  # the reconciler looks at every job
-            s.execute(table.delete())
-        s.add(Tenant(id="t1", name="t1"))
+@pytest.fixture
+def sessions(sessions):  # type: ignore[no-untyped-def]
+    """The folder's empty database, plus one stored image for the jobs to name."""
+    with sessions() as s:
         s.add(StoredImage(id="a" * 64, format="PNG", width=32, height=32, bytes=10,
                           storage_key="images/" + "a" * 64))
         s.commit()
-    return maker
+    return sessions
 
 
 def add_job(sessions, **fields) -> str:  # type: ignore[no-untyped-def]
