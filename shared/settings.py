@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     progress_interval_s: float = 1.0  # progress written to the DB at most this often
     checkpoint_every: int = 50  # also checkpoint every N iterations (0 = only at the end of each scale)
-    max_attempts: int = 3
+    max_attempts: int = 3  # lost workers (not transient errors) a job may survive
+    retry_backoff_s: int = 2  # transient errors: exponential backoff from this (whole seconds)...
+    retry_backoff_max_s: int = 120  # ...up to this, with jitter
+    max_retries: int = 8
     heartbeat_s: float = 5.0
     lease_s: float = 60.0  # a running job whose heartbeat is older than this is presumed dead
     requeue_after_s: float = 600.0  # a queued job not picked up for this long is published again

@@ -197,8 +197,9 @@ def cancel(url: str, job_id: str, attempt: int) -> bool:
 def release(url: str, job_id: str, attempt: int, *, graceful: bool) -> bool:
     """Give a running job back to the queue (attempt kept: the next claim bumps it).
 
-    A graceful hand-back (worker shutdown) also raises ``max_attempts`` by one, so rolling restarts
-    never use up a job's attempts; only lost workers and transient failures count.
+    A graceful hand-back (worker shutdown, or a transient error that the Celery task retries, its
+    retries bounded by ``max_retries``) also raises ``max_attempts`` by one, so rolling restarts and
+    outages never use up a job's attempts; only lost workers count.
     """
     values: dict[str, Any] = {"status": QUEUED, "worker": None, "heartbeat_at": None,
                               "published_at": utcnow()}  # a message follows (retry or re-publish)

@@ -7,6 +7,11 @@ watcher says stop, so the optimisation loop never waits on the database. A backg
   worker shutdown sets ``stop`` (a running job sees a cancel within about a second);
 * every ``progress_interval_s`` writes the latest progress (with the heartbeat);
 * every ``heartbeat_s`` at least, writes the heartbeat.
+
+On a worker shutdown (SIGTERM, warm) the job is not dropped at once: ``on_progress`` returns the
+engine's ``CHECKPOINT_NOW``, so the engine checkpoints the current iteration and the hand-back loses
+no work; the checkpoint callback then stops the run. Were no checkpoint written, the job is stopped
+at its next iteration anyway.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from shared.settings import Settings
 from worker import jobstore
+from worker.engine import CHECKPOINT_NOW
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,8 @@ class Watcher:
         self._pace_scale = -1
         self._last_t: float | None = self.started
         self.stop: StopReason | None = None
+        # On shutdown: ask for a checkpoint of the current iteration before stopping (see above).
+        self.checkpoint_requested_at: int | None = None  # the step at which it was asked for
         self._latest: Any = None
         self._written: Any = None
         self._done = threading.Event()
@@ -131,12 +139,27 @@ class Watcher:
         self._thread.join(timeout=10)
 
     # --- engine side (called in the engine's thread, cheap) ---
-    def on_progress(self, p: Any) -> None:
+    def on_progress(self, p: Any) -> str | None:
         if p.scale != self._pace_scale:  # a new scale: its own pace (previous iteration's end)
             self._pace_scale, self._pace = p.scale, (self._last_t or time.monotonic(), p.iteration - 1)
         self._last_t = time.monotonic()
         self._latest = p
+        if self._shutdown_checkpoint_pending(int(p.step)):
+            # The engine checkpoints this iteration; the checkpoint callback then stops the run.
+            return CHECKPOINT_NOW
         self.raise_if_stopped()
+        return None
+
+    def _shutdown_checkpoint_pending(self, step: int) -> bool:
+        """On shutdown, ask once for a checkpoint at ``step`` and keep going until it is saved."""
+        if self.stop is None and SHUTDOWN.is_set():
+            self.stop = StopReason.SHUTDOWN
+        if self.stop is not StopReason.SHUTDOWN:
+            return False
+        if self.checkpoint_requested_at is None:
+            self.checkpoint_requested_at = step
+            return True
+        return False  # asked already and the engine moved on without one: stop now
 
     def raise_if_stopped(self) -> None:
         if self.stop is None and SHUTDOWN.is_set():

@@ -2,8 +2,10 @@
 
 Outcomes are returned as short strings (for the task's log and tests). Permanent errors (bad image,
 bad parameters, missing weights) fail the job at once with the engine's code; transient ones
-(storage or database unreachable, broker connection) give the job back and propagate, so the Celery
-task retries with backoff. Every write after the claim is fenced by the attempt number.
+(storage or database unreachable, broker connection) give the job back without using up an attempt
+and propagate, so the Celery task retries with backoff (at most ``max_retries``). Attempts
+(``max_attempts``) count only workers lost mid-job. Every write after the claim is fenced by the
+attempt number.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
     except TRANSIENT as exc:
         log_event(job_id, got.attempt, "transient_error", logging.WARNING,
                   error=type(exc).__name__, detail=str(exc)[:200])
-        _best_effort(lambda: jobstore.release(url, job_id, got.attempt, graceful=False))
+        # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
+        # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
+        # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
+        _best_effort(lambda: jobstore.release(url, job_id, got.attempt, graceful=True))
         raise
     except Failure as exc:
         return _fail(settings, got, exc.code, exc.message, exc.retryable)
@@ -94,10 +99,15 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
         try:
             result = _run_engine(engine, content, styles, config, watcher, saver, resume)
         except JobStopped as stop:
-            return _stopped(settings, claim, stop.reason)
+            return _stopped(settings, claim, stop.reason, saver.last_step)
         final = watcher.progress_now() or {}
     final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
     key = f"jobs/{claim.job_id}/result.{result_extension(params)}"
+    # A newer attempt may hold the job by now (this one was presumed dead): never overwrite the
+    # result it wrote or will write. (A fenced heartbeat: no row changed means not ours any more.)
+    if not jobstore.heartbeat(settings.database_url, claim.job_id, claim.attempt):
+        log_event(claim.job_id, claim.attempt, "fenced", stage="before_result")
+        return "fenced"
     buf = io.BytesIO()
     save_image(result.image, buf, format=params.output_format, quality=params.quality)
     storage.put_bytes(key, buf.getvalue(), content_type(params))
@@ -151,6 +161,7 @@ class CheckpointSaver:
 
     def __init__(self, storage: Storage, url: str, claim: jobstore.Claim, watcher: Watcher) -> None:
         self.storage, self.url, self.claim, self.watcher = storage, url, claim, watcher
+        self.last_step: int | None = None  # the latest checkpoint this attempt recorded
 
     def __call__(self, ckpt: Any) -> None:
         from worker.engine.images import tensor_to_pil
@@ -164,13 +175,19 @@ class CheckpointSaver:
         ref = {"key": f"{base}.pt", "preview_key": f"{base}.png", "scale": int(ckpt.scale),
                "iteration": int(ckpt.iteration), "step": int(ckpt.step),
                "end_of_scale": bool(ckpt.end_of_scale), "at": utcnow().isoformat()}
+        step = int(ckpt.step)
         if not jobstore.append_checkpoint(self.url, job_id, attempt, ref):
             self.watcher.stop = self.watcher.stop or StopReason.FENCED
-        log_event(job_id, attempt, "checkpoint", step=ref["step"], scale=ref["scale"])
+        else:
+            self.last_step = step
+        asked = self.watcher.checkpoint_requested_at
+        reason: dict[str, Any] = {"reason": "shutdown"} if asked is not None and step >= asked else {}
+        log_event(job_id, attempt, "checkpoint", step=step, scale=ref["scale"], **reason)
         self.watcher.raise_if_stopped()
 
 
-def _stopped(settings: Settings, claim: jobstore.Claim, reason: StopReason) -> str:
+def _stopped(settings: Settings, claim: jobstore.Claim, reason: StopReason,
+             checkpoint_step: int | None = None) -> str:
     url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
     if reason is StopReason.CANCELED:
         jobstore.cancel(url, job_id, attempt)  # no row changed: the API marked it canceled already
@@ -179,7 +196,7 @@ def _stopped(settings: Settings, claim: jobstore.Claim, reason: StopReason) -> s
     if reason is StopReason.SHUTDOWN:
         if jobstore.release(url, job_id, attempt, graceful=True):
             publish_job(get_celery(), job_id)
-        log_event(job_id, attempt, "handed_back")
+        log_event(job_id, attempt, "handed_back", checkpoint_step=checkpoint_step)
         return "handed_back"
     log_event(job_id, attempt, "fenced", stage="run")
     return "fenced"

@@ -3,6 +3,10 @@
 Celery is only the doorbell: the message carries the job id (also the task id) and the job row says
 everything else. Transient errors are retried here with backoff; the runner has already handed the job
 back to the queue so the retry can claim it. Everything else is settled inside the runner.
+
+Retries use Celery's exponential backoff with full jitter (a random wait up to
+``min(retry_backoff_max_s, retry_backoff_s * 2**retries)``), from the settings
+(``STYLEQUEUE_RETRY_BACKOFF_S``, ``STYLEQUEUE_RETRY_BACKOFF_MAX_S``, ``STYLEQUEUE_MAX_RETRIES``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 app = get_celery()
 
+_settings = get_settings()
+
 
 class JobTask(Task):
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
@@ -36,10 +42,11 @@ class JobTask(Task):
 
 @app.task(
     name=RUN_JOB_TASK, bind=True, base=JobTask, acks_late=True,
-    autoretry_for=runner.TRANSIENT, retry_backoff=2, retry_backoff_max=120, retry_jitter=True,
-    max_retries=8,
+    autoretry_for=runner.TRANSIENT, retry_backoff=max(1, _settings.retry_backoff_s),
+    retry_backoff_max=max(1, _settings.retry_backoff_max_s), retry_jitter=True,
+    max_retries=_settings.max_retries,
     # A little before the hard limit (which kills the pool process): the job fails as time_limit.
-    soft_time_limit=max(1, get_settings().task_time_limit_s - 30),
+    soft_time_limit=max(1, _settings.task_time_limit_s - 30),
 )
 def run_job(self: Task, job_id: str) -> str:
     return runner.run_job(job_id, self.request.hostname or "worker@localhost", get_settings())

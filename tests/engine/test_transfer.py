@@ -162,6 +162,17 @@ def test_callback_exceptions_propagate(engine, content, style) -> None:
         engine.run(content, [style], small_config(), on_progress=cancel)
 
 
+def test_progress_callback_can_ask_for_a_checkpoint_now(engine, content, style) -> None:
+    from worker.engine import CHECKPOINT_NOW
+
+    saved: list[tuple[int, bool]] = []
+    engine.run(content, [style], small_config(),
+               on_progress=lambda p: CHECKPOINT_NOW if p.step == 3 else None,
+               on_checkpoint=lambda c: saved.append((c.step, c.end_of_scale)))
+    assert (3, False) in saved  # mid-scale, at the iteration the callback was told about
+    assert all(end for step, end in saved if step != 3)  # otherwise only at scale ends
+
+
 def test_bf16_on_cpu_and_config_errors(engine, content, style) -> None:
     out, _, meta = _run(engine, content, [style], small_config(precision="bf16", iterations=2))
     assert meta["precision"] == "bfloat16" and torch.isfinite(out).all()

@@ -85,23 +85,35 @@ class Stack:
 
     @property
     def worker_log(self) -> Path:
-        return self.tmp / "worker.log"
+        return self.log_of("worker")
 
-    def start_worker(self, *extra: str) -> subprocess.Popen[bytes]:
-        proc = start(["worker", "--cpu", "--loglevel", "info", *extra], self.env, self.worker_log)
-        self.procs["worker"] = proc
+    def log_of(self, name: str) -> Path:
+        """The log file of the process started under ``name`` (``worker`` by default)."""
+        return self.tmp / f"{name}.log"
+
+    def start_worker(self, *extra: str, name: str = "worker",
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``stylequeue worker`` as ``procs[name]`` (several may run, each with its own log)."""
+        log = self.log_of(name)
+        proc = start(["worker", "--cpu", "--loglevel", "info", *extra], env or self.env, log)
+        self.procs[name] = proc
         wait_for(
-            lambda: proc.poll() is not None or " ready." in self.worker_log.read_text(),
+            lambda: proc.poll() is not None or " ready." in log.read_text(),
             60,
-            "the worker to be ready",
+            f"the worker {name!r} to be ready",
         )
-        assert proc.poll() is None, self.log_tail()
+        assert proc.poll() is None, self.log_tail(name=name)
         return proc
 
-    def stop_worker(self) -> int:
-        code = stop(self.procs.pop("worker"))
-        text = self.worker_log.read_text()  # the next start waits for a new "ready."
-        self.worker_log.write_text(text.replace(" ready.", " was ready."))
+    def forget_ready(self, name: str = "worker") -> None:
+        """Mark the log so the next start of ``name`` waits for a new "ready."."""
+        log = self.log_of(name)
+        if log.exists():
+            log.write_text(log.read_text().replace(" ready.", " was ready."))
+
+    def stop_worker(self, name: str = "worker") -> int:
+        code = stop(self.procs.pop(name))
+        self.forget_ready(name)
         return code
 
     def start_api(self) -> None:
@@ -134,13 +146,22 @@ class Stack:
             s.execute(update(Job).where(Job.id == job_id).values(**values))
             s.commit()
 
-    def log_tail(self, n: int = 40) -> str:
-        lines = self.worker_log.read_text(errors="replace").splitlines() if self.worker_log.exists() else []
+    def log_tail(self, n: int = 40, name: str = "worker") -> str:
+        log = self.log_of(name)
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         return "\n".join(lines[-n:])
 
     def close(self) -> None:
+        """SIGTERM every process at once (each shuts down in parallel), then wait for each."""
         for proc in self.procs.values():
-            stop(proc)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
         self.procs.clear()
 
 

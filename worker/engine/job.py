@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # implementations do, to measure what caching them once per scale saves.
 _CACHE_STYLE_TARGETS = True
 
+# An on_progress callback may return this to have a checkpoint written at the iteration it was told
+# about (a worker shutting down hands its job back with no work lost).
+CHECKPOINT_NOW = "checkpoint_now"
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -164,16 +168,17 @@ class Job:
             vals = stepper.step()
             self.step += 1
             self.lr, self.recoveries = stepper.lr, self.recoveries + stepper.recoveries - before
-            self._report(s, hw, it, iters, vals)
+            asked = self._report(s, hw, it, iters, vals) == CHECKPOINT_NOW
             end = it == iters
-            if self.on_checkpoint is not None and (end or (cfg.save_every and it % cfg.save_every == 0)):
+            due = end or asked or (cfg.save_every and it % cfg.save_every == 0)
+            if self.on_checkpoint is not None and due:
                 self.on_checkpoint(self._checkpoint(s, it, stepper, end))
         return stepper.x.detach(), stepper.opt.state_dict() if cfg.optimizer == "adam" else None
 
-    def _report(self, s: int, hw: tuple[int, int], it: int, iters: int, vals: list[float]) -> None:
+    def _report(self, s: int, hw: tuple[int, int], it: int, iters: int, vals: list[float]) -> Any:
         if self.on_progress is None:
-            return
-        self.on_progress(Progress(
+            return None
+        return self.on_progress(Progress(
             scale=s, scales=len(self.schedule), size=hw, iteration=it, iterations=iters,
             step=self.step, total_steps=self.total, loss=vals[0], content_loss=vals[1],
             style_loss=vals[2], tv_loss=vals[3], elapsed=time.perf_counter() - self.t0,

@@ -1,0 +1,399 @@
+"""Chaos run: N jobs through real processes while workers are killed -9 at random moments.
+
+    .venv/bin/python bench/chaos.py --jobs 50 --kills 20 [--seed 1] [--timeout 540] [--keep]
+
+Against real servers, all on loopback: a fresh PostgreSQL database on 127.0.0.1:5432 (created here
+and dropped afterwards), a private redis-server on a free port (or, without redis-server, the shared
+Redis on 127.0.0.1:6379 with an empty random DB index), moto's S3 server in this process with bucket
+versioning on. Subprocesses: ``stylequeue api``, two ``stylequeue worker --cpu`` (one pool process
+each) and ``stylequeue reconcile --interval 1``. Tiny jobs (16 and 32 px, ``--iterations`` per scale,
+a checkpoint every 10), random weights, short lease / heartbeat timeouts.
+
+The N jobs are submitted as one batch over HTTP. Then K kills at random moments, alternating
+(1) the WHOLE worker running a randomly chosen running job (kill -9 of the Celery main process's group
+and its supervisor; restarted at once) and (2) ONLY the pool process running a randomly chosen job.
+The run ends when every job is terminal (or at ``--timeout``). The last line printed is:
+
+    jobs=N succeeded=S failed=F lost=L duplicates=D kills=K resumed=R recomputed_iterations=I
+
+* ``lost``: jobs not terminal at the end, plus succeeded jobs whose result object is missing;
+* ``duplicates``: jobs whose result key has more than one version in the bucket, or with more than one
+  ``succeeded`` event in the workers' logs;
+* ``kills``: kills actually performed (fewer than asked if the jobs all ended first; a line says so);
+* ``resumed``: jobs whose final attempt started from a checkpoint (``started resume_step>0``);
+* ``recomputed_iterations``: iterations executed more than once, summed over jobs and consecutive
+  attempts: ``max(0, last_step(a) - resume_step(a+1))``. ``resume_step`` is exact (the worker logs
+  it). ``last_step(a)`` is the largest of: the attempt's last logged checkpoint, its hand-back
+  checkpoint, the job's total if it succeeded, and, for an attempt this script killed, the
+  ``progress.step`` in the job row read right after the kill (the watcher writes it every
+  ``progress_interval_s`` = 0.1 s, and the next attempt cannot overwrite it that soon). So the figure is
+  a LOWER bound: per killed attempt it misses the iterations done in the last <= 0.1 s before the kill
+  (about 1-3 at these sizes), and attempts that ended some other way (a transient error) count only up
+  to their last checkpoint.
+
+Failed jobs are expected when one job happens to be killed in all of its ``max_attempts`` (3)
+attempts: it ends ``failed``/``worker_lost`` (by design, not a loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.faults import chaos_lib  # noqa: E402
+from tests.faults.chaos_lib import PrivateRedis  # noqa: E402
+from tests.integration.conftest import start, stop, wait_for  # noqa: E402
+
+PG_ADMIN = os.environ.get("STYLEQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+TERMINAL = {"succeeded", "failed", "canceled"}
+WORKERS = ("w0", "w1")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def postgres_db() -> Iterator[str]:
+    import psycopg
+
+    name = f"sq_chaos_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}/{name}"
+    try:
+        yield url
+    finally:
+        from shared.db import get_engine
+
+        get_engine(url).dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def broker(tmp: Path) -> Iterator[str]:
+    if PrivateRedis.available():
+        redis = PrivateRedis(tmp / "redis", free_port())
+        redis.start()
+        try:
+            yield redis.url()
+        finally:
+            redis.kill()
+        return
+    import redis as redis_py
+
+    for _ in range(50):  # the shared server: an empty DB index nobody uses now
+        db = random.randrange(1, 16)
+        client = redis_py.Redis(host="127.0.0.1", port=6379, db=db)
+        if client.dbsize() == 0:
+            try:
+                yield f"redis://127.0.0.1:6379/{db}"
+            finally:
+                client.flushdb()
+                client.close()
+            return
+    raise SystemExit("no empty DB index on the shared Redis")
+
+
+@contextmanager
+def moto_s3() -> Iterator[tuple[str, Any, str]]:
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    client = chaos_lib.s3_client(url)
+    bucket = f"sq-chaos-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    chaos_lib.enable_versioning(client, bucket)
+    try:
+        yield url, client, bucket
+    finally:
+        server.stop()
+
+
+def png(i: int, edge: int = 40) -> bytes:
+    from PIL import Image
+
+    rnd = random.Random(i)
+    im = Image.new("RGB", (edge, edge), (rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)))
+    for _ in range(30):
+        x, y = rnd.randrange(edge), rnd.randrange(edge)
+        im.putpixel((x, y), (rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Killed:
+    job_id: str
+    attempt: int
+    step: int  # progress.step in the row right after the kill
+
+
+@dataclass
+class Chaos:
+    env: dict[str, str]
+    tmp: Path
+    database_url: str
+    rng: random.Random
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    killed: list[Killed] = field(default_factory=list)
+    kills: int = 0
+    job_ids: list[str] = field(default_factory=list)
+
+    def log(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
+
+    def start_worker(self, name: str) -> None:
+        log = self.log(name)
+        if log.exists():  # wait for a NEW "ready."
+            log.write_text(log.read_text().replace(" ready.", " was ready."))
+        proc = start(["worker", "--cpu", "--loglevel", "info"], self.env, log)
+        self.procs[name] = proc
+        wait_for(lambda: proc.poll() is not None or " ready." in log.read_text(), 90, f"worker {name}")
+        if proc.poll() is not None:
+            raise SystemExit(f"worker {name} exited: {log.read_text()[-2000:]}")
+
+    def rows(self) -> list[Any]:
+        from sqlalchemy import select
+
+        from shared.db import get_sessionmaker
+        from shared.models import Job
+
+        with get_sessionmaker(self.database_url)() as s:
+            return list(s.execute(select(Job.id, Job.status, Job.attempt, Job.worker, Job.progress,
+                                         Job.started_at, Job.finished_at)).all())
+
+    def owner(self, pid: int | None) -> str | None:
+        for name in WORKERS:
+            proc = self.procs.get(name)
+            if pid is not None and proc is not None and pid in chaos_lib.pool_children(proc.pid):
+                return name
+        return None
+
+    def kill_one(self, whole: bool) -> bool:
+        """Kill the worker (or pool process) running a random running job; False if none runs."""
+        running = [r for r in self.rows() if r.status == "running"]
+        self.rng.shuffle(running)
+        for row in running:
+            pid = chaos_lib.holder_pid(row.worker)
+            name = self.owner(pid)
+            if name is None or pid is None:
+                continue  # a dead holder not yet requeued, or a worker restarting
+            victims = [r for r in running if self.owner(chaos_lib.holder_pid(r.worker)) == name] \
+                if whole else [row]
+            if whole:
+                chaos_lib.kill_whole_worker(self.procs.pop(name))
+            else:
+                chaos_lib.kill_pid(pid)
+            after = {r.id: r for r in self.rows()}
+            for v in victims:
+                now = after[v.id]
+                step = int((now.progress or {}).get("step") or 0)
+                self.killed.append(Killed(v.id, v.attempt, step))
+            self.kills += 1
+            print(f"kill {self.kills}: {'whole worker ' + name if whole else f'pool process {pid}'} "
+                  f"(jobs {[v.id[:8] for v in victims]})", flush=True)
+            if whole:
+                self.start_worker(name)
+            return True
+        return False
+
+
+def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
+            job_ids: list[str]) -> dict[str, int]:
+    rows = {r.id: r for r in chaos.rows()}
+    events = chaos_lib.job_events([chaos.log(n) for n in WORKERS])
+    by_job: dict[str, list[chaos_lib.Event]] = {}
+    for e in events:
+        by_job.setdefault(e.job_id, []).append(e)
+    versions: dict[str, int] = {}
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=f"{prefix}/jobs/"):
+        for v in page.get("Versions", []):
+            if v["Key"].rsplit("/", 1)[-1].startswith("result."):
+                job_id = v["Key"].split("/")[-2]
+                versions[job_id] = versions.get(job_id, 0) + 1
+    killed: dict[tuple[str, int], int] = {}
+    for k in chaos.killed:
+        killed[(k.job_id, k.attempt)] = max(killed.get((k.job_id, k.attempt), 0), k.step)
+
+    succeeded = failed = lost = duplicates = resumed = recomputed = 0
+    for job_id in job_ids:
+        row = rows[job_id]
+        evs = by_job.get(job_id, [])
+        n_succeeded = chaos_lib.count(evs, "succeeded")
+        if row.status == "succeeded":
+            succeeded += 1
+            if versions.get(job_id, 0) == 0:
+                lost += 1
+        elif row.status in TERMINAL:
+            failed += 1
+        else:
+            lost += 1
+        if versions.get(job_id, 0) > 1 or n_succeeded > 1:
+            duplicates += 1
+        resume: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for e in evs:
+            if e.attempt is None:
+                continue
+            if e.event == "started":
+                resume[e.attempt] = e.int("resume_step") or 0
+            elif e.event == "checkpoint":
+                last[e.attempt] = max(last.get(e.attempt, 0), e.int("step") or 0)
+            elif e.event == "handed_back":
+                last[e.attempt] = max(last.get(e.attempt, 0), e.int("checkpoint_step") or 0)
+            elif e.event == "succeeded":
+                last[e.attempt] = total_steps
+        for (jid, attempt), step in killed.items():
+            if jid == job_id:
+                last[attempt] = max(last.get(attempt, 0), step)
+        if resume.get(row.attempt, 0) > 0:
+            resumed += 1
+        for attempt, done in last.items():
+            if attempt + 1 in resume:
+                recomputed += max(0, done - resume[attempt + 1])
+    return dict(jobs=len(job_ids), succeeded=succeeded, failed=failed, lost=lost,
+                duplicates=duplicates, kills=chaos.kills, resumed=resumed,
+                recomputed_iterations=recomputed)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=50)
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=None, help="seed for kill timing and targets")
+    ap.add_argument("--iterations", type=int, default=30, help="iterations per scale (2 scales)")
+    ap.add_argument("--timeout", type=float, default=540, help="seconds to wait for every job")
+    ap.add_argument("--keep", action="store_true", help="keep the logs folder")
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"seed={seed}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="sq-chaos-"))
+    params = {"size": 32, "min_size": 16, "scale_factor": 2, "iterations": args.iterations}
+    total_steps = 2 * args.iterations
+    t0 = time.monotonic()
+    with postgres_db() as db_url, broker(tmp) as broker_url, moto_s3() as (s3_url, s3, bucket):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
+        env.update({f"STYLEQUEUE_{k.upper()}": str(v) for k, v in dict(
+            database_url=db_url, broker_url=broker_url, storage_url=f"s3://{bucket}/sq",
+            s3_endpoint_url=s3_url, data_dir=tmp / "data", weights="random", device="cpu",
+            auth="on", progress_interval_s=0.1, heartbeat_s=0.3, lease_s=4, requeue_after_s=60,
+            reconcile_interval_s=1, checkpoint_every=10, max_attempts=3,
+            queue_name=f"chaos-{uuid.uuid4().hex[:6]}", retry_backoff_s=1, retry_backoff_max_s=3,
+        ).items()})
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        chaos = Chaos(env, tmp, db_url, rng)
+        try:
+            run(chaos, args, params, total_steps, s3, bucket, t0)
+            figures = measure(chaos, s3, bucket, "sq", total_steps, chaos.job_ids)
+        finally:
+            for proc in chaos.procs.values():
+                stop(proc)
+    if figures["kills"] < args.kills:
+        print(f"note: only {figures['kills']} of {args.kills} kills were made before every job ended")
+    print(f"logs: {tmp}" if args.keep else f"(logs removed; --keep keeps them) "
+          f"wall={time.monotonic() - t0:.0f}s", flush=True)
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"wall={time.monotonic() - t0:.0f}s")
+    print(" ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+    return 0
+
+
+def run(chaos: Chaos, args: argparse.Namespace, params: dict[str, Any], total_steps: int,
+        s3: Any, bucket: str, t0: float) -> None:
+    import httpx
+
+    from shared.db import get_sessionmaker
+    from shared.migrate import upgrade
+    from shared.tenants import create_key
+
+    upgrade(chaos.database_url)
+    with get_sessionmaker(chaos.database_url)() as s:
+        key = create_key(s, "chaos").key
+        s.commit()
+    port = free_port()
+    chaos.procs["api"] = start(["api", "--port", str(port)], chaos.env, chaos.log("api"))
+    chaos.procs["reconcile"] = start(["reconcile", "--interval", "1"], chaos.env, chaos.log("reconcile"))
+    for name in WORKERS:
+        chaos.start_worker(name)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 60, "the API", interval=0.2)
+    from api.client import StyleQueueClient
+
+    with StyleQueueClient(base, key, timeout=60) as c:
+        contents = [str(c.upload_image(png(i), f"c{i}.png")["id"]) for i in range(args.jobs)]
+        style = str(c.upload_image(png(10_000, 48), "style.png")["id"])
+        batch = c.submit_batch(contents, [style], params=params)
+        chaos.job_ids = [str(j["id"]) for j in c.list_jobs(batch_id=batch["id"])]
+    print(f"submitted {len(chaos.job_ids)} jobs in one batch after {time.monotonic() - t0:.0f}s",
+          flush=True)
+    deadline = time.monotonic() + args.timeout
+    whole = True
+    while time.monotonic() < deadline:
+        rows = [r for r in chaos.rows() if r.id in set(chaos.job_ids)]
+        left = [r for r in rows if r.status not in TERMINAL]
+        if not left:
+            break
+        if chaos.kills < args.kills:
+            done = [r for r in rows if r.status == "succeeded" and r.started_at and r.finished_at]
+            per_job = 3.0 if not done else sum(
+                (r.finished_at - r.started_at).total_seconds() for r in done) / len(done)
+            # Spread the kills left over about the first half of the work left (a random gap with
+            # this mean), so that they all land while many jobs are still in flight.
+            gap = max(0.4, (len(left) * per_job / len(WORKERS)) / (args.kills - chaos.kills + 1))
+            time.sleep(chaos.rng.uniform(0.2, gap))
+            if chaos.kill_one(whole):
+                whole = not whole
+        else:
+            time.sleep(0.5)
+    print(f"all terminal after {time.monotonic() - t0:.0f}s" if time.monotonic() < deadline
+          else f"timeout after {args.timeout:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
