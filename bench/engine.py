@@ -2,6 +2,7 @@
 
     python bench/engine.py            # full: 256 and 512, default 512 job cached/uncached, baseline
     python bench/engine.py --quick    # 256 only, short schedules (~2 min): checks the script works
+    python bench/engine.py --parts abc   # only (a)-(c), ~2 min
 
 (a) bare VGG19 (to relu5_1) forward+backward, (b) the engine's seconds per iteration at the final
 scale inside a real run, (c) b/a, (d) wall time and peak RSS of a default job with and without
@@ -142,6 +143,7 @@ def child(name: str, **kw: Any) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 only, short schedules")
+    ap.add_argument("--parts", default="abcde", help="which figures: any of a-e (abc go together)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -158,7 +160,7 @@ def main() -> None:
           "memory layout;\n    NHWC = channels_last, the engine's default")
     print(f"{'size':>5} {'(a) NCHW':>9} {'(a) NHWC':>9} {'(b) NCHW':>9} {'(b) NHWC':>9} "
           f"{'(c) NCHW':>9} {'(c) NHWC':>9}")
-    for size in sizes:
+    for size in sizes if set("abc") & set(args.parts) else []:
         reps = 3 if size >= 512 else 5
         a = [child("bare", size=size, reps=reps, channels_last=cl)["seconds"] for cl in (False, True)]
         b = [child("engine", size=size, iterations=5, channels_last=cl)["seconds"] for cl in (False, True)]
@@ -166,11 +168,16 @@ def main() -> None:
               f"{b[0] / a[0]:>9.3f} {b[1] / a[1]:>9.3f}")
     job_size = 256 if args.quick else 512
     its = [20, 10, 5] if args.quick else None
-    print(f"\n(d) coarse-to-fine job to {job_size} ({'short' if its else 'default'} schedule)")
-    for cached in (True, False):
+    if "d" not in args.parts and "e" not in args.parts:
+        return
+    if "d" in args.parts:
+        print(f"\n(d) coarse-to-fine job to {job_size} ({'short' if its else 'default'} schedule)")
+    for cached in (True, False) if "d" in args.parts else ():
         r = child("job", size=job_size, cached=cached, iterations=its)
         print(f"  style targets {'cached  ' if cached else 'uncached'}: {r['seconds']:8.1f} s  "
               f"peak RSS {r['peak_mb']:7.0f} MB  schedule {' '.join(r['schedule'])}")
+    if "e" not in args.parts:
+        return
     n = 30 if args.quick else 300
     r = child("naive", size=job_size, iterations=n)
     print(f"\n(e) naive single-scale Adam lr 0.003, {n} it at {job_size}: {r['seconds']:.1f} s, "

@@ -82,6 +82,8 @@ class JobParams(BaseModel):
         while edge < self.size * (1 - 1e-6):
             edges.append(round(edge))
             edge *= self.scale_factor
+        if edges and self.size / edges[-1] < self.scale_factor**0.5:
+            edges.pop()  # no near-duplicate last scale
         return [*edges, self.size]
 
     def scale_count(self) -> int:

@@ -13,6 +13,9 @@ from worker.engine.schedule import build_schedule
     [
         {},
         {"size": 2048},
+        {"size": 768},  # 724 would be a near-duplicate of 768: dropped
+        {"size": 700, "min_size": 128},
+        {"size": 130, "min_size": 128},
         {"size": 1000, "min_size": 100, "scale_factor": 1.5},
         {"size": 96, "min_size": 32, "scale_factor": 2.0},
         {"size": 128, "min_size": 128},

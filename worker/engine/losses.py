@@ -35,7 +35,11 @@ class _GramProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (flat,) = ctx.saved_tensors
-        sym = grad + grad.transpose(1, 2)  # (B, C, C)
+        sym = grad + grad.transpose(1, 2)  # (B, C, C), symmetric
+        if flat.stride(1) == 1:
+            # Channel-minor (channels_last) features: produce the gradient in that layout, as
+            # (F^T sym)^T = sym F, so no copy is needed on the way back to the conv.
+            return torch.matmul(flat.transpose(1, 2), sym).transpose(1, 2)
         if flat.shape[0] == 1:
             return (sym[0] @ flat[0]).unsqueeze(0)
         return torch.bmm(sym, flat)
@@ -44,7 +48,12 @@ class _GramProduct(torch.autograd.Function):
 def gram(f: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) features -> (B, C, C) fp32 Gram matrices normalised by C*H*W."""
     b, c, h, w = f.shape
-    flat = f.float().reshape(b, c, h * w)
+    f = f.float()
+    if f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous():
+        # NHWC: (B, H*W, C) is a view; its transpose is the (B, C, N) matrix without a copy
+        flat = f.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
+    else:
+        flat = f.reshape(b, c, h * w)
     return _GramProduct.apply(flat) / (c * h * w)
 
 
