@@ -17,7 +17,8 @@ The run ends when every job is terminal (or at ``--timeout``). The last line pri
     jobs=N succeeded=S failed=F lost=L duplicates=D kills=K resumed=R recomputed_iterations=I
 
 * ``lost``: jobs not terminal at the end, plus succeeded jobs whose result object is missing;
-* ``duplicates``: jobs whose result key has more than one version in the bucket, or with more than one
+* ``duplicates``: jobs with more than one visible result object (each attempt writes its own key and
+  deletes superseded ones), a result key written more than once (versions), or more than one
   ``succeeded`` event in the workers' logs;
 * ``kills``: kills actually performed (fewer than asked if the jobs all ended first; a line says so);
 * ``resumed``: jobs whose final attempt started from a checkpoint (``started resume_step>0``);
@@ -238,12 +239,18 @@ def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
     by_job: dict[str, list[chaos_lib.Event]] = {}
     for e in events:
         by_job.setdefault(e.job_id, []).append(e)
-    versions: dict[str, int] = {}
+    # Per job: result objects still visible (the latest version of a key that is not deleted), and
+    # the most times one result key was written (an overwrite is a second, different result).
+    live: dict[str, int] = {}
+    writes: dict[str, dict[str, int]] = {}
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=f"{prefix}/jobs/"):
         for v in page.get("Versions", []):
             if v["Key"].rsplit("/", 1)[-1].startswith("result."):
                 job_id = v["Key"].split("/")[-2]
-                versions[job_id] = versions.get(job_id, 0) + 1
+                live[job_id] = live.get(job_id, 0) + int(bool(v["IsLatest"]))
+                per_key = writes.setdefault(job_id, {})
+                per_key[v["Key"]] = per_key.get(v["Key"], 0) + 1
+    versions = {j: max(live.get(j, 0), max(k.values(), default=0)) for j, k in writes.items()}
     killed: dict[tuple[str, int], int] = {}
     for k in chaos.killed:
         killed[(k.job_id, k.attempt)] = max(killed.get((k.job_id, k.attempt), 0), k.step)
@@ -255,7 +262,7 @@ def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
         n_succeeded = chaos_lib.count(evs, "succeeded")
         if row.status == "succeeded":
             succeeded += 1
-            if versions.get(job_id, 0) == 0:
+            if live.get(job_id, 0) == 0:
                 lost += 1
         elif row.status in TERMINAL:
             failed += 1

@@ -102,7 +102,9 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
             return _stopped(settings, claim, stop.reason, saver.last_step)
         final = watcher.progress_now() or {}
     final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
-    key = f"jobs/{claim.job_id}/result.{result_extension(params)}"
+    # One key per attempt: an attempt that lost the job (a newer one took over) can never overwrite
+    # the result the newer attempt recorded; it deletes its own object instead (below).
+    key = result_key(claim.job_id, claim.attempt, result_extension(params))
     # A newer attempt may hold the job by now (this one was presumed dead): never overwrite the
     # result it wrote or will write. (A fenced heartbeat: no row changed means not ours any more.)
     if not jobstore.heartbeat(settings.database_url, claim.job_id, claim.attempt):
@@ -112,10 +114,18 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     save_image(result.image, buf, format=params.output_format, quality=params.quality)
     storage.put_bytes(key, buf.getvalue(), content_type(params))
     if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final):
+        _best_effort(lambda: storage.delete(key))
         log_event(claim.job_id, claim.attempt, "fenced", stage="result")
         return "fenced"
+    for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
+        _best_effort(lambda a=earlier: storage.delete(
+            result_key(claim.job_id, a, result_extension(params))))
     log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
     return "succeeded"
+
+
+def result_key(job_id: str, attempt: int, ext: str) -> str:
+    return f"jobs/{job_id}/result.a{attempt}.{ext}"
 
 
 def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watcher: Watcher,

@@ -158,7 +158,7 @@ class FaultStack:
         """Wait for a checkpoint past ``after_step`` (one of this attempt's own when ``after_step`` is
         where it resumed), then a random moment before the job ends; the row then."""
         self.wait_checkpoint(job_id, attempt, after_step)
-        time.sleep(self.rng.uniform(0.0, 0.8))
+        time.sleep(self.rng.uniform(0.0, 0.3))  # well before the end, even on a loaded machine
         job = self.stack.job(job_id)
         assert job.status == "running" and job.progress.get("step", 0) < TOTAL_STEPS, (
             "the job ended before the kill: make it longer", job.status, job.progress)
@@ -186,9 +186,8 @@ class FaultStack:
         return "\n".join(f"--- {n} (seed {SEED}) ---\n{self.stack.log_tail(30, name=n)}"
                          for n in (*self.workers, "reconcile"))
 
-    def result_versions(self, job_id: str) -> int:
-        key = f"{self.prefix}/jobs/{job_id}/result.png"
-        return chaos_lib.versions(self.s3, self.bucket, key)
+    def result_versions(self, result_key: str) -> int:
+        return chaos_lib.versions(self.s3, self.bucket, f"{self.prefix}/{result_key}")
 
     def assert_succeeded_once(self, job_id: str, attempt: int, resumed_from: int | None) -> Job:
         """Succeeded, exactly once, under ``attempt``; that attempt resumed from ``resumed_from``."""
@@ -206,9 +205,10 @@ class FaultStack:
             assert resumes == [resumed_from], (resumes, resumed_from, context)
             later = [c["step"] for c in job.checkpoints if c["step"] > resumed_from]
             assert later and later[-1] == TOTAL_STEPS, job.checkpoints  # it went on from there
-        assert job.result_key == f"jobs/{job_id}/result.png"
+        assert job.result_key == f"jobs/{job_id}/result.a{attempt}.png"
+        assert scenarios.result_keys(self.stack, job_id) == [job.result_key], context  # one object
         if self.s3 is not None:
-            assert self.result_versions(job_id) == 1, context
+            assert self.result_versions(job.result_key) == 1, context
         else:
             assert self.stack.storage().exists(job.result_key)
         return job

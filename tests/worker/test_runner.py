@@ -45,7 +45,7 @@ def test_success_stores_result_and_every_checkpoint(
     job_id = make_job()
     assert runner.run_job(job_id, NODE, settings) == "succeeded"
     job: Job = load_job(job_id)
-    assert (job.status, job.attempt, job.result_key) == ("succeeded", 1, f"jobs/{job_id}/result.png")
+    assert (job.status, job.attempt, job.result_key) == ("succeeded", 1, f"jobs/{job_id}/result.a1.png")
     assert job.progress["fraction"] == 1.0 and job.finished_at is not None
     storage = open_storage(settings)
     assert Image.open(io.BytesIO(storage.get_bytes(job.result_key or ""))).size == (32, 32)
@@ -62,7 +62,7 @@ def test_output_format_jpeg(
     job_id = make_job(params={"size": 32, "min_size": 16, "output_format": "jpeg", "quality": 80})
     assert runner.run_job(job_id, NODE, settings) == "succeeded"
     key = load_job(job_id).result_key or ""
-    assert key.endswith("result.jpg")
+    assert key.endswith("result.a1.jpg")
     assert Image.open(io.BytesIO(open_storage(settings).get_bytes(key))).format == "JPEG"
 
 
