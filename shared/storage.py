@@ -8,7 +8,7 @@
   ``settings.s3_endpoint_url`` is set (MinIO, moto...), short timeouts and a few retries;
   ``url_for`` is a presigned GET.
 
-Keys used across the project: ``images/<sha256>``, ``jobs/<job_id>/result.<ext>``,
+Keys used across the project: ``images/<sha256>``, ``jobs/<job_id>/result.a<attempt>.<ext>``,
 ``jobs/<job_id>/checkpoints/<step>.pt`` and ``.png``.
 """
 
