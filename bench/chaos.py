@@ -60,8 +60,8 @@ sys.path.insert(0, str(REPO))
 from tests.faults import chaos_lib  # noqa: E402
 from tests.faults.chaos_lib import PrivateRedis  # noqa: E402
 from tests.integration.conftest import start, stop, wait_for  # noqa: E402
+from tests.pgdb import temporary_database  # noqa: E402
 
-PG_ADMIN = os.environ.get("STYLEQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 TERMINAL = {"succeeded", "failed", "canceled"}
 WORKERS = ("w0", "w1")
 
@@ -72,25 +72,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextmanager
-def postgres_db() -> Iterator[str]:
-    import psycopg
-
-    name = f"sq_chaos_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    url = f"{base}/{name}"
-    try:
-        yield url
-    finally:
-        from shared.db import get_engine
-
-        get_engine(url).dispose()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
@@ -312,7 +293,8 @@ def main() -> int:
     params = {"size": 32, "min_size": 16, "scale_factor": 2, "iterations": args.iterations}
     total_steps = 2 * args.iterations
     t0 = time.monotonic()
-    with postgres_db() as db_url, broker(tmp) as broker_url, moto_s3() as (s3_url, s3, bucket):
+    with (temporary_database("sq_chaos") as db_url, broker(tmp) as broker_url,
+          moto_s3() as (s3_url, s3, bucket)):
         env = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
         env.update({f"STYLEQUEUE_{k.upper()}": str(v) for k, v in dict(
             database_url=db_url, broker_url=broker_url, storage_url=f"s3://{bucket}/sq",

@@ -17,6 +17,7 @@ alone are measured by ``bench/service_worker.py`` (``make bench`` runs both).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import socket
@@ -34,8 +35,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.pgdb import temporary_database  # noqa: E402
 
-PG_ADMIN = os.environ.get("STYLEQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("STYLEQUEUE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
 
@@ -51,19 +52,8 @@ def png(i: int) -> bytes:
     return buf.getvalue()
 
 
-@contextmanager
-def postgres_db() -> Iterator[str]:
-    import psycopg
-
-    name = f"sq_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def postgres_db() -> contextlib.AbstractContextManager[str]:
+    return temporary_database("sq_bench")
 
 
 @contextmanager

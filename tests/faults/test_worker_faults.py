@@ -31,10 +31,9 @@ from typing import Any
 
 import pytest
 
-from shared.db import get_engine
 from shared.models import Job
 from shared.queue import make_celery, publish_job
-from tests.conftest import PG_ADMIN_DSN, free_port, port_open, require
+from tests.conftest import free_port, port_open, require
 from tests.faults import chaos_lib
 from tests.faults.chaos_lib import PrivateRedis, TcpProxy
 from tests.integration import scenarios
@@ -47,6 +46,7 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.conftest import images as images  # noqa: F401 - the fixture
+from tests.pgdb import temporary_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,19 +67,8 @@ SEED = int(os.environ.get("STYLEQUEUE_CHAOS_SEED") or random.randrange(1 << 30))
 def fresh_pg_database() -> Iterator[str]:
     """A new database on the shared server (so no other stack's reconciler sees these jobs)."""
     require(port_open("127.0.0.1", 5432), "PostgreSQL is not reachable on 127.0.0.1:5432")
-    import psycopg
-
-    name = f"sq_faults_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    url = f"{base}/{name}"
-    try:
+    with temporary_database("sq_faults") as url:
         yield url
-    finally:
-        get_engine(url).dispose()
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
