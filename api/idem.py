@@ -85,6 +85,17 @@ def find_stored(sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: st
     return stored
 
 
+async def replay(ctx: Any, idem: IdemRequest | None) -> JSONResponse | None:
+    """The stored first answer for a repeated ``Idempotency-Key`` (``ctx``: the route's SubmitCtx),
+    or None when there is no key or it is new."""
+    if idem is None:
+        return None
+    from fastapi.concurrency import run_in_threadpool
+
+    stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt, ctx.tenant.id, idem)
+    return None if stored is None else respond(stored, replayed=True)
+
+
 def respond(stored: StoredResponse, *, replayed: bool) -> JSONResponse:
     headers = {REPLAYED_HEADER: "true"} if replayed else None
     return JSONResponse(stored.body, stored.status_code, headers=headers)

@@ -16,7 +16,7 @@ from starlette.datastructures import FormData
 
 from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
 from api.forms import files, json_field, read_form, read_upload, text, texts
-from api.idem import commit_submission, find_stored, form_request, header_key, json_request, respond
+from api.idem import commit_submission, form_request, header_key, json_request, replay, respond
 from api.imagestore import PendingImage, check_owned, persist_images, validate_upload
 from api.indoubt import Submission
 from api.limits import MAX_BATCH_FILES
@@ -174,11 +174,9 @@ async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDe
         idem = (json_request(request, body, key) if form is None
                 else await form_request(request, form, key))
         ctx = SubmitCtx.build(request, tenant, storage, publisher, idem)
-        if idem is not None:
-            stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt,
-                                             tenant.id, idem)
-            if stored is not None:
-                return respond(stored, replayed=True)
+        first_answer = await replay(ctx, idem)
+        if first_answer is not None:
+            return first_answer
         contents, styles, plan, params = await _parse(form, body, settings)
     finally:
         if form is not None:

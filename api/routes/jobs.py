@@ -12,7 +12,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
 from api.forms import files, read_form, read_upload, text, texts
-from api.idem import commit_submission, find_stored, form_request, header_key, respond
+from api.idem import commit_submission, form_request, header_key, replay, respond
 from api.imagestore import PendingImage, check_owned, persist_images, validate_upload
 from api.indoubt import Submission
 from api.queries import MAX_PAGE, get_job, list_jobs
@@ -124,11 +124,9 @@ async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
     try:
         idem = await form_request(request, form, key)
         ctx = SubmitCtx.build(request, tenant, storage, publisher, idem)
-        if idem is not None:
-            stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt,
-                                             tenant.id, idem)
-            if stored is not None:
-                return respond(stored, replayed=True)
+        first_answer = await replay(ctx, idem)
+        if first_answer is not None:
+            return first_answer
         content, styles, params = await _parse_job_form(form, settings)
     finally:
         await form.close()

@@ -120,7 +120,7 @@ def test_concurrent_duplicates_create_one_job(any_api: Api) -> None:
 def test_losing_the_race_rolls_back_and_replays_the_winner(any_api: Api, monkeypatch) -> None:
     """Both requests pass the early lookup (as under a real race); the second's flush hits the
     unique key and everything it did is rolled back."""
-    monkeypatch.setattr("api.routes.jobs.find_stored", lambda *a, **k: None)
+    monkeypatch.setattr("api.idem.find_stored", lambda *a, **k: None)
     c, s = image_bytes(), image_bytes()
     first = _post_job(any_api, c, s, KEY)
     second = _post_job(any_api, c, s, KEY)
