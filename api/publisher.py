@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from shared.queue import RUN_JOB_TASK
+from shared.queue import publish_job
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,8 @@ class CeleryPublisher:
         try:
             with app.producer_or_acquire() as producer:
                 for job_id in job_ids:
-                    app.send_task(
-                        RUN_JOB_TASK,
-                        args=[job_id],
-                        task_id=job_id,
-                        queue=app.conf.task_default_queue,
-                        producer=producer,
-                        retry=True,
-                        retry_policy=_RETRY_POLICY,
-                    )
+                    publish_job(app, job_id, producer=producer, retry=True,
+                                retry_policy=_RETRY_POLICY)
                     done.append(job_id)
         except Exception as exc:  # broker down, timeouts...: the reconciler republishes later
             missed = job_ids[len(done)] if len(done) < len(job_ids) else "-"

@@ -63,6 +63,8 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def publish_job(app: Celery, job_id: str) -> None:
-    """Publish one job after its row is committed. The task id is the job id."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue)
+def publish_job(app: Celery, job_id: str, **options: object) -> None:
+    """Publish one job after its row is committed. The task id is the job id. ``options`` go to
+    ``send_task`` (e.g. a shared ``producer`` for a batch, a ``retry_policy``)."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue,
+                  **options)
