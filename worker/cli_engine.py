@@ -51,7 +51,7 @@ def _add_run(sub: Any) -> None:
     a = p.add_argument
     a("--size", type=int, help="output long edge in px (default 512)")
     a("--min-size", type=int, help="first scale's long edge (default 128)")
-    a("--scale-factor", type=float, help="growth per scale (default 1.414)")
+    a("--scale-factor", type=float, help="growth per scale, 1.1 to 4 (default 1.414)")
     a("--scales", type=_list(int, "integers"), help="explicit long edges, e.g. 128,256,512")
     a("--iterations", type=_iterations, help="per scale: one int, or a comma list (default auto)")
     a("--style-weights", type=_list(float, "numbers"), help="blend weights, one per style")
@@ -76,6 +76,9 @@ def _add_run(sub: Any) -> None:
     a("--weights", default="imagenet", help="imagenet, PATH, caffe:PATH or random (tests only)")
     a("--checkpoint-dir", type=Path, help="write ckpt-s{scale}-i{iter}.pt and a PNG preview here")
     a("--save-every", type=int, help="also checkpoint every N iterations (default: scale ends)")
+    a("--max-scales", type=int, help="refuse a schedule of more scales than this (default 16)")
+    a("--max-recoveries", type=int,
+      help="NaN/Inf recoveries in a row before the run fails as diverged (default 5)")
     a("--resume", type=Path, metavar="CHECKPOINT_FILE", help="continue from a checkpoint")
     a("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
     a("--trace", type=Path, metavar="FILE", help="write one JSON line per iteration")
@@ -87,7 +90,7 @@ _CONFIG_FIELDS = (
     "size", "min_size", "scale_factor", "scales", "iterations", "content_weight", "style_weight",
     "tv_weight", "style_layers", "style_layer_weights", "content_layers", "optimizer", "lr",
     "lbfgs_history", "carry_optimizer_state", "init", "preserve_color", "style_scale", "seed",
-    "device", "precision", "pooling", "weights", "save_every",
+    "device", "precision", "pooling", "weights", "save_every", "max_scales", "max_recoveries",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from worker import cli_engine
+from worker.engine import losses as losses_mod
 from worker.engine.vgg import build_features, random_init_
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,17 +65,42 @@ def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.C
     (["C", "S", "-o", "O.png", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA"),
     (["C", "S", "-o", "O.png", "--resume", "NOTIMG"], "not a stylequeue checkpoint"),
     (["C", "S", "-o", "nodir/O.png"], "does not exist"),
+    (["C", "S", "-o", "O.png", "--scale-factor", "1.0000000000000002"], "scale_factor must be between"),
+    (["C", "S", "-o", "O.png", "--scale-factor", "nan"], "[invalid_config]"),
+    (["C", "S", "-o", "O.png", "--scales", ",".join(map(str, range(16, 33)))], "[too_many_scales]"),
+    (["C", "S", "-o", "O.png", "--min-size", "16", "--scale-factor", "1.1", "--max-scales", "3"],
+     "the maximum is 3"),
+    (["NARROW", "S", "-o", "O.png"], "[image_too_narrow]"),
+    (["C", "NARROW", "-o", "O.png"], "style image 1 becomes 32x1 px"),
+    (["C", "S", "-o", "O.png", "--content-weight", "nan"], "content_weight must be a finite"),
+    (["C", "S", "-o", "O.png", "--style-weights", "inf"], "[invalid_config]"),
+    (["C", "S", "-o", "O.png", "--lr", "-1"], "lr must be a finite number > 0"),
 ])
 def test_bad_input_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
                            bad: list[str], needle: str) -> None:
     (tmp_path / "junk.txt").write_text("not an image")
-    subst = {"C": str(files["content"]), "S": str(files["style"]), "NOTIMG": str(tmp_path / "junk.txt")}
+    Image.new("RGB", (600, 16), "gray").save(tmp_path / "narrow.png")  # 32x1 px at --size 32
+    subst = {"C": str(files["content"]), "S": str(files["style"]), "NOTIMG": str(tmp_path / "junk.txt"),
+             "NARROW": str(tmp_path / "narrow.png")}
     argv = ["run", *[subst.get(a, a) for a in bad], "--weights", "random", "--size", "32",
             "--no-progress"]
     argv = [str(tmp_path / a) if a.startswith(("O.", "nodir", "missing")) else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("stylequeue run: error:") and needle in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_diverged_run_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(losses_mod, "tv_loss", lambda x: x.sum(dim=(1, 2, 3)) * math.nan)  # never finite
+    out = tmp_path / "out.png"
+    argv = ["run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random",
+            "--size", "48", "--scales", "32,48", "--iterations", "4", "--device", "cpu",
+            "--max-recoveries", "2"]
+    assert main(argv) == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stylequeue run: error: the optimisation diverged") and "[diverged]" in err[-1]
     assert "Traceback" not in "\n".join(err)
 
 

@@ -6,10 +6,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import EngineError
+from .schedule import MAX_SCALE_FACTOR, MAX_SCALES, MIN_SCALE_FACTOR, long_edges
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class TransferConfig:
 
     size: int = 512  # output long edge (px); 512 fits the 10-minute CPU budget
     min_size: int = 128  # first scale's long edge; crowsonkb starts at 128
-    scale_factor: float = 2**0.5  # crowsonkb: sqrt(2) per scale -> 128, 181, 256, 362, 512
+    scale_factor: float = 2**0.5  # crowsonkb: sqrt(2) per scale -> 128, 181, 256, 362, 512; in [1.1, 4]
     scales: tuple[int, ...] | None = None  # explicit long edges; overrides the three above
     iterations: int | tuple[int, ...] | None = None  # None = auto (schedule.py), int, or per scale
     content_layers: tuple[str, ...] = DEFAULT_CONTENT_LAYERS
@@ -83,28 +86,65 @@ class TransferConfig:
     weights: str | None = None  # None = the engine's ("imagenet"); see weights.py
     channels_last: bool | None = None  # None = auto: on (faster on CUDA, and 15-25% on this CPU: bench)
     save_every: int = 0  # checkpoint every N iterations as well as at scale ends; 0 = scale ends
+    # At most this many scales (explicit or from size/min_size/scale_factor): each is a VGG pass over
+    # the styles and a checkpoint. 16 is far more than the 5 of the default pyramid.
+    max_scales: int = MAX_SCALES
+    # Consecutive NaN/Inf recoveries (each restores the last good image and halves lr) without a
+    # finite step in between before the job fails with "diverged"; 5 halvings is lr / 32.
+    max_recoveries: int = 5
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise _invalid(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if self.size < 16 or self.min_size < 16:
-            raise _invalid("size and min_size must be at least 16 px")
-        if self.scale_factor <= 1.0:
-            raise _invalid(f"scale_factor must be > 1, not {self.scale_factor}")
-        if self.scales is not None and (not self.scales or min(self.scales) < 16):
-            raise _invalid("scales must be a non-empty list of long edges of at least 16 px")
-        if self.style_scale <= 0:
-            raise _invalid("style_scale must be > 0")
+        self._check_schedule()
+        self._check_numbers()
         if self.style_layer_weights is not None and len(self.style_layer_weights) != len(
             self.style_layers
         ):
             raise _invalid("style_layer_weights needs one weight per style layer")
-        if self.save_every < 0 or self.lbfgs_history < 1:
-            raise _invalid("save_every must be >= 0 and lbfgs_history >= 1")
+        if self.save_every < 0 or self.lbfgs_history < 1 or self.max_recoveries < 0:
+            raise _invalid("save_every and max_recoveries must be >= 0 and lbfgs_history >= 1")
+
+    def _check_schedule(self) -> None:
+        if self.size < 16 or self.min_size < 16:
+            raise _invalid("size and min_size must be at least 16 px")
+        if not MIN_SCALE_FACTOR <= self.scale_factor <= MAX_SCALE_FACTOR:  # False for NaN too
+            raise _invalid(
+                f"scale_factor must be between {MIN_SCALE_FACTOR} and {MAX_SCALE_FACTOR}, "
+                f"not {self.scale_factor}"
+            )
+        if self.max_scales < 1:
+            raise _invalid("max_scales must be at least 1")
+        if self.scales is not None and (not self.scales or min(self.scales) < 16):
+            raise _invalid("scales must be a non-empty list of long edges of at least 16 px")
+        if self.scales is not None and len(self.scales) > self.max_scales:
+            raise EngineError(
+                f"{len(self.scales)} scales given; the maximum is {self.max_scales}: give fewer scales",
+                code="too_many_scales",
+            )
+        if self.scales is None:
+            long_edges(self.size, self.min_size, self.scale_factor, self.max_scales)  # too_many_scales
         its = self.iterations
         if its is not None and min([its] if isinstance(its, int) else list(its) or [0]) < 1:
             raise _invalid("iterations must be at least 1 at every scale")
+
+    def _check_numbers(self) -> None:
+        """Loss weights finite and >= 0; lr and style_scale finite and > 0; Adam betas in [0, 1)."""
+        for name in ("content_weight", "style_weight", "tv_weight"):
+            value = getattr(self, name)
+            if value is not None:
+                check_weight(name, value)
+        for i, w in enumerate(self.style_layer_weights or ()):
+            check_weight(f"style_layer_weights[{i}]", w)
+        if self.style_blend_weights is not None:
+            check_blend(self.style_blend_weights)
+        if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
+            raise _invalid(f"lr must be a finite number > 0, not {self.lr}")
+        if not (_finite(self.style_scale) and self.style_scale > 0):
+            raise _invalid(f"style_scale must be a finite number > 0, not {self.style_scale}")
+        if len(self.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in self.betas):
+            raise _invalid(f"betas must be two finite numbers in [0, 1), not {self.betas}")
 
     def loss_weights(self, family: str) -> LossPreset:
         """Content/style/tv weights: explicit fields, else the preset of the weights family."""
@@ -124,9 +164,10 @@ class TransferConfig:
         return self.style_layer_weights or tuple(1.0 for _ in self.style_layers)
 
     def digest(self, extra: Any = None) -> str:
-        """sha256 of the fields that change the result (not device/save_every/channels_last)."""
+        """sha256 of the fields that change the result (not device/save_every/channels_last, nor the
+        limits max_scales/max_recoveries: checkpoints made before they existed still resume)."""
         fields = dataclasses.asdict(self)
-        for name in ("device", "save_every", "channels_last"):
+        for name in ("device", "save_every", "channels_last", "max_scales", "max_recoveries"):
             fields.pop(name)
         blob = json.dumps([fields, extra], sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
@@ -143,18 +184,66 @@ class BatchItem:
     style_weight: float | None = None
     tv_weight: float | None = None
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Per-item weights finite and >= 0 (the blend also with a positive finite sum)."""
+        for name in ("content_weight", "style_weight", "tv_weight"):
+            value = getattr(self, name)
+            if value is not None:
+                check_weight(name, value)
+        if self.style_blend_weights is not None:
+            check_blend(self.style_blend_weights)
+
+
+def item_loss_weights(item: BatchItem, preset: LossPreset) -> tuple[float, float, float]:
+    """(content, style, tv) of one item: its own weights, else the config's/preset's; re-checked,
+    since a BatchItem is mutable."""
+    item.check()
+    return (
+        preset.content if item.content_weight is None else item.content_weight,
+        preset.style if item.style_weight is None else item.style_weight,
+        preset.tv if item.tv_weight is None else item.tv_weight,
+    )
+
+
+def check_weight(name: str, value: float) -> None:
+    """A loss weight must be a finite number >= 0 (NaN, inf and negatives make no picture)."""
+    if not (_finite(value) and value >= 0):
+        raise _invalid(f"{name} must be a finite number >= 0, not {value}")
+
+
+def check_blend(weights: tuple[float, ...]) -> None:
+    """Blend weights: finite, >= 0, with a positive finite sum (they are divided by it)."""
+    if not weights or not all(_finite(w) and w >= 0 for w in weights) or not (
+        0 < sum(float(w) for w in weights) < math.inf  # 1e308 + 1e308 is inf
+    ):
+        raise _invalid(
+            f"style blend weights {list(weights)} must be finite non-negative numbers (one per style) "
+            "with a positive sum"
+        )
+
 
 def normalise_blend(weights: tuple[float, ...] | None, n: int) -> list[float]:
     """Blend weights for n styles, normalised to sum 1 (None = equal)."""
     if weights is None:
         return [1.0 / n] * n
-    if len(weights) != n or min(weights) < 0 or sum(weights) <= 0:
-        raise _invalid(
-            f"style blend weights {list(weights)} must be {n} non-negative numbers (one per style) "
-            "with a positive sum"
-        )
-    total = float(sum(weights))
+    check_blend(weights)
+    if len(weights) != n:
+        raise _invalid(f"style blend weights {list(weights)} must be {n} numbers, one per style")
+    total = sum(float(w) for w in weights)
     return [float(w) / total for w in weights]
+
+
+def _finite(value: object) -> bool:
+    """A real number (not bool) that is neither NaN nor infinite (nor an int too big for a float)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _invalid(message: str) -> EngineError:

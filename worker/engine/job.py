@@ -16,8 +16,8 @@ from .config import TransferConfig
 from .errors import EngineError
 from .images import resize
 from .losses import LossFn, Targets, compute_targets
-from .optim import Stepper, resize_adam_state
-from .schedule import Schedule, fit_long_edge
+from .optim import Stepper, diverged, resize_adam_state
+from .schedule import Schedule, style_size
 from .vgg import VGGFeatures, layer_index
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Job:
         }
         self.total = sum(n for _, n in schedule)
         self.step, self.lr, self.recoveries = 0, config.resolved_lr(), 0
+        self.streak = 0  # consecutive non-finite steps, across scales (optim.Stepper)
         self.t0 = time.perf_counter()
 
     def run(self, resume: Checkpoint | None = None) -> torch.Tensor:
@@ -103,6 +104,7 @@ class Job:
             x, opt_state = resume.image.to(self.device), resume.optimizer_state
             self.step, self.lr, self.recoveries = resume.step, resume.lr, resume.recoveries
             first, done = (resume.scale + 1, 0) if resume.end_of_scale else (resume.scale, resume.iteration)
+        start = self.step
         for s in range(first, len(self.schedule)):
             hw = self.schedule[s][0]
             if done:  # resuming mid-scale: image and optimiser state as they were
@@ -114,6 +116,8 @@ class Job:
             assert x0 is not None
             x, opt_state = self._run_scale(s, x0, state, done)
             done = 0
+        if self.streak and self.streak == self.step - start:  # not one finite step: x is the start
+            raise diverged(self.streak, self.lr)
         assert x is not None
         return x
 
@@ -135,10 +139,10 @@ class Job:
         """Content features and style Grams at this scale: contents resized from the originals,
         each style resized so its long edge is style_scale x the content's long edge."""
         contents = torch.cat([resize(it.content, hw) for it in self.items]).to(self.device)
-        edge = max(1, round(self.cfg.style_scale * max(hw)))
+        scale = self.cfg.style_scale  # the sizes were checked up front (schedule.check_runnable)
         styles = [
             [
-                (resize(st, fit_long_edge(tuple(st.shape[-2:]), edge)).to(self.device), blend)  # type: ignore[arg-type]
+                (resize(st, style_size((st.shape[-2], st.shape[-1]), hw, scale)).to(self.device), blend)
                 for st, blend in zip(it.styles, it.blend, strict=True)
             ]
             for it in self.items
@@ -161,13 +165,15 @@ class Job:
                 return loss_fn(x)
         cfg = self.cfg
         stepper = Stepper(
-            x0, fn, cfg.optimizer, self.lr, betas=cfg.betas, history=cfg.lbfgs_history, state=state
+            x0, fn, cfg.optimizer, self.lr, betas=cfg.betas, history=cfg.lbfgs_history, state=state,
+            max_recoveries=cfg.max_recoveries, streak=self.streak,
         )
         for it in range(done + 1, iters + 1):
             before = stepper.recoveries
             vals = stepper.step()
             self.step += 1
             self.lr, self.recoveries = stepper.lr, self.recoveries + stepper.recoveries - before
+            self.streak = stepper.streak
             asked = self._report(s, hw, it, iters, vals) == CHECKPOINT_NOW
             end = it == iters
             due = end or asked or (cfg.save_every and it % cfg.save_every == 0)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .errors import EngineError
+
 logger = logging.getLogger(__name__)
 
 LBFGS_STATE_LIMIT_BYTES = 64 * 2**20  # larger L-BFGS states are not put in checkpoints
@@ -37,12 +39,16 @@ class Stepper:
         betas: tuple[float, float] = (0.9, 0.99),
         history: int = 50,
         state: dict[str, Any] | None = None,
+        max_recoveries: int = 5,
+        streak: int = 0,
     ) -> None:
         self.x = x.detach().clone().requires_grad_(True)  # (B, 3, H, W) the optimised image
         self.good = self.x.detach().clone()  # last iterate whose loss and gradient were finite
         self.loss_fn, self.kind, self.lr = loss_fn, kind, lr
         self.betas, self.history = betas, history
         self.recoveries = 0
+        # consecutive non-finite steps (carried across scales by the job); > max_recoveries: diverged
+        self.max_recoveries, self.streak = max_recoveries, streak
         self.last = [math.nan] * 4
         self.opt = self._new_optimizer()
         if state is not None:
@@ -95,19 +101,34 @@ class Stepper:
         with torch.no_grad():
             if self.bad:
                 self._recover()
+            else:
+                self.streak = 0
             self.x.clamp_(0, 1)
         return list(self.last)
 
     def _recover(self) -> None:
-        """Non-finite loss or gradient: back to the last good iterate, halve the step, reset state."""
+        """Non-finite loss or gradient: back to the last good iterate and halve the step; after
+        max_recoveries in a row with no finite step between, give up (EngineError "diverged")."""
+        self.streak += 1
+        if self.streak > self.max_recoveries:
+            raise diverged(self.streak, self.lr)
         self.recoveries += 1
         self.lr *= 0.5
         logger.warning(
             "non-finite loss or gradient: restored the last good image, lr -> %g (recovery %d)",
             self.lr, self.recoveries,
         )
-        self.x.copy_(self.good)
-        self.opt = self._new_optimizer()
+        self.x.copy_(self.good)  # in place: the optimiser still holds self.x
+        if self.kind == "adam":
+            # Keep Adam's moments (the bad step never reached opt.step(), so they are finite and
+            # describe the path up to the good image): a fresh Adam's first update is
+            # lr * g / |g|, a jump of +-lr on every pixel at once. Only the step size changes.
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr
+        else:
+            # L-BFGS: drop the curvature history, which would aim the same way as the step that
+            # went bad; a fresh L-BFGS starts with a small gradient step, lr * g / sum|g|.
+            self.opt = self._new_optimizer()
 
     def state(self) -> dict[str, Any] | None:
         """A detached copy of the optimiser state for a checkpoint (None when L-BFGS's is too big)."""
@@ -116,6 +137,15 @@ class Stepper:
             logger.info("L-BFGS state is %d MB: not checkpointed", _tensor_bytes(sd) >> 20)
             return None
         return _clone(sd)
+
+
+def diverged(steps: int, lr: float) -> EngineError:
+    return EngineError(
+        f"the optimisation diverged: the loss or its gradient was NaN or infinite at {steps} "
+        f"consecutive steps, and restoring the last good image and halving lr (now {lr:g}) did not "
+        "help; try a lower lr or lower content/style/tv weights",
+        code="diverged",
+    )
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -14,12 +14,12 @@ from PIL import Image
 
 from . import job as job_mod
 from .checkpoint import Checkpoint
-from .config import BatchItem, TransferConfig, normalise_blend
+from .config import BatchItem, TransferConfig, item_loss_weights, normalise_blend
 from .errors import EngineError
 from .images import load_image, pil_to_tensor, tensor_to_pil
 from .job import Job, Progress, prepare_item
 from .losses import autocast
-from .schedule import Schedule, build_schedule
+from .schedule import Schedule, build_schedule, check_runnable
 from .vgg import LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
 from .weights import Weights, resolve_weights
 
@@ -114,14 +114,15 @@ class StyleTransfer:
         device = resolve_device(config.device or self.device)
         dtype = resolve_precision(config.precision, device)
         layers = [layer_index(n) for n in (*config.content_layers, *config.style_layers)]
+        # Inputs and schedule first: an unrunnable job fails before a model is built or a step taken
+        prepared, digest_parts = _prepare(items, config, weights)
+        schedule = _batch_schedule(prepared, config)
         model = self.model(spec, device, config.pooling, max(layers))
         # channels_last (NHWC): the usual win for convolutions on CUDA, and measured 15-25 % faster
         # than NCHW for VGG19 forward+backward on the 2-core CPU too (bench/engine.py)
         channels_last = config.channels_last if config.channels_last is not None else True
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        prepared, digest_parts = _prepare(items, config, weights)
-        schedule = _batch_schedule(prepared, config)
         digest = config.digest([spec, weights.kind, digest_parts])
         job = Job(model, prepared, config, schedule, device=device, cast=lambda: autocast(device, dtype),
                   channels_last=channels_last, digest=digest, on_progress=on_progress,
@@ -155,16 +156,16 @@ def _prepare(
         if not styles:
             raise EngineError("give at least one style image", "invalid_config")
         blend = normalise_blend(item.style_blend_weights or config.style_blend_weights, len(styles))
-        w = (
-            preset.content if item.content_weight is None else item.content_weight,
-            preset.style if item.style_weight is None else item.style_weight,
-            preset.tv if item.tv_weight is None else item.tv_weight,
-        )
+        w = item_loss_weights(item, preset)
         prepared.append(prepare_item(
             pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.preserve_color
         ))
         parts.append([_hash(content), [_hash(s) for s in styles], blend, list(w)])
     return prepared, parts
+
+
+def _hw(t: torch.Tensor) -> tuple[int, int]:
+    return int(t.shape[-2]), int(t.shape[-1])
 
 
 def _hash(im: Image.Image) -> str:
@@ -174,12 +175,14 @@ def _hash(im: Image.Image) -> str:
 def _batch_schedule(prepared: list[job_mod.PreparedItem], config: TransferConfig) -> Schedule:
     schedules = [
         build_schedule(
-            (int(p.content.shape[-2]), int(p.content.shape[-1])), size=config.size,
-            min_size=config.min_size, scale_factor=config.scale_factor, scales=config.scales,
-            iterations=config.iterations,
+            _hw(p.content), size=config.size, min_size=config.min_size,
+            scale_factor=config.scale_factor, scales=config.scales, iterations=config.iterations,
+            max_scales=config.max_scales,
         )
         for p in prepared
     ]
+    for p, schedule in zip(prepared, schedules, strict=True):  # styles too small at some scale
+        check_runnable([hw for hw, _ in schedule], [_hw(s) for s in p.styles], config.style_scale)
     if any(s != schedules[0] for s in schedules):
         sizes = sorted({str(s[-1][0]) for s in schedules})
         raise EngineError(
