@@ -165,8 +165,39 @@ def snapshot(url: str, job_id: str) -> Snapshot | None:
     return None if row is None else Snapshot(row[0], row[1], bool(row[2]))
 
 
-def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any]) -> bool:
-    """Record an uploaded checkpoint. Only the attempt holder writes the list, so read-then-write is safe."""
+@dataclass(frozen=True)
+class Recorded:
+    """A checkpoint reference as stored (with its ``seq``) and the objects no kept ref names any more."""
+
+    ref: dict[str, Any]
+    garbage: list[str]
+
+
+def retain(current: list[dict[str, Any]], ref: dict[str, Any], keep: int
+           ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The refs to store after recording ``ref`` (the latest ``keep``, at least one) and the keys to delete.
+
+    Every ref gets a stable ``seq``: one more than the largest before it (a ref stored without one
+    counts as its list position). A ref with the same key as ``ref`` is replaced (same object). A key
+    is garbage only when no kept ref names it.
+    """
+    numbered = [c if "seq" in c else {**c, "seq": i} for i, c in enumerate(current)]
+    seq = max((int(c["seq"]) for c in numbered), default=-1) + 1
+    refs = [c for c in numbered if c.get("key") != ref["key"]] + [{**ref, "seq": seq}]
+    kept, dropped = refs[-max(keep, 1):], refs[:-max(keep, 1)]
+    live = {c.get(f) for c in kept for f in ("key", "preview_key")}
+    garbage = [k for c in dropped for f in ("key", "preview_key")
+               if isinstance(k := c.get(f), str) and k and k not in live]
+    return kept, list(dict.fromkeys(garbage))
+
+
+def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any],
+                      keep: int) -> Recorded | None:
+    """Record an uploaded checkpoint, keeping the latest ``keep``; ``None`` when fenced out.
+
+    Only the attempt holder writes the list, so read-then-write is safe. The caller deletes
+    ``garbage`` only after this fenced write succeeded: a stale attempt gets ``None``, deletes nothing.
+    """
     with session_scope(url) as s:
         current = s.execute(
             select(Job.checkpoints).where(
@@ -174,9 +205,11 @@ def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any]) 
             )
         ).scalar_one_or_none()
     if current is None:
-        return False
-    refs = [c for c in current if c.get("key") != ref["key"]] + [ref]
-    return _fenced(url, job_id, attempt, checkpoints=refs, heartbeat_at=utcnow())
+        return None
+    refs, garbage = retain(list(current), ref, keep)
+    if not _fenced(url, job_id, attempt, checkpoints=refs, heartbeat_at=utcnow()):
+        return None
+    return Recorded(refs[-1], garbage)
 
 
 def succeed(url: str, job_id: str, attempt: int, result_key: str, progress: dict[str, Any]) -> bool:

@@ -1,11 +1,13 @@
 """Run one job delivery: claim, load inputs, run the engine, store checkpoints and the result.
 
 Outcomes are returned as short strings (for the task's log and tests). Permanent errors (bad image,
-bad parameters, missing weights) fail the job at once with the engine's code; transient ones
+bad parameters, missing weights: ``EngineError``) fail the job at once with the engine's code and
+message; any other exception fails it with a generic message (its text is only logged); transient ones
 (storage or database unreachable, broker connection) give the job back without using up an attempt
 and propagate, so the Celery task retries with backoff (at most ``max_retries``). Attempts
 (``max_attempts``) count only workers lost mid-job. Every write after the claim is fenced by the
-attempt number.
+attempt number. Only the latest ``checkpoints_keep`` checkpoints of a job are kept: older objects
+are deleted once a newer reference is recorded.
 """
 
 from __future__ import annotations
@@ -67,16 +69,20 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
         # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
         # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
         # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
-        _best_effort(lambda: jobstore.release(url, job_id, got.attempt, graceful=True))
+        _best_effort(job_id, got.attempt,
+                     lambda: jobstore.release(url, job_id, got.attempt, graceful=True))
         raise
     except Failure as exc:
         return _fail(settings, got, exc.code, exc.message, exc.retryable)
     except EngineError as exc:
-        return _fail(settings, got, exc.code, exc.message or str(exc), False)
+        return _engine_failed(settings, got, exc)
     except Exception as exc:
-        logger.exception("job_event job_id=%s attempt=%s event=crash", job_id, got.attempt)
-        code, retryable = _classify_crash(exc)
-        return _fail(settings, got, code, f"{type(exc).__name__}: {exc}", retryable)
+        # Never the exception's text (torch internals, paths, SQL): a generic message with a code,
+        # and the whole exception in the log under the job's id.
+        code, message, retryable = _classify_crash(exc)
+        logger.exception("job_event job_id=%s attempt=%s event=crash code=%s error=%s",
+                         job_id, got.attempt, code, type(exc).__name__)
+        return _fail(settings, got, code, message, retryable)
 
 
 def _execute(claim: jobstore.Claim, settings: Settings) -> str:
@@ -84,7 +90,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     try:
         params = job_params(claim.params)
     except ValidationError as exc:
-        raise Failure("invalid_params", f"the job's parameters are not valid: {exc}") from exc
+        raise Failure("invalid_params", f"the job's parameters are not valid: {_problems(exc)}") from exc
     config = transfer_config(params, settings)
     content = _load_input(storage, claim.content_image_id)
     styles = [_load_input(storage, image_id) for image_id in claim.style_image_ids]
@@ -94,7 +100,8 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     engine = get_engine(settings)
     edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
     with Watcher(settings, claim.job_id, claim.attempt, start_step, list(edges)) as watcher:
-        saver = CheckpointSaver(storage, settings.database_url, claim, watcher)
+        saver = CheckpointSaver(storage, settings.database_url, claim, watcher,
+                                settings.checkpoints_keep)
         log_event(claim.job_id, claim.attempt, "started", resume_step=start_step)
         try:
             result = _run_engine(engine, content, styles, config, watcher, saver, resume)
@@ -114,14 +121,20 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     save_image(result.image, buf, format=params.output_format, quality=params.quality)
     storage.put_bytes(key, buf.getvalue(), content_type(params))
     if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final):
-        _best_effort(lambda: storage.delete(key))
+        _best_effort(claim.job_id, claim.attempt, lambda: storage.delete(key))
         log_event(claim.job_id, claim.attempt, "fenced", stage="result")
         return "fenced"
     for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
-        _best_effort(lambda a=earlier: storage.delete(
+        _best_effort(claim.job_id, claim.attempt, lambda a=earlier: storage.delete(
             result_key(claim.job_id, a, result_extension(params))))
     log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
     return "succeeded"
+
+
+def _problems(exc: ValidationError) -> str:
+    """Which fields are wrong and why, without pydantic's echo of the input or its links."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
+                     for e in exc.errors()[:5])
 
 
 def result_key(job_id: str, attempt: int, ext: str) -> str:
@@ -167,10 +180,13 @@ def _resume_point(storage: Storage, claim: jobstore.Claim) -> tuple[Any, int]:
 
 
 class CheckpointSaver:
-    """``on_checkpoint``: upload ``<step>.pt`` and a ``<step>.png`` preview, then record the reference."""
+    """``on_checkpoint``: upload ``<step>.pt`` and a ``<step>.png`` preview, record the reference, then
+    delete the objects of refs beyond the latest ``keep`` (``settings.checkpoints_keep``)."""
 
-    def __init__(self, storage: Storage, url: str, claim: jobstore.Claim, watcher: Watcher) -> None:
+    def __init__(self, storage: Storage, url: str, claim: jobstore.Claim, watcher: Watcher,
+                 keep: int) -> None:
         self.storage, self.url, self.claim, self.watcher = storage, url, claim, watcher
+        self.keep = keep
         self.last_step: int | None = None  # the latest checkpoint this attempt recorded
 
     def __call__(self, ckpt: Any) -> None:
@@ -186,14 +202,31 @@ class CheckpointSaver:
                "iteration": int(ckpt.iteration), "step": int(ckpt.step),
                "end_of_scale": bool(ckpt.end_of_scale), "at": utcnow().isoformat()}
         step = int(ckpt.step)
-        if not jobstore.append_checkpoint(self.url, job_id, attempt, ref):
+        recorded = jobstore.append_checkpoint(self.url, job_id, attempt, ref, self.keep)
+        fields: dict[str, Any] = {"step": step, "scale": ref["scale"]}
+        if recorded is None:  # fenced out: a newer attempt owns the list, delete nothing
             self.watcher.stop = self.watcher.stop or StopReason.FENCED
         else:
             self.last_step = step
+            fields.update(seq=recorded.ref["seq"], pruned=self._delete(recorded.garbage))
         asked = self.watcher.checkpoint_requested_at
-        reason: dict[str, Any] = {"reason": "shutdown"} if asked is not None and step >= asked else {}
-        log_event(job_id, attempt, "checkpoint", step=step, scale=ref["scale"], **reason)
+        if asked is not None and step >= asked:
+            fields["reason"] = "shutdown"
+        log_event(job_id, attempt, "checkpoint", **fields)
         self.watcher.raise_if_stopped()
+
+    def _delete(self, keys: list[str]) -> int:
+        """Best effort: a delete that fails is logged (the object is left behind), never raised."""
+        deleted = 0
+        for key in keys:
+            try:
+                self.storage.delete(key)
+                deleted += 1
+            except Exception as exc:
+                log_event(self.claim.job_id, self.claim.attempt, "checkpoint_delete_failed",
+                          logging.WARNING, key=key, error=type(exc).__name__,
+                          detail=repr(str(exc)[:200]))
+        return deleted
 
 
 def _stopped(settings: Settings, claim: jobstore.Claim, reason: StopReason,
@@ -221,16 +254,38 @@ def _fail(settings: Settings, claim: jobstore.Claim, code: str, message: str,
     return "failed" if wrote else "fenced"
 
 
-def _classify_crash(exc: Exception) -> tuple[str, bool]:
+def _engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) -> str:
+    """The job's own problem (bad input, config, divergence): the engine's message, written for
+    users, non-retryable. The worker's set-up (weights, device): a generic message, the engine's
+    (server paths, remedies for the operator) logged; retryable once the operator fixed it."""
+    if exc.code not in WORKER_SETUP_CODES:
+        return _fail(settings, claim, exc.code, exc.message or exc.code, False)
+    log_event(claim.job_id, claim.attempt, "worker_setup_error", logging.ERROR, code=exc.code,
+              detail=repr(exc.message[:500]))
+    return _fail(settings, claim, exc.code, WORKER_SETUP_ERROR, True)
+
+
+WORKER_SETUP_CODES = frozenset({"weights_unavailable", "weights_invalid", "device_unavailable"})
+WORKER_SETUP_ERROR = ("the worker is not set up to run jobs (model weights or device); the error was "
+                      "logged with this job's id. Submit the job again later")
+INTERNAL_ERROR = ("the worker failed unexpectedly; the error was logged with this job's id "
+                  "(quote it when reporting the problem)")
+
+
+def _classify_crash(exc: Exception) -> tuple[str, str, bool]:
+    """(code, tenant-visible message, retryable) for an exception nothing else handled."""
     if isinstance(exc, SoftTimeLimitExceeded):
-        return "time_limit", False
+        return ("time_limit", "the job ran past the worker's time limit; ask for a smaller size or "
+                "fewer iterations", False)
     if isinstance(exc, torch.OutOfMemoryError):
-        return "out_of_memory", False
-    return "internal_error", True
+        return ("out_of_memory", "the worker ran out of memory on this job; ask for a smaller size "
+                "or fewer style images", False)
+    return "internal_error", INTERNAL_ERROR, True
 
 
-def _best_effort(action: Any) -> None:
+def _best_effort(job_id: str, attempt: int, action: Any) -> None:
     try:
         action()
     except Exception as exc:  # the database may be the thing that is down
-        logger.warning("job_event job_id=- attempt=- event=release_failed error=%s", exc)
+        log_event(job_id, attempt, "cleanup_failed", logging.WARNING, error=type(exc).__name__,
+                  detail=repr(str(exc)[:200]))

@@ -32,10 +32,13 @@ class JobTask(Task):
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Retries spent on a transient error: fail the job if no attempt holds it."""
         job_id = args[0] if args else task_id
-        message = f"gave up after {self.max_retries} retries: {type(exc).__name__}: {exc}"
+        # The exception's text (endpoints, paths, SQL) is for the log, never for the tenant.
+        message = (f"storage or the database stayed unreachable; gave up after {self.max_retries} "
+                   "retries. Submit the job again later")
         try:
             if jobstore.fail_released(get_settings().database_url, job_id, "unavailable", message):
-                runner.log_event(job_id, None, "failed", logging.ERROR, code="unavailable")
+                runner.log_event(job_id, None, "failed", logging.ERROR, code="unavailable",
+                                 error=type(exc).__name__, detail=repr(str(exc)[:200]))
         except Exception:
             logger.exception("job_event job_id=%s attempt=- event=fail_after_retries_failed", job_id)
 

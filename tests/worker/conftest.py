@@ -1,19 +1,26 @@
-"""Worker unit tests: a migrated SQLite database with one tenant, two images and job factories."""
+"""Worker unit tests: a migrated SQLite database with one tenant, two images, job factories and a fake
+engine (with both images in folder storage)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from shared.db import get_sessionmaker
 from shared.migrate import upgrade
 from shared.models import Job, StoredImage, Tenant
 from shared.settings import Settings
+from shared.storage import open_storage
+from tests.worker.fakes import FakeEngine
+from worker import runner
 
 CONTENT, STYLE = "c" * 64, "s" * 64
+NODE = "cpu@testhost"
 MakeJob = Callable[..., str]
 LoadJob = Callable[[str], Job]
 
@@ -63,3 +70,20 @@ def load_job(settings: Settings) -> Callable[[str], Job]:
             return job
 
     return load
+
+
+def png(color: tuple[int, int, int] = (0, 128, 255)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def engine(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+    """The runner's engine, faked; the job's two input images are in storage."""
+    fake = FakeEngine()
+    monkeypatch.setattr(runner, "get_engine", lambda _s: fake)
+    storage = open_storage(settings)
+    storage.put_bytes(f"images/{CONTENT}", png())
+    storage.put_bytes(f"images/{STYLE}", png((255, 200, 0)))
+    return fake

@@ -42,7 +42,7 @@ def test_expired_lease_is_taken_over_and_old_attempt_fenced(
     assert isinstance(got, Claim) and got.attempt == 2
     # The old attempt's writes now change nothing.
     assert not jobstore.heartbeat(url, job_id, 1, {"step": 3})
-    assert not jobstore.append_checkpoint(url, job_id, 1, {"key": "k"})
+    assert jobstore.append_checkpoint(url, job_id, 1, {"key": "k"}, 3) is None
     assert not jobstore.succeed(url, job_id, 1, "jobs/x/result.png", {})
     assert jobstore.heartbeat(url, job_id, 2, {"step": 4})
     assert load_job(job_id).progress == {"step": 4}
@@ -124,5 +124,41 @@ def test_checkpoint_refs_append_in_order(settings: Settings, make_job: MakeJob, 
     got = jobstore.claim(url, job_id, ME, 60)
     assert isinstance(got, Claim)
     for step in (2, 4, 4):
-        assert jobstore.append_checkpoint(url, job_id, 1, {"key": f"k{step}", "step": step})
-    assert [c["step"] for c in load_job(job_id).checkpoints] == [2, 4]
+        assert jobstore.append_checkpoint(url, job_id, 1, {"key": f"k{step}", "step": step}, 3)
+    # The second k4 replaced the first (same object) under a new seq.
+    assert [(c["step"], c["seq"]) for c in load_job(job_id).checkpoints] == [(2, 0), (4, 2)]
+
+
+def test_recording_beyond_keep_drops_the_oldest(
+    settings: Settings, make_job: MakeJob, load_job: LoadJob
+) -> None:
+    url = settings.database_url
+    job_id = make_job()
+    assert isinstance(jobstore.claim(url, job_id, ME, 60), Claim)
+    garbage: list[str] = []
+    for step in range(1, 6):
+        ref = {"key": f"k{step}.pt", "preview_key": f"k{step}.png", "step": step}
+        got = jobstore.append_checkpoint(url, job_id, 1, ref, 2)
+        assert got is not None and got.ref == {**ref, "seq": step - 1}
+        garbage += got.garbage
+    assert [(c["step"], c["seq"]) for c in load_job(job_id).checkpoints] == [(4, 3), (5, 4)]
+    assert garbage == ["k1.pt", "k1.png", "k2.pt", "k2.png", "k3.pt", "k3.png"]
+
+
+def test_retain_numbers_legacy_refs_by_position_and_keeps_at_least_one() -> None:
+    legacy = [{"key": "a.pt", "preview_key": "a.png"}, {"key": "b.pt", "preview_key": "b.png"}]
+    refs, garbage = jobstore.retain(legacy, {"key": "c.pt", "preview_key": "c.png"}, 2)
+    assert [(c["key"], c["seq"]) for c in refs] == [("b.pt", 1), ("c.pt", 2)]
+    assert garbage == ["a.pt", "a.png"]
+    refs, garbage = jobstore.retain(refs, {"key": "d.pt"}, 0)  # keep < 1: the latest stays
+    assert [(c["key"], c["seq"]) for c in refs] == [("d.pt", 3)]
+    assert garbage == ["b.pt", "b.png", "c.pt", "c.png"]
+    assert jobstore.retain([], {"key": "x.pt"}, 3) == ([{"key": "x.pt", "seq": 0}], [])
+
+
+def test_retain_never_names_a_key_a_kept_ref_still_uses() -> None:
+    # A dropped ref sharing its preview with a kept one (and an earlier copy of the same key).
+    current = [{"key": "1.pt", "preview_key": "p.png", "seq": 7}, {"key": "2.pt", "seq": 8}]
+    refs, garbage = jobstore.retain(current, {"key": "2.pt", "preview_key": "p.png"}, 1)
+    assert refs == [{"key": "2.pt", "preview_key": "p.png", "seq": 9}]
+    assert garbage == ["1.pt"]

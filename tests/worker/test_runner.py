@@ -15,28 +15,10 @@ from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import StorageUnavailable, open_storage
-from tests.worker.conftest import CONTENT, STYLE, LoadJob, MakeJob
+from tests.worker.conftest import CONTENT, NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
 from worker import jobstore, progress, runner
 from worker.engine import ImageError
-
-NODE = "cpu@testhost"
-
-
-def png(color: tuple[int, int, int] = (0, 128, 255)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (48, 48), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture
-def engine(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
-    fake = FakeEngine()
-    monkeypatch.setattr(runner, "get_engine", lambda _s: fake)
-    storage = open_storage(settings)
-    storage.put_bytes(f"images/{CONTENT}", png())
-    storage.put_bytes(f"images/{STYLE}", png((255, 200, 0)))
-    return fake
 
 
 def test_success_stores_result_and_every_checkpoint(
@@ -49,7 +31,7 @@ def test_success_stores_result_and_every_checkpoint(
     assert job.progress["fraction"] == 1.0 and job.finished_at is not None
     storage = open_storage(settings)
     assert Image.open(io.BytesIO(storage.get_bytes(job.result_key or ""))).size == (32, 32)
-    assert [c["step"] for c in job.checkpoints] == [3, 6]
+    assert [(c["step"], c["seq"]) for c in job.checkpoints] == [(3, 0), (6, 1)]  # 2 <= keep (3)
     for ref in job.checkpoints:
         assert storage.exists(ref["key"]) and storage.exists(ref["preview_key"])
     # A second delivery of the finished job is dropped.

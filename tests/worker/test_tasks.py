@@ -29,4 +29,4 @@ def test_spent_retries_fail_a_released_job(settings: Settings, make_job: MakeJob
     run_job.on_failure(StorageUnavailable("S3 down"), job_id, (job_id,), {}, None)
     job = load_job(job_id)
     assert (job.status, job.error_code, job.error_retryable) == ("failed", "unavailable", True)
-    assert "S3 down" in (job.error_message or "")
+    assert "retries" in (job.error_message or "")  # the exception's own text: tests/worker/test_errors.py
