@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.indoubt import InDoubt
 from api.limits import BodyLimitMiddleware
+from api.offload import cpu_pool
 from api.publisher import CeleryPublisher, Publisher
 from api.routes import batches, health, images, jobs, results
 from shared.db import get_sessionmaker
@@ -47,11 +48,17 @@ def create_app(
     app.state.settings = settings
     app.state.storage = storage or open_storage(settings)
     app.state.publisher = publisher or CeleryPublisher(settings)
+    app.state.cpu_pool = cpu_pool(settings)
     app.state.indoubt = InDoubt(get_sessionmaker(settings.database_url))
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     for module in (health, images, jobs, results, batches):
         app.include_router(module.router)
+    if settings.auth == "off":
+        logger.warning(
+            "api_event job_id=- event=auth_off warning=%s",
+            "AUTHENTICATION IS OFF: every caller acts as the local tenant; serve only on loopback",
+        )
     logger.info(
         "api_event job_id=- event=app_created auth=%s database=%s storage=%s",
         settings.auth,

@@ -57,14 +57,32 @@ def cmd_api(args: argparse.Namespace) -> int:
     from shared.settings import get_settings
 
     settings = get_settings()
+    host = args.host or settings.api_host
+    if settings.auth == "off" and not _loopback(host) and not settings.auth_off_allow_remote:
+        raise SystemExit(
+            f"refusing to serve {host} with STYLEQUEUE_AUTH=off: anyone who can reach it would act "
+            "as the local tenant. Bind 127.0.0.1, turn auth on, or set "
+            "STYLEQUEUE_AUTH_OFF_ALLOW_REMOTE=true if something in front authenticates."
+        )
     uvicorn.run(
         "api.app:create_app",
         factory=True,
-        host=args.host or settings.api_host,
+        host=host,
         port=args.port or settings.api_port,
         proxy_headers=True,
     )
     return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

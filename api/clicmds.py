@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 from api.client import ApiError, StyleQueueClient
 
@@ -115,7 +116,7 @@ def status(args: argparse.Namespace) -> int:
             if job["error"]:
                 print(f"  error {job['error']['code']}: {job['error']['message']}")
             if job["result_url"]:
-                print(f"  result {job['result_url']}")
+                print(f"  result {urljoin(args.url.rstrip('/') + '/', job['result_url'])}")
             return 0
         try:
             batch = client.get_batch(args.id)

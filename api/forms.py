@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
+from api.safejson import check_text, loads
 from shared.errors import InvalidInput, PayloadTooLarge
 from shared.settings import Settings
+
+MAX_FIELD_BYTES = 64 * 1024  # one text field of a form (1,000 batch pairs take about 12 kB)
 
 
 async def read_form(request: Request, *, max_files: int) -> FormData:
@@ -22,7 +24,8 @@ async def read_form(request: Request, *, max_files: int) -> FormData:
             malformed=True,
         )
     try:
-        return await request.form(max_files=max_files, max_fields=max_files + 4096)
+        form = await request.form(max_files=max_files, max_fields=max_files + 4096,
+                                  max_part_size=MAX_FIELD_BYTES)
     except HTTPException as exc:  # Starlette's multipart errors (too many files, bad boundary)
         code = "too_many_files" if "files" in str(exc.detail) else "malformed_form"
         raise InvalidInput(code, f"the form could not be read: {exc.detail}",
@@ -30,6 +33,15 @@ async def read_form(request: Request, *, max_files: int) -> FormData:
     except (ValueError, KeyError) as exc:
         raise InvalidInput("malformed_form", f"the form could not be read: {exc}",
                            malformed=True) from None
+    try:
+        for name, value in form.multi_items():
+            check_text(name, "a form field's name")
+            if isinstance(value, str):
+                check_text(value, f"form field {name!r}")
+    except InvalidInput:
+        await form.close()
+        raise
+    return form
 
 
 def files(form: FormData, name: str) -> list[UploadFile]:
@@ -59,15 +71,21 @@ async def read_upload(upload: UploadFile, settings: Settings, field: str) -> byt
     return data
 
 
+async def read_items(items: list[UploadFile | str], settings: Settings,
+                     names: list[str]) -> list[tuple[str, bytes] | str]:
+    """Uploads read into memory as (field name, bytes), within the per-file limit; ids as they are."""
+    out: list[tuple[str, bytes] | str] = []
+    for item, name in zip(items, names, strict=True):
+        out.append(item if isinstance(item, str) else (name, await read_upload(item, settings, name)))
+    return out
+
+
 def json_field(raw: str | None, name: str) -> Any:
+    """A form field holding JSON (``pairs``), parsed within ``api.safejson``'s limits."""
     if raw is None:
         return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            f"malformed_{name}", f"{name} is not valid JSON ({exc.msg})", malformed=True
-        ) from None
+    return loads(raw, what=name, max_bytes=MAX_FIELD_BYTES)
 
 
-__all__ = ["files", "json_field", "read_form", "read_upload", "text", "texts"]
+__all__ = ["MAX_FIELD_BYTES", "files", "json_field", "read_form", "read_items", "read_upload",
+           "text", "texts"]

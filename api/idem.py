@@ -24,6 +24,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from api.errors import is_db_outage
 from api.indoubt import InDoubt, Submission
+from api.offload import off_loop
 from shared.idempotency import StoredResponse, check_key, fingerprint, lookup, remember
 
 logger = logging.getLogger(__name__)
@@ -45,31 +46,41 @@ def header_key(request: Request) -> str | None:
     return None if raw is None else check_key(raw)
 
 
-async def _file_digest(upload: UploadFile) -> str:
+def _file_digest(upload: UploadFile) -> str:
+    """sha256 of an uploaded file (blocking reads: called in a worker thread)."""
     digest = hashlib.sha256()
-    while chunk := await upload.read(_CHUNK):
+    upload.file.seek(0)
+    while chunk := upload.file.read(_CHUNK):
         digest.update(chunk)
-    await upload.seek(0)
+    upload.file.seek(0)
     return digest.hexdigest()
 
 
-async def form_request(request: Request, form: FormData, key: str | None) -> IdemRequest | None:
-    if key is None:
-        return None
-    parts: list[bytes | str] = [request.method, request.url.path, "multipart"]
+def _form_fingerprint(method: str, path: str, form: FormData) -> str:
+    parts: list[bytes | str] = [method, path, "multipart"]
     for name, value in form.multi_items():
         if isinstance(value, str):
             parts += ["field", name, value]
         else:
-            parts += ["file", name, await _file_digest(value)]
-    return IdemRequest(key, fingerprint(parts))
+            parts += ["file", name, _file_digest(value)]
+    return fingerprint(parts)
 
 
-def json_request(request: Request, body: Any, key: str | None) -> IdemRequest | None:
+async def form_request(request: Request, form: FormData, key: str | None) -> IdemRequest | None:
+    """The key and the fingerprint of a multipart request (files hashed off the event loop)."""
+    if key is None:
+        return None
+    return IdemRequest(key, await off_loop(request, _form_fingerprint, request.method,
+                                            request.url.path, form))
+
+
+def json_request(method: str, path: str, body: Any, key: str | None) -> IdemRequest | None:
+    """The key and the fingerprint of a parsed JSON body (CPU-bound for large bodies: call it off
+    the event loop)."""
     if key is None:
         return None
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return IdemRequest(key, fingerprint([request.method, request.url.path, "json", canonical]))
+    return IdemRequest(key, fingerprint([method, path, "json", canonical]))
 
 
 def find_stored(sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: str,

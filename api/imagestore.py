@@ -1,6 +1,6 @@
 """Uploaded images: validated first, stored once (content-addressed), owned per tenant.
 
-Validation (``validate_upload``, ``check_owned``) touches nothing; ``persist_images`` runs only after
+Validation (``validate_uploads``, ``check_owned``) touches nothing; ``persist_images`` runs only after
 the whole request has been validated, so a rejected request stores no object and creates no row.
 """
 
@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidInput
-from shared.imagecheck import ImageInfo, inspect_image
+from shared.imagecheck import ImageInfo, check_decodes, read_header
 from shared.models import StoredImage, TenantImage, utcnow
 from shared.settings import Settings
 from shared.storage import Storage
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,37 +41,91 @@ def image_key(image_id: str) -> str:
     return f"images/{image_id}"
 
 
-def validate_upload(data: bytes, settings: Settings, *, field: str = "file") -> PendingImage:
-    """Inspect one upload (no side effect); the error message names the form field."""
-    try:
-        info = inspect_image(
-            data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # sha256 hex: the only shape an image id can have
+
+
+def is_image_id(value: str) -> bool:
+    return IMAGE_ID.fullmatch(value) is not None
+
+
+Raw = tuple[str, bytes] | str  # an upload as (form field, bytes), or an uploaded image's id
+Item = PendingImage | str  # an inspected upload, or an image id
+
+
+def resolve_items(items: Sequence[Raw], settings: Settings) -> list[Item]:
+    """Inspect the uploads among ``items`` (see ``validate_uploads``); ids pass through."""
+    pending = iter(validate_uploads([x for x in items if not isinstance(x, str)], settings))
+    return [x if isinstance(x, str) else next(pending) for x in items]
+
+
+def item_id(item: Item) -> str:
+    return item if isinstance(item, str) else item.id
+
+
+def image_dims(session: Session, tenant_id: str, items: Sequence[Item]) -> dict[str, tuple[int, int]]:
+    """(width, height) of every item by id: uploads from their header, ids from the database
+    (``unknown_image`` unless the tenant owns each)."""
+    dims = check_owned(session, tenant_id, [i for i in items if isinstance(i, str)])
+    dims.update({i.id: (i.info.width, i.info.height) for i in items if not isinstance(i, str)})
+    return dims
+
+
+def validate_uploads(uploads: Sequence[tuple[str, bytes]], settings: Settings) -> list[PendingImage]:
+    """Inspect ``(field, bytes)`` uploads (no side effect; CPU-bound: call it in a worker thread).
+
+    Every header is read first (cheap), so a request whose images add up to more than
+    ``max_request_pixels`` is refused before any pixel is decoded; then each is decoded once and
+    hashed. Error messages name the form field."""
+    limits = {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_image_pixels}
+    infos: list[ImageInfo] = [_named(field, read_header, data, **limits) for field, data in uploads]
+    pixels = sum(i.width * i.height for i in infos)
+    if pixels > settings.max_request_pixels:
+        raise InvalidInput(
+            "too_many_pixels",
+            f"the images of this request have {pixels:,} pixels in all; the limit per request is "
+            f"{settings.max_request_pixels:,}: send fewer or smaller images, or upload them with "
+            "POST /v1/images first",
         )
+    out = []
+    for (field, data), info in zip(uploads, infos, strict=True):
+        _named(field, check_decodes, data)
+        out.append(PendingImage(hashlib.sha256(data).hexdigest(), info, data))
+    return out
+
+
+def _named(field: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, with the form field named in the message of an ``InvalidInput``."""
+    try:
+        return fn(*args, **kwargs)
     except InvalidInput as exc:
         exc.message = f"{field}: {exc.message}"
         raise
-    return PendingImage(hashlib.sha256(data).hexdigest(), info, data)
 
 
-def check_owned(session: Session, tenant_id: str, image_ids: Iterable[str]) -> None:
-    """Raise ``unknown_image`` unless the tenant has uploaded every id (others' ids are unknown)."""
+def check_owned(session: Session, tenant_id: str,
+                image_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """The (width, height) of each id; ``unknown_image`` unless the tenant has uploaded every id
+    (others' ids, and strings that cannot be an image id, are unknown without a query)."""
     wanted = set(image_ids)
     if not wanted:
-        return
-    found = set(
-        session.scalars(
-            select(TenantImage.image_id).where(
-                TenantImage.tenant_id == tenant_id, TenantImage.image_id.in_(wanted)
-            )
+        return {}
+    valid = {i for i in wanted if is_image_id(i)}
+    found = {
+        row.id: (row.width, row.height)
+        for row in session.execute(
+            select(StoredImage.id, StoredImage.width, StoredImage.height)
+            .join(TenantImage, TenantImage.image_id == StoredImage.id)
+            .where(TenantImage.tenant_id == tenant_id, StoredImage.id.in_(valid))
         )
-    )
-    missing = sorted(wanted - found)
+    } if valid else {}
+    missing = sorted(wanted - set(found))
     if missing:
         raise InvalidInput(
             "unknown_image",
-            f"unknown image id {missing[0]!r}: upload it with POST /v1/images first",
-            image_ids=missing[:20],
+            f"unknown image id {missing[0][:80]!r}: upload it with POST /v1/images first",
+            image_ids=[m[:80] for m in missing[:20]],
         )
+    return found
 
 
 def insert_ignore(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:
@@ -130,5 +186,6 @@ def persist_images(session: Session, storage: Storage, tenant_id: str,
     return fresh
 
 
-__all__ = ["PendingImage", "check_owned", "image_key", "insert_ignore", "persist_images",
-           "validate_upload"]
+__all__ = ["Item", "PendingImage", "Raw", "check_owned", "image_dims", "image_key",
+           "insert_ignore", "is_image_id", "item_id", "persist_images", "resolve_items",
+           "validate_uploads"]

@@ -17,15 +17,21 @@ MAX_BATCH_FILES = 64  # files in one multipart batch; larger sets: upload via /v
 _FORM_OVERHEAD = 1024 * 1024
 
 
-def body_limit(settings: Settings, path: str) -> int:
+def body_limit(settings: Settings, path: str, content_type: str = "") -> int:
+    """The largest body this path and content type may send: a JSON body is parsed whole, so it
+    gets its own small limit; a form is spooled to disk as it streams, file by file."""
+    if content_type.startswith("application/json"):
+        return settings.max_json_bytes
     per_file = settings.max_upload_bytes
     if path.startswith("/v1/images"):
-        return per_file + _FORM_OVERHEAD
-    if path.startswith("/v1/batches"):
-        return per_file * MAX_BATCH_FILES + _FORM_OVERHEAD
-    if path.startswith("/v1/jobs"):
-        return per_file * (settings.max_styles + 1) + _FORM_OVERHEAD
-    return _FORM_OVERHEAD
+        limit = per_file + _FORM_OVERHEAD
+    elif path.startswith("/v1/batches"):
+        limit = per_file * MAX_BATCH_FILES + _FORM_OVERHEAD
+    elif path.startswith("/v1/jobs"):
+        limit = per_file * (settings.max_styles + 1) + _FORM_OVERHEAD
+    else:
+        limit = _FORM_OVERHEAD
+    return min(limit, settings.max_form_bytes)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -44,8 +50,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        limit = body_limit(self.settings, scope["path"])
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        ctype = headers.get(b"content-type", b"").decode("latin-1").lower()
+        limit = body_limit(self.settings, scope["path"], ctype)
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._reject(send, limit)
             return

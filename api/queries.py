@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections import Counter
 from datetime import datetime
 from typing import Any
@@ -15,27 +16,40 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from api.safejson import loads
 from api.views import aware
 from shared.errors import InvalidInput, NotFound
 from shared.jobs import JobStatus
 from shared.models import Batch, Job
 
 MAX_PAGE = 200
+MAX_CURSOR = 200  # characters; the cursors this API returns are about 100
+# Job and batch ids are lowercase UUIDs (shared.models.new_id): anything else names nothing, and is
+# answered without a query (PostgreSQL text cannot even hold some of what a client may send).
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_row_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
+
+
+def _shown(value: str) -> str:
+    return repr(value[:80])
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    job = (session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+           if is_row_id(job_id) else None)
     if job is None:
-        raise NotFound("job_not_found", f"no job {job_id!r}")
+        raise NotFound("job_not_found", f"no job {_shown(job_id)}")
     return job
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
-    batch = session.scalar(
-        select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
-    )
+    batch = (session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id))
+             if is_row_id(batch_id) else None)
     if batch is None:
-        raise NotFound("batch_not_found", f"no batch {batch_id!r}")
+        raise NotFound("batch_not_found", f"no batch {_shown(batch_id)}")
     return batch
 
 
@@ -45,11 +59,16 @@ def encode_cursor(created_at: datetime, job_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, job id) a cursor of ours holds; ``invalid_cursor`` for anything else."""
     try:
+        if len(cursor) > MAX_CURSOR:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, job_id = json.loads(raw)
-        return datetime.fromisoformat(stamp), str(job_id)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        stamp, job_id = loads(raw, what="cursor", max_bytes=MAX_CURSOR, max_depth=1)
+        if not isinstance(stamp, str) or not isinstance(job_id, str) or not is_row_id(job_id):
+            raise ValueError("not a cursor")
+        return datetime.fromisoformat(stamp), job_id
+    except (ValueError, TypeError, binascii.Error, InvalidInput):
         raise InvalidInput("invalid_cursor", "cursor is not one this API returned") from None
 
 
@@ -59,6 +78,8 @@ def list_jobs(session: Session, tenant_id: str, *, status: str | None, batch_id:
     if status is not None and status not in {s.value for s in JobStatus}:
         allowed = ", ".join(s.value for s in JobStatus)
         raise InvalidInput("invalid_status", f"status must be one of: {allowed}")
+    if batch_id and not is_row_id(batch_id):
+        raise InvalidInput("invalid_batch_id", f"batch_id {_shown(batch_id)} is not a batch id")
     query = select(Job).where(Job.tenant_id == tenant_id)
     if status:
         query = query.where(Job.status == status)
@@ -106,5 +127,5 @@ def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
     }
 
 
-__all__ = ["MAX_PAGE", "batch_summary", "decode_cursor", "encode_cursor", "get_batch", "get_job",
+__all__ = ["MAX_PAGE", "batch_summary", "is_row_id", "decode_cursor", "encode_cursor", "get_batch", "get_job",
            "list_jobs"]

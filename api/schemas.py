@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from shared.params import JobParams
+
+# ``params`` is validated by JobParams in api.submit (so its errors get their own codes); the schema
+# shown in OpenAPI is JobParams' own, generated from the same model.
+PARAMS_SCHEMA = JobParams.model_json_schema()
+ParamsDict = Annotated[dict[str, Any], WithJsonSchema(PARAMS_SCHEMA)]
+ImageId = Annotated[str, Field(max_length=64, description="an uploaded image's id (sha256 hex)")]
+MAX_IDS = 10_000  # a hard ceiling; the configured max_batch_jobs (1,000) is checked in the route
 
 
 class ErrorDetail(BaseModel):
@@ -94,11 +103,39 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    contents: list[str] = Field(min_length=1)
-    styles: list[str] = Field(min_length=1)
-    mode: Literal["product", "pairs"] = "product"
-    pairs: list[tuple[int, int | list[int]]] | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
+    contents: list[ImageId] = Field(min_length=1, max_length=MAX_IDS)
+    styles: list[ImageId] = Field(min_length=1, max_length=MAX_IDS)
+    mode: Literal["product", "pairs"] = Field(
+        "product", description="product: every content with every style; pairs: as listed")
+    pairs: list[tuple[int, int | list[int]]] | None = Field(
+        None, max_length=MAX_IDS,
+        description="mode pairs: [content index, style index or list of style indexes]")
+    params: ParamsDict = Field(default_factory=dict)
+
+
+def _form_schema(files_field: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {
+        files_field: {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "style": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "content_id": {"type": "array", "items": {"type": "string", "maxLength": 64}},
+        "style_id": {"type": "array", "items": {"type": "string", "maxLength": 64}},
+        "params": {"type": "string", "contentMediaType": "application/json",
+                   "contentSchema": PARAMS_SCHEMA, "description": "JSON object (JobParams)"},
+        **extra,
+    }}
+
+
+JOB_FORM_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": _form_schema("content", {})},
+}}}
+BATCH_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": BatchRequest.model_json_schema()},
+    "multipart/form-data": {"schema": _form_schema("content", {
+        "mode": {"type": "string", "enum": ["product", "pairs"]},
+        "pairs": {"type": "string", "contentMediaType": "application/json",
+                  "description": "JSON list of [content index, style index(es)]"},
+    })},
+}}}
 
 
 class ReadyOut(BaseModel):
@@ -107,6 +144,8 @@ class ReadyOut(BaseModel):
 
 
 __all__ = [
+    "BATCH_DOC",
+    "JOB_FORM_DOC",
     "BatchCreated",
     "BatchOut",
     "BatchRequest",

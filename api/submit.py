@@ -7,7 +7,6 @@ republish, and the request still succeeds.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import is_db_outage
+from api.forms import MAX_FIELD_BYTES
 from api.publisher import Publisher
+from api.safejson import loads
 from shared.errors import InvalidInput
 from shared.jobs import JobStatus
 from shared.models import Job, new_id, utcnow
@@ -35,32 +36,28 @@ class JobSpec:
     style_ids: tuple[str, ...]
 
 
+_CODES = {"extra_forbidden": "unknown_parameter", "too_many_scales": "too_many_scales"}
+
+
 def parse_params_json(raw: str | None) -> dict[str, Any]:
     """The ``params`` form field: a JSON object, or empty for the defaults."""
     if raw is None or not raw.strip():
         return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            "malformed_params", f"params is not valid JSON ({exc.msg} at char {exc.pos})",
-            malformed=True,
-        ) from None
+    value = loads(raw, what="params", max_bytes=MAX_FIELD_BYTES)
     if not isinstance(value, dict):
         raise InvalidInput("malformed_params", "params must be a JSON object", malformed=True)
     return value
 
 
 def params_error(exc: ValidationError) -> InvalidInput:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()))
-    if err.get("type") == "extra_forbidden":
+    err = exc.errors(include_input=False)[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))[:100]
+    code = _CODES.get(str(err.get("type")), "invalid_parameter")
+    if code == "unknown_parameter":
         allowed = ", ".join(sorted(JobParams.model_fields))
-        return InvalidInput(
-            "unknown_parameter", f"unknown parameter {loc!r}; allowed: {allowed}", parameter=loc
-        )
+        return InvalidInput(code, f"unknown parameter {loc!r}; allowed: {allowed}", parameter=loc)
     where = f"params.{loc}" if loc else "params"
-    return InvalidInput("invalid_parameter", f"{where}: {err.get('msg')}", parameter=loc or None)
+    return InvalidInput(code, f"{where}: {err.get('msg')}", parameter=loc or None)
 
 
 def validate_params(raw: dict[str, Any], settings: Settings,
@@ -75,11 +72,23 @@ def validate_params(raw: dict[str, Any], settings: Settings,
             "size_too_large",
             f"size {params.largest_size()} is above the maximum {settings.max_size}",
         )
+    scales = params.scale_count()
+    if scales > settings.max_scales:
+        raise InvalidInput("too_many_scales",
+                           f"{scales} scales; the maximum is {settings.max_scales}: "
+                           "raise scale_factor or min_size, or list fewer scales")
     total = params.total_iterations()
     if total > settings.max_iterations:
         raise InvalidInput(
             "too_many_iterations",
             f"{total} iterations in all scales; the maximum is {settings.max_iterations}",
+        )
+    if params.work() > settings.max_job_work:
+        raise InvalidInput(
+            "too_much_work",
+            f"the job asks for {params.work():.3g} pixel-iterations (sum over scales of long "
+            f"edge squared x iterations); the maximum is {settings.max_job_work:.3g}: "
+            "use fewer iterations or a smaller size",
         )
     for count in sorted(set(style_counts)):
         if count > settings.max_styles:
@@ -92,6 +101,15 @@ def validate_params(raw: dict[str, Any], settings: Settings,
                 f"{len(params.style_weights)} style_weights for {count} style image(s)",
             )
     return params
+
+
+def check_runnable(params: JobParams, contents_wh: Sequence[tuple[int, int]],
+                   styles_wh: Sequence[tuple[int, int]]) -> None:
+    """Refuse images the engine could not run at some scale (a side under 16 px), up front."""
+    why = params.narrow_reason(contents_wh, styles_wh)
+    if why is not None:
+        raise InvalidInput("image_too_narrow",
+                           f"{why}: use a less extreme aspect ratio or a larger min_size")
 
 
 def insert_jobs(session: Session, *, tenant_id: str, batch_id: str | None,
@@ -150,5 +168,5 @@ def publish_and_mark(factory: sessionmaker[Session], publisher: Publisher,
     return published
 
 
-__all__ = ["JobSpec", "insert_jobs", "params_error", "parse_params_json", "publish_and_mark",
-           "validate_params"]
+__all__ = ["JobSpec", "check_runnable", "insert_jobs", "params_error", "parse_params_json",
+           "publish_and_mark", "validate_params"]

@@ -17,17 +17,15 @@ from shared.settings import Settings
 from shared.storage import Storage
 
 
-def base_url(request: Request, settings: Settings) -> str:
-    """Links use STYLEQUEUE_PUBLIC_URL when set explicitly, else the URL the client called."""
-    default = f"http://{settings.api_host}:{settings.api_port}"
-    if settings.public_url and settings.public_url != default:
-        return settings.public_url.rstrip("/")
-    return str(request.base_url).rstrip("/")
+def base_url(settings: Settings) -> str:
+    """Links start with STYLEQUEUE_PUBLIC_URL, or are relative (``/v1/...``) without one: never
+    the client's ``Host`` header, which a caller controls and a shared cache would pass on."""
+    return settings.public_url.rstrip("/")
 
 
 class Linker:
     def __init__(self, request: Request, settings: Settings, storage: Storage) -> None:
-        self.base = base_url(request, settings)
+        self.base = base_url(settings)
         self.storage = storage
         self.expires = settings.presign_expiry_s
 
@@ -57,8 +55,9 @@ def job_out(job: Job, linker: Linker) -> JobOut:
             scale=cp.get("scale"),
             iteration=cp.get("iteration"),
             step=cp.get("step"),
-            url=linker.link(cp.get("key"), f"{path}/checkpoints/{i}"),
-            preview_url=linker.link(cp.get("preview_key"), f"{path}/checkpoints/{i}/preview"),
+            url=linker.link(cp.get("key"), f"{path}/checkpoints/{cp.get('seq', i)}"),
+            preview_url=linker.link(cp.get("preview_key"),
+                                    f"{path}/checkpoints/{cp.get('seq', i)}/preview"),
         )
         for i, cp in enumerate(job.checkpoints or [])
     ]

@@ -64,8 +64,9 @@ def _open_header(data: bytes) -> Image.Image:
     )
 
 
-def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
-    """Validate an upload; raise ``InvalidInput`` (``PayloadTooLarge`` for size) if unfit."""
+def read_header(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Format and dimensions from the header alone (cheap: no pixel is decoded); raise
+    ``InvalidInput`` (``PayloadTooLarge`` for size) if unfit."""
     if len(data) > max_bytes:
         raise PayloadTooLarge(
             "too_many_bytes",
@@ -88,15 +89,30 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
             ) from None
         with img:
             info = ImageInfo(format=str(img.format), width=img.width, height=img.height)
-            _check_dimensions(info, max_pixels)
-            try:
+    _check_dimensions(info, max_pixels)
+    return info
+
+
+def check_decodes(data: bytes) -> None:
+    """Decode every pixel once (the expensive step: run it off the event loop) to catch truncated
+    or damaged files. Call after ``read_header`` accepted the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with _open_header(data) as img:
                 img.load()
-            except (OSError, ValueError, SyntaxError, EOFError) as exc:
-                raise InvalidInput(
-                    "truncated",
-                    f"the image could not be decoded completely ({exc}); it may be truncated or "
-                    "damaged, upload the file again",
-                ) from None
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as exc:
+            raise InvalidInput(
+                "truncated",
+                f"the image could not be decoded completely ({str(exc)[:200]}); it may be "
+                "truncated or damaged, upload the file again",
+            ) from None
+
+
+def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Validate an upload: ``read_header`` then ``check_decodes``."""
+    info = read_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    check_decodes(data)
     return info
 
 
@@ -114,4 +130,5 @@ def _check_dimensions(info: ImageInfo, max_pixels: int) -> None:
         )
 
 
-__all__ = ["ALLOWED_FORMATS", "CONTENT_TYPES", "ImageInfo", "inspect_image"]
+__all__ = ["ALLOWED_FORMATS", "CONTENT_TYPES", "ImageInfo", "check_decodes", "inspect_image",
+           "read_header"]

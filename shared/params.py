@@ -6,27 +6,97 @@ engine's ``TransferConfig``. Unknown keys are rejected, so a typo is a 422, not 
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
+# Mirrors of worker.engine.schedule (the API never imports the engine; tests/engine checks they agree).
+MIN_SCALE_FACTOR = 1.1  # below this a job is many near-identical scales, each a VGG pass + checkpoint
+MAX_SCALE_FACTOR = 4.0
+HARD_MAX_SCALES = 64  # the model's own ceiling; the configured limit (max_scales, 16) is checked later
+MIN_SIDE = 16  # VGG19 up to relu5_1 has 4 max pools: every side of every scale must be >= 2**4
+MAX_EDGE = 65_536  # no image has a longer side; the configured max_size (2048) is checked later
+MAX_ITERATIONS_PER_SCALE = 100_000
+
+# Weights are finite and bounded: NaN, Infinity and 1e400 are refused (PostgreSQL's JSON cannot
+# store them, and they make no picture).
+Weight = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
+Edge = Annotated[int, Field(ge=MIN_SIDE, le=MAX_EDGE)]
+Iterations = Annotated[int, Field(ge=1, le=MAX_ITERATIONS_PER_SCALE)]
+
+
+def _too_many_scales(count: int, limit: int, how: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "too_many_scales",
+        "{how} gives {count} scales; the maximum is {limit}: raise scale_factor or min_size",
+        {"how": how, "count": count, "limit": limit},
+    )
+
+
+def long_edges(size: int, min_size: int, scale_factor: float,
+               max_scales: int = HARD_MAX_SCALES) -> list[int]:
+    """The long edge of each scale, ``min_size`` up to ``size`` by ``scale_factor``: the same rule as
+    ``worker.engine.schedule.long_edges``. The number of scales is computed in closed form first, so
+    a factor near 1 is refused at once instead of looping ~1e16 times."""
+    if min_size >= size:
+        return [size]
+    if not MIN_SCALE_FACTOR <= scale_factor <= MAX_SCALE_FACTOR:
+        raise PydanticCustomError(
+            "scale_factor_range", "scale_factor must be between {lo} and {hi}",
+            {"lo": MIN_SCALE_FACTOR, "hi": MAX_SCALE_FACTOR},
+        )
+    target = size * (1 - 1e-6)
+    # closed form: edge k is min_size * f**k; the loop below appends those under target
+    steps = math.ceil(math.log(target / min_size) / math.log(scale_factor))
+    how = f"scale_factor {scale_factor:g} from {min_size} to {size} px"
+    if steps > max_scales:
+        raise _too_many_scales(steps + 1, max_scales, how)
+    edges: list[int] = []
+    edge = float(min_size)
+    for _ in range(steps + 2):  # bounded; float rounding may need one step more than the closed form
+        if edge >= target:
+            break
+        edges.append(round(edge))
+        edge *= scale_factor
+    if edges and size / edges[-1] < scale_factor**0.5:
+        edges.pop()  # no near-duplicate last scale
+    edges.append(size)
+    if len(edges) > max_scales:
+        raise _too_many_scales(len(edges), max_scales, how)
+    return edges
+
+
+def fit_long_edge(wh: tuple[int, int], long_edge: int) -> tuple[int, int]:
+    """(w, h) with the aspect ratio of ``wh`` and the given long edge (the engine's rounding)."""
+    w, h = wh
+    if w >= h:
+        return long_edge, max(1, round(h * long_edge / w))
+    return max(1, round(w * long_edge / h)), long_edge
+
 
 class JobParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    size: int = Field(512, ge=16, description="long edge of the result in pixels")
-    min_size: int = Field(128, ge=16, description="long edge of the first (coarsest) scale")
-    scale_factor: float = Field(2**0.5, gt=1.0, le=4.0)
-    scales: list[int] | None = Field(None, min_length=1, max_length=16)
-    iterations: int | list[int] | None = Field(
-        None, description="per scale: one value for every scale, a list, or null for the default"
+    size: Edge = Field(512, description="long edge of the result in pixels")
+    min_size: Edge = Field(128, description="long edge of the first (coarsest) scale")
+    scale_factor: float = Field(2**0.5, ge=MIN_SCALE_FACTOR, le=MAX_SCALE_FACTOR,
+                                description="ratio of consecutive scales' long edges")
+    scales: list[Edge] | None = Field(None, min_length=1, max_length=HARD_MAX_SCALES,
+                                      description="explicit long edges, smallest first")
+    iterations: Iterations | list[Iterations] | None = Field(
+        None, description="per scale: one value for every scale, a list, or null for the default",
     )
-    style_weights: list[float] | None = Field(None, description="blend weights, one per style")
-    content_weight: float | None = Field(None, ge=0)
-    style_weight: float | None = Field(None, ge=0)
-    tv_weight: float | None = Field(None, ge=0)
+    style_weights: list[Weight] | None = Field(
+        None, max_length=64, description="blend weights, one per style"
+    )
+    content_weight: Weight | None = None
+    style_weight: Weight | None = None
+    tv_weight: Weight | None = None
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
     lr: float | None = Field(None, gt=0, le=10)
     init: Literal["content", "noise", "gray"] = "content"
@@ -38,53 +108,37 @@ class JobParams(BaseModel):
     output_format: OutputFormat = "png"
     quality: int = Field(95, ge=1, le=100)
 
-    @field_validator("iterations")
+    @field_validator("iterations", mode="before")
     @classmethod
-    def _positive_iterations(cls, v: int | list[int] | None) -> int | list[int] | None:
-        values = [v] if isinstance(v, int) else (v or [])
-        if any(n < 1 or n > 100_000 for n in values):
-            raise ValueError("iterations must be between 1 and 100000")
-        return v
-
-    @field_validator("scales")
-    @classmethod
-    def _scales_in_range(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and any(s < 16 for s in v):
-            raise ValueError("every scale must be at least 16 px")
+    def _iterations_list_bounded(cls, v: object) -> object:
+        if isinstance(v, list) and len(v) > HARD_MAX_SCALES:
+            raise PydanticCustomError("too_many_scales", "iterations lists more than {n} scales",
+                                      {"n": HARD_MAX_SCALES})
         return v
 
     @field_validator("style_weights")
     @classmethod
-    def _nonnegative_blend(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (any(w < 0 for w in v) or sum(v) <= 0):
-            raise ValueError("style_weights must be non-negative with a positive sum")
+    def _positive_blend(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and sum(v) <= 0:
+            raise ValueError("style_weights must have a positive sum")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> JobParams:
         if self.min_size > self.size:
             raise ValueError("min_size must not exceed size")
-        if isinstance(self.iterations, list) and len(self.iterations) != self.scale_count():
+        edges = self.long_edges()  # closed form: refuses too many scales before anything is built
+        if isinstance(self.iterations, list) and len(self.iterations) != len(edges):
             raise ValueError(
-                f"iterations lists {len(self.iterations)} values for {self.scale_count()} scales"
+                f"iterations lists {len(self.iterations)} values for {len(edges)} scales"
             )
         return self
 
     def long_edges(self) -> list[int]:
-        """The long edge of each scale: the same rule as ``worker.engine.schedule.long_edges``
-        (mirrored because the API never imports the engine; tests/engine checks they agree)."""
+        """The long edge of each scale (see the module-level ``long_edges``)."""
         if self.scales:
             return list(self.scales)
-        if self.min_size >= self.size:
-            return [self.size]
-        edges: list[int] = []
-        edge = float(self.min_size)
-        while edge < self.size * (1 - 1e-6):
-            edges.append(round(edge))
-            edge *= self.scale_factor
-        if edges and self.size / edges[-1] < self.scale_factor**0.5:
-            edges.pop()  # no near-duplicate last scale
-        return [*edges, self.size]
+        return long_edges(self.size, self.min_size, self.scale_factor)
 
     def scale_count(self) -> int:
         return len(self.long_edges())
@@ -103,6 +157,29 @@ class JobParams(BaseModel):
 
     def total_iterations(self) -> int:
         return sum(self.iterations_per_scale())
+
+    def work(self) -> int:
+        """Sum over scales of long_edge**2 * iterations: an upper bound on pixels x iterations
+        (a square image is the worst case), what a job costs a worker."""
+        return sum(e * e * n for e, n in zip(self.long_edges(), self.iterations_per_scale(),
+                                              strict=True))
+
+    def narrow_reason(self, contents_wh: Sequence[tuple[int, int]],
+                      styles_wh: Sequence[tuple[int, int]]) -> str | None:
+        """Why these images cannot run at some scale (a side under MIN_SIDE px), or None.
+
+        The engine's rule: at each scale a content is fitted to the scale's long edge, and each
+        style to ``style_scale`` x that long edge (``worker.engine``), whatever the content."""
+        for edge in self.long_edges():
+            style_edge = max(1, round(self.style_scale * edge))
+            for role, images, long_edge in (("content", contents_wh, edge),
+                                            ("style", styles_wh, style_edge)):
+                for i, wh in enumerate(images):
+                    w, h = fit_long_edge(wh, long_edge)
+                    if min(w, h) < MIN_SIDE:
+                        return (f"{role} image {i} ({wh[0]}x{wh[1]}) becomes {w}x{h} px at the "
+                                f"{edge} px scale; both sides must be at least {MIN_SIDE} px")
+        return None
 
 
 def auto_iterations(long_edge: int) -> int:

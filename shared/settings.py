@@ -31,13 +31,22 @@ class Settings(BaseSettings):
     auth: Literal["on", "off"] = "on"  # "off" only for a single local user
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    public_url: str = ""  # base URL used in links; default http://<api_host>:<api_port>
+    public_url: str = ""  # base URL of links in responses (https://...); empty: relative links
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000  # lower than Pillow's 89.5 MP warning on purpose
     max_size: int = 2048  # largest output long edge a job may ask for
     max_iterations: int = 5000  # total iterations over all scales
     max_batch_jobs: int = 1000
     max_styles: int = 8
+    max_scales: int = 16  # scales in one job's coarse-to-fine schedule (explicit or computed)
+    # Total work a job may ask for: sum over scales of long_edge**2 * iterations (a square image
+    # is the worst case). The default 512 job is ~4.9e7, a default 2048 job ~2.2e8.
+    max_job_work: int = 2_000_000_000
+    max_json_bytes: int = 1024 * 1024  # a JSON request body (batches naming image ids)
+    max_form_bytes: int = 256 * 1024 * 1024  # a multipart request body (files of a batch or job)
+    max_request_pixels: int = 256_000_000  # decoded pixels over all images of one request
+    decode_threads: int = 2  # image inspection runs in this many threads, off the event loop
+    auth_off_allow_remote: bool = False  # auth=off refuses a non-loopback api_host unless set
 
     # --- queue and worker ---
     queue_name: str = "stylequeue"
@@ -46,6 +55,7 @@ class Settings(BaseSettings):
     weights: str = "imagenet"  # imagenet | PATH | caffe:PATH | random (tests and demos only)
     device: str = "auto"
     progress_interval_s: float = 1.0  # progress written to the DB at most this often
+    checkpoints_keep: int = 3  # latest checkpoints kept per job; older objects are deleted
     checkpoint_every: int = 50  # also checkpoint every N iterations (0 = only at the end of each scale)
     max_attempts: int = 3  # lost workers (not transient errors) a job may survive
     retry_backoff_s: int = 2  # transient errors: exponential backoff from this (whole seconds)...
@@ -65,8 +75,6 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
         if not self.storage_url:
             self.storage_url = f"file://{data / 'storage'}"
-        if not self.public_url:
-            self.public_url = f"http://{self.api_host}:{self.api_port}"
         return self
 
     @property

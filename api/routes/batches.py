@@ -7,23 +7,41 @@ Everything is validated first; then one transaction stores the images, the batch
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter, ValidationError
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 
 from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
-from api.forms import files, json_field, read_form, read_upload, text, texts
-from api.idem import commit_submission, form_request, header_key, json_request, replay, respond
-from api.imagestore import PendingImage, check_owned, persist_images, validate_upload
+from api.forms import files, json_field, read_form, read_items, text, texts
+from api.idem import (
+    IdemRequest,
+    commit_submission,
+    form_request,
+    header_key,
+    json_request,
+    replay,
+    respond,
+)
+from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
 from api.indoubt import Submission
 from api.limits import MAX_BATCH_FILES
+from api.offload import off_loop
 from api.queries import batch_summary, get_batch
 from api.routes.jobs import ERRORS
-from api.schemas import BatchCreated, BatchOut, BatchRequest
-from api.submit import JobSpec, insert_jobs, parse_params_json, publish_and_mark, validate_params
+from api.safejson import loads
+from api.schemas import BATCH_DOC, BatchCreated, BatchOut, BatchRequest
+from api.submit import (
+    JobSpec,
+    check_runnable,
+    insert_jobs,
+    parse_params_json,
+    publish_and_mark,
+    validate_params,
+)
 from shared.errors import InvalidInput
 from shared.idempotency import StoredResponse
 from shared.models import Batch, new_id, utcnow
@@ -34,7 +52,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 Plan = list[tuple[int, tuple[int, ...]]]  # (content index, style indexes) per job
-Item = PendingImage | str
 _PAIRS = TypeAdapter(list[tuple[int, int | list[int]]])
 BATCH_FIELDS = {"content", "style", "content_id", "style_id", "params", "mode", "pairs"}
 
@@ -73,59 +90,74 @@ def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: i
     return plan
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise InvalidInput("malformed_json", "the body is not valid JSON", malformed=True) from None
+@dataclass(frozen=True)
+class BatchDraft:
+    """A batch as read (uploads in memory, JSON still text), before the CPU-bound validation."""
+
+    contents: list[Raw]
+    styles: list[Raw]
+    mode: str
+    pairs: str | None  # JSON text (form field)
+    params: str | None  # JSON text (form field)
 
 
-def _from_json(body: Any) -> tuple[list[Any], list[Any], str, Any, dict[str, Any]]:
+def _from_json(body: Any, settings: Settings) -> tuple[list[Raw], list[Raw], str, Any, dict[str, Any]]:
     try:
         req = BatchRequest.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err.get("loc", ()))
+        err = exc.errors(include_input=False)[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))[:100]
         code = "unknown_field" if err.get("type") == "extra_forbidden" else "invalid_request"
         raise InvalidInput(code, f"{loc}: {err.get('msg')}") from None
+    for name, ids in (("contents", req.contents), ("styles", req.styles)):
+        if len(ids) > settings.max_batch_jobs:
+            raise InvalidInput("batch_too_large", f"{len(ids)} {name}; the maximum is "
+                               f"{settings.max_batch_jobs} (a batch has at most that many jobs)")
     return list(req.contents), list(req.styles), req.mode, req.pairs, req.params
 
 
-def _from_form(form: FormData) -> tuple[list[Any], list[Any], str, Any, dict[str, Any]]:
+async def _read_form(form: FormData, settings: Settings) -> BatchDraft:
     """Contents: uploaded ``content`` files then ``content_id`` values (same for styles)."""
     unknown = sorted(set(form.keys()) - BATCH_FIELDS)
     if unknown:
-        raise InvalidInput("unknown_field", f"unknown form field {unknown[0]!r}")
-    contents: list[Any] = [*files(form, "content"), *texts(form, "content_id")]
-    styles: list[Any] = [*files(form, "style"), *texts(form, "style_id")]
-    pairs = json_field(text(form, "pairs"), "pairs")
-    raw_params = parse_params_json(text(form, "params"))
-    return contents, styles, text(form, "mode") or "product", pairs, raw_params
+        raise InvalidInput("unknown_field", f"unknown form field {unknown[0][:80]!r}")
+    contents: list[UploadFile | str] = [*files(form, "content"), *texts(form, "content_id")]
+    styles: list[UploadFile | str] = [*files(form, "style"), *texts(form, "style_id")]
+    for name, items in (("contents", contents), ("styles", styles)):
+        if len(items) > settings.max_batch_jobs:
+            raise InvalidInput("batch_too_large",
+                               f"{len(items)} {name}; the maximum is {settings.max_batch_jobs}")
+    return BatchDraft(
+        await read_items(contents, settings, [f"content[{i}]" for i in range(len(contents))]),
+        await read_items(styles, settings, [f"style[{i}]" for i in range(len(styles))]),
+        text(form, "mode") or "product", text(form, "pairs"), text(form, "params"),
+    )
 
 
-async def _read_items(items: list[Any], settings: Settings, name: str) -> list[Item]:
-    out: list[Item] = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            out.append(item)
-        else:
-            field = f"{name}[{i}]"
-            out.append(validate_upload(await read_upload(item, settings, field), settings,
-                                       field=field))
-    return out
+def _validate(draft: BatchDraft | Any, settings: Settings) -> tuple[list[Item], list[Item], Plan,
+                                                                     JobParams]:
+    """A form draft or a parsed JSON body: the plan, params, then every image (decoded once).
+    CPU-bound, so it runs off the event loop."""
+    if isinstance(draft, BatchDraft):
+        contents, styles, mode = draft.contents, draft.styles, draft.mode
+        pairs, raw = json_field(draft.pairs, "pairs"), parse_params_json(draft.params)
+    else:
+        contents, styles, mode, pairs, raw = _from_json(draft, settings)
+    plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs)
+    params = validate_params(raw, settings, [len(ss) for _, ss in plan])
+    return resolve_items(contents, settings), resolve_items(styles, settings), plan, params
 
 
 def _create_batch(ctx: SubmitCtx, contents: list[Item], styles: list[Item], plan: Plan,
                   params: JobParams) -> tuple[StoredResponse, bool]:
     """One transaction: images, the batch, its jobs, the idempotency key; then publish."""
-    def ident(item: Item) -> str:
-        return item if isinstance(item, str) else item.id
-
     tenant_id = ctx.tenant.id
     items = contents + styles
-    specs = [JobSpec(ident(contents[c]), tuple(ident(styles[s]) for s in ss)) for c, ss in plan]
+    specs = [JobSpec(item_id(contents[c]), tuple(item_id(styles[s]) for s in ss)) for c, ss in plan]
     with ctx.sessions() as session:
-        check_owned(session, tenant_id, [i for i in items if isinstance(i, str)])
+        dims = image_dims(session, tenant_id, items)
+        check_runnable(params, [dims[item_id(c)] for c in contents],
+                       [dims[item_id(s)] for s in styles])
         persist_images(session, ctx.storage, tenant_id, [i for i in items if not isinstance(i, str)])
         batch = Batch(id=new_id(), tenant_id=tenant_id, params=params.model_dump(mode="json"),
                       job_count=len(specs), created_at=utcnow())
@@ -145,19 +177,14 @@ def _create_batch(ctx: SubmitCtx, contents: list[Item], styles: list[Item], plan
     return answer, False
 
 
-async def _parse(form: FormData | None, body: Any,
-                 settings: Settings) -> tuple[list[Item], list[Item], Plan, JobParams]:
-    if form is not None:
-        contents, styles, mode, pairs, raw = _from_form(form)
-    else:
-        contents, styles, mode, pairs, raw = _from_json(body)
-    plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs)
-    params = validate_params(raw, settings, [len(ss) for _, ss in plan])
-    return (await _read_items(contents, settings, "content"),
-            await _read_items(styles, settings, "style"), plan, params)
+def _json_body(raw: bytes, method: str, path: str, key: str | None,
+               settings: Settings) -> tuple[Any, IdemRequest | None]:
+    body = loads(raw, what="the body", max_bytes=settings.max_json_bytes)
+    return body, json_request(method, path, body, key)
 
 
 @router.post("", status_code=202, response_model=BatchCreated, responses=ERRORS,
+             openapi_extra=BATCH_DOC,
              summary="Submit many jobs: JSON naming image ids, or multipart files")
 async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDep,
                        storage: StorageDep, publisher: PublisherDep) -> Response:
@@ -165,22 +192,26 @@ async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDe
     response (header ``Idempotent-Replayed: true``) and creates nothing."""
     key = header_key(request)
     form: FormData | None = None
-    body: Any = None
+    draft: BatchDraft | Any
     if request.headers.get("content-type", "").startswith("application/json"):
-        body = await _json_body(request)
+        raw = await request.body()  # bounded by max_json_bytes (api.limits)
+        draft, idem = await off_loop(request, _json_body, raw, request.method, request.url.path,
+                                     key, settings)
     else:
         form = await read_form(request, max_files=MAX_BATCH_FILES)
     try:
-        idem = (json_request(request, body, key) if form is None
-                else await form_request(request, form, key))
+        if form is not None:
+            idem = await form_request(request, form, key)
         ctx = SubmitCtx.build(request, tenant, storage, publisher, idem)
         first_answer = await replay(ctx, idem)
         if first_answer is not None:
             return first_answer
-        contents, styles, plan, params = await _parse(form, body, settings)
+        if form is not None:
+            draft = await _read_form(form, settings)
     finally:
         if form is not None:
             await form.close()
+    contents, styles, plan, params = await off_loop(request, _validate, draft, settings)
     answer, replayed = await run_in_threadpool(_create_batch, ctx, contents, styles, plan, params)
     return respond(answer, replayed=replayed)
 

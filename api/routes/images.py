@@ -8,7 +8,8 @@ from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantCtx, TenantDep
 from api.forms import files, read_form, read_upload
-from api.imagestore import PendingImage, persist_images, validate_upload
+from api.imagestore import PendingImage, is_image_id, persist_images, validate_uploads
+from api.offload import off_loop
 from api.routes.jobs import ERRORS
 from api.schemas import ImageOut
 from shared.db import get_sessionmaker
@@ -47,7 +48,8 @@ def _store(settings: Settings, storage: Storage, tenant: TenantCtx, img: Pending
     return bool(fresh)
 
 
-@router.post("", response_model=ImageOut, status_code=201, responses=ERRORS,
+@router.post("", response_model=ImageOut, status_code=201,
+             responses={**ERRORS, 200: {"model": ImageOut, "description": "already uploaded"}},
              openapi_extra=_FORM_DOC,
              summary="Upload one image (field 'file'): 201 the first time, 200 after")
 async def upload_image(request: Request, response: Response, settings: SettingsDep,
@@ -60,7 +62,7 @@ async def upload_image(request: Request, response: Response, settings: SettingsD
         data = await read_upload(uploads[0], settings, "file")
     finally:
         await form.close()
-    img = validate_upload(data, settings)
+    (img,) = await off_loop(request, validate_uploads, [("file", data)], settings)
     fresh = await run_in_threadpool(_store, settings, storage, tenant, img)
     response.status_code = 201 if fresh else 200
     return _image_out(img)
@@ -68,6 +70,8 @@ async def upload_image(request: Request, response: Response, settings: SettingsD
 
 @router.get("/{image_id}", response_model=ImageOut, responses=ERRORS)
 def read_image(image_id: str, session: SessionDep, tenant: TenantDep) -> ImageOut:
+    if not is_image_id(image_id):
+        raise NotFound("unknown_image", f"no image {image_id[:80]!r}")
     img = session.scalar(
         select(StoredImage)
         .join(TenantImage, TenantImage.image_id == StoredImage.id)

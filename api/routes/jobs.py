@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -11,13 +12,21 @@ from sqlalchemy import update
 from starlette.datastructures import FormData, UploadFile
 
 from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
-from api.forms import files, read_form, read_upload, text, texts
+from api.forms import files, read_form, read_items, text, texts
 from api.idem import commit_submission, form_request, header_key, replay, respond
-from api.imagestore import PendingImage, check_owned, persist_images, validate_upload
+from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
 from api.indoubt import Submission
+from api.offload import off_loop
 from api.queries import MAX_PAGE, get_job, list_jobs
-from api.schemas import ErrorResponse, JobList, JobOut
-from api.submit import JobSpec, insert_jobs, parse_params_json, publish_and_mark, validate_params
+from api.schemas import JOB_FORM_DOC, ErrorResponse, JobList, JobOut
+from api.submit import (
+    JobSpec,
+    check_runnable,
+    insert_jobs,
+    parse_params_json,
+    publish_and_mark,
+    validate_params,
+)
 from api.views import Linker, job_out
 from shared.errors import Conflict, InvalidInput
 from shared.idempotency import StoredResponse
@@ -33,27 +42,6 @@ JOB_FIELDS = {"content", "style", "content_id", "style_id", "params"}
 ERRORS: dict[int | str, dict[str, object]] = {
     c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 503)
 }
-_FORM_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "content": {"type": "string", "format": "binary"},
-                        "content_id": {"type": "string", "description": "an uploaded image id"},
-                        "style": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "style_id": {"type": "array", "items": {"type": "string"}},
-                        "params": {"type": "string", "description": "JSON object (JobParams)"},
-                    },
-                }
-            }
-        },
-    }
-}
-
-
 def _check_fields(names: set[str]) -> None:
     unknown = sorted(names - JOB_FIELDS)
     if unknown:
@@ -63,9 +51,15 @@ def _check_fields(names: set[str]) -> None:
         )
 
 
-async def _parse_job_form(
-    form: FormData, settings: Settings
-) -> tuple[PendingImage | str, list[PendingImage | str], JobParams]:
+@dataclass(frozen=True)
+class JobDraft:
+    """A job form as read (uploads in memory), before the CPU-bound validation."""
+
+    items: list[Raw]  # the content first, then the styles
+    params: str | None
+
+
+async def _read_job_form(form: FormData, settings: Settings) -> JobDraft:
     _check_fields(set(form.keys()))
     contents: list[UploadFile | str] = [*files(form, "content"), *texts(form, "content_id")]
     styles: list[UploadFile | str] = [*files(form, "style"), *texts(form, "style_id")]
@@ -75,32 +69,28 @@ async def _parse_job_form(
         raise InvalidInput("too_many_contents", "one content image per job; use /v1/batches")
     if not styles:
         raise InvalidInput("missing_style", "send at least one style image (style or style_id)")
-    params = validate_params(parse_params_json(text(form, "params")), settings, [len(styles)])
-    resolved: list[PendingImage | str] = []
-    for i, item in enumerate(contents + styles):
-        if isinstance(item, str):
-            resolved.append(item)
-            continue
-        field = "content" if i == 0 else f"style[{i - 1}]"
-        data = await read_upload(item, settings, field)
-        resolved.append(validate_upload(data, settings, field=field))
-    return resolved[0], resolved[1:], params
+    if len(styles) > settings.max_styles:
+        raise InvalidInput("too_many_styles",
+                           f"{len(styles)} styles; the maximum is {settings.max_styles}")
+    names = ["content", *(f"style[{i}]" for i in range(len(styles)))]
+    return JobDraft(await read_items([*contents, *styles], settings, names), text(form, "params"))
 
 
-def _image_id(item: PendingImage | str) -> str:
-    return item if isinstance(item, str) else item.id
+def _validate_job(draft: JobDraft, settings: Settings) -> tuple[list[Item], JobParams]:
+    """Params, then every image (decoded once): CPU-bound, so it runs off the event loop."""
+    params = validate_params(parse_params_json(draft.params), settings, [len(draft.items) - 1])
+    return resolve_items(draft.items, settings), params
 
 
-def _create_job(ctx: SubmitCtx, content: PendingImage | str, styles: list[PendingImage | str],
-                params: JobParams) -> tuple[StoredResponse, bool]:
+def _create_job(ctx: SubmitCtx, items: list[Item], params: JobParams) -> tuple[StoredResponse, bool]:
     """One transaction: images, the job, the idempotency key; then publish. Returns the answer
     and whether it is a replay (a concurrent request with the same key won)."""
-    items = [content, *styles]
     with ctx.sessions() as session:
-        check_owned(session, ctx.tenant.id, [i for i in items if isinstance(i, str)])
+        dims = image_dims(session, ctx.tenant.id, items)
+        check_runnable(params, [dims[item_id(items[0])]], [dims[item_id(i)] for i in items[1:]])
         persist_images(session, ctx.storage, ctx.tenant.id,
                        [i for i in items if not isinstance(i, str)])
-        spec = JobSpec(_image_id(content), tuple(_image_id(s) for s in styles))
+        spec = JobSpec(item_id(items[0]), tuple(item_id(s) for s in items[1:]))
         (job_id,) = insert_jobs(session, tenant_id=ctx.tenant.id, batch_id=None, specs=[spec],
                                 params=params, settings=ctx.settings)
         job = job_out(get_job(session, ctx.tenant.id, job_id), ctx.linker)
@@ -114,7 +104,7 @@ def _create_job(ctx: SubmitCtx, content: PendingImage | str, styles: list[Pendin
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS,
-             openapi_extra=_FORM_DOC, summary="Submit one job (multipart)")
+             openapi_extra=JOB_FORM_DOC, summary="Submit one job (multipart)")
 async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
                      storage: StorageDep, publisher: PublisherDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
@@ -127,10 +117,11 @@ async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
         first_answer = await replay(ctx, idem)
         if first_answer is not None:
             return first_answer
-        content, styles, params = await _parse_job_form(form, settings)
+        draft = await _read_job_form(form, settings)
     finally:
         await form.close()
-    answer, replayed = await run_in_threadpool(_create_job, ctx, content, styles, params)
+    items, params = await off_loop(request, _validate_job, draft, settings)
+    answer, replayed = await run_in_threadpool(_create_job, ctx, items, params)
     return respond(answer, replayed=replayed)
 
 
@@ -179,7 +170,8 @@ def _try_cancel(session: SessionDep, tenant_id: str, job_id: str) -> int | None:
     return 202 if running.rowcount else None  # type: ignore[attr-defined]
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses=ERRORS,
+@router.post("/{job_id}/cancel", response_model=JobOut,
+             responses={**ERRORS, 202: {"model": JobOut, "description": "stop requested"}},
              summary="Cancel: a queued job at once (200), a running one on request (202)")
 def cancel_job(job_id: str, request: Request, response: Response, session: SessionDep,
                settings: SettingsDep, storage: StorageDep, tenant: TenantDep) -> JobOut:

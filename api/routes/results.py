@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Response
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
@@ -23,6 +25,22 @@ MEDIA_TYPES = {
 }
 
 
+def _binary(*media_types: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a download: the file itself (200), or a redirect to a presigned URL (307)."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        **ERRORS,
+        200: {"description": "the file", "content": {m: binary for m in media_types}},
+        307: {"description": "a redirect to a presigned storage URL (S3)"},
+    }
+
+
+CheckpointIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="the checkpoint's seq")]
+RESULT_DOC = _binary("image/png", "image/jpeg", "image/webp")
+CHECKPOINT_DOC = _binary("application/octet-stream")
+PREVIEW_DOC = _binary("image/png")
+
+
 def _serve(storage: Storage, key: str, expires_s: int) -> Response:
     url = storage.url_for(key, expires_s=expires_s)
     if url is not None:
@@ -36,11 +54,12 @@ def _serve(storage: Storage, key: str, expires_s: int) -> Response:
     return Response(
         data,
         media_type=MEDIA_TYPES.get(ext, "application/octet-stream"),
-        headers={"Content-Disposition": f'inline; filename="{filename}"'},
+        headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                 "X-Content-Type-Options": "nosniff"},
     )
 
 
-@router.get("/{job_id}/result", responses={**ERRORS, 307: {"description": "to a presigned URL"}},
+@router.get("/{job_id}/result", responses=RESULT_DOC, response_class=Response,
             summary="The result image (409 until the job succeeded)")
 def job_result(job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep,
                tenant: TenantDep) -> Response:
@@ -52,23 +71,26 @@ def job_result(job_id: str, session: SessionDep, settings: SettingsDep, storage:
 
 def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, index: int,
                     field: str) -> str:
+    """The object of checkpoint number ``index`` (its ``seq``: stable while older ones are pruned;
+    rows written before seq existed count by position)."""
     job = get_job(session, tenant_id, job_id)
-    checkpoints = job.checkpoints or []
-    if not 0 <= index < len(checkpoints) or not checkpoints[index].get(field):
-        raise NotFound("checkpoint_not_found", f"job {job_id} has no checkpoint {index}")
-    return str(checkpoints[index][field])
+    for position, ref in enumerate(job.checkpoints or []):
+        if ref.get("seq", position) == index and ref.get(field):
+            return str(ref[field])
+    raise NotFound("checkpoint_not_found", f"job {job_id} has no checkpoint {index}")
 
 
-@router.get("/{job_id}/checkpoints/{index}", responses=ERRORS, summary="A checkpoint (.pt)")
-def job_checkpoint(job_id: str, index: int, session: SessionDep, settings: SettingsDep,
+@router.get("/{job_id}/checkpoints/{index}", responses=CHECKPOINT_DOC, response_class=Response,
+            summary="A checkpoint (.pt)")
+def job_checkpoint(job_id: str, index: CheckpointIndex, session: SessionDep, settings: SettingsDep,
                    storage: StorageDep, tenant: TenantDep) -> Response:
     key = _checkpoint_key(session, tenant.id, job_id, index, "key")
     return _serve(storage, key, settings.presign_expiry_s)
 
 
-@router.get("/{job_id}/checkpoints/{index}/preview", responses=ERRORS,
-            summary="A checkpoint's preview image (.png)")
-def job_checkpoint_preview(job_id: str, index: int, session: SessionDep, settings: SettingsDep,
+@router.get("/{job_id}/checkpoints/{index}/preview", responses=PREVIEW_DOC,
+            response_class=Response, summary="A checkpoint's preview image (.png)")
+def job_checkpoint_preview(job_id: str, index: CheckpointIndex, session: SessionDep, settings: SettingsDep,
                            storage: StorageDep, tenant: TenantDep) -> Response:
     key = _checkpoint_key(session, tenant.id, job_id, index, "preview_key")
     return _serve(storage, key, settings.presign_expiry_s)

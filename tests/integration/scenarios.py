@@ -54,7 +54,10 @@ def result_keys(stack: Stack, job_id: str) -> list[str]:
 
 
 def fetch(stack: Stack, url: str) -> bytes:
-    """A link from the API: its own route (with the key) or a presigned S3 URL (without)."""
+    """A link from the API: its own route, relative without STYLEQUEUE_PUBLIC_URL (with the key),
+    or a presigned S3 URL (without)."""
+    if url.startswith("/"):
+        url = stack.api_url + url
     if url.startswith(stack.api_url):
         with stack.client() as c:
             resp = c.http.get(url)
