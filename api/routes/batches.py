@@ -107,7 +107,8 @@ def _from_json(body: Any, settings: Settings) -> tuple[list[Raw], list[Raw], str
     except ValidationError as exc:
         err = exc.errors(include_input=False)[0]
         loc = ".".join(str(x) for x in err.get("loc", ()))[:100]
-        code = "unknown_field" if err.get("type") == "extra_forbidden" else "invalid_request"
+        code = {"extra_forbidden": "unknown_field", "too_long": "batch_too_large"}.get(
+            str(err.get("type")), "invalid_request")
         raise InvalidInput(code, f"{loc}: {err.get('msg')}") from None
     for name, ids in (("contents", req.contents), ("styles", req.styles)):
         if len(ids) > settings.max_batch_jobs:
@@ -145,7 +146,8 @@ def _validate(draft: BatchDraft | Any, settings: Settings) -> tuple[list[Item], 
         contents, styles, mode, pairs, raw = _from_json(draft, settings)
     plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs)
     params = validate_params(raw, settings, [len(ss) for _, ss in plan])
-    return resolve_items(contents, settings), resolve_items(styles, settings), plan, params
+    items = resolve_items([*contents, *styles], settings)  # one pixel budget for the request
+    return items[:len(contents)], items[len(contents):], plan, params
 
 
 def _create_batch(ctx: SubmitCtx, contents: list[Item], styles: list[Item], plan: Plan,
