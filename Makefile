@@ -28,6 +28,8 @@ bench: install
 	$(PY) bench/service.py
 	$(PY) bench/service_worker.py
 	$(PY) bench/chaos.py --jobs 50 --kills 20
+	$(PY) bench/hostile.py
+	$(PY) bench/fuzz.py --requests 10000
 
 demo: install
 	$(PY) deploy/demo.py --weights $(WEIGHTS)
