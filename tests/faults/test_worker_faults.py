@@ -181,6 +181,13 @@ class FaultStack:
     def assert_succeeded_once(self, job_id: str, attempt: int, resumed_from: int | None) -> Job:
         """Succeeded, exactly once, under ``attempt``; that attempt resumed from ``resumed_from``."""
         job = self.stack.job(job_id)
+        # The worker logs "succeeded" just after the row's commit: on a loaded machine the line may
+        # not be in its log yet when the status is read, so wait for the event, not for time.
+        try:
+            wait_for(lambda: chaos_lib.count(self.events(job_id), "succeeded") >= 1, 30,
+                     f"the succeeded event of {job_id} in the worker logs", interval=0.1)
+        except AssertionError:
+            pass  # the assertions below report it with the logs
         events = self.events(job_id)
         context = f"seed={SEED} kills={self.kills}\n{self.tails()}"
         assert job.status == "succeeded", (job.status, job.error_code, job.error_message, context)
