@@ -8,7 +8,6 @@ server: a real HTTP endpoint on 127.0.0.1 for boto3.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from shared.settings import Settings, get_settings
+from tests.net import port_open
 from tests.pgdb import temporary_database
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -33,20 +33,6 @@ def require(ok: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: servers must be available)")
     pytest.skip(reason)
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

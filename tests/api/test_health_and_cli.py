@@ -20,7 +20,7 @@ from shared.db import session_scope
 from shared.migrate import upgrade
 from shared.models import Base, Job
 from tests.api.conftest import Api, FakePublisher, build_api, image_bytes
-from tests.conftest import free_port
+from tests.net import free_port
 
 
 def test_healthz_and_readyz(api: Api) -> None:

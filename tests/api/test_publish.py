@@ -13,7 +13,7 @@ from api.publisher import CeleryPublisher
 from shared.db import get_sessionmaker
 from shared.models import Job
 from tests.api.conftest import FakePublisher, build_api, image_bytes, submit, upload
-from tests.conftest import free_port
+from tests.net import free_port
 
 
 def test_jobs_are_committed_before_publishing(settings_factory, pg_url) -> None:

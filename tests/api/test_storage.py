@@ -90,7 +90,7 @@ def test_s3_presigned_url_over_real_http(s3, tmp_path: Path) -> None:
 
 def test_s3_unreachable_is_storage_unavailable(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.conftest import free_port
+    from tests.net import free_port
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

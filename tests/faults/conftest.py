@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require
+from tests.conftest import require
+from tests.net import free_port
 
 
 def _pg_bin() -> Path | None:

@@ -29,8 +29,8 @@ from shared.migrate import upgrade
 from shared.models import Job
 from shared.tenants import create_key
 from tests.api.conftest import image_bytes
-from tests.conftest import free_port
 from tests.faults.conftest import PgCluster
+from tests.net import free_port
 
 FAST_503_S = 5.0  # a 503 must come within this, not after a long hang
 

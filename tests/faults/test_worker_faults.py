@@ -18,6 +18,7 @@ can be fixed with STYLEQUEUE_CHAOS_SEED.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -33,7 +34,7 @@ import pytest
 
 from shared.models import Job
 from shared.queue import make_celery, publish_job
-from tests.conftest import free_port, port_open, require
+from tests.conftest import require
 from tests.faults import chaos_lib
 from tests.faults.chaos_lib import PrivateRedis, TcpProxy
 from tests.integration import scenarios
@@ -46,6 +47,7 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.conftest import images as images  # noqa: F401 - the fixture
+from tests.net import free_port, port_open
 from tests.pgdb import temporary_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -183,11 +185,9 @@ class FaultStack:
         job = self.stack.job(job_id)
         # The worker logs "succeeded" just after the row's commit: on a loaded machine the line may
         # not be in its log yet when the status is read, so wait for the event, not for time.
-        try:
+        with contextlib.suppress(AssertionError):  # the assertions below report it with the logs
             wait_for(lambda: chaos_lib.count(self.events(job_id), "succeeded") >= 1, 30,
                      f"the succeeded event of {job_id} in the worker logs", interval=0.1)
-        except AssertionError:
-            pass  # the assertions below report it with the logs
         events = self.events(job_id)
         context = f"seed={SEED} kills={self.kills}\n{self.tails()}"
         assert job.status == "succeeded", (job.status, job.error_code, job.error_message, context)

@@ -18,7 +18,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.net import free_port, port_open
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"  # the only address the harness ever talks to
@@ -43,20 +44,6 @@ TINY_PARAMS = {"size": 32, "min_size": 32, "iterations": 1}
 
 _ERROR_RE = re.compile(r"event=unhandled_error path=(?P<path>.*?) error=(?P<error>\w+)")
 _DB_DOWN_RE = re.compile(r"event=db_unavailable path=(?P<path>.*?) error=(?P<error>\w+)")
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def png_bytes(seed: int, w: int = 64, h: int = 48) -> bytes:

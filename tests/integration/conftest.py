@@ -32,7 +32,8 @@ from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
-from tests.conftest import REDIS_HOST, REDIS_PORT, free_port
+from tests.conftest import REDIS_HOST, REDIS_PORT
+from tests.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STYLEQUEUE = [sys.executable, "-m", "shared.cli"]
