@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.indoubt import InDoubt
 from api.limits import BodyLimitMiddleware
-from api.offload import cpu_pool
+from api.offload import Admission, cpu_pool
 from api.publisher import CeleryPublisher, Publisher
 from api.routes import batches, health, images, jobs, results
 from shared.db import get_sessionmaker
@@ -49,6 +49,7 @@ def create_app(
     app.state.storage = storage or open_storage(settings)
     app.state.publisher = publisher or CeleryPublisher(settings)
     app.state.cpu_pool = cpu_pool(settings)
+    app.state.admission = Admission(settings.max_inflight_uploads)
     app.state.indoubt = InDoubt(get_sessionmaker(settings.database_url))
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from api.indoubt import InDoubt
 from api.publisher import Publisher
 from api.views import Linker
 from shared.db import get_sessionmaker
+from shared.errors import Unauthorized
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.tenants import LOCAL_TENANT, authenticate, get_or_create_tenant
@@ -77,9 +79,23 @@ bearer_scheme = HTTPBearer(auto_error=False, description="an API key: `stylequeu
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
+def _refuse_remote_when_open(request: Request, settings: Settings) -> None:
+    """With auth off, only loopback clients (or a unix socket) act as the local tenant, however
+    the app was started (``stylequeue api`` also refuses to bind a public address)."""
+    host = request.client.host if request.client else ""
+    try:
+        remote = not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        remote = False  # not an IP address: a unix socket or an in-process test client
+    if remote and not settings.auth_off_allow_remote:
+        raise Unauthorized("auth_off_remote",
+                           "this API runs with STYLEQUEUE_AUTH=off and serves loopback clients only")
+
+
 def current_tenant(request: Request, session: SessionDep, settings: SettingsDep,
                    credentials: BearerDep) -> TenantCtx:
     if settings.auth == "off":
+        _refuse_remote_when_open(request, settings)
         cached: TenantCtx | None = getattr(request.app.state, "local_tenant", None)
         if cached is None:
             tenant = get_or_create_tenant(session, LOCAL_TENANT)

@@ -13,6 +13,7 @@ from shared.errors import InvalidInput, PayloadTooLarge
 from shared.settings import Settings
 
 MAX_FIELD_BYTES = 64 * 1024  # one text field of a form (1,000 batch pairs take about 12 kB)
+MAX_FORM_TEXT = 1024 * 1024  # all text fields of a form together (2,000 image ids take 130 kB)
 
 
 async def read_form(request: Request, *, max_files: int) -> FormData:
@@ -34,10 +35,16 @@ async def read_form(request: Request, *, max_files: int) -> FormData:
         raise InvalidInput("malformed_form", f"the form could not be read: {exc}",
                            malformed=True) from None
     try:
+        text_bytes = 0
         for name, value in form.multi_items():
             check_text(name, "a form field's name")
             if isinstance(value, str):
-                check_text(value, f"form field {name!r}")
+                check_text(value, f"form field {name[:40]!r}")
+                text_bytes += len(value)
+        if text_bytes > MAX_FORM_TEXT:
+            raise PayloadTooLarge("request_too_large",
+                                  f"the form's text fields hold {text_bytes:,} characters; the "
+                                  f"limit is {MAX_FORM_TEXT:,} (files do not count)")
     except InvalidInput:
         await form.close()
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
-from shared.errors import PayloadTooLarge
+from shared.errors import InvalidInput, PayloadTooLarge
 from shared.settings import Settings
 
 MAX_BATCH_FILES = 64  # files in one multipart batch; larger sets: upload via /v1/images first
@@ -50,12 +50,16 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        ctype = headers.get(b"content-type", b"").decode("latin-1").lower()
+        ctypes = [v for k, v in scope["headers"] if k == b"content-type"]
+        if len(ctypes) > 1:  # the limit and the route must read the same one
+            await self._reject(send, 400, InvalidInput(
+                "malformed_request", "send one Content-Type header", malformed=True))
+            return
+        ctype = ctypes[0].decode("latin-1").lower() if ctypes else ""
         limit = body_limit(self.settings, scope["path"], ctype)
-        declared = headers.get(b"content-length")
+        declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit)
+            await self._reject(send, 413, _too_large(limit))
             return
         seen = 0
 
@@ -70,13 +74,12 @@ class BodyLimitMiddleware:
 
         await self.app(scope, counting_receive, send)
 
-    async def _reject(self, send: Send, limit: int) -> None:
+    async def _reject(self, send: Send, status: int, exc: InvalidInput) -> None:
         import json
 
-        exc = _too_large(limit)
         body = json.dumps(error_body(exc.code, exc.message)).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

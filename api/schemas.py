@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
 from shared.params import JobParams
 
@@ -107,7 +107,7 @@ class BatchRequest(BaseModel):
     styles: list[ImageId] = Field(min_length=1, max_length=MAX_IDS)
     mode: Literal["product", "pairs"] = Field(
         "product", description="product: every content with every style; pairs: as listed")
-    pairs: list[tuple[int, int | list[int]]] | None = Field(
+    pairs: list[tuple[StrictInt, StrictInt | list[StrictInt]]] | None = Field(
         None, max_length=MAX_IDS,
         description="mode pairs: [content index, style index or list of style indexes]")
     params: ParamsDict = Field(default_factory=dict)

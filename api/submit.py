@@ -72,6 +72,13 @@ def validate_params(raw: dict[str, Any], settings: Settings,
             "size_too_large",
             f"size {params.largest_size()} is above the maximum {settings.max_size}",
         )
+    style_edge = params.style_scale * params.largest_size()
+    if style_edge > settings.max_size:
+        raise InvalidInput(
+            "size_too_large",
+            f"style_scale {params.style_scale:g} makes the styles {style_edge:.0f} px at the "
+            f"largest scale; the maximum is {settings.max_size}: lower style_scale or size",
+        )
     scales = params.scale_count()
     if scales > settings.max_scales:
         raise InvalidInput("too_many_scales",

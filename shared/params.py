@@ -116,6 +116,13 @@ class JobParams(BaseModel):
                                       {"n": HARD_MAX_SCALES})
         return v
 
+    @field_validator("scales")
+    @classmethod
+    def _ascending(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("scales must be strictly increasing (the last one is the result's size)")
+        return v
+
     @field_validator("style_weights")
     @classmethod
     def _positive_blend(cls, v: list[float] | None) -> list[float] | None:

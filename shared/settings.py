@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.params import HARD_MAX_SCALES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STYLEQUEUE_", extra="ignore")
@@ -46,6 +48,7 @@ class Settings(BaseSettings):
     max_form_bytes: int = 256 * 1024 * 1024  # a multipart request body (files of a batch or job)
     max_request_pixels: int = 256_000_000  # decoded pixels over all images of one request
     decode_threads: int = 2  # image inspection runs in this many threads, off the event loop
+    max_inflight_uploads: int = 8  # submissions read and inspected at once; more get 503
     auth_off_allow_remote: bool = False  # auth=off refuses a non-loopback api_host unless set
 
     # --- queue and worker ---
@@ -75,6 +78,12 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
         if not self.storage_url:
             self.storage_url = f"file://{data / 'storage'}"
+        return self
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if not 1 <= self.max_scales <= HARD_MAX_SCALES:
+            raise ValueError(f"max_scales must be between 1 and {HARD_MAX_SCALES}")
         return self
 
     @property

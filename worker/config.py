@@ -37,6 +37,7 @@ def transfer_config(params: JobParams, settings: Settings) -> TransferConfig:
             continue
         values[target] = tuple(value) if isinstance(value, list) else value
     values["save_every"] = max(0, settings.checkpoint_every)
+    values["max_scales"] = settings.max_scales  # the API accepted up to this many scales
     values["device"] = None  # the loaded engine's device (settings.device, see worker.model)
     values["weights"] = None  # the loaded engine's weights (settings.weights)
     return TransferConfig(**values)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import mmap
 import threading
 import time
@@ -85,7 +86,8 @@ def progress_dict(p: Any, started: float, start_step: int,
         "scale": int(p.scale), "scales": int(p.scales),
         "iteration": int(p.iteration), "iterations": int(p.iterations),
         "step": step, "total_steps": total, "fraction": round(step / total, 4),
-        "loss": float(p.loss) if p.loss is not None else None,
+        # PostgreSQL's JSON cannot hold NaN: a non-finite loss (a step the NaN guard undoes) is null
+        "loss": float(p.loss) if p.loss is not None and math.isfinite(p.loss) else None,
         "eta_seconds": round(eta, 1) if eta is not None else None,
     }
 

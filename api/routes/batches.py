@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StrictInt, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
@@ -29,7 +29,7 @@ from api.idem import (
 from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
 from api.indoubt import Submission
 from api.limits import MAX_BATCH_FILES
-from api.offload import off_loop
+from api.offload import admitted, off_loop
 from api.queries import batch_summary, get_batch
 from api.routes.jobs import ERRORS
 from api.safejson import loads
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 Plan = list[tuple[int, tuple[int, ...]]]  # (content index, style indexes) per job
-_PAIRS = TypeAdapter(list[tuple[int, int | list[int]]])
+_PAIRS = TypeAdapter(list[tuple[StrictInt, StrictInt | list[StrictInt]]])  # no true/0.0 indexes
 BATCH_FIELDS = {"content", "style", "content_id", "style_id", "params", "mode", "pairs"}
 
 
@@ -192,6 +192,12 @@ async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDe
                        storage: StorageDep, publisher: PublisherDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
     response (header ``Idempotent-Replayed: true``) and creates nothing."""
+    async with admitted(request):  # bounded: a slot per submission being read
+        return await _submit_batch(request, settings, tenant, storage, publisher)
+
+
+async def _submit_batch(request: Request, settings: SettingsDep, tenant: TenantDep,
+                       storage: StorageDep, publisher: PublisherDep) -> Response:
     key = header_key(request)
     form: FormData | None = None
     draft: BatchDraft | Any

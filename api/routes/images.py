@@ -9,7 +9,7 @@ from sqlalchemy import select
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantCtx, TenantDep
 from api.forms import files, read_form, read_upload
 from api.imagestore import PendingImage, is_image_id, persist_images, validate_uploads
-from api.offload import off_loop
+from api.offload import admitted, off_loop
 from api.routes.jobs import ERRORS
 from api.schemas import ImageOut
 from shared.db import get_sessionmaker
@@ -53,6 +53,12 @@ def _store(settings: Settings, storage: Storage, tenant: TenantCtx, img: Pending
              openapi_extra=_FORM_DOC,
              summary="Upload one image (field 'file'): 201 the first time, 200 after")
 async def upload_image(request: Request, response: Response, settings: SettingsDep,
+                       storage: StorageDep, tenant: TenantDep) -> ImageOut:
+    async with admitted(request):  # bounded: a slot per submission being read
+        return await _upload_image(request, response, settings, storage, tenant)
+
+
+async def _upload_image(request: Request, response: Response, settings: SettingsDep,
                        storage: StorageDep, tenant: TenantDep) -> ImageOut:
     form = await read_form(request, max_files=1)
     try:

@@ -16,7 +16,7 @@ from api.forms import files, read_form, read_items, text, texts
 from api.idem import commit_submission, form_request, header_key, replay, respond
 from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
 from api.indoubt import Submission
-from api.offload import off_loop
+from api.offload import admitted, off_loop
 from api.queries import MAX_PAGE, get_job, list_jobs
 from api.schemas import JOB_FORM_DOC, ErrorResponse, JobList, JobOut
 from api.submit import (
@@ -109,6 +109,12 @@ async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
                      storage: StorageDep, publisher: PublisherDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
     response (header ``Idempotent-Replayed: true``) and creates nothing."""
+    async with admitted(request):  # bounded: a slot per submission being read
+        return await _submit_job(request, settings, tenant, storage, publisher)
+
+
+async def _submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
+                     storage: StorageDep, publisher: PublisherDep) -> Response:
     key = header_key(request)
     form = await read_form(request, max_files=settings.max_styles + 8)  # then our own check
     try:

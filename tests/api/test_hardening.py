@@ -73,3 +73,41 @@ def test_auth_off_logs_a_loud_warning(settings_factory: Any, caplog: pytest.LogC
     with caplog.at_level(logging.WARNING, logger="api.app"):
         create_app(settings_factory(auth="off"))
     assert any("AUTHENTICATION IS OFF" in r.getMessage() for r in caplog.records)
+
+
+def test_an_ordinary_progressive_jpeg_is_accepted() -> None:
+    import io
+
+    from PIL import Image
+
+    from shared.imagecheck import inspect_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG", progressive=True)
+    assert buf.getvalue().count(b"\xff\xda") > 1  # really progressive: several scans
+    assert inspect_image(buf.getvalue(), max_bytes=10**6, max_pixels=10**6).format == "JPEG"
+
+
+def test_admission_refuses_past_its_limit() -> None:
+    from api.offload import Admission
+    from shared.errors import ServiceUnavailable
+
+    admission = Admission(2)
+    admission.enter()
+    admission.enter()
+    with pytest.raises(ServiceUnavailable) as err:
+        admission.enter()
+    assert err.value.code == "busy" and err.value.retry_after_s > 0
+    admission.leave()
+    admission.enter()  # a slot came back
+
+
+def test_auth_off_serves_loopback_clients_only(settings_factory: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    app = create_app(settings_factory(auth="off"))
+    assert TestClient(app, client=("127.0.0.1", 5000)).get("/v1/jobs").status_code == 200
+    r = TestClient(app, client=("203.0.113.9", 5000)).get("/v1/jobs")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "auth_off_remote"

@@ -77,7 +77,7 @@ def test_long_edges_mirror_hostile(factor: float) -> None:
 
 @pytest.mark.parametrize("style_scale", [1.0, 0.9, 0.25])
 @pytest.mark.parametrize(
-    "kw", [{"size": 64, "min_size": 32}, {"size": 96, "min_size": 32, "scales": [96, 32]}, {}]
+    "kw", [{"size": 64, "min_size": 32}, {"size": 96, "min_size": 32, "scales": [32, 96]}, {}]
 )
 def test_narrow_rule_mirror(kw: dict[str, object], style_scale: float) -> None:
     """The engine refuses (image_too_narrow) exactly the images the API's mirror refuses."""

@@ -35,6 +35,15 @@ def _png(w: int, h: int, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
+def _scan_bomb(repeats: int = 200) -> bytes:
+    """A progressive JPEG whose last scan is repeated: each scan re-decodes the whole image."""
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (120, 30, 200)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda"):-2]
+    return data[:-2] + last_scan * repeats + b"\xff\xd9"
+
+
 @dataclass(frozen=True)
 class Case:
     send: Callable[[httpx.Client, LiveApi], httpx.Response]
@@ -42,12 +51,17 @@ class Case:
     code: str
 
 
+def multipart(fields: dict[str, str]) -> list[tuple[str, tuple[None, bytes]]]:
+    """Text fields as multipart parts (``data=`` alone would send them urlencoded)."""
+    return [(k, (None, v.encode("utf-8", "surrogatepass"))) for k, v in fields.items()]
+
+
 def job_form(params: str | dict[str, Any] | None = None, **fields: str) -> Callable[..., Any]:
     def send(c: httpx.Client, api: LiveApi) -> httpx.Response:
         data = {"content_id": api.content_id, "style_id": api.style_id, **fields}
         if params is not None:
             data["params"] = params if isinstance(params, str) else json.dumps(params)
-        return c.post("/v1/jobs", data=data)
+        return c.post("/v1/jobs", files=multipart(data))
     return send
 
 
@@ -75,8 +89,12 @@ CASES: dict[str, Case] = {
     "scale_factor 1+2**-52": Case(job_form(SCALE_LOOP), 422, "invalid_parameter"),
     "scale_factor 1.1 from 16 to 2048 (51 scales)": Case(
         job_form({"size": 2048, "min_size": 16, "scale_factor": 1.1}), 422, "too_many_scales"),
-    "17 explicit scales": Case(job_form({"scales": [32] * 17, "size": 32, "min_size": 32}), 422,
-                               "too_many_scales"),
+    "17 explicit scales": Case(job_form({"scales": list(range(32, 100, 4)), "size": 96,
+                                         "min_size": 32}), 422, "too_many_scales"),
+    "descending scales": Case(job_form({"scales": [2048, 16], "size": 2048, "min_size": 16}), 422,
+                              "invalid_parameter"),
+    "style_scale 4 at 2048 px (8192 px styles)": Case(
+        job_form({"size": 2048, "style_scale": 4, "iterations": 1}), 422, "size_too_large"),
     "scale loop in a JSON batch": Case(
         batch_json(lambda a: _batch_body(a, params=json.dumps(SCALE_LOOP))), 422,
         "invalid_parameter"),
@@ -92,20 +110,30 @@ CASES: dict[str, Case] = {
     "size 10**400": Case(job_form('{"size": 1' + "0" * 400 + "}"), 400, "invalid_number"),
     "seed of 5000 digits": Case(job_form('{"seed": 1' + "0" * 5000 + "}"), 400, "invalid_number"),
     "pairs with a 5000-digit index": Case(
-        lambda c, a: c.post("/v1/batches", data={
+        lambda c, a: c.post("/v1/batches", files=multipart({
             "content_id": a.content_id, "style_id": a.style_id, "mode": "pairs",
-            "pairs": "[[1" + "0" * 5000 + ", 0]]"}), 400, "invalid_number"),
+            "pairs": "[[1" + "0" * 5000 + ", 0]]"})), 400, "invalid_number"),
+    "pairs with booleans": Case(
+        lambda c, a: c.post("/v1/batches", files=multipart({
+            "content_id": a.content_id, "style_id": a.style_id, "mode": "pairs",
+            "pairs": "[[true, [false]]]"})), 422, "invalid_pairs"),
     "size 1e20 as a float": Case(job_form('{"size": 1e20}'), 422, "invalid_parameter"),
     # --- deep nesting
     "deep params": Case(job_form(DEEP), 400, "too_deep"),
-    "deep pairs": Case(lambda c, a: c.post("/v1/batches", data={
-        "content_id": a.content_id, "style_id": a.style_id, "mode": "pairs", "pairs": DEEP}),
+    "deep pairs": Case(lambda c, a: c.post("/v1/batches", files=multipart({
+        "content_id": a.content_id, "style_id": a.style_id, "mode": "pairs", "pairs": DEEP})),
         400, "too_deep"),
+    "unterminated string of escaped quotes (was quadratic)": Case(
+        job_form("[" * 17 + '"' + '\\"' * 20_000), 400, "malformed_params"),
+    "40 kB body of escaped quotes": Case(batch_json("[" * 17 + '"' + '\\"' * 20_000), 400,
+                                        "malformed_json"),
     "deep batch body": Case(batch_json(DEEP), 400, "too_deep"),
     "deep params in a batch body": Case(batch_json(lambda a: _batch_body(a, params=DEEP)), 400,
                                         "too_deep"),
-    "unbalanced deep params": Case(job_form("[" * 20_000), 400, "malformed_params"),
-    "deep cursor": Case(get("/v1/jobs?cursor=" + _cursor(DEEP)), 422, "invalid_cursor"),
+    "unbalanced deep params": Case(job_form("[" * 20_000), 400, "too_deep"),
+    "deep cursor": Case(get("/v1/jobs?cursor=" + _cursor("[" * 60 + "]" * 60)), 422,
+                        "invalid_cursor"),
+    "over-long cursor": Case(get("/v1/jobs?cursor=" + _cursor(DEEP)), 422, "invalid_cursor"),
     # --- NUL and lone surrogates
     **{f"NUL in {p}": Case(get(p), 404, code) for p, code in (
         ("/v1/jobs/%00", "job_not_found"), ("/v1/images/%00", "unknown_image"),
@@ -139,6 +167,14 @@ CASES: dict[str, Case] = {
     "70,000 ids in a JSON batch (4.7 MB)": Case(batch_json(lambda a: _batch_body(
         a, contents=json.dumps([f"{i:064x}" for i in range(70_000)]),
         extra=', "mode": "pairs", "pairs": [[0, 0]]')), 413, "request_too_large"),
+    "two Content-Type headers (JSON limit, multipart route)": Case(
+        lambda c, a: c.post("/v1/batches", content=b"x" * 2_000_000, headers=[
+            ("content-type", "application/json"),
+            ("content-type", "multipart/form-data; boundary=x")]), 400, "malformed_request"),
+    "1.3 MB of text fields in one form": Case(
+        lambda c, a: c.post("/v1/batches", files=[("style_id", (None, b"f" * 60_000))] * 22
+                            + [("content_id", (None, a.content_id.encode()))]), 413,
+        "request_too_large"),
     "2 MB JSON body sent chunked (no length)": Case(
         lambda c, a: c.post("/v1/batches", content=iter([b'{"contents": ["' + b"a" * 2_000_000,
                                                          b'"], "styles": []}']),
@@ -150,6 +186,9 @@ CASES: dict[str, Case] = {
                             data={"style_id": a.style_id, "params": json.dumps({"size": 64,
                                                                                  "min_size": 32})}),
         422, "image_too_narrow"),
+    "JPEG scan bomb (200 repeated scans)": Case(
+        lambda c, a: c.post("/v1/images", files={"file": ("b.jpg", _scan_bomb())}), 422,
+        "too_many_scans"),
     "16x600 style at style_scale 0.5": Case(
         lambda c, a: c.post("/v1/jobs", files=[("style", ("s.png", _png(16, 600)))],
                             data={"content_id": a.content_id,
