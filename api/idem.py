@@ -89,8 +89,10 @@ def find_stored(sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: st
     if indoubt.pending():
         indoubt.resolve()  # an in-doubt commit of this key must not be replayed as a success
     with sessions() as session:
-        stored = lookup(session, tenant_id, idem.key, idem.request_hash)
-        session.commit()  # lookup deletes an expired key
+        # An expired key is not deleted here: a request rejected later must change nothing; the
+        # submission's own transaction replaces it (shared.idempotency.remember).
+        stored = lookup(session, tenant_id, idem.key, idem.request_hash, drop_expired=False)
+        session.rollback()
     if stored is not None:
         logger.info("request_event job_id=- event=idempotent_replay tenant_id=%s", tenant_id)
     return stored

@@ -54,8 +54,10 @@ def check_key(key: str) -> str:
     return key
 
 
-def lookup(session: Session, tenant_id: str, key: str, request_hash: str) -> StoredResponse | None:
-    """The first response for this key, None if the key is new; 422 if it was used for another body."""
+def lookup(session: Session, tenant_id: str, key: str, request_hash: str, *,
+           drop_expired: bool = True) -> StoredResponse | None:
+    """The first response for this key, None if the key is new or expired (deleted then, unless
+    ``drop_expired`` is False); 422 if it was used for another body."""
     row = session.execute(
         select(IdempotencyKey).where(
             IdempotencyKey.tenant_id == tenant_id,
@@ -66,8 +68,9 @@ def lookup(session: Session, tenant_id: str, key: str, request_hash: str) -> Sto
         return None
     created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)
     if created < utcnow() - RETENTION:
-        session.delete(row)  # expired: the key may be used afresh
-        session.flush()
+        if drop_expired:  # expired: the key may be used afresh
+            session.delete(row)
+            session.flush()
         return None
     if row.request_hash != request_hash:
         raise InvalidInput(
@@ -81,7 +84,11 @@ def lookup(session: Session, tenant_id: str, key: str, request_hash: str) -> Sto
 def remember(
     session: Session, tenant_id: str, key: str, request_hash: str, response: StoredResponse
 ) -> None:
-    """Add the key row to the caller's transaction (committed together with the jobs)."""
+    """Add the key row to the caller's transaction (committed together with the jobs), replacing
+    an expired row of the same key in that transaction."""
+    session.execute(delete(IdempotencyKey).where(
+        IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key,
+        IdempotencyKey.created_at < utcnow() - RETENTION))
     session.add(
         IdempotencyKey(
             tenant_id=tenant_id,

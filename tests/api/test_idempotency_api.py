@@ -181,3 +181,23 @@ def test_commit_lost_in_flight_is_undone(any_api: Api, monkeypatch, caplog) -> N
     retry = _post_job(any_api, c, s, KEY)
     assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers
     assert any_api.counts()["jobs"] == 1
+
+
+def test_an_expired_key_survives_a_rejected_request_and_is_replaced_by_a_new_job(any_api: Api) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from shared.idempotency import RETENTION
+    from shared.models import utcnow
+
+    assert _post_job(any_api, image_bytes(), image_bytes(), KEY).status_code == 202
+    with session_scope(any_api.settings.database_url) as session:
+        session.execute(update(IdempotencyKey).values(
+            created_at=utcnow() - RETENTION - timedelta(hours=1)))
+    before = any_api.counts()
+    rejected = _post_job(any_api, image_bytes(), image_bytes(), KEY, params='{"size": 1}')
+    assert rejected.status_code == 422 and _keys(any_api) == 1 and any_api.counts() == before
+    fresh = _post_job(any_api, image_bytes(), image_bytes(), KEY)
+    assert fresh.status_code == 202 and "Idempotent-Replayed" not in fresh.headers
+    assert _keys(any_api) == 1 and any_api.counts()["jobs"] == before["jobs"] + 1
