@@ -19,6 +19,7 @@ from shared.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
 )
@@ -44,6 +45,8 @@ def status_for(exc: DomainError) -> int:
     """The HTTP status of a domain error (subclasses first)."""
     if isinstance(exc, PayloadTooLarge):
         return 413
+    if isinstance(exc, RequestTimeout):
+        return 408
     if isinstance(exc, InvalidInput):
         return 400 if exc.malformed else 422
     for cls, status in (

@@ -78,11 +78,12 @@ def validate_uploads(uploads: Sequence[tuple[str, bytes]], settings: Settings) -
     hashed. Error messages name the form field."""
     limits = {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_image_pixels}
     infos: list[ImageInfo] = [_named(field, read_header, data, **limits) for field, data in uploads]
-    pixels = sum(i.width * i.height for i in infos)
+    pixels = round(sum(i.decode_cost for i in infos))
     if pixels > settings.max_request_pixels:
         raise InvalidInput(
             "too_many_pixels",
-            f"the images of this request have {pixels:,} pixels in all; the limit per request is "
+            f"decoding the images of this request costs {pixels:,} pixels in all (progressive "
+            f"JPEGs count once per 10 scans); the limit per request is "
             f"{settings.max_request_pixels:,}: send fewer or smaller images, or upload them with "
             "POST /v1/images first",
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
+from api.forms import MAX_FORM_TEXT
 from shared.errors import InvalidInput, PayloadTooLarge
 from shared.settings import Settings
 
@@ -22,6 +23,8 @@ def body_limit(settings: Settings, path: str, content_type: str = "") -> int:
     gets its own small limit; a form is spooled to disk as it streams, file by file."""
     if content_type.startswith("application/json"):
         return settings.max_json_bytes
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        return MAX_FORM_TEXT  # text only: no files in an urlencoded form
     per_file = settings.max_upload_bytes
     if path.startswith("/v1/images"):
         limit = per_file + _FORM_OVERHEAD

@@ -38,6 +38,10 @@ class PayloadTooLarge(InvalidInput):
     """A file or body above the configured limit (HTTP 413)."""
 
 
+class RequestTimeout(InvalidInput):
+    """The request body did not arrive in time (HTTP 408)."""
+
+
 class Unauthorized(DomainError):
     """Missing, unknown or revoked API key (HTTP 401)."""
 
@@ -60,6 +64,7 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "PayloadTooLarge",
+    "RequestTimeout",
     "ServiceUnavailable",
     "Unauthorized",
 ]

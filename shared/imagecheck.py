@@ -33,6 +33,12 @@ class ImageInfo:
     format: str  # one of ALLOWED_FORMATS
     width: int
     height: int
+    scans: int = 1  # JPEG start-of-scan markers (a progressive JPEG decodes each over the image)
+
+    @property
+    def decode_cost(self) -> float:
+        """Pixels, times the passes a progressive JPEG makes beyond a usual ~10 scans."""
+        return self.width * self.height * max(1.0, self.scans / 10)
 
     @property
     def content_type(self) -> str:
@@ -88,10 +94,12 @@ def read_header(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
                 "truncated", "the image header is damaged or incomplete; upload the file again"
             ) from None
         with img:
-            info = ImageInfo(format=str(img.format), width=img.width, height=img.height)
+            # Pillow's JPEG opener returns MPO (multi-picture) for phone photos with an MPF header:
+            # still a JPEG here (its first picture is what is decoded), so it gets the scan check
+            fmt = "JPEG" if img.format == "MPO" else str(img.format)
+            scans = _jpeg_scans(data) if fmt == "JPEG" else 1
+            info = ImageInfo(format=fmt, width=img.width, height=img.height, scans=scans)
     _check_dimensions(info, max_pixels)
-    if info.format == "JPEG":
-        _check_jpeg_scans(data)
     return info
 
 
@@ -100,10 +108,11 @@ def read_header(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
 # progressive script has 10); an embedded thumbnail adds its own. 0xFFDA cannot occur inside
 # entropy-coded data (0xFF is stuffed there as 0xFF00), so counting the bytes counts start-of-scan
 # markers, at C speed, before anything is decoded.
-MAX_JPEG_SCANS = 64
+# Below the cap each scan still costs a pass: ImageInfo.decode_cost charges scans / 10 passes.
+MAX_JPEG_SCANS = 32
 
 
-def _check_jpeg_scans(data: bytes) -> None:
+def _jpeg_scans(data: bytes) -> int:
     scans = data.count(b"\xff\xda")
     if scans > MAX_JPEG_SCANS:
         raise InvalidInput(
@@ -111,6 +120,7 @@ def _check_jpeg_scans(data: bytes) -> None:
             f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted: re-encode it "
             "(a baseline JPEG or a PNG)",
         )
+    return max(1, scans)
 
 
 def check_decodes(data: bytes) -> None:

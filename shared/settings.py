@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     max_form_bytes: int = 256 * 1024 * 1024  # a multipart request body (files of a batch or job)
     max_request_pixels: int = 256_000_000  # decoded pixels over all images of one request
     decode_threads: int = 2  # image inspection runs in this many threads, off the event loop
-    max_inflight_uploads: int = 8  # submissions read and inspected at once; more get 503
+    max_inflight_uploads: int = 8  # submissions inspected at once (uploads in memory); more get 503
+    body_timeout_s: float = 300.0  # a request body must arrive within this (slow senders: 408)
     auth_off_allow_remote: bool = False  # auth=off refuses a non-loopback api_host unless set
 
     # --- queue and worker ---

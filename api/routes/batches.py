@@ -16,7 +16,7 @@ from pydantic import StrictInt, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
-from api.forms import files, json_field, read_form, read_items, text, texts
+from api.forms import files, json_field, read_body, read_form, read_items, text, texts
 from api.idem import (
     IdemRequest,
     commit_submission,
@@ -192,34 +192,30 @@ async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDe
                        storage: StorageDep, publisher: PublisherDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
     response (header ``Idempotent-Replayed: true``) and creates nothing."""
-    async with admitted(request):  # bounded: a slot per submission being read
-        return await _submit_batch(request, settings, tenant, storage, publisher)
-
-
-async def _submit_batch(request: Request, settings: SettingsDep, tenant: TenantDep,
-                       storage: StorageDep, publisher: PublisherDep) -> Response:
     key = header_key(request)
-    form: FormData | None = None
-    draft: BatchDraft | Any
-    if request.headers.get("content-type", "").startswith("application/json"):
-        raw = await request.body()  # bounded by max_json_bytes (api.limits)
-        draft, idem = await off_loop(request, _json_body, raw, request.method, request.url.path,
-                                     key, settings)
-    else:
-        form = await read_form(request, max_files=MAX_BATCH_FILES)
-    try:
-        if form is not None:
-            idem = await form_request(request, form, key)
+    if request.headers.get("content-type", "").lower().startswith("application/json"):
+        raw = await read_body(request, timeout_s=settings.body_timeout_s)  # <= max_json_bytes
+        body, idem = await off_loop(request, _json_body, raw, request.method, request.url.path,
+                                    key, settings)
         ctx = SubmitCtx.build(request, tenant, storage, publisher, idem)
-        first_answer = await replay(ctx, idem)
-        if first_answer is not None:
-            return first_answer
-        if form is not None:
+        return await replay(ctx, idem) or await _submit(request, ctx, body)
+    form = await read_form(request, max_files=MAX_BATCH_FILES, timeout_s=settings.body_timeout_s)
+    try:  # the form is on disk; reading its files into memory takes one of the upload slots
+        async with admitted(request):
+            ctx = SubmitCtx.build(request, tenant, storage, publisher,
+                                  await form_request(request, form, key))
+            first_answer = await replay(ctx, ctx.idem)
+            if first_answer is not None:
+                return first_answer
             draft = await _read_form(form, settings)
-    finally:
-        if form is not None:
             await form.close()
-    contents, styles, plan, params = await off_loop(request, _validate, draft, settings)
+            return await _submit(request, ctx, draft)
+    finally:
+        await form.close()
+
+
+async def _submit(request: Request, ctx: SubmitCtx, draft: BatchDraft | Any) -> Response:
+    contents, styles, plan, params = await off_loop(request, _validate, draft, ctx.settings)
     answer, replayed = await run_in_threadpool(_create_batch, ctx, contents, styles, plan, params)
     return respond(answer, replayed=replayed)
 

@@ -54,22 +54,18 @@ def _store(settings: Settings, storage: Storage, tenant: TenantCtx, img: Pending
              summary="Upload one image (field 'file'): 201 the first time, 200 after")
 async def upload_image(request: Request, response: Response, settings: SettingsDep,
                        storage: StorageDep, tenant: TenantDep) -> ImageOut:
-    async with admitted(request):  # bounded: a slot per submission being read
-        return await _upload_image(request, response, settings, storage, tenant)
-
-
-async def _upload_image(request: Request, response: Response, settings: SettingsDep,
-                       storage: StorageDep, tenant: TenantDep) -> ImageOut:
-    form = await read_form(request, max_files=1)
+    form = await read_form(request, max_files=1, timeout_s=settings.body_timeout_s)
     try:
         uploads = [*files(form, "file"), *files(form, "image"), *files(form, "content")]
         if len(uploads) != 1:
             raise InvalidInput("missing_file", "send exactly one image in the form field 'file'")
-        data = await read_upload(uploads[0], settings, "file")
+        async with admitted(request):  # the file in memory and its decode: one upload slot
+            data = await read_upload(uploads[0], settings, "file")
+            await form.close()
+            (img,) = await off_loop(request, validate_uploads, [("file", data)], settings)
+            fresh = await run_in_threadpool(_store, settings, storage, tenant, img)
     finally:
         await form.close()
-    (img,) = await off_loop(request, validate_uploads, [("file", data)], settings)
-    fresh = await run_in_threadpool(_store, settings, storage, tenant, img)
     response.status_code = 201 if fresh else 200
     return _image_out(img)
 

@@ -109,25 +109,22 @@ async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
                      storage: StorageDep, publisher: PublisherDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
     response (header ``Idempotent-Replayed: true``) and creates nothing."""
-    async with admitted(request):  # bounded: a slot per submission being read
-        return await _submit_job(request, settings, tenant, storage, publisher)
-
-
-async def _submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
-                     storage: StorageDep, publisher: PublisherDep) -> Response:
     key = header_key(request)
-    form = await read_form(request, max_files=settings.max_styles + 8)  # then our own check
-    try:
-        idem = await form_request(request, form, key)
-        ctx = SubmitCtx.build(request, tenant, storage, publisher, idem)
-        first_answer = await replay(ctx, idem)
-        if first_answer is not None:
-            return first_answer
-        draft = await _read_job_form(form, settings)
+    form = await read_form(request, max_files=settings.max_styles + 8,  # then our own check
+                           timeout_s=settings.body_timeout_s)
+    try:  # the form is on disk; reading its files into memory takes one of the upload slots
+        async with admitted(request):
+            ctx = SubmitCtx.build(request, tenant, storage, publisher,
+                                  await form_request(request, form, key))
+            first_answer = await replay(ctx, ctx.idem)
+            if first_answer is not None:
+                return first_answer
+            draft = await _read_job_form(form, settings)
+            await form.close()
+            items, params = await off_loop(request, _validate_job, draft, settings)
+            answer, replayed = await run_in_threadpool(_create_job, ctx, items, params)
     finally:
         await form.close()
-    items, params = await off_loop(request, _validate_job, draft, settings)
-    answer, replayed = await run_in_threadpool(_create_job, ctx, items, params)
     return respond(answer, replayed=replayed)
 
 

@@ -109,5 +109,6 @@ def test_auth_off_serves_loopback_clients_only(settings_factory: Any) -> None:
 
     app = create_app(settings_factory(auth="off"))
     assert TestClient(app, client=("127.0.0.1", 5000)).get("/v1/jobs").status_code == 200
-    r = TestClient(app, client=("203.0.113.9", 5000)).get("/v1/jobs")
-    assert r.status_code == 401 and r.json()["error"]["code"] == "auth_off_remote"
+    for host in ("203.0.113.9", "unknown", "_hidden"):  # forwarded-for forms a proxy may pass on
+        r = TestClient(app, client=(host, 5000)).get("/v1/jobs")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "auth_off_remote", host

@@ -165,7 +165,7 @@ def test_auth_off_uses_the_local_tenant(settings_factory) -> None:
     from tests.api.conftest import FakePublisher
 
     app = create_app(settings_factory(auth="off"), publisher=FakePublisher())
-    anon = TestClient(app)
+    anon = TestClient(app, client=("127.0.0.1", 50000))  # auth=off serves loopback clients only
     assert submit(anon, content=image_bytes(), styles=[image_bytes()]).status_code == 202
     assert len(anon.get("/v1/jobs").json()["items"]) == 1
     assert app.state.local_tenant.name == "local"

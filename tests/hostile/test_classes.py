@@ -44,6 +44,16 @@ def _scan_bomb(repeats: int = 200) -> bytes:
     return data[:-2] + last_scan * repeats + b"\xff\xd9"
 
 
+def _mpo_scan_bomb(repeats: int = 200) -> bytes:
+    """The scan bomb as an MPO (a JPEG with a multi-picture header, as phones write them)."""
+    buf = io.BytesIO()
+    first, second = Image.new("RGB", (256, 256), (9, 90, 9)), Image.new("RGB", (32, 32))
+    first.save(buf, "MPO", progressive=True, save_all=True, append_images=[second])
+    data = buf.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda"):-2]
+    return data[:-2] + last_scan * repeats + b"\xff\xd9"
+
+
 @dataclass(frozen=True)
 class Case:
     send: Callable[[httpx.Client, LiveApi], httpx.Response]
@@ -189,6 +199,16 @@ CASES: dict[str, Case] = {
     "JPEG scan bomb (200 repeated scans)": Case(
         lambda c, a: c.post("/v1/images", files={"file": ("b.jpg", _scan_bomb())}), 422,
         "too_many_scans"),
+    "MPO scan bomb (200 repeated scans)": Case(
+        lambda c, a: c.post("/v1/images", files={"file": ("b.jpg", _mpo_scan_bomb())}), 422,
+        "too_many_scans"),
+    "JSON batch with Content-Type in capitals": Case(
+        lambda c, a: c.post("/v1/batches", content=json.dumps(
+            {"contents": ["f" * 64], "styles": [a.style_id]}).encode(),
+            headers={"content-type": "Application/JSON"}), 422, "unknown_image"),
+    "2 MB urlencoded form": Case(
+        lambda c, a: c.post("/v1/jobs", data={"params": "x" * 2_000_000}), 413,
+        "request_too_large"),
     "16x600 style at style_scale 0.5": Case(
         lambda c, a: c.post("/v1/jobs", files=[("style", ("s.png", _png(16, 600)))],
                             data={"content_id": a.content_id,
@@ -293,6 +313,29 @@ def test_request_pixel_budget_refuses_before_decoding(live_api: LiveApi) -> None
         r = c.post("/v1/batches", files=files)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_pixels", r.text
     assert live_api.counts() == before
+
+
+def test_a_slow_sender_gets_408_and_holds_no_upload_slot(tmp_path: Any) -> None:
+    """A client that sends headers and then nothing is cut off after body_timeout_s; meanwhile
+    (and with every upload slot's worth of such clients) ordinary uploads go through."""
+    import socket
+
+    from tests.hostile.live import standalone_api
+
+    with standalone_api(tmp_path, body_timeout_s=2, max_inflight_uploads=1) as api:
+        head = (f"POST /v1/images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.key_a}\r\n"
+                "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n"
+                "\r\n--b\r\n").encode()
+        slow = [socket.create_connection(("127.0.0.1", api.port), timeout=30) for _ in range(3)]
+        for sock in slow:
+            sock.sendall(head)
+        with api.client() as c:
+            ok = c.post("/v1/images", files={"file": ("p.png", png_bytes(99))})
+        answers = [sock.recv(4096).split(b"\r\n", 1)[0] for sock in slow]
+        for sock in slow:
+            sock.close()
+    assert ok.status_code == 201, ok.text
+    assert answers == [b"HTTP/1.1 408 Request Timeout"] * 3
 
 
 def test_links_never_come_from_the_host_header(live_api: LiveApi) -> None:
