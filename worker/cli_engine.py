@@ -64,9 +64,15 @@ def _add_run(sub: Any) -> None:
     a("--optimizer", choices=["lbfgs", "adam"])
     a("--lr", type=float, help="step size (default 1 for lbfgs, 0.02 for adam)")
     a("--lbfgs-history", type=int)
+    a("--lbfgs-max-step", type=float,
+      help="largest pixel change (0-1 range) in one L-BFGS step; longer steps shrink (default 0.25)")
     a("--no-carry-optimizer-state", dest="carry_optimizer_state", action="store_false", default=None)
     a("--init", choices=["content", "noise", "gray"])
-    a("--preserve-color", action="store_true", default=None, help="keep the content's colours")
+    a("--preserve-color", action="store_true", default=None,
+      help="keep the content's colours (the same as --color luminance)")
+    a("--color", choices=["none", "luminance", "histogram"],
+      help="luminance: transfer on luminance, keep the content's colours; histogram: give the "
+      "styles the content's colour statistics first (default none)")
     a("--style-scale", type=float, help="style size relative to the content (default 1)")
     a("--seed", type=int)
     a("--device", help="auto, cpu or cuda:N")
@@ -89,7 +95,8 @@ def _add_run(sub: Any) -> None:
 _CONFIG_FIELDS = (
     "size", "min_size", "scale_factor", "scales", "iterations", "content_weight", "style_weight",
     "tv_weight", "style_layers", "style_layer_weights", "content_layers", "optimizer", "lr",
-    "lbfgs_history", "carry_optimizer_state", "init", "preserve_color", "style_scale", "seed",
+    "lbfgs_history", "lbfgs_max_step", "carry_optimizer_state", "init", "preserve_color", "color",
+    "style_scale", "seed",
     "device", "precision", "pooling", "weights", "save_every", "max_scales", "max_recoveries",
 )
 
@@ -158,8 +165,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                             on_checkpoint=reporter.checkpoint, resume=resume)
     save_image(result.image, out, quality=args.quality)
     meta = result.metadata
+    fell = " ".join("-" if r is None or r["loss"] is None else f"{100 * r['loss']:.0f}%"
+                    for r in meta["loss_removed"])
     print(f"wrote {out} ({result.image.width}x{result.image.height}, {meta['steps']} steps, "
-          f"{meta['seconds']:.1f} s, weights {meta['weights_kind']})", file=sys.stderr)
+          f"{meta['seconds']:.1f} s, weights {meta['weights_kind']}; loss removed per scale: {fell})",
+          file=sys.stderr)
     return 0
 
 
@@ -188,7 +198,9 @@ class _Reporter:
                 "scale": p.scale, "size": list(p.size), "iteration": p.iteration, "step": p.step,
                 "loss": p.loss, "content_loss": p.content_loss, "style_loss": p.style_loss,
                 "tv_loss": p.tv_loss, "seconds": round(p.elapsed, 4), "lr": p.lr,
-                "recoveries": p.recoveries,
+                "recoveries": p.recoveries, "loss_removed": p.loss_removed,
+                "content_removed": p.content_removed, "style_removed": p.style_removed,
+                "tv_removed": p.tv_removed,
             }) + "\n")
         if self.args.no_progress:
             return

@@ -75,6 +75,8 @@ def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.C
     (["C", "S", "-o", "O.png", "--content-weight", "nan"], "content_weight must be a finite"),
     (["C", "S", "-o", "O.png", "--style-weights", "inf"], "[invalid_config]"),
     (["C", "S", "-o", "O.png", "--lr", "-1"], "lr must be a finite number > 0"),
+    (["C", "S", "-o", "O.png", "--preserve-color", "--color", "histogram"], "cannot be combined"),
+    (["C", "S", "-o", "O.png", "--lbfgs-max-step", "0"], "lbfgs_max_step must be a finite number"),
 ])
 def test_bad_input_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
                            bad: list[str], needle: str) -> None:
@@ -105,9 +107,23 @@ def test_diverged_run_exits_2(tmp_path: Path, files: dict[str, Path], capsys: py
 
 
 def test_argparse_errors_exit_2(files: dict[str, Path]) -> None:
-    with pytest.raises(SystemExit) as e:
-        main(["run", str(files["content"]), str(files["style"]), "-o", "x.png", "--iterations", "a,b"])
-    assert e.value.code == 2
+    for bad in (["--iterations", "a,b"], ["--color", "sepia"], ["--lbfgs-max-step", "x"]):
+        with pytest.raises(SystemExit) as e:
+            main(["run", str(files["content"]), str(files["style"]), "-o", "x.png", *bad])
+        assert e.value.code == 2
+
+
+@pytest.mark.parametrize("color", ["luminance", "histogram"])
+def test_color_and_step_options(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
+                                color: str) -> None:
+    out, trace = tmp_path / "out.png", tmp_path / "trace.jsonl"
+    argv = ["run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random",
+            "--size", "48", "--scales", "32,48", "--iterations", "3", "--device", "cpu",
+            "--color", color, "--lbfgs-max-step", "0.1", "--trace", str(trace), "--no-progress"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert lines[-1]["loss_removed"] > 0 and "style_removed" in lines[-1]
+    assert "loss removed per scale:" in capsys.readouterr().err
 
 
 def test_weights_fetch_and_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -28,12 +28,19 @@ class Checkpoint:
     scale: int
     iteration: int
     step: int
-    image: torch.Tensor  # (B, 3, H, W) fp32 cpu in [0, 1]
+    image: torch.Tensor  # (B, 3, H, W) fp32 cpu in [0, 1], RGB as it would be delivered
     optimizer_state: dict[str, Any] | None
     config_digest: str
     end_of_scale: bool
     lr: float = 0.0  # current step size (NaN recoveries halve it)
     recoveries: int = 0
+    # per item (content, style, tv) weighted at the scale's first evaluation: the divisor of the
+    # objective (losses.LossFn), so a mid-scale resume minimises the same function
+    loss_start: list[list[float]] | None = None
+    loss_scaler: dict[str, Any] | None = None  # fp16 only: scaler.LossScaler's scale and count
+    # color="luminance": the optimised (B, 1, H, W) luminance; ``image`` is then the delivered look
+    # (this Y with the content's chroma), so a preview made from it matches the result
+    luminance: torch.Tensor | None = None
     version: int = FORMAT_VERSION
 
     def to_bytes(self) -> bytes:

@@ -52,6 +52,7 @@ _CHOICES = {
     "optimizer": ("lbfgs", "adam"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "pooling": ("max", "avg"),
+    "color": ("none", "luminance", "histogram"),
 }
 
 
@@ -67,21 +68,38 @@ class TransferConfig:
     content_layers: tuple[str, ...] = DEFAULT_CONTENT_LAYERS
     style_layers: tuple[str, ...] = DEFAULT_STYLE_LAYERS
     style_layer_weights: tuple[float, ...] | None = None  # None = 1.0 each (Gatys, jcjohnson)
+    # What the three loss weights mean: each scale minimises (wc*content + ws*style + wtv*tv) divided
+    # by that same sum at the scale's first evaluation (losses.LossFn), so only their ratios count:
+    # they set the balance between the raw terms exactly as before, and all three times k is the same
+    # job (L-BFGS stalled below k ~ 1e-2 before). 0 switches a term off.
     content_weight: float | None = None  # None = preset of the weights family (PRESETS)
     style_weight: float | None = None  # None = preset
     tv_weight: float | None = None  # None = preset
     style_blend_weights: tuple[float, ...] | None = None  # None = equal; normalised to sum 1
     style_scale: float = 1.0  # style long edge = style_scale * content long edge (jcjohnson)
-    preserve_color: bool = False  # luminance-only transfer (Gatys et al. 2016)
+    # Colour control (Gatys et al. 2017, sec. 3; color.py): "none"; "luminance" optimises the
+    # luminance alone and delivers it with the content's chroma; "histogram" gives each style the
+    # content's colour mean and covariance before optimising.
+    color: str = "none"
+    preserve_color: bool = False  # kept for compatibility: True is color="luminance" (both set)
     init: str = "content"  # "content" | "noise" | "gray"; jcjohnson and the tutorial start from content
     optimizer: str = "lbfgs"  # Gatys and jcjohnson use L-BFGS; converges in far fewer steps than Adam
     lr: float | None = None  # None: 1.0 for L-BFGS (torch default), 0.02 for Adam (crowsonkb)
     betas: tuple[float, float] = (0.9, 0.99)  # Adam betas (crowsonkb)
     lbfgs_history: int = 50  # L-BFGS history; ~2*50 image copies (300 MB at 512), reset per scale
+    # Largest change of any pixel ([0, 1] range) in one L-BFGS step; longer steps are shrunk (a trust
+    # region: Gatys and jcjohnson run lr 1 with no line search and no cap). 0.25 measured at 48 px,
+    # random weights: without it one ill-conditioned curvature pair moved pixels by 30 and the loss
+    # rose 77x; with 0.1-0.5 the loss fell monotonically, as far as the uncapped run where that
+    # one never jumped (optim.Stepper._cap_step).
+    lbfgs_max_step: float = 0.25
     carry_optimizer_state: bool = True  # Adam moments resized and carried across scales (crowsonkb)
     seed: int = 0  # noise init and random weights; same seed + machine + CPU -> bit-identical output
-    precision: str = "auto"  # "auto" = bf16 autocast on CUDA when supported, else fp32
-    pooling: str = "max"  # VGG's own max pooling (Gatys mentions avg as an option)
+    # "auto" = bf16 autocast on CUDA when supported, else fp32; "fp16" (CUDA only) runs with dynamic
+    # loss scaling (scaler.py): unscaled, its gradients underflow to zero at 512 px
+    precision: str = "auto"
+    # VGG's own max pooling; "avg" (Gatys mentions it) is scaled to max's magnitudes (vgg.AVG_POOL_SCALE)
+    pooling: str = "max"
     device: str | None = None  # None = the engine's ("auto": cuda:0 if available else cpu)
     weights: str | None = None  # None = the engine's ("imagenet"); see weights.py
     channels_last: bool | None = None  # None = auto: on (faster on CUDA, and 15-25% on this CPU: bench)
@@ -97,6 +115,7 @@ class TransferConfig:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise _invalid(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        self._check_color()
         self._check_schedule()
         self._check_numbers()
         if self.style_layer_weights is not None and len(self.style_layer_weights) != len(
@@ -105,6 +124,16 @@ class TransferConfig:
             raise _invalid("style_layer_weights needs one weight per style layer")
         if self.save_every < 0 or self.lbfgs_history < 1 or self.max_recoveries < 0:
             raise _invalid("save_every and max_recoveries must be >= 0 and lbfgs_history >= 1")
+
+    def _check_color(self) -> None:
+        """preserve_color and color="luminance" are one setting: make both say so (so they also
+        give one digest); preserve_color with another colour mode is a contradiction."""
+        if self.preserve_color and self.color == "histogram":
+            raise _invalid('preserve_color means color="luminance"; it cannot be combined with '
+                           'color="histogram"')
+        if self.preserve_color or self.color == "luminance":
+            object.__setattr__(self, "color", "luminance")  # frozen: set once, here
+            object.__setattr__(self, "preserve_color", True)
 
     def _check_schedule(self) -> None:
         if self.size < 16 or self.min_size < 16:
@@ -141,6 +170,8 @@ class TransferConfig:
             check_blend(self.style_blend_weights)
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             raise _invalid(f"lr must be a finite number > 0, not {self.lr}")
+        if not (_finite(self.lbfgs_max_step) and self.lbfgs_max_step > 0):
+            raise _invalid(f"lbfgs_max_step must be a finite number > 0, not {self.lbfgs_max_step}")
         if not (_finite(self.style_scale) and self.style_scale > 0):
             raise _invalid(f"style_scale must be a finite number > 0, not {self.style_scale}")
         if len(self.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in self.betas):

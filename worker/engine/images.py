@@ -181,7 +181,7 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(B, 3, h, w) -> (B, 3, H, W): bicubic (antialiased when shrinking), clamped to [0, 1]."""
+    """(B, C, h, w) -> (B, C, H, W): bicubic (antialiased when shrinking), clamped to [0, 1]."""
     if tuple(x.shape[-2:]) == tuple(hw):
         return x.clone()
     shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]

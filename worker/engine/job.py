@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .errors import EngineError
 from .images import resize
 from .losses import LossFn, Targets, compute_targets
 from .optim import Stepper, diverged, resize_adam_state
+from .scaler import LossScaler
 from .schedule import Schedule, style_size
 from .vgg import VGGFeatures, layer_index
 
@@ -33,7 +35,12 @@ CHECKPOINT_NOW = "checkpoint_now"
 
 @dataclass(frozen=True)
 class Progress:
-    """Passed to on_progress after every iteration. Losses are weighted and summed over the batch."""
+    """Passed to on_progress after every iteration. Losses are weighted and summed over the batch.
+
+    The ``*_removed`` fields are the fraction of that term removed since this scale's first
+    evaluation, 1 - now / start (negative if it grew; None where it started at 0, such as the
+    content term at a content init, or a term whose weight is 0).
+    """
 
     scale: int  # 0-based scale index
     scales: int
@@ -49,15 +56,19 @@ class Progress:
     elapsed: float  # seconds since the run started
     lr: float
     recoveries: int  # NaN/Inf recoveries so far
+    loss_removed: float | None = None
+    content_removed: float | None = None
+    style_removed: float | None = None
+    tv_removed: float | None = None
 
 
 @dataclass
 class PreparedItem:
     """One batch item as tensors: (1, 3, H, W) fp32 [0, 1] originals, blend and loss weights."""
 
-    content: torch.Tensor  # what the content loss sees (its luminance when preserve_color)
+    content: torch.Tensor  # what the content loss sees (grey luminance for color="luminance")
     original: torch.Tensor  # the content as given, for colour recombination
-    styles: list[torch.Tensor]
+    styles: list[torch.Tensor]  # as the style loss sees them (colour-matched or grey per mode)
     blend: list[float]
     weights: tuple[float, float, float]  # content, style, tv
 
@@ -76,6 +87,7 @@ class Job:
         digest: str,
         on_progress: Callable[[Progress], Any] | None,
         on_checkpoint: Callable[[Checkpoint], Any] | None,
+        loss_scaling: bool = False,
     ) -> None:
         self.model, self.items, self.cfg, self.schedule = model, items, config, schedule
         self.device, self.cast, self.channels_last, self.digest = device, cast, channels_last, digest
@@ -88,12 +100,20 @@ class Job:
         self.step, self.lr, self.recoveries = 0, config.resolved_lr(), 0
         self.streak = 0  # consecutive non-finite steps, across scales (optim.Stepper)
         self.t0 = time.perf_counter()
+        self.scaler = LossScaler() if loss_scaling else None  # fp16 (scaler.py), across scales
+        # per item (content, style, tv) weighted at this scale's first evaluation (LossFn.start)
+        self.start: list[list[float]] | None = None
+        # per scale: the fraction of each term removed by its last iteration (None: not run here)
+        self.removed: list[dict[str, float | None] | None] = [None] * len(schedule)
+        # color="luminance": the optimised image is the luminance Y alone, (B, 1, H, W)
+        self.channels = 1 if config.color == "luminance" else 3
 
     def run(self, resume: Checkpoint | None = None) -> torch.Tensor:
-        """The whole pyramid; returns (B, 3, H, W) in [0, 1] at the last scale."""
+        """The whole pyramid; returns (B, C, H, W) in [0, 1] at the last scale, C = self.channels
+        (finish() makes the delivered RGB image of it)."""
         x: torch.Tensor | None = None
         opt_state: dict[str, Any] | None = None
-        first, done = 0, 0
+        first, done, divisor = 0, 0, None
         if resume is not None:
             if resume.config_digest != self.digest:
                 raise EngineError(
@@ -101,9 +121,16 @@ class Job:
                     "resume with the same settings and inputs, or start afresh",
                     code="checkpoint_mismatch",
                 )
-            x, opt_state = resume.image.to(self.device), resume.optimizer_state
+            image = resume.image if self.channels == 3 else resume.luminance
+            if image is None or image.shape[1] != self.channels:
+                raise EngineError("the checkpoint holds no luminance image to resume from",
+                                  code="checkpoint_mismatch")
+            x, opt_state = image.to(self.device), resume.optimizer_state
             self.step, self.lr, self.recoveries = resume.step, resume.lr, resume.recoveries
+            if self.scaler is not None:
+                self.scaler = LossScaler.from_state(resume.loss_scaler)
             first, done = (resume.scale + 1, 0) if resume.end_of_scale else (resume.scale, resume.iteration)
+            divisor = None if resume.end_of_scale else resume.loss_start
         start = self.step
         for s in range(first, len(self.schedule)):
             hw = self.schedule[s][0]
@@ -114,8 +141,8 @@ class Job:
             else:  # start from the previous scale's result, upsampled bicubically and clamped
                 x0, state = resize(x, hw), self._carry(opt_state, hw)
             assert x0 is not None
-            x, opt_state = self._run_scale(s, x0, state, done)
-            done = 0
+            x, opt_state = self._run_scale(s, x0, state, done, divisor)
+            done, divisor = 0, None
         if self.streak and self.streak == self.step - start:  # not one finite step: x is the start
             raise diverged(self.streak, self.lr)
         assert x is not None
@@ -127,13 +154,14 @@ class Job:
         return resize_adam_state(state, hw)
 
     def _init_image(self, hw: tuple[int, int]) -> torch.Tensor:
-        b = len(self.items)
+        b, c = len(self.items), self.channels
         if self.cfg.init == "noise":
             g = torch.Generator().manual_seed(self.cfg.seed)
-            return torch.rand((b, 3, *hw), generator=g).to(self.device)
+            return torch.rand((b, c, *hw), generator=g).to(self.device)
         if self.cfg.init == "gray":
-            return torch.full((b, 3, *hw), 0.5, device=self.device)
-        return torch.cat([resize(it.content, hw) for it in self.items]).to(self.device)
+            return torch.full((b, c, *hw), 0.5, device=self.device)
+        # luminance: the content is grey already (prepare_item), so any channel is its Y
+        return torch.cat([resize(it.content, hw)[:, :c] for it in self.items]).to(self.device)
 
     def targets(self, hw: tuple[int, int]) -> Targets:
         """Content features and style Grams at this scale: contents resized from the originals,
@@ -154,10 +182,13 @@ class Job:
         )
 
     def _run_scale(
-        self, s: int, x0: torch.Tensor, state: dict[str, Any] | None, done: int
+        self, s: int, x0: torch.Tensor, state: dict[str, Any] | None, done: int,
+        start: list[list[float]] | None,
     ) -> tuple[torch.Tensor, dict[str, Any] | None]:
         hw, iters = self.schedule[s]
-        loss_fn = LossFn(self.model, self.targets(hw), self.style_weights, self.cast, self.channels_last)
+        self.start = start  # resuming mid-scale: the objective's divisor as it was
+        loss_fn = LossFn(self.model, self.targets(hw), self.style_weights, self.cast, self.channels_last,
+                         start=None if start is None else torch.tensor(start, device=self.device))
         fn: Callable[[torch.Tensor], torch.Tensor] = loss_fn
         if not _CACHE_STYLE_TARGETS:
             def fn(x: torch.Tensor) -> torch.Tensor:
@@ -166,11 +197,13 @@ class Job:
         cfg = self.cfg
         stepper = Stepper(
             x0, fn, cfg.optimizer, self.lr, betas=cfg.betas, history=cfg.lbfgs_history, state=state,
-            max_recoveries=cfg.max_recoveries, streak=self.streak,
+            max_recoveries=cfg.max_recoveries, streak=self.streak, max_step=cfg.lbfgs_max_step,
+            scaler=self.scaler,
         )
         for it in range(done + 1, iters + 1):
             before = stepper.recoveries
             vals = stepper.step()
+            self._note_start(loss_fn, stepper.bad)
             self.step += 1
             self.lr, self.recoveries = stepper.lr, self.recoveries + stepper.recoveries - before
             self.streak = stepper.streak
@@ -181,37 +214,77 @@ class Job:
                 self.on_checkpoint(self._checkpoint(s, it, stepper, end))
         return stepper.x.detach(), stepper.opt.state_dict() if cfg.optimizer == "adam" else None
 
+    def _note_start(self, loss_fn: LossFn, bad: bool) -> None:
+        """Keep a host copy of the objective's divisor once the scale has had a finite evaluation;
+        if its first evaluation was not finite, the divisor is taken again at the next one."""
+        if self.start is not None:
+            return
+        if bad or loss_fn.start is None:
+            loss_fn.start = None
+        else:
+            self.start = loss_fn.start.tolist()  # one host read per scale
+
     def _report(self, s: int, hw: tuple[int, int], it: int, iters: int, vals: list[float]) -> Any:
+        removed = removed_fractions(self.start, vals[1:5])  # vals: objective, total, c, s, tv
+        if it == iters:
+            self.removed[s] = removed
         if self.on_progress is None:
             return None
         return self.on_progress(Progress(
             scale=s, scales=len(self.schedule), size=hw, iteration=it, iterations=iters,
-            step=self.step, total_steps=self.total, loss=vals[0], content_loss=vals[1],
-            style_loss=vals[2], tv_loss=vals[3], elapsed=time.perf_counter() - self.t0,
-            lr=self.lr, recoveries=self.recoveries,
+            step=self.step, total_steps=self.total, loss=vals[1], content_loss=vals[2],
+            style_loss=vals[3], tv_loss=vals[4], elapsed=time.perf_counter() - self.t0,
+            lr=self.lr, recoveries=self.recoveries, loss_removed=removed["loss"],
+            content_removed=removed["content"], style_removed=removed["style"],
+            tv_removed=removed["tv"],
         ))
 
     def _checkpoint(self, s: int, it: int, stepper: Stepper, end: bool) -> Checkpoint:
+        x = stepper.x.detach()
+        luminance = x.float().cpu().clone() if self.channels == 1 else None
         return Checkpoint(
-            scale=s, iteration=it, step=self.step, image=stepper.x.detach().float().cpu().clone(),
+            scale=s, iteration=it, step=self.step, image=self.finish(x).float().cpu().clone(),
+            luminance=luminance,
             optimizer_state=stepper.state(), config_digest=self.digest, end_of_scale=end,
-            lr=self.lr, recoveries=self.recoveries,
+            lr=self.lr, recoveries=self.recoveries, loss_start=self.start,
+            loss_scaler=self.scaler.state() if self.scaler is not None else None,
         )
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """preserve_color: the result's luminance with each content's chroma at the output size."""
-        if not self.cfg.preserve_color:
+        """The delivered (B, 3, H, W) RGB image of an iterate: x itself, or for color="luminance"
+        the optimised Y with each content's chroma (I, Q) at x's size. Checkpoint previews show
+        this too, so they look like the result."""
+        if self.channels == 3:
             return x
         hw = (int(x.shape[-2]), int(x.shape[-1]))
         originals = torch.cat([resize(it.original, hw) for it in self.items]).to(x.device)
         return color.recombine(x, originals)
 
 
+def removed_fractions(
+    start: list[list[float]] | None, now: list[float]
+) -> dict[str, float | None]:
+    """1 - now / start for the total and each term, summed over the batch; None where the start is
+    not > 0 (or not known yet). ``start`` is per item (content, style, tv); ``now`` is the
+    (total, content, style, tv) summed over the batch."""
+    names = ("loss", "content", "style", "tv")
+    if start is None:
+        return dict.fromkeys(names)
+    terms = [math.fsum(col) for col in zip(*start, strict=True)]
+    begun = [math.fsum(terms), *terms]
+    return {n: (1.0 - v / b if b > 0 else None) for n, b, v in zip(names, begun, now, strict=True)}
+
+
 def prepare_item(
     content: torch.Tensor, styles: list[torch.Tensor], blend: list[float],
-    weights: tuple[float, float, float], preserve_color: bool,
+    weights: tuple[float, float, float], mode: str,
 ) -> PreparedItem:
-    if preserve_color:  # Gatys et al. 2016: transfer on luminance only, styles luminance-matched
+    """Inputs for a colour mode (config.color). "luminance" (Gatys et al. 2017, sec. 3): content and
+    styles become grey luminance images, each style's Y matched to the content's mean and std.
+    "histogram" (ibid.): each style's colours get the content's mean and covariance."""
+    if mode == "luminance":
         styles = [color.match_luminance(s, content) for s in styles]
         return PreparedItem(color.luminance(content), content, styles, blend, weights)
+    if mode == "histogram":
+        styles = [color.match_color(s, content) for s in styles]
     return PreparedItem(content, content, styles, blend, weights)

@@ -124,8 +124,23 @@ def compute_targets(
     return Targets(content, style, weights)
 
 
+# Below this a weighted total counts as zero: its objective is not normalised (there is nothing to
+# remove, and 1/total would overflow fp32).
+MIN_START = 1e-30
+
+
 class LossFn:
-    """x (B, 3, H, W) -> (4,) tensor: total, content, style, tv (weighted, summed over the batch)."""
+    """x (B, C, H, W) -> (5,) tensor: the objective, then total, content, style, tv (weighted, summed
+    over the batch). C is 3 (RGB), or 1 for a luminance image (fed to the VGG as grey RGB).
+
+    The objective is what is minimised: each item's weighted total divided by that total at the
+    scale's first evaluation (``start``, detached), summed over the batch, so it is 1 per item at
+    every scale's start whatever the weights' common scale. Departure from the papers (which
+    minimise the raw weighted sum): torch's L-BFGS has absolute thresholds (curvature pairs with
+    y.s <= 1e-10 are dropped) that a small objective never passes, so it stalls. Dividing by a
+    positive constant per scale does not move the minimiser: the weights keep their meaning as the
+    balance between the raw terms; only their common factor is divided out.
+    """
 
     def __init__(
         self,
@@ -134,14 +149,30 @@ class LossFn:
         style_layer_weights: dict[int, float],
         cast: Callable[[], contextlib.AbstractContextManager],
         channels_last: bool = False,
+        start: torch.Tensor | None = None,
     ) -> None:
         self.model, self.targets, self.cast = model, targets, cast
         self.layer_weights = style_layer_weights
         self.wanted = frozenset(targets.content) | frozenset(targets.style)
         self.channels_last = channels_last
+        self._norm: torch.Tensor | None = None
+        self.start = start
+
+    @property
+    def start(self) -> torch.Tensor | None:
+        """(B, 3) weighted terms at the scale's first evaluation; None: taken at the next call."""
+        return self._start
+
+    @start.setter
+    def start(self, value: torch.Tensor | None) -> None:
+        self._start, self._norm = value, None
+        if value is not None:
+            total = value.sum(dim=1)  # (B,)
+            self._norm = torch.where(total > MIN_START, total, torch.ones_like(total))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        inp = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # luminance: grey to the VGG
+        inp = rgb.contiguous(memory_format=torch.channels_last) if self.channels_last else rgb
         with self.cast():
             feats = self.model(inp, self.wanted)
         t = self.targets
@@ -152,5 +183,9 @@ class LossFn:
             zero,
         )  # (B,)
         per_image = torch.stack([c, s, tv_loss(x)], dim=1) * t.weights  # (B, 3) weighted
-        terms = per_image.sum(dim=0)  # (3,) summed over the batch: images are independent terms
-        return torch.cat([terms.sum().view(1), terms])
+        if self.start is None:
+            self.start = per_image.detach().clone()
+        assert self._norm is not None
+        objective = (per_image.sum(dim=1) / self._norm).sum()  # images are independent terms
+        terms = per_image.sum(dim=0)  # (3,) summed over the batch
+        return torch.cat([objective.view(1), terms.sum().view(1), terms])

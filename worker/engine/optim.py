@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import EngineError
+from .scaler import LossScaler
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ LBFGS_STATE_LIMIT_BYTES = 64 * 2**20  # larger L-BFGS states are not put in chec
 
 
 class Stepper:
-    """Owns the optimiser of one scale. step() -> [total, content, style, tv] as floats."""
+    """Owns the optimiser of one scale. step() -> the loss function's values as floats (the first is
+    what is minimised; LossFn: objective, total, content, style, tv), the last finite ones."""
 
     def __init__(
         self,
@@ -41,15 +43,18 @@ class Stepper:
         state: dict[str, Any] | None = None,
         max_recoveries: int = 5,
         streak: int = 0,
+        max_step: float = math.inf,
+        scaler: LossScaler | None = None,
     ) -> None:
-        self.x = x.detach().clone().requires_grad_(True)  # (B, 3, H, W) the optimised image
+        self.x = x.detach().clone().requires_grad_(True)  # (B, C, H, W) the optimised image
         self.good = self.x.detach().clone()  # last iterate whose loss and gradient were finite
         self.loss_fn, self.kind, self.lr = loss_fn, kind, lr
-        self.betas, self.history = betas, history
+        self.betas, self.history, self.max_step = betas, history, max_step
+        self.scaler = scaler  # fp16: dynamic loss scaling (scaler.py); None: fp32/bf16, no scaling
         self.recoveries = 0
         # consecutive non-finite steps (carried across scales by the job); > max_recoveries: diverged
         self.max_recoveries, self.streak = max_recoveries, streak
-        self.last = [math.nan] * 4
+        self.last: list[float] = []
         self.opt = self._new_optimizer()
         if state is not None:
             self.opt.load_state_dict(state)
@@ -67,16 +72,26 @@ class Stepper:
         )
 
     def _evaluate(self) -> tuple[torch.Tensor, bool]:
-        """Loss and gradient at x; one host sync for all loss terms and the finiteness check."""
-        self.x.grad = None
-        terms = self.loss_fn(self.x)
-        terms[0].backward()
-        assert self.x.grad is not None
-        vals = torch.cat([terms.detach(), self.x.grad.sum().view(1)]).tolist()
-        ok = all(math.isfinite(v) for v in vals)
+        """Loss and gradient at x; one host sync for all loss terms and the finiteness check (one
+        more per fp16 overflow, which evaluates x again at half the loss scale)."""
+        while True:
+            self.x.grad = None
+            terms = self.loss_fn(self.x)
+            scale = self.scaler.scale if self.scaler is not None else 1.0
+            (terms[0] * scale if self.scaler is not None else terms[0]).backward()
+            assert self.x.grad is not None
+            vals = torch.cat([terms.detach(), self.x.grad.sum().view(1)]).tolist()
+            finite = [math.isfinite(v) for v in vals]
+            if self.scaler is None or not self.scaler.retry(all(finite[:-1]), finite[-1]):
+                break
+        if self.scaler is not None:
+            self.x.grad.mul_(1.0 / scale)  # exact: the scale is a power of two
+        ok = all(finite)
         if ok:
-            self.last = vals[:4]
+            self.last = vals[:-1]
             self.good.copy_(self.x.detach())
+        elif not self.last:
+            self.last = [math.nan] * (len(vals) - 1)
         return terms[0].detach(), ok
 
     def _closure(self) -> torch.Tensor:
@@ -103,8 +118,26 @@ class Stepper:
                 self._recover()
             else:
                 self.streak = 0
+                if self.kind == "lbfgs":
+                    self._cap_step()
             self.x.clamp_(0, 1)
         return list(self.last)
+
+    def _cap_step(self) -> None:
+        """Shrink an L-BFGS step whose largest pixel change exceeds max_step, on the device.
+
+        Departure from Gatys and jcjohnson (L-BFGS with lr 1 and no line search): a curvature pair
+        with y.s barely positive (common where the style term is non-convex near a content init)
+        gives a step of 10-100x the pixel range, and the loss jumps by orders of magnitude. This is
+        a trust region in place of a line search: one evaluation per iteration still. The step
+        length is shrunk in L-BFGS's own state too, so its next curvature pair is the step taken.
+        """
+        delta = self.x - self.good  # (B, C, H, W); good is the iterate the step started from
+        shrink = (self.max_step / delta.abs().amax().clamp_min(1e-30)).clamp(max=1.0)  # 0-dim
+        self.x.sub_(delta.mul_(1.0 - shrink))  # x unchanged, bit for bit, when shrink == 1
+        state = self.opt.state[self.x]
+        if "t" in state:  # absent when L-BFGS returned without a step (an all-zero gradient)
+            state["t"] = state["t"] * shrink
 
     def _recover(self) -> None:
         """Non-finite loss or gradient: back to the last good iterate and halve the step; after

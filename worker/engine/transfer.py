@@ -20,7 +20,7 @@ from .images import load_image, pil_to_tensor, tensor_to_pil
 from .job import Job, Progress, prepare_item
 from .losses import autocast
 from .schedule import Schedule, build_schedule, check_runnable
-from .vgg import LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
+from .vgg import AVG_POOL_SCALE, LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
 from .weights import Weights, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """dtype for autocast on the VGG pass, None for plain fp32 (Gram and losses are always fp32)."""
+    """dtype for autocast on the VGG pass, None for plain fp32 (Gram and losses are always fp32).
+    float16 makes the job scale its loss (scaler.py); bf16 has fp32's range and needs no scaling."""
     if precision == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else None
@@ -80,7 +81,7 @@ class StyleTransfer:
         key = ModelKey(spec, str(device), pooling, deepest)
         if key not in self._models:
             w = self.load_weights(spec)
-            features = build_features(pooling)
+            features = build_features(pooling, AVG_POOL_SCALE.get(w.kind, 2.0))
             features.load_state_dict(w.state)
             self._models[key] = VGGFeatures(features, deepest, w.normalization).to(device)
             logger.info("loaded VGG19 (%s, %s, %s pooling, up to %s)", w.source, device, pooling,
@@ -126,7 +127,7 @@ class StyleTransfer:
         digest = config.digest([spec, weights.kind, digest_parts])
         job = Job(model, prepared, config, schedule, device=device, cast=lambda: autocast(device, dtype),
                   channels_last=channels_last, digest=digest, on_progress=on_progress,
-                  on_checkpoint=on_checkpoint)
+                  on_checkpoint=on_checkpoint, loss_scaling=dtype == torch.float16)
         with torch.random.fork_rng(devices=[]):  # nothing global is consumed, but be safe
             torch.manual_seed(config.seed)
             x = job.finish(job.run(resume))
@@ -141,6 +142,10 @@ class StyleTransfer:
             "optimizer": config.optimizer, "channels_last": channels_last,
             "loss_weights": [list(it.weights) for it in prepared], "config_digest": digest,
             "resumed_from_step": resume.step if resume is not None else None,
+            # per scale, the fraction of the total and of each term removed by its last iteration
+            # (job.removed_fractions; None for a scale finished before a resume)
+            "loss_removed": job.removed,
+            "loss_scale": job.scaler.scale if job.scaler is not None else None,  # fp16 only
         }
         return Result(images[0], images, meta, x.detach().float().cpu())
 
@@ -158,7 +163,7 @@ def _prepare(
         blend = normalise_blend(item.style_blend_weights or config.style_blend_weights, len(styles))
         w = item_loss_weights(item, preset)
         prepared.append(prepare_item(
-            pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.preserve_color
+            pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.color
         ))
         parts.append([_hash(content), [_hash(s) for s in styles], blend, list(w)])
     return prepared, parts

@@ -54,13 +54,40 @@ def layer_index(name: str) -> int:
     return LAYER_INDEX[name]
 
 
-def build_features(pooling: str = "max") -> nn.Sequential:
-    """The 37 layers of torchvision's vgg19().features (ReLUs applied functionally in forward)."""
+# Average pooling shrinks activations (the mean of a 2x2 window of ReLU outputs is below its max),
+# and the shrinkage compounds over the 4 pools before relu5_1: the balance moves toward relu1_1 and
+# style (review B5; here at 96 px, random weights, unscaled avg/max: content term 0.24-0.31x, relu5_1
+# style term 0.016-0.028x). crowsonkb/style-transfer-pytorch multiplies every average-pool output
+# by 2.0 (VGGFeatures.pooling_scales = {'max': 1, 'average': 2, 'l2': 0.78}: "Changing the pooling
+# type from max results in the scale of activations changing, so rescale them. Gatys et al. (2015)
+# do not do this.") with torchvision's trained weights, whose sparse activations put a window's max
+# near twice its mean. Caffe weights are trained the same way: 2.0 too (assumed, not measured).
+# Random (kaiming) weights have dense, smooth activations, and 2.0 overshoots by ~1.6x per pool (the
+# relu5_1 style term 1800x); 1.25 is measured for them (chelsea cat + Hokusai at 96 px: every term
+# within 1.2x of max pooling's; astronaut + van Gogh, not used to choose it: within 1.8x).
+AVG_POOL_SCALE = {"torchvision": 2.0, "caffe": 2.0, "random": 1.25}
+
+
+class ScaledAvgPool2d(nn.AvgPool2d):
+    """2x2 average pooling times a constant (see AVG_POOL_SCALE); no parameters or buffers, so the
+    state dict is torchvision's."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(2, 2)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def build_features(pooling: str = "max", avg_scale: float = 1.0) -> nn.Sequential:
+    """The 37 layers of torchvision's vgg19().features (ReLUs applied functionally in forward);
+    pooling="avg" uses average pooling times avg_scale (AVG_POOL_SCALE of the weights kind)."""
     layers: list[nn.Module] = []
     in_ch = 3
     for v in VGG19_CFG:
         if v == "M":
-            pool = nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2)
+            pool = nn.MaxPool2d(2, 2) if pooling == "max" else ScaledAvgPool2d(avg_scale)
             layers.append(pool)
         else:
             layers += [nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1), nn.ReLU()]
