@@ -101,6 +101,9 @@ class JobParams(BaseModel):
     lr: float | None = Field(None, gt=0, le=10)
     init: Literal["content", "noise", "gray"] = "content"
     preserve_color: bool = False
+    color: Literal["none", "luminance", "histogram"] | None = Field(
+        None, description="none; luminance (the style's colours are not transferred, the content's "
+        "are kept: same as preserve_color); histogram (styles recoloured to the content's colours)")
     style_scale: float = Field(1.0, gt=0.05, le=4.0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     pooling: Literal["max", "avg"] = "max"
@@ -134,6 +137,8 @@ class JobParams(BaseModel):
     def _consistent(self) -> JobParams:
         if self.min_size > self.size:
             raise ValueError("min_size must not exceed size")
+        if self.preserve_color and self.color == "histogram":
+            raise ValueError('preserve_color means color "luminance"; it cannot be "histogram"')
         edges = self.long_edges()  # closed form: refuses too many scales before anything is built
         if isinstance(self.iterations, list) and len(self.iterations) != len(edges):
             raise ValueError(

@@ -72,3 +72,17 @@ def test_settings_production(settings_factory) -> None:  # type: ignore[no-untyp
         storage_url="s3://bucket/p",
     )
     assert not s.embedded and s.storage_url == "s3://bucket/p"
+
+
+def test_color_reaches_the_engine_and_contradictions_are_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+    from worker.config import transfer_config
+
+    cfg = transfer_config(JobParams(color="histogram"), Settings())
+    assert cfg.color == "histogram"
+    assert transfer_config(JobParams(preserve_color=True), Settings()).color == "luminance"
+    with pytest.raises(ValidationError):
+        JobParams(preserve_color=True, color="histogram")
