@@ -74,6 +74,8 @@ def _add_run(sub: Any) -> None:
       help="luminance: transfer on luminance, keep the content's colours; histogram: give the "
       "styles the content's colour statistics first (default none)")
     a("--style-scale", type=float, help="style size relative to the content (default 1)")
+    a("--style-upscale", action="store_true", default=None,
+      help="let a style grow past its native size to style-scale x the content (default: cap it)")
     a("--seed", type=int)
     a("--device", help="auto, cpu or cuda:N")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"])
@@ -96,7 +98,7 @@ _CONFIG_FIELDS = (
     "size", "min_size", "scale_factor", "scales", "iterations", "content_weight", "style_weight",
     "tv_weight", "style_layers", "style_layer_weights", "content_layers", "optimizer", "lr",
     "lbfgs_history", "lbfgs_max_step", "carry_optimizer_state", "init", "preserve_color", "color",
-    "style_scale", "seed",
+    "style_scale", "style_upscale", "seed",
     "device", "precision", "pooling", "weights", "save_every", "max_scales", "max_recoveries",
 )
 

@@ -77,6 +77,9 @@ class TransferConfig:
     tv_weight: float | None = None  # None = preset
     style_blend_weights: tuple[float, ...] | None = None  # None = equal; normalised to sum 1
     style_scale: float = 1.0  # style long edge = style_scale * content long edge (jcjohnson)
+    # crowsonkb/jcjohnson resize styles to the content scale; upscaling a small style past its native
+    # size only blurs its texture, so by default we cap at native size (True: jcjohnson's rule as is)
+    style_upscale: bool = False
     # Colour control (Gatys et al. 2017, sec. 3; color.py): "none"; "luminance" optimises the
     # luminance alone and delivers it with the content's chroma; "histogram" gives each style the
     # content's colour mean and covariance before optimising.
@@ -98,6 +101,9 @@ class TransferConfig:
     # "auto" = bf16 autocast on CUDA when supported, else fp32; "fp16" (CUDA only) runs with dynamic
     # loss scaling (scaler.py): unscaled, its gradients underflow to zero at 512 px
     precision: str = "auto"
+    # conv1_1 pads by replicating edge pixels, not zeros (crowsonkb/style-transfer-pytorch: fewer edge
+    # artefacts); False is torchvision's zero padding everywhere
+    pad_replicate: bool = True
     # VGG's own max pooling; "avg" (Gatys mentions it) is scaled to max's magnitudes (vgg.AVG_POOL_SCALE)
     pooling: str = "max"
     device: str | None = None  # None = the engine's ("auto": cuda:0 if available else cpu)

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ class PreparedItem:
     styles: list[torch.Tensor]  # as the style loss sees them (colour-matched or grey per mode)
     blend: list[float]
     weights: tuple[float, float, float]  # content, style, tv
+    style_hws: list[tuple[int, int]] = field(default_factory=list)  # native (h, w); [] = as given
 
 
 class Job:
@@ -165,13 +166,15 @@ class Job:
 
     def targets(self, hw: tuple[int, int]) -> Targets:
         """Content features and style Grams at this scale: contents resized from the originals,
-        each style resized so its long edge is style_scale x the content's long edge."""
+        each style resized so its long edge is style_scale x the content's long edge (at most its
+        native one unless style_upscale), from its native (h, w)."""
         contents = torch.cat([resize(it.content, hw) for it in self.items]).to(self.device)
-        scale = self.cfg.style_scale  # the sizes were checked up front (schedule.check_runnable)
+        scale, up = self.cfg.style_scale, self.cfg.style_upscale  # checked up front (check_runnable)
         styles = [
             [
-                (resize(st, style_size((st.shape[-2], st.shape[-1]), hw, scale)).to(self.device), blend)
-                for st, blend in zip(it.styles, it.blend, strict=True)
+                (resize(st, style_size(native, hw, scale, upscale=up)).to(self.device), blend)
+                for st, native, blend in zip(
+                    it.styles, it.style_hws or [_hw(s) for s in it.styles], it.blend, strict=True)
             ]
             for it in self.items
         ]
@@ -259,6 +262,10 @@ class Job:
         hw = (int(x.shape[-2]), int(x.shape[-1]))
         originals = torch.cat([resize(it.original, hw) for it in self.items]).to(x.device)
         return color.recombine(x, originals)
+
+
+def _hw(t: torch.Tensor) -> tuple[int, int]:
+    return int(t.shape[-2]), int(t.shape[-1])
 
 
 def removed_fractions(

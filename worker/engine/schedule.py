@@ -93,16 +93,24 @@ def fit_long_edge(hw: tuple[int, int], long_edge: int) -> tuple[int, int]:
     return long_edge, max(1, round(w * long_edge / h))
 
 
-def style_size(style_hw: tuple[int, int], content_hw: tuple[int, int], style_scale: float) -> tuple[int, int]:
+def style_size(
+    style_hw: tuple[int, int], content_hw: tuple[int, int], style_scale: float, *, upscale: bool = True
+) -> tuple[int, int]:
     """(h, w) a style is resized to at a scale whose content is ``content_hw`` (jcjohnson's rule:
-    the style's long edge is ``style_scale`` x the content's long edge)."""
-    return fit_long_edge(style_hw, max(1, round(style_scale * max(content_hw))))
+    the style's long edge is ``style_scale`` x the content's long edge); with ``upscale`` False
+    that long edge is capped at the style's own (TransferConfig.style_upscale)."""
+    edge = max(1, round(style_scale * max(content_hw)))
+    if not upscale and edge >= max(style_hw):
+        return style_hw  # native size: both sides >= MIN_SIDE by the upload rules
+    return fit_long_edge(style_hw, edge)
 
 
 def check_runnable(
     sizes: Sequence[tuple[int, int]],
     style_hws: Sequence[tuple[int, int]] = (),
     style_scale: float = 1.0,
+    *,
+    upscale: bool = True,
 ) -> None:
     """Refuse (EngineError ``image_too_narrow``) a schedule VGG19 cannot run. The exact rule:
 
@@ -112,12 +120,16 @@ def check_runnable(
     (MIN_SIDE); then fit each style (h_s, w_s) the same way to the long edge
     ``max(1, round(style_scale * max(h, w)))`` (``style_size``) and refuse if a side is < 16.
     The first failure is reported (content before styles at a scale, styles in order).
+    With ``upscale`` False a style whose fitted long edge would exceed its own stays at its native
+    size instead, never narrower than under the rule above (an upscaled style is not narrower than
+    its native size either, whose sides are >= 16 px by the upload rules): the verdict is the same,
+    so the API's mirror (shared/params.py, which assumes the uncapped rule) still agrees.
     """
     for i, hw in enumerate(sizes, start=1):
         if min(hw) < MIN_SIDE:
             raise _too_narrow("the content image", i, hw, hw, "or a larger min_size (or scales)")
         for k, st in enumerate(style_hws, start=1):
-            shw = style_size(st, hw, style_scale)
+            shw = style_size(st, hw, style_scale, upscale=upscale)
             if min(shw) < MIN_SIDE:
                 raise _too_narrow(f"style image {k}", i, hw, shw, "or a larger style_scale")
 

@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .config import BatchItem, TransferConfig, item_loss_weights, normalise_blend
 from .errors import EngineError
 from .images import load_image, pil_to_tensor, tensor_to_pil
+from .inputs import shrink_inputs
 from .job import Job, Progress, prepare_item
 from .losses import autocast
 from .schedule import Schedule, build_schedule, check_runnable
@@ -77,11 +78,13 @@ class StyleTransfer:
             self._weights[spec] = resolve_weights(spec, self.seed)
         return self._weights[spec]
 
-    def model(self, spec: str, device: torch.device, pooling: str, deepest: int) -> VGGFeatures:
-        key = ModelKey(spec, str(device), pooling, deepest)
+    def model(
+        self, spec: str, device: torch.device, pooling: str, deepest: int, *, pad_replicate: bool = True
+    ) -> VGGFeatures:
+        key = ModelKey(spec, str(device), pooling, deepest, pad_replicate)
         if key not in self._models:
             w = self.load_weights(spec)
-            features = build_features(pooling, AVG_POOL_SCALE.get(w.kind, 2.0))
+            features = build_features(pooling, AVG_POOL_SCALE.get(w.kind, 2.0), pad_replicate)
             features.load_state_dict(w.state)
             self._models[key] = VGGFeatures(features, deepest, w.normalization).to(device)
             logger.info("loaded VGG19 (%s, %s, %s pooling, up to %s)", w.source, device, pooling,
@@ -118,7 +121,8 @@ class StyleTransfer:
         # Inputs and schedule first: an unrunnable job fails before a model is built or a step taken
         prepared, digest_parts = _prepare(items, config, weights)
         schedule = _batch_schedule(prepared, config)
-        model = self.model(spec, device, config.pooling, max(layers))
+        prepared = shrink_inputs(prepared, schedule, config.style_scale, config.style_upscale)
+        model = self.model(spec, device, config.pooling, max(layers), pad_replicate=config.pad_replicate)
         # channels_last (NHWC): the usual win for convolutions on CUDA, and measured 15-25 % faster
         # than NCHW for VGG19 forward+backward on the 2-core CPU too (bench/engine.py)
         channels_last = config.channels_last if config.channels_last is not None else True
@@ -187,7 +191,8 @@ def _batch_schedule(prepared: list[job_mod.PreparedItem], config: TransferConfig
         for p in prepared
     ]
     for p, schedule in zip(prepared, schedules, strict=True):  # styles too small at some scale
-        check_runnable([hw for hw, _ in schedule], [_hw(s) for s in p.styles], config.style_scale)
+        check_runnable([hw for hw, _ in schedule], [_hw(s) for s in p.styles], config.style_scale,
+                       upscale=config.style_upscale)
     if any(s != schedules[0] for s in schedules):
         sizes = sorted({str(s[-1][0]) for s in schedules})
         raise EngineError(

@@ -80,9 +80,14 @@ class ScaledAvgPool2d(nn.AvgPool2d):
         return super().forward(x) * self.scale
 
 
-def build_features(pooling: str = "max", avg_scale: float = 1.0) -> nn.Sequential:
+def build_features(
+    pooling: str = "max", avg_scale: float = 1.0, pad_replicate: bool = False
+) -> nn.Sequential:
     """The 37 layers of torchvision's vgg19().features (ReLUs applied functionally in forward);
-    pooling="avg" uses average pooling times avg_scale (AVG_POOL_SCALE of the weights kind)."""
+    pooling="avg" uses average pooling times avg_scale (AVG_POOL_SCALE of the weights kind).
+    pad_replicate: conv1_1 pads by replicating the border, as crowsonkb/style-transfer-pytorch does
+    (``self.model[0] = self._change_padding_mode(self.model[0], 'replicate')``, "Reduces edge
+    artifacts."); the parameters are the same either way."""
     layers: list[nn.Module] = []
     in_ch = 3
     for v in VGG19_CFG:
@@ -90,7 +95,10 @@ def build_features(pooling: str = "max", avg_scale: float = 1.0) -> nn.Sequentia
             pool = nn.MaxPool2d(2, 2) if pooling == "max" else ScaledAvgPool2d(avg_scale)
             layers.append(pool)
         else:
-            layers += [nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1), nn.ReLU()]
+            replicate = pad_replicate and not layers  # conv1_1 only
+            conv = nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1,
+                             padding_mode="replicate" if replicate else "zeros")
+            layers += [conv, nn.ReLU()]
             in_ch = int(v)
     return nn.Sequential(*layers)
 
@@ -111,6 +119,7 @@ class ModelKey:
     device: str
     pooling: str
     deepest: int
+    pad_replicate: bool = True
 
 
 class VGGFeatures(nn.Module):
