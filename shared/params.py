@@ -99,12 +99,15 @@ class JobParams(BaseModel):
     tv_weight: Weight | None = None
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
     lr: float | None = Field(None, gt=0, le=10)
+    lbfgs_max_step: float | None = Field(
+        None, gt=0, le=1, description="L-BFGS: the most any pixel moves in one step (engine default 0.25)")
     init: Literal["content", "noise", "gray"] = "content"
     preserve_color: bool = False
     color: Literal["none", "luminance", "histogram"] | None = Field(
         None, description="none; luminance (the style's colours are not transferred, the content's "
         "are kept: same as preserve_color); histogram (styles recoloured to the content's colours)")
     style_scale: float = Field(1.0, gt=0.05, le=4.0)
+    style_upscale: bool = Field(False, description="resize a small style past its native size")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     pooling: Literal["max", "avg"] = "max"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

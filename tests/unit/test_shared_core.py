@@ -81,8 +81,9 @@ def test_color_reaches_the_engine_and_contradictions_are_refused() -> None:
     from shared.settings import Settings
     from worker.config import transfer_config
 
-    cfg = transfer_config(JobParams(color="histogram"), Settings())
-    assert cfg.color == "histogram"
+    cfg = transfer_config(JobParams(color="histogram", style_upscale=True, lbfgs_max_step=0.5),
+                          Settings())
+    assert (cfg.color, cfg.style_upscale, cfg.lbfgs_max_step) == ("histogram", True, 0.5)
     assert transfer_config(JobParams(preserve_color=True), Settings()).color == "luminance"
     with pytest.raises(ValidationError):
         JobParams(preserve_color=True, color="histogram")
