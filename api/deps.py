@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import FormData
 
 from api.errors import is_db_outage
-from api.idem import IdemRequest
+from api.idem import IdemRequest, form_request, replay
 from api.indoubt import InDoubt
 from api.publisher import Publisher
 from api.views import Linker
@@ -134,6 +136,16 @@ class SubmitCtx:
         return cls(settings, get_sessionmaker(settings.database_url), storage, publisher, tenant,
                    Linker(request, settings, storage), request.app.state.indoubt, idem)
 
+async def start_form_submission(request: Request, form: FormData, key: str | None,
+                                tenant: TenantCtx, storage: Storage, publisher: Publisher,
+                                ) -> tuple[SubmitCtx, JSONResponse | None]:
+    """The context of a multipart submission and, for a repeated Idempotency-Key, the first
+    answer (then nothing else is to be done)."""
+    ctx = SubmitCtx.build(request, tenant, storage, publisher,
+                          await form_request(request, form, key))
+    return ctx, await replay(ctx, ctx.idem)
+
+
 __all__ = [
     "PublisherDep",
     "SessionDep",
@@ -143,5 +155,6 @@ __all__ = [
     "TenantCtx",
     "TenantDep",
     "current_tenant",
+    "start_form_submission",
     "get_session",
 ]

@@ -15,12 +15,19 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import StrictInt, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
+from api.deps import (
+    PublisherDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    SubmitCtx,
+    TenantDep,
+    start_form_submission,
+)
 from api.forms import files, json_field, read_body, read_form, read_items, text, texts
 from api.idem import (
     IdemRequest,
     commit_submission,
-    form_request,
     header_key,
     json_request,
     replay,
@@ -202,9 +209,8 @@ async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDe
     form = await read_form(request, max_files=MAX_BATCH_FILES, timeout_s=settings.body_timeout_s)
     try:  # the form is on disk; reading its files into memory takes one of the upload slots
         async with admitted(request):
-            ctx = SubmitCtx.build(request, tenant, storage, publisher,
-                                  await form_request(request, form, key))
-            first_answer = await replay(ctx, ctx.idem)
+            ctx, first_answer = await start_form_submission(request, form, key, tenant, storage,
+                                                            publisher)
             if first_answer is not None:
                 return first_answer
             draft = await _read_form(form, settings)

@@ -11,9 +11,17 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import update
 from starlette.datastructures import FormData, UploadFile
 
-from api.deps import PublisherDep, SessionDep, SettingsDep, StorageDep, SubmitCtx, TenantDep
+from api.deps import (
+    PublisherDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    SubmitCtx,
+    TenantDep,
+    start_form_submission,
+)
 from api.forms import files, read_form, read_items, text, texts
-from api.idem import commit_submission, form_request, header_key, replay, respond
+from api.idem import commit_submission, header_key, respond
 from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
 from api.indoubt import Submission
 from api.offload import admitted, off_loop
@@ -114,9 +122,8 @@ async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
                            timeout_s=settings.body_timeout_s)
     try:  # the form is on disk; reading its files into memory takes one of the upload slots
         async with admitted(request):
-            ctx = SubmitCtx.build(request, tenant, storage, publisher,
-                                  await form_request(request, form, key))
-            first_answer = await replay(ctx, ctx.idem)
+            ctx, first_answer = await start_form_submission(request, form, key, tenant, storage,
+                                                            publisher)
             if first_answer is not None:
                 return first_answer
             draft = await _read_job_form(form, settings)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from worker.engine import StyleTransfer, TransferConfig
+from worker.engine.vgg import VGGFeatures
 
 IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images"
 
@@ -55,3 +56,17 @@ def small_config(**kw: object) -> TransferConfig:
                                "device": "cpu"}
     base.update(kw)
     return TransferConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def vgg_input_shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The (h, w) of every tensor VGG19 sees while the test runs, in order."""
+    shapes: list[tuple[int, ...]] = []
+    original = VGGFeatures.forward
+
+    def spy(self, x, wanted):  # type: ignore[no-untyped-def]
+        shapes.append(tuple(x.shape[-2:]))
+        return original(self, x, wanted)
+
+    monkeypatch.setattr(VGGFeatures, "forward", spy)
+    return shapes

@@ -13,7 +13,7 @@ from worker.engine.images import resize
 from worker.engine.inputs import shrink_inputs
 from worker.engine.job import prepare_item
 from worker.engine.schedule import build_schedule, check_runnable, style_size
-from worker.engine.vgg import LAYER_INDEX, VGGFeatures
+from worker.engine.vgg import LAYER_INDEX
 
 from .conftest import small_config
 
@@ -26,25 +26,17 @@ def test_style_size_capped_at_native_unless_upscale() -> None:
     check_runnable([(32, 48)], [(16, 40)], 4.0, upscale=False)  # native 16 px side: runnable
 
 
-def _style_passes(engine, content, style, monkeypatch, **kw) -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = []
-    original = VGGFeatures.forward
-
-    def spy(self, x, wanted):
-        shapes.append(tuple(x.shape[-2:]))
-        return original(self, x, wanted)
-
-    monkeypatch.setattr(VGGFeatures, "forward", spy)
+def _style_passes(engine, content, style, shapes, **kw) -> list[tuple[int, ...]]:
+    shapes.clear()
     engine.run(content, [style], small_config(iterations=1, **kw))
-    monkeypatch.setattr(VGGFeatures, "forward", original)
     return [s for s in shapes if s not in {(21, 32), (32, 48)}]
 
 
-def test_job_never_upscales_a_small_style(engine, content, style, monkeypatch) -> None:
+def test_job_never_upscales_a_small_style(engine, content, style, vgg_input_shapes) -> None:
     small = style.resize((40, 20))  # native long edge 40 < the 48 px scale
-    capped = _style_passes(engine, content, small, monkeypatch)
+    capped = _style_passes(engine, content, small, vgg_input_shapes)
     assert max(max(s) for s in capped) == 40 and (20, 40) in capped
-    grown = _style_passes(engine, content, small, monkeypatch, style_upscale=True)
+    grown = _style_passes(engine, content, small, vgg_input_shapes, style_upscale=True)
     assert max(max(s) for s in grown) == 48 and (24, 48) in grown
 
 

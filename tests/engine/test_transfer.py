@@ -20,7 +20,6 @@ from worker.engine import (
 from worker.engine import losses as losses_mod
 from worker.engine.color import rgb_to_yiq
 from worker.engine.images import pil_to_tensor, resize
-from worker.engine.vgg import VGGFeatures
 
 from .conftest import small_config
 
@@ -46,15 +45,9 @@ def test_loss_falls_at_every_scale(engine, content, style, optimizer) -> None:
     assert meta["random_weights"] is True and meta["scales"] == [[21, 32], [32, 48]]
 
 
-def test_style_targets_computed_once_per_scale(engine, content, style, style2, monkeypatch) -> None:
-    shapes: list[tuple[int, ...]] = []
-    original = VGGFeatures.forward
-
-    def spy(self, x, wanted):
-        shapes.append(tuple(x.shape[-2:]))
-        return original(self, x, wanted)
-
-    monkeypatch.setattr(VGGFeatures, "forward", spy)
+def test_style_targets_computed_once_per_scale(engine, content, style, style2,
+                                               vgg_input_shapes) -> None:
+    shapes = vgg_input_shapes
     cfg = small_config(iterations=5, style_scale=1.25)  # style long edge 40 / 60, content 32 / 48
     _run(engine, content, [style, style2], cfg)
     content_shapes = {(21, 32), (32, 48)}

@@ -17,7 +17,6 @@ import io
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from tests.net import free_port, port_open
+from tests.net import free_port, port_open, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"  # the only address the harness ever talks to
@@ -202,15 +201,8 @@ class LiveApi:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL the process group (a blocked event loop never handles SIGTERM)."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        if proc is not None:
+            stop_process(proc, grace)
 
     def ensure_alive(self, timeout: float = 2.0) -> bool:
         """Restart the API (SIGKILL first) unless ``/healthz`` answers within ``timeout``.

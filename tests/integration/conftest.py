@@ -33,7 +33,7 @@ from shared.models import Job
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
 from tests.conftest import REDIS_HOST, REDIS_PORT
-from tests.net import free_port
+from tests.net import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 STYLEQUEUE = [sys.executable, "-m", "shared.cli"]
@@ -51,16 +51,7 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
     )
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    """SIGTERM, wait, then SIGKILL the process group if it is still there."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return int(proc.returncode)
+stop = stop_process  # SIGTERM, wait, then SIGKILL the process group
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
