@@ -3,13 +3,15 @@
     # the first run with the real ImageNet weights (on a GPU: minutes)
     python bench/calibrate.py --device cuda
     # offline check that the script works (random weights, tiny; the figures mean nothing)
-    python bench/calibrate.py --weights random --size 48 --ratios 1e5,1e6 --tv 0 --out /tmp/calib
+    python bench/calibrate.py --weights random --size 48 --ratios 3,10 --tv 0 --out /tmp/calib
 
 The content weight is fixed at 1, so ``--ratios`` lists style weights, i.e. style:content ratios (the
-objective is normalised per scale, so only ratios matter). The default grid brackets the torchvision
-preset, style 1e6 with content 1 (config.PRESETS), by three decades below and two above.
-``--layer-weights``: ``equal`` (Gatys, jcjohnson: 1 each over relu1_1..relu5_1), ``decaying``
-(crowsonkb: [256, 64, 16, 4, 1] / 341) or ``both``. ``--tv``: TV weights (the preset has none).
+objective is normalised per scale, so only ratios matter). ``--terms relative`` (the engine's default,
+config.RELATIVE_PRESET: style 10, tv 0.01) sweeps style 0.3-100 around the preset's 10, the range the
+derivation in config.py allows; ``--terms raw`` sweeps the unnormalised terms, 1e3-1e8 around the old
+torchvision preset's 1e6 (config.RAW_PRESETS). ``--layer-weights``: ``equal`` (Gatys, jcjohnson),
+``decaying`` (crowsonkb: [256, 64, 16, 4, 1] / 341, the relative default) or ``both``. ``--tv``: TV
+weights (relative: 1 = as rough as the content; default 0, 0.01, 0.1).
 
 Every combination is one job with the same seed, content and style. Written under ``--out``: one PNG
 per job, ``contact_sheet.png`` (rows = layer weights x tv, columns = style weight), ``summary.json``
@@ -35,18 +37,18 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from worker.engine import Progress, StyleTransfer, TransferConfig, save_image  # noqa: E402
-from worker.engine.config import DEFAULT_STYLE_LAYERS, PRESETS  # noqa: E402
+from worker.engine.config import DEFAULT_STYLE_LAYERS  # noqa: E402
 
 IMAGES = ROOT / "examples" / "images"
 CONTENT = IMAGES / "content_chelsea_cat.png"
 STYLE = IMAGES / "style_hokusai_great_wave.jpg"
-DEFAULT_RATIOS = "1e3,1e4,1e5,1e6,1e7,1e8"
-# TV is the mean squared neighbour difference of the [0, 1] image (~1e-3 for a photograph), against
-# a content term of order 1 at relu4_2: 10 is a light touch, 1000 a visible smoothing.
-DEFAULT_TV = "0,10,1000"
+# per --terms: (style weights, TV weights). Relative TV is tv(x) / tv(content): 0.01 a light touch,
+# 0.1 a visible smoothing. Raw TV is the mean squared neighbour difference of the [0, 1] image (~1e-3
+# for a photograph) against a raw content term of order 1 at relu4_2.
+GRIDS = {"relative": ("0.3,1,3,10,30,100", "0,0.01,0.1"), "raw": ("1e3,1e4,1e5,1e6,1e7,1e8", "0,10,1000")}
 LAYER_WEIGHTS: dict[str, tuple[float, ...]] = {
     "equal": tuple(1.0 for _ in DEFAULT_STYLE_LAYERS),
-    "decaying": tuple(w / 341 for w in (256.0, 64.0, 16.0, 4.0, 1.0)),  # crowsonkb, relu1_1..relu5_1
+    "decaying": TransferConfig().layer_weights(),  # crowsonkb: [256, 64, 16, 4, 1] / 341
 }
 # random weights only check that the script runs: a short fixed schedule keeps that to ~a minute on
 # the 2-core CPU (auto gives 400 iterations even at 48 px)
@@ -86,13 +88,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--content", type=Path, default=CONTENT)
     p.add_argument("--style", type=Path, default=STYLE)
-    p.add_argument("--ratios", type=float_list, default=float_list(DEFAULT_RATIOS),
-                   help=f"style weights with content weight 1 (default {DEFAULT_RATIOS})")
+    p.add_argument("--terms", choices=list(GRIDS), default="relative",
+                   help="relative (the engine's default) or raw loss terms")
+    p.add_argument("--ratios", type=float_list, default=None,
+                   help="style weights with content weight 1 (default: relative "
+                        f"{GRIDS['relative'][0]}; raw {GRIDS['raw'][0]})")
     p.add_argument("--layer-weights", choices=["equal", "decaying", "both"], default="both")
-    p.add_argument("--tv", type=float_list, default=float_list(DEFAULT_TV),
-                   help=f"TV weights (default {DEFAULT_TV})")
+    p.add_argument("--tv", type=float_list, default=None,
+                   help=f"TV weights (default: relative {GRIDS['relative'][1]}; raw {GRIDS['raw'][1]})")
     p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "calibrate")
     args = p.parse_args(argv)
+    ratios, tvs = GRIDS[args.terms]
+    args.ratios = args.ratios if args.ratios is not None else float_list(ratios)
+    args.tv = args.tv if args.tv is not None else float_list(tvs)
     for name in ("content", "style"):
         if not getattr(args, name).is_file():
             p.error(f"--{name} {getattr(args, name)} does not exist")
@@ -117,7 +125,7 @@ def run_case(engine: StyleTransfer, args: argparse.Namespace, case: Case) -> Non
     config = TransferConfig(
         size=args.size, min_size=min(128, args.size), iterations=args.iterations, seed=args.seed,
         content_weight=1.0, style_weight=case.style_weight, tv_weight=case.tv_weight,
-        style_layer_weights=LAYER_WEIGHTS[case.layer_weights],
+        style_layer_weights=LAYER_WEIGHTS[case.layer_weights], loss_terms=args.terms,
     )
     result = engine.run(str(args.content), [str(args.style)], config, on_progress=on_progress)
     case.name = f"sw{fmt(case.style_weight)}_{case.layer_weights}_tv{fmt(case.tv_weight)}"
@@ -194,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if kind == "random" and args.iterations is None:
         args.iterations = RANDOM_ITERATIONS
         print(f"random weights: {RANDOM_ITERATIONS} iterations per scale (give --iterations to change)")
-    preset = PRESETS.get(kind)
-    print(f"weights {args.weights} ({kind}); preset {preset}; content weight 1; {len(cases)} jobs at "
+    preset = TransferConfig(loss_terms=args.terms).loss_weights(kind)
+    print(f"weights {args.weights} ({kind}); {args.terms} terms, preset {preset}; content weight 1; "
+          f"{len(cases)} jobs at "
           f"{args.size} px -> {args.out}")
     t0 = time.perf_counter()
     for i, case in enumerate(cases, 1):
@@ -207,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "weights": args.weights, "weights_kind": kind, "device": cases[0].metadata.get("device"),
         "size": args.size, "content": str(args.content), "style": str(args.style),
-        "content_weight": 1.0, "layer_weights": {k: LAYER_WEIGHTS[k] for k in layer_choices},
+        "content_weight": 1.0, "terms": args.terms,
+        "layer_weights": {k: LAYER_WEIGHTS[k] for k in layer_choices},
         "seconds_total": round(time.perf_counter() - t0, 3),
         "jobs": [{**c.row, "metadata": c.metadata} for c in cases],
     }

@@ -22,6 +22,7 @@ HARD_MAX_SCALES = 64  # the model's own ceiling; the configured limit (max_scale
 MIN_SIDE = 16  # VGG19 up to relu5_1 has 4 max pools: every side of every scale must be >= 2**4
 MAX_EDGE = 65_536  # no image has a longer side; the configured max_size (2048) is checked later
 MAX_ITERATIONS_PER_SCALE = 100_000
+ADAM_FIRST, ADAM_LATER = 1000, 500  # Adam's auto schedule (worker.engine.schedule.auto_counts)
 
 # Weights are finite and bounded: NaN, Infinity and 1e400 are refused (PostgreSQL's JSON cannot
 # store them, and they make no picture).
@@ -165,6 +166,8 @@ class JobParams(BaseModel):
         """Iterations at each scale; None means the engine's auto schedule (mirrored below)."""
         edges = self.long_edges()
         if self.iterations is None:
+            if self.optimizer == "adam":  # crowsonkb's 1000 then 500 per scale
+                return [ADAM_FIRST if i == 0 else ADAM_LATER for i in range(len(edges))]
             return [auto_iterations(e) for e in edges]
         if isinstance(self.iterations, int):
             return [self.iterations] * len(edges)

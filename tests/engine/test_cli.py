@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from worker import cli_engine
-from worker.engine import losses as losses_mod
+from worker.engine import objective as objective_mod
 from worker.engine.vgg import build_features, random_init_
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +95,7 @@ def test_bad_input_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytes
 
 def test_diverged_run_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(losses_mod, "tv_loss", lambda x: x.sum(dim=(1, 2, 3)) * math.nan)  # never finite
+    monkeypatch.setattr(objective_mod, "tv_loss", lambda x: x.sum(dim=(1, 2, 3)) * math.nan)  # never finite
     out = tmp_path / "out.png"
     argv = ["run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random",
             "--size", "48", "--scales", "32,48", "--iterations", "4", "--device", "cpu",

@@ -9,8 +9,8 @@ from worker.engine import Checkpoint, EngineError, StyleTransfer, TransferConfig
 from worker.engine import job as job_mod
 from worker.engine.color import match_color, rgb_to_yiq
 from worker.engine.images import pil_to_tensor, resize
-from worker.engine.job import prepare_item
-from worker.engine.losses import LossFn
+from worker.engine.items import prepare_item
+from worker.engine.objective import LossFn
 from worker.engine.vgg import VGGFeatures
 
 from .conftest import small_config

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from worker.engine import EngineError, Progress, StyleTransfer
-from worker.engine import losses as losses_mod
+from worker.engine import objective as objective_mod
 from worker.engine.optim import Stepper
 from worker.engine.schedule import MIN_SIDE, check_runnable, fit_long_edge, style_size
 from worker.engine.vgg import VGGFeatures
@@ -77,14 +77,14 @@ def test_narrow_rule_edges() -> None:
 def _nan_tv(monkeypatch: pytest.MonkeyPatch, bad: object) -> None:
     """tv_loss is NaN at the 1-based evaluations for which bad(n) is true."""
     calls = {"n": 0}
-    original = losses_mod.tv_loss
+    original = objective_mod.tv_loss
 
     def flaky(x: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         out = original(x)
         return out * math.nan if bad(calls["n"]) else out  # type: ignore[operator]
 
-    monkeypatch.setattr(losses_mod, "tv_loss", flaky)
+    monkeypatch.setattr(objective_mod, "tv_loss", flaky)
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])

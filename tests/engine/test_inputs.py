@@ -11,7 +11,7 @@ from worker import cli_engine
 from worker.engine import TransferConfig
 from worker.engine.images import resize
 from worker.engine.inputs import shrink_inputs
-from worker.engine.job import prepare_item
+from worker.engine.items import prepare_item
 from worker.engine.schedule import build_schedule, check_runnable, style_size
 from worker.engine.vgg import LAYER_INDEX
 

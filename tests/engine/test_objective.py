@@ -12,8 +12,10 @@ from PIL import Image
 
 from worker.engine import Progress, StyleTransfer, TransferConfig
 from worker.engine import losses as losses_mod
-from worker.engine.losses import LossFn, Targets
+from worker.engine import objective as objective_mod
+from worker.engine.objective import LossFn
 from worker.engine.optim import Stepper
+from worker.engine.targets import Region, Targets
 from worker.engine.vgg import LAYER_INDEX, VGGFeatures, build_features, random_init_
 
 from .conftest import small_config
@@ -52,7 +54,7 @@ def test_default_weights_loss_falls_at_every_scale(engine, content, style) -> No
         assert last.loss_removed > 0.1, meta["loss_removed"]
         assert last.style_removed is not None and last.style_removed > 0.1
     assert seen[0].content_removed is None  # a content init starts at content loss 0
-    assert seen[0].tv_removed is None  # the preset's tv weight is 0
+    assert seen[0].tv_removed == pytest.approx(0.0, abs=1e-6)  # a small tv term, at its start
     assert meta["loss_removed"][1]["content"] is not None
 
 
@@ -64,7 +66,9 @@ def _loss_fn(x: torch.Tensor, weights: torch.Tensor) -> LossFn:
     with torch.no_grad():
         feats = model(torch.rand(x.shape, generator=torch.Generator().manual_seed(1)),
                       frozenset({relu1, relu2}))
-    targets = Targets({relu2: feats[relu2]}, {relu1: losses_mod.gram(feats[relu1])}, weights)
+    b = x.shape[0]
+    region = Region(None, torch.ones(b), {relu1: losses_mod.gram(feats[relu1])}, {relu1: torch.ones(b)})
+    targets = Targets({relu2: feats[relu2]}, [region], weights)
     return LossFn(model, targets, {relu1: 1.0}, contextlib.nullcontext)
 
 
@@ -89,13 +93,13 @@ def test_objective_is_each_items_total_over_its_start() -> None:
 def test_non_finite_first_evaluation_does_not_poison_the_divisor(engine, content, style,
                                                                  monkeypatch) -> None:
     calls = {"n": 0}
-    original = losses_mod.tv_loss
+    original = objective_mod.tv_loss
 
     def flaky(x: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         return original(x) * (math.nan if calls["n"] == 1 else 1.0)
 
-    monkeypatch.setattr(losses_mod, "tv_loss", flaky)
+    monkeypatch.setattr(objective_mod, "tv_loss", flaky)
     seen, meta = _run(engine, content, style, small_config(iterations=6, tv_weight=1e-2))
     assert meta["nan_recoveries"] == 1
     assert all(math.isfinite(p.loss) for p in seen[1:])

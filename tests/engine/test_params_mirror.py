@@ -33,6 +33,9 @@ from worker.engine.schedule import (
         {"size": 128, "min_size": 128},
         {"size": 300, "min_size": 64, "iterations": 7},
         {"scales": [64, 100, 333], "size": 333},
+        {"optimizer": "adam"},  # Adam's own schedule: 1000, then 500 per scale
+        {"optimizer": "adam", "size": 128},
+        {"optimizer": "adam", "iterations": 9},
     ],
 )
 def test_schedule_mirror(kw: dict[str, object]) -> None:

@@ -17,7 +17,7 @@ from worker.engine import (
     TransferConfig,
     stylize,
 )
-from worker.engine import losses as losses_mod
+from worker.engine import objective as objective_mod
 from worker.engine.color import rgb_to_yiq
 from worker.engine.images import pil_to_tensor, resize
 
@@ -87,14 +87,14 @@ def test_same_seed_is_bit_identical(engine, content, style) -> None:
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_nan_is_recovered(engine, content, style, optimizer, monkeypatch) -> None:
     calls = {"n": 0}
-    original = losses_mod.tv_loss
+    original = objective_mod.tv_loss
 
     def flaky(x):
         calls["n"] += 1
         out = original(x)
         return out * math.nan if calls["n"] == 3 else out
 
-    monkeypatch.setattr(losses_mod, "tv_loss", flaky)
+    monkeypatch.setattr(objective_mod, "tv_loss", flaky)
     out, seen, meta = _run(engine, content, [style], small_config(optimizer=optimizer))
     assert meta["nan_recoveries"] == 1 and seen[-1].recoveries == 1
     assert seen[-1].lr == pytest.approx(TransferConfig(optimizer=optimizer).resolved_lr() / 2)

@@ -41,6 +41,10 @@ class Checkpoint:
     # color="luminance": the optimised (B, 1, H, W) luminance; ``image`` is then the delivered look
     # (this Y with the content's chroma), so a preview made from it matches the result
     luminance: torch.Tensor | None = None
+    # Adam with an EMA (config.ema_decay): ``image``/``luminance`` show the average (what the scale
+    # delivers); ``iterate`` is the optimiser's own x and ``average`` the EMA's state, for a resume
+    iterate: torch.Tensor | None = None
+    average: dict[str, Any] | None = None
     version: int = FORMAT_VERSION
 
     def to_bytes(self) -> bytes:

@@ -19,33 +19,56 @@ logger = logging.getLogger(__name__)
 # Gatys et al. read content at "conv4_2" *after* Caffe's in-place ReLU, i.e. the rectified output:
 # that is relu4_2 here (conv4_2 here is the pre-ReLU convolution output, which can be negative).
 DEFAULT_CONTENT_LAYERS = ("relu4_2",)
-# Gatys / jcjohnson neural-style / the PyTorch tutorial: relu1_1 .. relu5_1, equally weighted (1 each).
+# Gatys / jcjohnson neural-style / crowsonkb: relu1_1 .. relu5_1 (the PyTorch tutorial instead uses the
+# pre-ReLU conv1_1, conv1_2, conv2_1, conv2_2, conv3_1).
 DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+# Relative terms: each style layer's weight is 4x the next deeper one's, normalised to sum 1, as
+# crowsonkb/style-transfer-pytorch ([256, 64, 16, 4, 1] / 341 for the five default layers). Its
+# per-layer losses are scale-free like our relative ones; on raw c*h*w Grams the same decay would
+# hand relu1_1 (already ~94 % of an equally weighted raw style term) nearly everything.
+LAYER_DECAY = 4.0
 
 
 @dataclass(frozen=True)
 class LossPreset:
-    """Loss weights for one weights family (content, style, tv)."""
+    """Loss weights (content, style, tv)."""
 
     content: float
     style: float
     tv: float
 
 
-# Losses (see losses.py): content = mean squared feature error; style = sum over layers of
-# layer_weight * mean squared error of Grams normalised by c*h*w; tv = mean squared difference of
-# neighbouring pixels of the [0, 1] image (size-independent).
-PRESETS = {
+# loss_terms="relative" (the default, losses.py): content = mean((F - P)^2) / mean(P^2); each style
+# layer = mean((G - T)^2) / mean(T^2); tv = tv(x) / tv(content at this scale). Every term is 0 at a
+# perfect match and O(0.1-1) at a content init whatever the weights family, pooling or resolution, so
+# one preset serves all families. Derived, not yet confirmed on real weights (bench/calibrate.py is the
+# sweep for that first run):
+# - style 10 : content 1. The references' raw ratios for torchvision features run from ~2e3
+#   (jcjohnson's 100:5 carried over from Caffe) to 1e5 (pytorch/examples fast-neural-style, strongly
+#   stylised); the old preset's 1e6 was judged 5-500x too style-heavy (engine review D1). Converted
+#   with the relu1_1 Gram energy / relu4_2 feature energy of the test images (~3e-5 with seeded random
+#   weights; larger with trained ones, whose activations are bigger and enter the Gram squared), the
+#   old 1e6 is ~40 relative and the references ~0.1-4 on random weights, ~1-100 on real ones: 10 is
+#   the middle of that range in decades.
+# - tv 0.01: a small smoothing term; 1 is "as rough as the content", so a result twice as rough as its
+#   content costs 2 % of a content term that is fully wrong. Coarse-to-fine already suppresses most
+#   noise (crowsonkb uses tv 2 on its own, unnormalised, units).
+RELATIVE_PRESET = LossPreset(content=1.0, style=10.0, tv=0.01)
+
+# loss_terms="raw": the unnormalised terms (content = mean squared feature error; style = sum over
+# layers of layer_weight * mean squared error of Grams normalised by c*h*w; tv = mean squared
+# difference of neighbouring pixels of the [0, 1] image), with each family's published recipe and
+# equal layer weights (jcjohnson). Kept to reproduce those recipes exactly.
+RAW_PRESETS = {
     # torchvision ImageNet weights ([0,1] RGB, ImageNet mean/std): the PyTorch neural-style tutorial's
-    # Gram-MSE recipe, content 1 and style 1e6 with c*h*w-normalised Grams. The tutorial has no TV
-    # term, nor do multi-resolution practice scripts (coarse-to-fine already suppresses noise): tv 0.
+    # Gram-MSE recipe, content 1 and style 1e6 with c*h*w-normalised Grams, no TV term.
     "torchvision": LossPreset(content=1.0, style=1e6, tv=0.0),
     # Original Caffe VGG19 (BGR 0-255, mean-subtracted): jcjohnson/neural-style's content 5, style 100,
     # tv 1e-3. Its TV is 0.5*sum of squared differences in 0-255 space; our TV is a mean in [0,1]
     # space, so 1e-3 becomes 1e-3 * 0.5 * 255**2 * (3*512*512) ~= 2.56e7 (equal at 512x512).
     "caffe": LossPreset(content=5.0, style=100.0, tv=2.56e7),
 }
-PRESETS["random"] = PRESETS["torchvision"]  # random weights use the torchvision normalisation
+RAW_PRESETS["random"] = RAW_PRESETS["torchvision"]  # random weights use the torchvision normalisation
 
 _CHOICES = {
     "init": ("content", "noise", "gray"),
@@ -53,6 +76,8 @@ _CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "pooling": ("max", "avg"),
     "color": ("none", "luminance", "histogram"),
+    "loss_terms": ("relative", "raw"),
+    "style_loss": ("gram", "w2"),
 }
 
 
@@ -67,12 +92,20 @@ class TransferConfig:
     iterations: int | tuple[int, ...] | None = None  # None = auto (schedule.py), int, or per scale
     content_layers: tuple[str, ...] = DEFAULT_CONTENT_LAYERS
     style_layers: tuple[str, ...] = DEFAULT_STYLE_LAYERS
-    style_layer_weights: tuple[float, ...] | None = None  # None = 1.0 each (Gatys, jcjohnson)
+    # None = relative terms: decaying by LAYER_DECAY with depth (crowsonkb); raw terms: 1.0 each
+    style_layer_weights: tuple[float, ...] | None = None
+    # "relative": each term divided by its target's energy (see RELATIVE_PRESET); "raw": the papers'
+    # unnormalised terms with the weights family's recipe (RAW_PRESETS)
+    loss_terms: str = "relative"
+    # "gram": MSE of Gram matrices (Gatys); "w2": Wasserstein-2 distance between Gaussian fits of the
+    # features, mean and covariance (crowsonkb's current loss; w2.py): one eigendecomposition per
+    # style layer per iteration, about O(C^3) whatever the image size
+    style_loss: str = "gram"
     # What the three loss weights mean: each scale minimises (wc*content + ws*style + wtv*tv) divided
     # by that same sum at the scale's first evaluation (losses.LossFn), so only their ratios count:
-    # they set the balance between the raw terms exactly as before, and all three times k is the same
-    # job (L-BFGS stalled below k ~ 1e-2 before). 0 switches a term off.
-    content_weight: float | None = None  # None = preset of the weights family (PRESETS)
+    # they set the balance between the terms, and all three times k is the same job (L-BFGS stalled
+    # below k ~ 1e-2 before). 0 switches a term off.
+    content_weight: float | None = None  # None = the preset (RELATIVE_PRESET, or RAW_PRESETS[family])
     style_weight: float | None = None  # None = preset
     tv_weight: float | None = None  # None = preset
     style_blend_weights: tuple[float, ...] | None = None  # None = equal; normalised to sum 1
@@ -89,6 +122,9 @@ class TransferConfig:
     optimizer: str = "lbfgs"  # Gatys and jcjohnson use L-BFGS; converges in far fewer steps than Adam
     lr: float | None = None  # None: 1.0 for L-BFGS (torch default), 0.02 for Adam (crowsonkb)
     betas: tuple[float, float] = (0.9, 0.99)  # Adam betas (crowsonkb)
+    # Adam: each scale's result is the bias-corrected EMA of its iterates with this decay (crowsonkb's
+    # 0.99: about the last 100 steps); 0 = the last iterate. Ignored by L-BFGS.
+    ema_decay: float = 0.99
     lbfgs_history: int = 50  # L-BFGS history; ~2*50 image copies (300 MB at 512), reset per scale
     # Largest change of any pixel ([0, 1] range) in one L-BFGS step; longer steps are shrunk (a trust
     # region: Gatys and jcjohnson run lr 1 with no line search and no cap). 0.25 measured at 48 px,
@@ -182,10 +218,13 @@ class TransferConfig:
             raise _invalid(f"style_scale must be a finite number > 0, not {self.style_scale}")
         if len(self.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in self.betas):
             raise _invalid(f"betas must be two finite numbers in [0, 1), not {self.betas}")
+        if not (_finite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise _invalid(f"ema_decay must be a finite number in [0, 1), not {self.ema_decay}")
 
     def loss_weights(self, family: str) -> LossPreset:
-        """Content/style/tv weights: explicit fields, else the preset of the weights family."""
-        p = PRESETS[family]
+        """Content/style/tv weights: explicit fields, else the preset (relative terms: one for every
+        weights family; raw terms: the family's own recipe)."""
+        p = RELATIVE_PRESET if self.loss_terms == "relative" else RAW_PRESETS[family]
         return LossPreset(
             content=p.content if self.content_weight is None else self.content_weight,
             style=p.style if self.style_weight is None else self.style_weight,
@@ -198,7 +237,14 @@ class TransferConfig:
         return 1.0 if self.optimizer == "lbfgs" else 0.02
 
     def layer_weights(self) -> tuple[float, ...]:
-        return self.style_layer_weights or tuple(1.0 for _ in self.style_layers)
+        """Explicit style_layer_weights, else LAYER_DECAY per layer in list order, summing to 1
+        (relative terms), or 1.0 each (raw terms, as jcjohnson)."""
+        if self.style_layer_weights is not None:
+            return self.style_layer_weights
+        if self.loss_terms == "raw":
+            return tuple(1.0 for _ in self.style_layers)
+        decay = [LAYER_DECAY ** -i for i in range(len(self.style_layers))]
+        return tuple(w / sum(decay) for w in decay)
 
     def digest(self, extra: Any = None) -> str:
         """sha256 of the fields that change the result (not device/save_every/channels_last, nor the
@@ -220,6 +266,9 @@ class BatchItem:
     content_weight: float | None = None
     style_weight: float | None = None
     tv_weight: float | None = None
+    # Spatial control: one mask per style (anything load_image accepts), read as luminance in [0, 1]
+    # over the content (white: that style applies here); None: every style everywhere, blended
+    masks: list[Any] | None = None
 
     def __post_init__(self) -> None:
         self.check()

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from .images import resize
-from .job import PreparedItem
+from .items import PreparedItem
 from .schedule import Schedule, style_size
 
 
@@ -31,7 +31,7 @@ def shrink_to(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 def shrink_inputs(
     items: Sequence[PreparedItem], schedule: Schedule, style_scale: float, upscale: bool
 ) -> list[PreparedItem]:
-    """Each item with its content (and colour original) at most the largest scale's size and each
+    """Each item with its content (and colour original, and masks) at most the largest scale's size and each
     style at most its size at that scale (schedule.style_size); ``style_hws`` keeps the styles'
     native sizes, from which every scale's style size is still computed."""
     top = max((hw for hw, _ in schedule), key=max)
@@ -44,5 +44,7 @@ def shrink_inputs(
         ]
         content = shrink_to(it.content, top)
         original = content if it.original is it.content else shrink_to(it.original, top)
-        out.append(replace(it, content=content, original=original, styles=styles, style_hws=natives))
+        masks = None if it.masks is None else [shrink_to(m, top) for m in it.masks]
+        out.append(replace(it, content=content, original=original, styles=styles, style_hws=natives,
+                           masks=masks))
     return out

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,10 +15,12 @@ from .checkpoint import Checkpoint
 from .config import TransferConfig
 from .errors import EngineError
 from .images import resize
-from .losses import LossFn, Targets, compute_targets
+from .items import PreparedItem, removed_fractions
+from .objective import LossFn
 from .optim import Stepper, diverged, resize_adam_state
 from .scaler import LossScaler
 from .schedule import Schedule, style_size
+from .targets import StyleSpec, Targets, compute_targets
 from .vgg import VGGFeatures, layer_index
 
 logger = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ class Progress:
     tv_removed: float | None = None
 
 
-@dataclass
-class PreparedItem:
-    """One batch item as tensors: (1, 3, H, W) fp32 [0, 1] originals, blend and loss weights."""
-
-    content: torch.Tensor  # what the content loss sees (grey luminance for color="luminance")
-    original: torch.Tensor  # the content as given, for colour recombination
-    styles: list[torch.Tensor]  # as the style loss sees them (colour-matched or grey per mode)
-    blend: list[float]
-    weights: tuple[float, float, float]  # content, style, tv
-    style_hws: list[tuple[int, int]] = field(default_factory=list)  # native (h, w); [] = as given
-
-
 class Job:
     def __init__(
         self,
@@ -108,6 +97,7 @@ class Job:
         self.removed: list[dict[str, float | None] | None] = [None] * len(schedule)
         # color="luminance": the optimised image is the luminance Y alone, (B, 1, H, W)
         self.channels = 1 if config.color == "luminance" else 3
+        self.average: dict[str, Any] | None = None  # a mid-scale resume's EMA state (Stepper)
 
     def run(self, resume: Checkpoint | None = None) -> torch.Tensor:
         """The whole pyramid; returns (B, C, H, W) in [0, 1] at the last scale, C = self.channels
@@ -126,12 +116,15 @@ class Job:
             if image is None or image.shape[1] != self.channels:
                 raise EngineError("the checkpoint holds no luminance image to resume from",
                                   code="checkpoint_mismatch")
+            if not resume.end_of_scale and resume.iterate is not None:
+                image = resume.iterate  # mid-scale with an EMA: the optimiser's own x
             x, opt_state = image.to(self.device), resume.optimizer_state
             self.step, self.lr, self.recoveries = resume.step, resume.lr, resume.recoveries
             if self.scaler is not None:
                 self.scaler = LossScaler.from_state(resume.loss_scaler)
             first, done = (resume.scale + 1, 0) if resume.end_of_scale else (resume.scale, resume.iteration)
             divisor = None if resume.end_of_scale else resume.loss_start
+            self.average = None if resume.end_of_scale else resume.average
         start = self.step
         for s in range(first, len(self.schedule)):
             hw = self.schedule[s][0]
@@ -180,8 +173,12 @@ class Job:
         ]
         weights = torch.tensor([it.weights for it in self.items], device=self.device)
         style_layers = list(self.style_weights)
+        spec = StyleSpec(self.cfg.style_loss, self.cfg.loss_terms == "relative")
+        masks = [it.masks_at(hw) for it in self.items]
         return compute_targets(
-            self.model, contents, styles, self.content_layers, style_layers, weights, self.cast
+            self.model, contents, styles, self.content_layers, style_layers, weights, self.cast,
+            masks=[None if m is None else [t.to(self.device) for t in m] for m in masks]
+            if any(m is not None for m in masks) else None, spec=spec,
         )
 
     def _run_scale(
@@ -201,8 +198,9 @@ class Job:
         stepper = Stepper(
             x0, fn, cfg.optimizer, self.lr, betas=cfg.betas, history=cfg.lbfgs_history, state=state,
             max_recoveries=cfg.max_recoveries, streak=self.streak, max_step=cfg.lbfgs_max_step,
-            scaler=self.scaler,
+            scaler=self.scaler, ema_decay=cfg.ema_decay, average=self.average if done else None,
         )
+        self.average = None
         for it in range(done + 1, iters + 1):
             before = stepper.recoveries
             vals = stepper.step()
@@ -215,7 +213,8 @@ class Job:
             due = end or asked or (cfg.save_every and it % cfg.save_every == 0)
             if self.on_checkpoint is not None and due:
                 self.on_checkpoint(self._checkpoint(s, it, stepper, end))
-        return stepper.x.detach(), stepper.opt.state_dict() if cfg.optimizer == "adam" else None
+        # Adam with an EMA: the next scale starts from this one's average, as crowsonkb's does
+        return stepper.result(), stepper.opt.state_dict() if cfg.optimizer == "adam" else None
 
     def _note_start(self, loss_fn: LossFn, bad: bool) -> None:
         """Keep a host copy of the objective's divisor once the scale has had a finite evaluation;
@@ -243,14 +242,17 @@ class Job:
         ))
 
     def _checkpoint(self, s: int, it: int, stepper: Stepper, end: bool) -> Checkpoint:
-        x = stepper.x.detach()
+        x = stepper.result()  # what the scale would deliver now (the average, with an EMA)
         luminance = x.float().cpu().clone() if self.channels == 1 else None
+        avg = stepper.average
         return Checkpoint(
             scale=s, iteration=it, step=self.step, image=self.finish(x).float().cpu().clone(),
             luminance=luminance,
             optimizer_state=stepper.state(), config_digest=self.digest, end_of_scale=end,
             lr=self.lr, recoveries=self.recoveries, loss_start=self.start,
             loss_scaler=self.scaler.state() if self.scaler is not None else None,
+            iterate=stepper.x.detach().float().cpu().clone() if avg is not None else None,
+            average=avg.state() if avg is not None else None,
         )
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,32 +268,3 @@ class Job:
 
 def _hw(t: torch.Tensor) -> tuple[int, int]:
     return int(t.shape[-2]), int(t.shape[-1])
-
-
-def removed_fractions(
-    start: list[list[float]] | None, now: list[float]
-) -> dict[str, float | None]:
-    """1 - now / start for the total and each term, summed over the batch; None where the start is
-    not > 0 (or not known yet). ``start`` is per item (content, style, tv); ``now`` is the
-    (total, content, style, tv) summed over the batch."""
-    names = ("loss", "content", "style", "tv")
-    if start is None:
-        return dict.fromkeys(names)
-    terms = [math.fsum(col) for col in zip(*start, strict=True)]
-    begun = [math.fsum(terms), *terms]
-    return {n: (1.0 - v / b if b > 0 else None) for n, b, v in zip(names, begun, now, strict=True)}
-
-
-def prepare_item(
-    content: torch.Tensor, styles: list[torch.Tensor], blend: list[float],
-    weights: tuple[float, float, float], mode: str,
-) -> PreparedItem:
-    """Inputs for a colour mode (config.color). "luminance" (Gatys et al. 2017, sec. 3): content and
-    styles become grey luminance images, each style's Y matched to the content's mean and std.
-    "histogram" (ibid.): each style's colours get the content's mean and covariance."""
-    if mode == "luminance":
-        styles = [color.match_luminance(s, content) for s in styles]
-        return PreparedItem(color.luminance(content), content, styles, blend, weights)
-    if mode == "histogram":
-        styles = [color.match_color(s, content) for s in styles]
-    return PreparedItem(content, content, styles, blend, weights)

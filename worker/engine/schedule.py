@@ -24,6 +24,10 @@ AUTO_BASE_ITERATIONS = 60
 AUTO_BASE_EDGE = 512
 AUTO_EXPONENT = 1.2
 AUTO_MIN, AUTO_MAX = 20, 400
+# Adam's own auto schedule: crowsonkb/style-transfer-pytorch's 1000 iterations at the first scale and
+# 500 at each later one (3000 over the default pyramid). Adam at lr 0.02 moves a pixel by at most ~lr
+# per step, so it needs several times L-BFGS's 815; its output is the average of the iterates (EMA).
+ADAM_FIRST, ADAM_LATER = 1000, 500
 
 MIN_SCALE_FACTOR = 1.1  # below this a job is many near-identical scales (each a full VGG pass + checkpoint)
 MAX_SCALE_FACTOR = 4.0  # above this a scale starts from a 16x smaller image: coarse-to-fine stops helping
@@ -39,6 +43,13 @@ def auto_iterations(long_edge: int) -> int:
     """Iterations the auto schedule gives a scale whose long edge is ``long_edge``."""
     n = round(AUTO_BASE_ITERATIONS * (AUTO_BASE_EDGE / long_edge) ** AUTO_EXPONENT)
     return max(AUTO_MIN, min(AUTO_MAX, n))
+
+
+def auto_counts(edges: Sequence[int], optimizer: str = "lbfgs") -> list[int]:
+    """The auto schedule's iterations for each scale of a pyramid, per optimiser."""
+    if optimizer == "adam":
+        return [ADAM_FIRST if i == 0 else ADAM_LATER for i in range(len(edges))]
+    return [auto_iterations(e) for e in edges]
 
 
 def long_edges(size: int, min_size: int, scale_factor: float, max_scales: int = MAX_SCALES) -> list[int]:
@@ -153,11 +164,13 @@ def build_schedule(
     scales: tuple[int, ...] | None = None,
     iterations: int | tuple[int, ...] | None = None,
     max_scales: int = MAX_SCALES,
+    optimizer: str = "lbfgs",
 ) -> Schedule:
     """Pure function: the ((h, w), iterations) of each scale, smallest first.
 
     ``scales`` (explicit long edges) overrides size/min_size/scale_factor. ``iterations``: None is
-    the auto schedule, an int is the same at every scale, a tuple gives one count per scale.
+    the optimiser's auto schedule (auto_counts), an int is the same at every scale, a tuple gives
+    one count per scale.
     Refuses more than ``max_scales`` scales (``too_many_scales``) and a content image that would have
     a side under 16 px at some scale (``image_too_narrow``, see check_runnable).
     """
@@ -170,7 +183,7 @@ def build_schedule(
     if isinstance(iterations, int):
         counts = [iterations] * len(edges)
     elif iterations is None:
-        counts = [auto_iterations(e) for e in edges]
+        counts = auto_counts(edges, optimizer)
     else:
         counts = list(iterations)
         if len(counts) != len(edges):

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from . import job as job_mod
 from .checkpoint import Checkpoint
 from .config import BatchItem, TransferConfig, item_loss_weights, normalise_blend
 from .errors import EngineError
 from .images import load_image, pil_to_tensor, tensor_to_pil
 from .inputs import shrink_inputs
-from .job import Job, Progress, prepare_item
+from .items import PreparedItem, prepare_item
+from .job import Job, Progress
 from .losses import autocast
 from .schedule import Schedule, build_schedule, check_runnable
 from .vgg import AVG_POOL_SCALE, LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
@@ -93,13 +95,16 @@ class StyleTransfer:
 
     def run(
         self, content: Any, styles: Any, config: TransferConfig | None = None, *,
+        masks: Sequence[Any] | None = None,
         on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
         resume: Checkpoint | None = None,
     ) -> Result:
-        """Stylise one content image with one or more styles (a batch of one)."""
+        """Stylise one content image with one or more styles (a batch of one); ``masks``: one per
+        style, where on the content each applies (BatchItem.masks)."""
         config = config or TransferConfig()
         style_list = list(styles) if isinstance(styles, (list, tuple)) else [styles]
-        item = BatchItem(content, style_list, config.style_blend_weights)
+        item = BatchItem(content, style_list, config.style_blend_weights,
+                         masks=None if masks is None else list(masks))
         return self.run_batch([item], config, on_progress=on_progress,
                               on_checkpoint=on_checkpoint, resume=resume)
 
@@ -156,7 +161,7 @@ class StyleTransfer:
 
 def _prepare(
     items: Sequence[BatchItem], config: TransferConfig, weights: Weights
-) -> tuple[list[job_mod.PreparedItem], list[Any]]:
+) -> tuple[list[PreparedItem], list[Any]]:
     preset = config.loss_weights(weights.kind)
     prepared, parts = [], []
     for item in items:
@@ -166,11 +171,42 @@ def _prepare(
             raise EngineError("give at least one style image", "invalid_config")
         blend = normalise_blend(item.style_blend_weights or config.style_blend_weights, len(styles))
         w = item_loss_weights(item, preset)
-        prepared.append(prepare_item(
-            pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.color
-        ))
-        parts.append([_hash(content), [_hash(s) for s in styles], blend, list(w)])
+        masks = load_masks(item.masks, len(styles), (content.height, content.width))
+        p = prepare_item(pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w,
+                         config.color)
+        prepared.append(replace(p, masks=None if masks is None else [m for m, _ in masks]))
+        parts.append([_hash(content), [_hash(s) for s in styles], blend, list(w),
+                      None if masks is None else [h for _, h in masks]])
     return prepared, parts
+
+
+def load_masks(
+    masks: Sequence[Any] | None, n_styles: int, content_hw: tuple[int, int]
+) -> list[tuple[torch.Tensor, str]] | None:
+    """Each mask as a (1, 1, h, w) luminance tensor in [0, 1], with its hash; refused
+    (``invalid_mask``) unless there is one per style, each with the content's aspect ratio within
+    MASK_ASPECT_TOLERANCE (the API applies the same rule from the uploads' headers)."""
+    if masks is None:
+        return None
+    if len(masks) != n_styles:
+        raise EngineError(f"{len(masks)} masks given for {n_styles} styles; give one mask per style",
+                          "invalid_mask")
+    out = []
+    for k, source in enumerate(masks, start=1):
+        im = load_image(source).convert("L")
+        if abs(math.log((im.width / im.height) / (content_hw[1] / content_hw[0]))) > \
+                MASK_ASPECT_TOLERANCE:
+            raise EngineError(
+                f"mask {k} is {im.width}x{im.height} px, the content {content_hw[1]}x{content_hw[0]} "
+                "px: a mask must have the content's aspect ratio", "invalid_mask")
+        arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).float().div_(255)
+        out.append((arr[None, None], _hash(im)))
+    return out
+
+
+# A mask may differ from its content's aspect ratio by 2 % (|log ratio|; it is resized to the content):
+# the same rule as the API's (api/masks.py), which checks it from the upload's header.
+MASK_ASPECT_TOLERANCE = 0.02
 
 
 def _hw(t: torch.Tensor) -> tuple[int, int]:
@@ -181,12 +217,12 @@ def _hash(im: Image.Image) -> str:
     return hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest()[:16]
 
 
-def _batch_schedule(prepared: list[job_mod.PreparedItem], config: TransferConfig) -> Schedule:
+def _batch_schedule(prepared: list[PreparedItem], config: TransferConfig) -> Schedule:
     schedules = [
         build_schedule(
             _hw(p.content), size=config.size, min_size=config.min_size,
             scale_factor=config.scale_factor, scales=config.scales, iterations=config.iterations,
-            max_scales=config.max_scales,
+            max_scales=config.max_scales, optimizer=config.optimizer,
         )
         for p in prepared
     ]
@@ -205,6 +241,7 @@ def _batch_schedule(prepared: list[job_mod.PreparedItem], config: TransferConfig
 
 def stylize(
     content: Any, styles: Any, config: TransferConfig | None = None, *,
+    masks: Sequence[Any] | None = None,
     on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
     resume: Checkpoint | None = None, engine: StyleTransfer | None = None,
 ) -> Result:
@@ -212,5 +249,5 @@ def stylize(
     config = config or TransferConfig()
     if engine is None:
         engine = StyleTransfer(config.weights or "imagenet", config.device or "auto", config.seed)
-    return engine.run(content, styles, config, on_progress=on_progress,
+    return engine.run(content, styles, config, masks=masks, on_progress=on_progress,
                       on_checkpoint=on_checkpoint, resume=resume)
