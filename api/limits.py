@@ -31,7 +31,7 @@ def body_limit(settings: Settings, path: str, content_type: str = "") -> int:
     elif path.startswith("/v1/batches"):
         limit = per_file * MAX_BATCH_FILES + _FORM_OVERHEAD
     elif path.startswith("/v1/jobs"):
-        limit = per_file * (settings.max_styles + 1) + _FORM_OVERHEAD
+        limit = per_file * (2 * settings.max_styles + 1) + _FORM_OVERHEAD  # + a mask per style
     else:
         limit = _FORM_OVERHEAD
     return min(limit, settings.max_form_bytes)

@@ -15,6 +15,10 @@ PARAMS_SCHEMA = JobParams.model_json_schema()
 ParamsDict = Annotated[dict[str, Any], WithJsonSchema(PARAMS_SCHEMA)]
 ImageId = Annotated[str, Field(max_length=64, description="an uploaded image's id (sha256 hex)")]
 MAX_IDS = 10_000  # a hard ceiling; the configured max_batch_jobs (1,000) is checked in the route
+# A batch pair: [content index, style index or list of style indexes] and, optionally, a list of
+# indexes into the batch's masks, one per style of the pair (spatial control).
+Pair = (tuple[StrictInt, StrictInt | list[StrictInt]]
+        | tuple[StrictInt, StrictInt | list[StrictInt], list[StrictInt]])
 
 
 class ErrorDetail(BaseModel):
@@ -64,6 +68,8 @@ class JobOut(BaseModel):
     batch_id: str | None
     content_id: str
     style_ids: list[str]
+    mask_ids: list[str] | None = Field(
+        None, description="one content mask per style (same order), or null: no spatial control")
     params: dict[str, Any]
     progress: Progress
     attempts: int
@@ -107,34 +113,51 @@ class BatchRequest(BaseModel):
     styles: list[ImageId] = Field(min_length=1, max_length=MAX_IDS)
     mode: Literal["product", "pairs"] = Field(
         "product", description="product: every content with every style; pairs: as listed")
-    pairs: list[tuple[StrictInt, StrictInt | list[StrictInt]]] | None = Field(
+    masks: list[ImageId] = Field(
+        default_factory=list, max_length=MAX_IDS,
+        description="content masks (greyscale: white = the style applies, black = not), used "
+                    "by index in pairs; each must have its content's aspect ratio")
+    pairs: list[Pair] | None = Field(
         None, max_length=MAX_IDS,
-        description="mode pairs: [content index, style index or list of style indexes]")
+        description="mode pairs: [content index, style index or list of style indexes] or "
+                    "[content, style(s), [mask index per style]] (indexes into masks)")
     params: ParamsDict = Field(default_factory=dict)
 
 
-def _form_schema(files_field: str, extra: dict[str, Any]) -> dict[str, Any]:
+_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+_IDS = {"type": "array", "items": {"type": "string", "maxLength": 64}}
+
+
+def _form_schema(files_field: str, extra: dict[str, Any], mask_doc: str) -> dict[str, Any]:
     return {"type": "object", "properties": {
-        files_field: {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "style": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "content_id": {"type": "array", "items": {"type": "string", "maxLength": 64}},
-        "style_id": {"type": "array", "items": {"type": "string", "maxLength": 64}},
+        files_field: _FILES,
+        "style": _FILES,
+        "content_id": _IDS,
+        "style_id": _IDS,
+        "mask": {**_FILES, "description": f"content masks, uploaded: {mask_doc}"},
+        "mask_id": {**_IDS, "description": f"content masks, by image id (after the mask "
+                                           f"files): {mask_doc}"},
         "params": {"type": "string", "contentMediaType": "application/json",
                    "contentSchema": PARAMS_SCHEMA, "description": "JSON object (JobParams)"},
         **extra,
     }}
 
 
+_JOB_MASKS = ("none, or one per style: mask i (files first, then ids) applies to style i "
+              "(style files first, then style ids); greyscale, white = the style applies here, "
+              "black = not; the content's aspect ratio")
+_BATCH_MASKS = ("the batch's masks list (files first, then ids), named by index in pairs")
 JOB_FORM_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": _form_schema("content", {})},
+    "multipart/form-data": {"schema": _form_schema("content", {}, _JOB_MASKS)},
 }}}
 BATCH_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": BatchRequest.model_json_schema()},
     "multipart/form-data": {"schema": _form_schema("content", {
         "mode": {"type": "string", "enum": ["product", "pairs"]},
         "pairs": {"type": "string", "contentMediaType": "application/json",
-                  "description": "JSON list of [content index, style index(es)]"},
-    })},
+                  "description": "JSON list of [content index, style index(es)] or [content, "
+                                 "style(s), [mask index per style]]"},
+    }, _BATCH_MASKS)},
 }}}
 
 
@@ -155,6 +178,7 @@ __all__ = [
     "JobErrorOut",
     "JobList",
     "JobOut",
+    "Pair",
     "Progress",
     "ReadyOut",
 ]

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 class JobSpec:
     content_id: str
     style_ids: tuple[str, ...]
+    mask_ids: tuple[str, ...] | None = None  # one per style, or None: no spatial control
 
 
 _CODES = {"extra_forbidden": "unknown_parameter", "too_many_scales": "too_many_scales"}
@@ -129,6 +130,7 @@ def insert_jobs(session: Session, *, tenant_id: str, batch_id: str | None,
             "id": new_id(), "tenant_id": tenant_id, "batch_id": batch_id,
             "status": JobStatus.QUEUED.value, "params": dumped,
             "content_image_id": spec.content_id, "style_image_ids": list(spec.style_ids),
+            "mask_image_ids": None if spec.mask_ids is None else list(spec.mask_ids),
             "progress": {}, "checkpoints": [], "attempt": 0,
             "max_attempts": settings.max_attempts, "cancel_requested": False,
             "created_at": now + timedelta(microseconds=i), "updated_at": now,

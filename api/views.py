@@ -76,6 +76,7 @@ def job_out(job: Job, linker: Linker) -> JobOut:
         batch_id=job.batch_id,
         content_id=job.content_image_id,
         style_ids=list(job.style_image_ids or []),
+        mask_ids=None if job.mask_image_ids is None else list(job.mask_image_ids),
         params=job.params or {},
         progress=progress,
         attempts=job.attempt,

@@ -102,6 +102,8 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     content_image_id: Mapped[str] = mapped_column(ForeignKey("images.id"))
     style_image_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Spatial control: one mask image per style (same order as style_image_ids), or NULL for none.
+    mask_image_ids: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), default=None)
     # {scale, scales, iteration, iterations, step, total_steps, fraction, loss, eta_seconds}
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Attempts started so far; also the fencing token: only the holder of the newest attempt may

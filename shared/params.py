@@ -23,6 +23,9 @@ MIN_SIDE = 16  # VGG19 up to relu5_1 has 4 max pools: every side of every scale 
 MAX_EDGE = 65_536  # no image has a longer side; the configured max_size (2048) is checked later
 MAX_ITERATIONS_PER_SCALE = 100_000
 ADAM_FIRST, ADAM_LATER = 1000, 500  # Adam's auto schedule (worker.engine.schedule.auto_counts)
+# The W2 style loss costs one eigendecomposition per style layer per iteration, whatever the image
+# size: measured on the 2-core CPU about as much as a VGG19 pass over a 256 x 256 image.
+W2_WORK_PER_ITERATION = 256 * 256
 
 # Weights are finite and bounded: NaN, Infinity and 1e400 are refused (PostgreSQL's JSON cannot
 # store them, and they make no picture).
@@ -95,10 +98,19 @@ class JobParams(BaseModel):
     style_weights: list[Weight] | None = Field(
         None, max_length=64, description="blend weights, one per style"
     )
-    content_weight: Weight | None = None
-    style_weight: Weight | None = None
-    tv_weight: Weight | None = None
+    content_weight: Weight | None = Field(None, description="default 1 (relative terms)")
+    style_weight: Weight | None = Field(None, description="default 10 (relative terms)")
+    tv_weight: Weight | None = Field(None, description="default 0.01 (relative terms)")
+    loss_terms: Literal["relative", "raw"] = Field(
+        "relative", description="relative: each loss term divided by its target's energy, so the "
+        "weights mean the same for every model; raw: the papers' unnormalised terms and recipes")
+    style_loss: Literal["gram", "w2"] = Field(
+        "gram", description="gram: Gram-matrix MSE (Gatys); w2: Wasserstein-2 distance between "
+        "Gaussian fits of the features (slower per iteration, whatever the size)")
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="adam: each scale delivers the average of its iterates with "
+        "this decay (engine default 0.99; 0: the last iterate)")
     lr: float | None = Field(None, gt=0, le=10)
     lbfgs_max_step: float | None = Field(
         None, gt=0, le=1, description="L-BFGS: the most any pixel moves in one step (engine default 0.25)")
@@ -178,9 +190,11 @@ class JobParams(BaseModel):
 
     def work(self) -> int:
         """Sum over scales of long_edge**2 * iterations: an upper bound on pixels x iterations
-        (a square image is the worst case), what a job costs a worker."""
-        return sum(e * e * n for e, n in zip(self.long_edges(), self.iterations_per_scale(),
-                                              strict=True))
+        (a square image is the worst case), what a job costs a worker. The W2 style loss adds
+        W2_WORK_PER_ITERATION per iteration, whatever the size."""
+        extra = W2_WORK_PER_ITERATION if self.style_loss == "w2" else 0
+        return sum((e * e + extra) * n for e, n in zip(self.long_edges(), self.iterations_per_scale(),
+                                                        strict=True))
 
     def narrow_reason(self, contents_wh: Sequence[tuple[int, int]],
                       styles_wh: Sequence[tuple[int, int]]) -> str | None:

@@ -55,6 +55,12 @@ def _add_run(sub: Any) -> None:
     a("--scales", type=_list(int, "integers"), help="explicit long edges, e.g. 128,256,512")
     a("--iterations", type=_iterations, help="per scale: one int, or a comma list (default auto)")
     a("--style-weights", type=_list(float, "numbers"), help="blend weights, one per style")
+    a("--mask", action="append", metavar="MASK", dest="masks",
+      help="one per style, in order: a greyscale image over the content (white: that style here)")
+    a("--loss-terms", choices=["relative", "raw"],
+      help="relative: each term divided by its target's energy (default); raw: the papers' terms")
+    a("--style-loss", choices=["gram", "w2"],
+      help="gram: Gram-matrix MSE (default); w2: Wasserstein-2 between feature Gaussians")
     a("--content-weight", type=float)
     a("--style-weight", type=float)
     a("--tv-weight", type=float)
@@ -63,6 +69,7 @@ def _add_run(sub: Any) -> None:
     a("--content-layers", type=_names, help="e.g. relu4_2")
     a("--optimizer", choices=["lbfgs", "adam"])
     a("--lr", type=float, help="step size (default 1 for lbfgs, 0.02 for adam)")
+    a("--ema-decay", type=float, help="adam: average the iterates with this decay (default 0.99; 0 off)")
     a("--lbfgs-history", type=int)
     a("--lbfgs-max-step", type=float,
       help="largest pixel change (0-1 range) in one L-BFGS step; longer steps shrink (default 0.25)")
@@ -97,6 +104,7 @@ def _add_run(sub: Any) -> None:
 _CONFIG_FIELDS = (
     "size", "min_size", "scale_factor", "scales", "iterations", "content_weight", "style_weight",
     "tv_weight", "style_layers", "style_layer_weights", "content_layers", "optimizer", "lr",
+    "loss_terms", "style_loss", "ema_decay",
     "lbfgs_history", "lbfgs_max_step", "carry_optimizer_state", "init", "preserve_color", "color",
     "style_scale", "style_upscale", "seed",
     "device", "precision", "pooling", "weights", "save_every", "max_scales", "max_recoveries",
@@ -153,6 +161,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     config = TransferConfig(**fields)
     content = load_image(args.content)
     styles = [load_image(s) for s in args.styles]
+    masks = [load_image(m) for m in args.masks] if args.masks else None
     resume = None
     if args.resume is not None:
         try:
@@ -163,7 +172,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     engine = StyleTransfer(weights=args.weights, device=config.device or "auto", seed=config.seed)
     with _Reporter(args) as reporter:
-        result = engine.run(content, styles, config, on_progress=reporter.progress,
+        result = engine.run(content, styles, config, masks=masks, on_progress=reporter.progress,
                             on_checkpoint=reporter.checkpoint, resume=resume)
     save_image(result.image, out, quality=args.quality)
     meta = result.metadata

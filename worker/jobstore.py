@@ -49,6 +49,7 @@ class Claim:
     content_image_id: str
     style_image_ids: list[str]
     checkpoints: list[dict[str, Any]]
+    mask_image_ids: list[str] | None = None  # one content mask per style, or None: no masks
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,9 @@ def claim(url: str, job_id: str, me: str, lease_s: float) -> Claim | Drop:
             values["started_at"] = now
         if s.execute(update(Job).where(*seen).values(**values)).rowcount != 1:  # type: ignore[attr-defined]
             return Drop.LOST_RACE
+        masks = None if job.mask_image_ids is None else list(job.mask_image_ids)
         return Claim(job_id, attempt, dict(job.params or {}), job.content_image_id,
-                     list(job.style_image_ids or []), list(job.checkpoints or []))
+                     list(job.style_image_ids or []), list(job.checkpoints or []), masks)
 
 
 def _fenced(url: str, job_id: str, attempt: int, **values: Any) -> bool:

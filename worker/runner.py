@@ -92,10 +92,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     except ValidationError as exc:
         raise Failure("invalid_params", f"the job's parameters are not valid: {_problems(exc)}") from exc
     config = transfer_config(params, settings)
-    content = _load_input(storage, claim.content_image_id)
-    styles = [_load_input(storage, image_id) for image_id in claim.style_image_ids]
-    if not styles:
-        raise Failure("invalid_params", "the job has no style image")
+    content, styles, inputs = _load_inputs(storage, claim)
     resume, start_step = _resume_point(storage, claim)
     engine = get_engine(settings)
     edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
@@ -104,7 +101,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
                                 settings.checkpoints_keep)
         log_event(claim.job_id, claim.attempt, "started", resume_step=start_step)
         try:
-            result = _run_engine(engine, content, styles, config, watcher, saver, resume)
+            result = _run_engine(engine, content, styles, config, watcher, saver, resume, inputs)
         except JobStopped as stop:
             return _stopped(settings, claim, stop.reason, saver.last_step)
         final = watcher.progress_now() or {}
@@ -142,11 +139,11 @@ def result_key(job_id: str, attempt: int, ext: str) -> str:
 
 
 def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watcher: Watcher,
-                saver: CheckpointSaver, resume: Any) -> Any:
-    """``engine.run``; a checkpoint the engine will not resume from is skipped (start afresh)."""
+                saver: CheckpointSaver, resume: Any, inputs: dict[str, Any]) -> Any:
+    """``engine.run`` (+ ``inputs``); a checkpoint it will not resume from is skipped (start afresh)."""
     try:
         return engine.run(content, styles, config, on_progress=watcher.on_progress,
-                          on_checkpoint=saver, resume=resume)
+                          on_checkpoint=saver, resume=resume, **inputs)
     except EngineError as exc:
         if resume is None or exc.code not in ("checkpoint_mismatch", "checkpoint_invalid"):
             raise
@@ -154,15 +151,26 @@ def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watch
                   error=exc.code)
         watcher.start_step = 0
         return engine.run(content, styles, config, on_progress=watcher.on_progress,
-                          on_checkpoint=saver, resume=None)
+                          on_checkpoint=saver, resume=None, **inputs)
 
 
-def _load_input(storage: Storage, image_id: str) -> Any:
+def _load_inputs(storage: Storage, claim: jobstore.Claim) -> tuple[Any, list[Any], dict[str, Any]]:
+    """The content, the styles and the engine's optional inputs: ``masks`` (one per style, as
+    stored: the engine reads their luminance), only when the job has masks (so an engine without
+    the keyword still runs every other job)."""
+    content = load_image(_input_bytes(storage, claim.content_image_id))
+    styles = [load_image(_input_bytes(storage, image_id)) for image_id in claim.style_image_ids]
+    if not styles:
+        raise Failure("invalid_params", "the job has no style image")
+    masks = claim.mask_image_ids
+    return content, styles, ({"masks": [_input_bytes(storage, m) for m in masks]} if masks else {})
+
+
+def _input_bytes(storage: Storage, image_id: str) -> bytes:
     try:
-        data = storage.get_bytes(f"images/{image_id}")
+        return storage.get_bytes(f"images/{image_id}")
     except ObjectNotFound as exc:
         raise Failure("input_missing", f"input image {image_id} is not in storage") from exc
-    return load_image(data)
 
 
 def _resume_point(storage: Storage, claim: jobstore.Claim) -> tuple[Any, int]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import StrictInt, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from api.deps import (
@@ -36,11 +36,12 @@ from api.idem import (
 from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
 from api.indoubt import Submission
 from api.limits import MAX_BATCH_FILES
+from api.masks import MaskPlan, check_batch_masks, check_masks_used, pair_masks
 from api.offload import admitted, off_loop
 from api.queries import batch_summary, get_batch
 from api.routes.jobs import ERRORS
 from api.safejson import loads
-from api.schemas import BATCH_DOC, BatchCreated, BatchOut, BatchRequest
+from api.schemas import BATCH_DOC, BatchCreated, BatchOut, BatchRequest, Pair
 from api.submit import (
     JobSpec,
     check_runnable,
@@ -58,12 +59,16 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-Plan = list[tuple[int, tuple[int, ...]]]  # (content index, style indexes) per job
-_PAIRS = TypeAdapter(list[tuple[StrictInt, StrictInt | list[StrictInt]]])  # no true/0.0 indexes
-BATCH_FIELDS = {"content", "style", "content_id", "style_id", "params", "mode", "pairs"}
+Plan = list[tuple[int, tuple[int, ...], MaskPlan]]  # (content, style indexes, mask indexes) per job
+_PAIRS = TypeAdapter(list[Pair])  # strict: no true/0.0 indexes
+PAIRS_SHAPE = ("pairs must be a list of [content, style(s)] or [content, style(s), [mask per "
+               "style]] (integer indexes)")
+BATCH_FIELDS = {"content", "style", "content_id", "style_id", "mask", "mask_id", "params", "mode",
+                "pairs"}
 
 
-def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: int) -> Plan:
+def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: int,
+              n_masks: int = 0) -> Plan:
     if mode not in ("product", "pairs"):
         raise InvalidInput("invalid_mode", "mode must be 'product' or 'pairs'")
     if not n_contents:
@@ -76,24 +81,27 @@ def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: i
         count = n_contents * n_styles
         if count > max_jobs:
             raise InvalidInput("batch_too_large", f"{count} jobs; the maximum is {max_jobs}")
-        return [(c, (s,)) for c in range(n_contents) for s in range(n_styles)]
+        check_masks_used(n_masks, mode, [])
+        return [(c, (s,), None) for c in range(n_contents) for s in range(n_styles)]
     try:
         parsed = _PAIRS.validate_python(pairs if pairs is not None else [])
     except ValidationError:
-        raise InvalidInput("invalid_pairs", "pairs must be a list of [content, style]") from None
+        raise InvalidInput("invalid_pairs", PAIRS_SHAPE) from None
     if not parsed:
         raise InvalidInput("invalid_pairs", "mode 'pairs' needs a non-empty pairs list")
     if len(parsed) > max_jobs:
         raise InvalidInput("batch_too_large", f"{len(parsed)} jobs; the maximum is {max_jobs}")
     plan: Plan = []
-    for c, s in parsed:
+    for pair in parsed:
+        c, s = pair[0], pair[1]
         styles = (s,) if isinstance(s, int) else tuple(s)
         if not 0 <= c < n_contents or not styles or any(not 0 <= x < n_styles for x in styles):
             raise InvalidInput(
                 "invalid_pairs",
                 f"pair [{c}, {s}] is out of range: {n_contents} contents, {n_styles} styles",
             )
-        plan.append((c, styles))
+        plan.append((c, styles, pair_masks(pair, len(styles), n_masks)))
+    check_masks_used(n_masks, mode, [m for _, _, m in plan])
     return plan
 
 
@@ -103,77 +111,104 @@ class BatchDraft:
 
     contents: list[Raw]
     styles: list[Raw]
+    masks: list[Raw]
     mode: str
     pairs: str | None  # JSON text (form field)
     params: str | None  # JSON text (form field)
 
 
-def _from_json(body: Any, settings: Settings) -> tuple[list[Raw], list[Raw], str, Any, dict[str, Any]]:
+Parsed = tuple[list[Raw], list[Raw], list[Raw], str, Any, dict[str, Any]]  # + masks, mode, pairs
+
+
+def _from_json(body: Any, settings: Settings) -> Parsed:
     try:
         req = BatchRequest.model_validate(body)
     except ValidationError as exc:
         err = exc.errors(include_input=False)[0]
-        loc = ".".join(str(x) for x in err.get("loc", ()))[:100]
+        where = tuple(err.get("loc", ()))
+        if where[:1] == ("pairs",) and len(where) > 1:  # one pair (not the list) is malformed
+            raise InvalidInput("invalid_pairs", f"pairs.{where[1]}: {PAIRS_SHAPE}") from None
+        loc = ".".join(str(x) for x in where)[:100]
         code = {"extra_forbidden": "unknown_field", "too_long": "batch_too_large"}.get(
             str(err.get("type")), "invalid_request")
         raise InvalidInput(code, f"{loc}: {err.get('msg')}") from None
-    for name, ids in (("contents", req.contents), ("styles", req.styles)):
+    for name, ids in (("contents", req.contents), ("styles", req.styles), ("masks", req.masks)):
         if len(ids) > settings.max_batch_jobs:
             raise InvalidInput("batch_too_large", f"{len(ids)} {name}; the maximum is "
                                f"{settings.max_batch_jobs} (a batch has at most that many jobs)")
-    return list(req.contents), list(req.styles), req.mode, req.pairs, req.params
+    return list(req.contents), list(req.styles), list(req.masks), req.mode, req.pairs, req.params
 
 
 async def _read_form(form: FormData, settings: Settings) -> BatchDraft:
-    """Contents: uploaded ``content`` files then ``content_id`` values (same for styles)."""
+    """Contents: uploaded ``content`` files then ``content_id`` values (same for styles, masks)."""
     unknown = sorted(set(form.keys()) - BATCH_FIELDS)
     if unknown:
         raise InvalidInput("unknown_field", f"unknown form field {unknown[0][:80]!r}")
     contents: list[UploadFile | str] = [*files(form, "content"), *texts(form, "content_id")]
     styles: list[UploadFile | str] = [*files(form, "style"), *texts(form, "style_id")]
-    for name, items in (("contents", contents), ("styles", styles)):
+    masks: list[UploadFile | str] = [*files(form, "mask"), *texts(form, "mask_id")]
+    for name, items in (("contents", contents), ("styles", styles), ("masks", masks)):
         if len(items) > settings.max_batch_jobs:
             raise InvalidInput("batch_too_large",
                                f"{len(items)} {name}; the maximum is {settings.max_batch_jobs}")
     return BatchDraft(
         await read_items(contents, settings, [f"content[{i}]" for i in range(len(contents))]),
         await read_items(styles, settings, [f"style[{i}]" for i in range(len(styles))]),
+        await read_items(masks, settings, [f"mask[{i}]" for i in range(len(masks))]),
         text(form, "mode") or "product", text(form, "pairs"), text(form, "params"),
     )
 
 
-def _validate(draft: BatchDraft | Any, settings: Settings) -> tuple[list[Item], list[Item], Plan,
-                                                                     JobParams]:
+@dataclass(frozen=True)
+class Resolved:
+    """A validated batch: its images inspected (or ids), the job plan and the params."""
+
+    contents: list[Item]
+    styles: list[Item]
+    masks: list[Item]
+    plan: Plan
+    params: JobParams
+
+
+def _validate(draft: BatchDraft | Any, settings: Settings) -> Resolved:
     """A form draft or a parsed JSON body: the plan, params, then every image (decoded once).
     CPU-bound, so it runs off the event loop."""
     if isinstance(draft, BatchDraft):
-        contents, styles, mode = draft.contents, draft.styles, draft.mode
+        contents, styles, masks, mode = draft.contents, draft.styles, draft.masks, draft.mode
         pairs, raw = json_field(draft.pairs, "pairs"), parse_params_json(draft.params)
     else:
-        contents, styles, mode, pairs, raw = _from_json(draft, settings)
-    plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs)
-    params = validate_params(raw, settings, [len(ss) for _, ss in plan])
-    items = resolve_items([*contents, *styles], settings)  # one pixel budget for the request
-    return items[:len(contents)], items[len(contents):], plan, params
+        contents, styles, masks, mode, pairs, raw = _from_json(draft, settings)
+    plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs, len(masks))
+    params = validate_params(raw, settings, [len(ss) for _, ss, _ in plan])
+    items = resolve_items([*contents, *styles, *masks], settings)  # one pixel budget for all
+    n_c, n_s = len(contents), len(styles)
+    return Resolved(items[:n_c], items[n_c:n_c + n_s], items[n_c + n_s:], plan, params)
 
 
-def _create_batch(ctx: SubmitCtx, contents: list[Item], styles: list[Item], plan: Plan,
-                  params: JobParams) -> tuple[StoredResponse, bool]:
+def _specs(b: Resolved) -> list[JobSpec]:
+    c, s, m = ([item_id(i) for i in items] for items in (b.contents, b.styles, b.masks))
+    return [JobSpec(c[ci], tuple(s[x] for x in ss), None if ms is None else tuple(m[x] for x in ms))
+            for ci, ss, ms in b.plan]
+
+
+def _create_batch(ctx: SubmitCtx, b: Resolved) -> tuple[StoredResponse, bool]:
     """One transaction: images, the batch, its jobs, the idempotency key; then publish."""
     tenant_id = ctx.tenant.id
-    items = contents + styles
-    specs = [JobSpec(item_id(contents[c]), tuple(item_id(styles[s]) for s in ss)) for c, ss in plan]
+    items = b.contents + b.styles + b.masks
+    specs = _specs(b)
     with ctx.sessions() as session:
         dims = image_dims(session, tenant_id, items)
-        check_runnable(params, [dims[item_id(c)] for c in contents],
-                       [dims[item_id(s)] for s in styles])
+        check_runnable(b.params, [dims[item_id(c)] for c in b.contents],
+                       [dims[item_id(s)] for s in b.styles])
+        check_batch_masks(dims, [item_id(c) for c in b.contents], [item_id(m) for m in b.masks],
+                          b.plan)
         persist_images(session, ctx.storage, tenant_id, [i for i in items if not isinstance(i, str)])
-        batch = Batch(id=new_id(), tenant_id=tenant_id, params=params.model_dump(mode="json"),
+        batch = Batch(id=new_id(), tenant_id=tenant_id, params=b.params.model_dump(mode="json"),
                       job_count=len(specs), created_at=utcnow())
         session.add(batch)
         session.flush()
         job_ids = insert_jobs(session, tenant_id=tenant_id, batch_id=batch.id, specs=specs,
-                              params=params, settings=ctx.settings)
+                              params=b.params, settings=ctx.settings)
         created = BatchCreated(id=batch.id, job_count=len(job_ids), job_ids=job_ids)
         answer = StoredResponse(202, created.model_dump(mode="json"))
         sub = Submission(tenant_id, tuple(job_ids), batch.id, ctx.idem.key if ctx.idem else None)
@@ -221,8 +256,8 @@ async def submit_batch(request: Request, settings: SettingsDep, tenant: TenantDe
 
 
 async def _submit(request: Request, ctx: SubmitCtx, draft: BatchDraft | Any) -> Response:
-    contents, styles, plan, params = await off_loop(request, _validate, draft, ctx.settings)
-    answer, replayed = await run_in_threadpool(_create_batch, ctx, contents, styles, plan, params)
+    resolved = await off_loop(request, _validate, draft, ctx.settings)
+    answer, replayed = await run_in_threadpool(_create_batch, ctx, resolved)
     return respond(answer, replayed=replayed)
 
 

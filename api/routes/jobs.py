@@ -24,6 +24,7 @@ from api.forms import files, read_form, read_items, text, texts
 from api.idem import commit_submission, header_key, respond
 from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
 from api.indoubt import Submission
+from api.masks import check_job_masks, check_mask_count
 from api.offload import admitted, off_loop
 from api.queries import MAX_PAGE, get_job, list_jobs
 from api.schemas import JOB_FORM_DOC, ErrorResponse, JobList, JobOut
@@ -46,7 +47,7 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JOB_FIELDS = {"content", "style", "content_id", "style_id", "params"}
+JOB_FIELDS = {"content", "style", "content_id", "style_id", "mask", "mask_id", "params"}
 ERRORS: dict[int | str, dict[str, object]] = {
     c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 503)
 }
@@ -63,8 +64,9 @@ def _check_fields(names: set[str]) -> None:
 class JobDraft:
     """A job form as read (uploads in memory), before the CPU-bound validation."""
 
-    items: list[Raw]  # the content first, then the styles
+    items: list[Raw]  # the content first, then the styles, then the masks (one per style or none)
     params: str | None
+    n_masks: int = 0
 
 
 async def _read_job_form(form: FormData, settings: Settings) -> JobDraft:
@@ -80,25 +82,35 @@ async def _read_job_form(form: FormData, settings: Settings) -> JobDraft:
     if len(styles) > settings.max_styles:
         raise InvalidInput("too_many_styles",
                            f"{len(styles)} styles; the maximum is {settings.max_styles}")
-    names = ["content", *(f"style[{i}]" for i in range(len(styles)))]
-    return JobDraft(await read_items([*contents, *styles], settings, names), text(form, "params"))
+    masks: list[UploadFile | str] = [*files(form, "mask"), *texts(form, "mask_id")]
+    check_mask_count(len(masks), len(styles))
+    names = ["content", *(f"style[{i}]" for i in range(len(styles))),
+             *(f"mask[{i}]" for i in range(len(masks)))]
+    return JobDraft(await read_items([*contents, *styles, *masks], settings, names),
+                    text(form, "params"), len(masks))
 
 
-def _validate_job(draft: JobDraft, settings: Settings) -> tuple[list[Item], JobParams]:
+def _validate_job(draft: JobDraft, settings: Settings) -> tuple[list[Item], int, JobParams]:
     """Params, then every image (decoded once): CPU-bound, so it runs off the event loop."""
-    params = validate_params(parse_params_json(draft.params), settings, [len(draft.items) - 1])
-    return resolve_items(draft.items, settings), params
+    n_styles = len(draft.items) - 1 - draft.n_masks
+    params = validate_params(parse_params_json(draft.params), settings, [n_styles])
+    return resolve_items(draft.items, settings), draft.n_masks, params
 
 
-def _create_job(ctx: SubmitCtx, items: list[Item], params: JobParams) -> tuple[StoredResponse, bool]:
+def _create_job(ctx: SubmitCtx, items: list[Item], n_masks: int,
+                params: JobParams) -> tuple[StoredResponse, bool]:
     """One transaction: images, the job, the idempotency key; then publish. Returns the answer
     and whether it is a replay (a concurrent request with the same key won)."""
+    ids = [item_id(i) for i in items]
+    content, styles = ids[0], ids[1:len(ids) - n_masks]
+    masks = ids[len(ids) - n_masks:] if n_masks else None
     with ctx.sessions() as session:
         dims = image_dims(session, ctx.tenant.id, items)
-        check_runnable(params, [dims[item_id(items[0])]], [dims[item_id(i)] for i in items[1:]])
+        check_runnable(params, [dims[content]], [dims[s] for s in styles])
+        check_job_masks(dims, content, masks or [])
         persist_images(session, ctx.storage, ctx.tenant.id,
                        [i for i in items if not isinstance(i, str)])
-        spec = JobSpec(item_id(items[0]), tuple(item_id(s) for s in items[1:]))
+        spec = JobSpec(content, tuple(styles), None if masks is None else tuple(masks))
         (job_id,) = insert_jobs(session, tenant_id=ctx.tenant.id, batch_id=None, specs=[spec],
                                 params=params, settings=ctx.settings)
         job = job_out(get_job(session, ctx.tenant.id, job_id), ctx.linker)
@@ -118,7 +130,7 @@ async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
     response (header ``Idempotent-Replayed: true``) and creates nothing."""
     key = header_key(request)
-    form = await read_form(request, max_files=settings.max_styles + 8,  # then our own check
+    form = await read_form(request, max_files=2 * settings.max_styles + 8,  # then our own check
                            timeout_s=settings.body_timeout_s)
     try:  # the form is on disk; reading its files into memory takes one of the upload slots
         async with admitted(request):
@@ -128,8 +140,8 @@ async def submit_job(request: Request, settings: SettingsDep, tenant: TenantDep,
                 return first_answer
             draft = await _read_job_form(form, settings)
             await form.close()
-            items, params = await off_loop(request, _validate_job, draft, settings)
-            answer, replayed = await run_in_threadpool(_create_job, ctx, items, params)
+            items, n_masks, params = await off_loop(request, _validate_job, draft, settings)
+            answer, replayed = await run_in_threadpool(_create_job, ctx, items, n_masks, params)
     finally:
         await form.close()
     return respond(answer, replayed=replayed)

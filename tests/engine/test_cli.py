@@ -107,7 +107,8 @@ def test_diverged_run_exits_2(tmp_path: Path, files: dict[str, Path], capsys: py
 
 
 def test_argparse_errors_exit_2(files: dict[str, Path]) -> None:
-    for bad in (["--iterations", "a,b"], ["--color", "sepia"], ["--lbfgs-max-step", "x"]):
+    for bad in (["--iterations", "a,b"], ["--color", "sepia"], ["--lbfgs-max-step", "x"],
+                ["--style-loss", "l2"], ["--loss-terms", "x"]):
         with pytest.raises(SystemExit) as e:
             main(["run", str(files["content"]), str(files["style"]), "-o", "x.png", *bad])
         assert e.value.code == 2
@@ -149,3 +150,22 @@ def test_cli_module_does_not_import_torch() -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert res.stdout.strip() == "False"
+
+
+def test_mask_style_loss_and_adam_options(tmp_path: Path, files: dict[str, Path],
+                                          content: Image.Image, capsys: pytest.CaptureFixture) -> None:
+    mask = Image.new("L", content.size, 0)
+    mask.paste(255, (0, 0, content.width // 2, content.height))
+    mask.save(tmp_path / "m.png")
+    out = tmp_path / "out.png"
+    base = ["run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random",
+            "--size", "48", "--scales", "32,48", "--iterations", "2", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--mask", str(tmp_path / "m.png"), "--style-loss", "w2", "--loss-terms", "raw",
+                 "--optimizer", "adam", "--ema-decay", "0.9"]) == 0
+    assert out.exists()
+    for bad, needle in ((["--mask", str(tmp_path / "m.png")] * 2, "[invalid_mask]"),
+                        (["--ema-decay", "1"], "ema_decay must be")):
+        out.unlink(missing_ok=True)
+        capsys.readouterr()
+        assert main([*base, *bad]) == 2 and not out.exists()
+        assert needle in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from worker.engine import BatchItem, EngineError, StyleTransfer, TransferConfig
-from worker.engine.config import normalise_blend
+from worker.engine.checks import normalise_blend
 from worker.engine.schedule import MAX_SCALES, build_schedule, long_edges
 
 from .conftest import small_config

@@ -214,6 +214,28 @@ CASES: dict[str, Case] = {
                             data={"content_id": a.content_id,
                                   "params": json.dumps({**TINY_PARAMS, "style_scale": 0.5})}),
         422, "image_too_narrow"),
+    # --- content masks (spatial control): counts, shapes, ids, indexes
+    "a tall mask over a wide content (uploaded)": Case(
+        lambda c, a: c.post("/v1/jobs", files=[("mask", ("m.png", _png(48, 64, "L")))],
+                            data={"content_id": a.content_id, "style_id": a.style_id,
+                                  "params": json.dumps(TINY_PARAMS)}),
+        422, "mask_shape_mismatch"),
+    "an unknown mask id": Case(job_form(TINY_PARAMS, mask_id="0" * 64), 422, "unknown_image"),
+    "two masks for one style": Case(
+        lambda c, a: c.post("/v1/jobs", files=multipart({"content_id": a.content_id,
+                                                         "style_id": a.style_id})
+                            + [("mask_id", (None, a.content_id.encode()))] * 2),
+        422, "mask_count_mismatch"),
+    "another tenant's mask": Case(
+        lambda c, a: job_form(TINY_PARAMS, mask_id=a.image_b)(c, a), 422, "unknown_image"),
+    "masks in a product batch": Case(batch_json(lambda a: _batch_body(
+        a, extra=f', "masks": {json.dumps([a.content_id])}')), 422, "masks_need_pairs"),
+    "a mask index of 10**18": Case(batch_json(lambda a: _batch_body(
+        a, extra=f', "masks": {json.dumps([a.content_id])}, "mode": "pairs", '
+                 '"pairs": [[0, 0, [1000000000000000000]]]')), 422, "invalid_pairs"),
+    "a mask count other than the pair's styles": Case(batch_json(lambda a: _batch_body(
+        a, extra=f', "masks": {json.dumps([a.content_id])}, "mode": "pairs", '
+                 '"pairs": [[0, 0, [0, 0]]]')), 422, "mask_count_mismatch"),
 }
 
 

@@ -87,3 +87,26 @@ def test_color_reaches_the_engine_and_contradictions_are_refused() -> None:
     assert transfer_config(JobParams(preserve_color=True), Settings()).color == "luminance"
     with pytest.raises(ValidationError):
         JobParams(preserve_color=True, color="histogram")
+
+
+def test_fidelity_params_reach_the_engine_and_are_bounded() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from shared.params import W2_WORK_PER_ITERATION
+    from shared.settings import Settings
+    from worker.config import transfer_config
+
+    cfg = transfer_config(JobParams(loss_terms="raw", style_loss="w2", optimizer="adam", ema_decay=0.9),
+                          Settings())
+    assert (cfg.loss_terms, cfg.style_loss, cfg.optimizer, cfg.ema_decay) == ("raw", "w2", "adam", 0.9)
+    default = transfer_config(JobParams(), Settings())
+    assert (default.loss_terms, default.style_loss, default.ema_decay) == ("relative", "gram", 0.99)
+    for bad in ({"ema_decay": 1}, {"ema_decay": -0.1}, {"style_loss": "l2"}, {"loss_terms": "energy"}):
+        with pytest.raises(ValidationError):
+            JobParams(**bad)  # type: ignore[arg-type]
+    # Adam's own schedule, and W2's per-iteration cost, count in the job's work
+    adam = JobParams(optimizer="adam")
+    assert adam.iterations_per_scale() == [1000, 500, 500, 500, 500]
+    w2 = JobParams(style_loss="w2", iterations=10)
+    assert w2.work() == JobParams(iterations=10).work() + 50 * W2_WORK_PER_ITERATION

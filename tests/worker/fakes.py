@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.engine import Checkpoint, Progress
+from worker.engine import Checkpoint, EngineError, Progress
 
 
 @dataclass
@@ -24,6 +24,8 @@ class FakeEngine:
         self.scales, self.iterations, self.delay_s = scales, iterations, delay_s
         self.resumed_from: list[int | None] = []
         self.error: Exception | None = None
+        self.masks: list[Any] = []  # the ``masks`` of each run (None when none was passed)
+        self.styles: list[Any] = []  # the styles of each run
 
     def run(
         self,
@@ -31,11 +33,16 @@ class FakeEngine:
         styles: Any,
         config: Any,
         *,
+        masks: Any = None,
         on_progress: Any = None,
         on_checkpoint: Any = None,
         resume: Checkpoint | None = None,
     ) -> FakeResult:
         self.resumed_from.append(resume.step if resume is not None else None)
+        self.masks.append(masks)
+        self.styles.append(styles)
+        if masks is not None and len(masks) != len(styles):  # the engine's contract
+            raise EngineError(f"{len(masks)} masks for {len(styles)} styles", code="invalid_mask")
         total = self.scales * self.iterations
         start = resume.step if resume is not None else 0
         for step in range(start + 1, total + 1):

@@ -6,11 +6,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import check_blend, check_weight, finite, invalid
 from .errors import EngineError
 from .schedule import MAX_SCALE_FACTOR, MAX_SCALES, MIN_SCALE_FACTOR, long_edges
 
@@ -156,22 +155,22 @@ class TransferConfig:
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise _invalid(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+                raise invalid(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         self._check_color()
         self._check_schedule()
         self._check_numbers()
         if self.style_layer_weights is not None and len(self.style_layer_weights) != len(
             self.style_layers
         ):
-            raise _invalid("style_layer_weights needs one weight per style layer")
+            raise invalid("style_layer_weights needs one weight per style layer")
         if self.save_every < 0 or self.lbfgs_history < 1 or self.max_recoveries < 0:
-            raise _invalid("save_every and max_recoveries must be >= 0 and lbfgs_history >= 1")
+            raise invalid("save_every and max_recoveries must be >= 0 and lbfgs_history >= 1")
 
     def _check_color(self) -> None:
         """preserve_color and color="luminance" are one setting: make both say so (so they also
         give one digest); preserve_color with another colour mode is a contradiction."""
         if self.preserve_color and self.color == "histogram":
-            raise _invalid('preserve_color means color="luminance"; it cannot be combined with '
+            raise invalid('preserve_color means color="luminance"; it cannot be combined with '
                            'color="histogram"')
         if self.preserve_color or self.color == "luminance":
             object.__setattr__(self, "color", "luminance")  # frozen: set once, here
@@ -179,16 +178,16 @@ class TransferConfig:
 
     def _check_schedule(self) -> None:
         if self.size < 16 or self.min_size < 16:
-            raise _invalid("size and min_size must be at least 16 px")
+            raise invalid("size and min_size must be at least 16 px")
         if not MIN_SCALE_FACTOR <= self.scale_factor <= MAX_SCALE_FACTOR:  # False for NaN too
-            raise _invalid(
+            raise invalid(
                 f"scale_factor must be between {MIN_SCALE_FACTOR} and {MAX_SCALE_FACTOR}, "
                 f"not {self.scale_factor}"
             )
         if self.max_scales < 1:
-            raise _invalid("max_scales must be at least 1")
+            raise invalid("max_scales must be at least 1")
         if self.scales is not None and (not self.scales or min(self.scales) < 16):
-            raise _invalid("scales must be a non-empty list of long edges of at least 16 px")
+            raise invalid("scales must be a non-empty list of long edges of at least 16 px")
         if self.scales is not None and len(self.scales) > self.max_scales:
             raise EngineError(
                 f"{len(self.scales)} scales given; the maximum is {self.max_scales}: give fewer scales",
@@ -198,7 +197,7 @@ class TransferConfig:
             long_edges(self.size, self.min_size, self.scale_factor, self.max_scales)  # too_many_scales
         its = self.iterations
         if its is not None and min([its] if isinstance(its, int) else list(its) or [0]) < 1:
-            raise _invalid("iterations must be at least 1 at every scale")
+            raise invalid("iterations must be at least 1 at every scale")
 
     def _check_numbers(self) -> None:
         """Loss weights finite and >= 0; lr and style_scale finite and > 0; Adam betas in [0, 1)."""
@@ -210,16 +209,16 @@ class TransferConfig:
             check_weight(f"style_layer_weights[{i}]", w)
         if self.style_blend_weights is not None:
             check_blend(self.style_blend_weights)
-        if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
-            raise _invalid(f"lr must be a finite number > 0, not {self.lr}")
-        if not (_finite(self.lbfgs_max_step) and self.lbfgs_max_step > 0):
-            raise _invalid(f"lbfgs_max_step must be a finite number > 0, not {self.lbfgs_max_step}")
-        if not (_finite(self.style_scale) and self.style_scale > 0):
-            raise _invalid(f"style_scale must be a finite number > 0, not {self.style_scale}")
-        if len(self.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in self.betas):
-            raise _invalid(f"betas must be two finite numbers in [0, 1), not {self.betas}")
-        if not (_finite(self.ema_decay) and 0 <= self.ema_decay < 1):
-            raise _invalid(f"ema_decay must be a finite number in [0, 1), not {self.ema_decay}")
+        if self.lr is not None and not (finite(self.lr) and self.lr > 0):
+            raise invalid(f"lr must be a finite number > 0, not {self.lr}")
+        if not (finite(self.lbfgs_max_step) and self.lbfgs_max_step > 0):
+            raise invalid(f"lbfgs_max_step must be a finite number > 0, not {self.lbfgs_max_step}")
+        if not (finite(self.style_scale) and self.style_scale > 0):
+            raise invalid(f"style_scale must be a finite number > 0, not {self.style_scale}")
+        if len(self.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in self.betas):
+            raise invalid(f"betas must be two finite numbers in [0, 1), not {self.betas}")
+        if not (finite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise invalid(f"ema_decay must be a finite number in [0, 1), not {self.ema_decay}")
 
     def loss_weights(self, family: str) -> LossPreset:
         """Content/style/tv weights: explicit fields, else the preset (relative terms: one for every
@@ -292,45 +291,3 @@ def item_loss_weights(item: BatchItem, preset: LossPreset) -> tuple[float, float
         preset.style if item.style_weight is None else item.style_weight,
         preset.tv if item.tv_weight is None else item.tv_weight,
     )
-
-
-def check_weight(name: str, value: float) -> None:
-    """A loss weight must be a finite number >= 0 (NaN, inf and negatives make no picture)."""
-    if not (_finite(value) and value >= 0):
-        raise _invalid(f"{name} must be a finite number >= 0, not {value}")
-
-
-def check_blend(weights: tuple[float, ...]) -> None:
-    """Blend weights: finite, >= 0, with a positive finite sum (they are divided by it)."""
-    if not weights or not all(_finite(w) and w >= 0 for w in weights) or not (
-        0 < sum(float(w) for w in weights) < math.inf  # 1e308 + 1e308 is inf
-    ):
-        raise _invalid(
-            f"style blend weights {list(weights)} must be finite non-negative numbers (one per style) "
-            "with a positive sum"
-        )
-
-
-def normalise_blend(weights: tuple[float, ...] | None, n: int) -> list[float]:
-    """Blend weights for n styles, normalised to sum 1 (None = equal)."""
-    if weights is None:
-        return [1.0 / n] * n
-    check_blend(weights)
-    if len(weights) != n:
-        raise _invalid(f"style blend weights {list(weights)} must be {n} numbers, one per style")
-    total = sum(float(w) for w in weights)
-    return [float(w) / total for w in weights]
-
-
-def _finite(value: object) -> bool:
-    """A real number (not bool) that is neither NaN nor infinite (nor an int too big for a float)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _invalid(message: str) -> EngineError:
-    return EngineError(message, code="invalid_config")

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint
-from .config import BatchItem, TransferConfig, item_loss_weights, normalise_blend
+from .checks import normalise_blend
+from .config import BatchItem, TransferConfig, item_loss_weights
 from .errors import EngineError
 from .images import load_image, pil_to_tensor, tensor_to_pil
 from .inputs import shrink_inputs
