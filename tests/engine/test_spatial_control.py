@@ -123,3 +123,14 @@ def test_adam_checkpoint_keeps_the_iterate_and_the_average(engine, content, styl
     assert torch.equal(resumed.tensor, r.tensor)  # type: ignore[arg-type]
     no_ema = engine.run(content, [style], small_config(optimizer="adam", iterations=4, ema_decay=0))
     assert not torch.equal(no_ema.tensor, r.tensor)  # type: ignore[arg-type]
+
+
+def test_w2_style_loss_runs_relative_and_masked(engine: StyleTransfer, content, style) -> None:
+    """style_loss="w2": the style term (relative W2, target square roots cached per scale) falls at
+    every scale, with and without a mask, and is a different job from the Gram loss."""
+    cfg = small_config(style_loss="w2", iterations=6)
+    r = engine.run(content, [style], cfg)
+    assert all(s["style"] is not None and s["style"] > 0.1 for s in r.metadata["loss_removed"])
+    masked = engine.run(content, [style], cfg, masks=[_half_mask(content.size, left=True)])
+    assert masked.metadata["loss_removed"][-1]["style"] > 0
+    assert cfg.digest() != small_config(iterations=6).digest()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import w2
 from .losses import content_loss, gram, masked_gram, moments, style_layer_loss, tv_loss
 from .targets import Region, Targets
 from .vgg import VGGFeatures
@@ -101,7 +102,6 @@ class LossFn:
             mask, count = self._mask(k, i, f, region) if region.mask is not None else (None, None)
             if w2_kind:
                 mean, srm = moments(f, mask)
-                from . import w2  # TODO top-level once w2.py lands
                 loss = w2.w2_loss(mean, srm, region.style[i])
             else:
                 g = gram(f) if mask is None else masked_gram(f, mask, count)

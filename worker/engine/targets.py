@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import w2
 from .losses import moments, tv_loss
 from .vgg import VGGFeatures
 
@@ -156,8 +157,6 @@ def _or_zero(row: Any, per_item: list[Any], layer: int) -> Moments:
 def _target(mean: torch.Tensor, srm: torch.Tensor, kind: str) -> tuple[Any, torch.Tensor]:
     """(B, C) mean, (B, C, C) srm -> the loss's target and its (B,) energy."""
     if kind == "w2":
-        from . import w2  # TODO top-level
-
         t = w2.moments_to_target(mean, srm)
         return t, t.energy
     g = srm / srm.shape[-1]  # our Gram is F F^T / (C H W) = srm / C
