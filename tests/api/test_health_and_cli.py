@@ -117,8 +117,8 @@ def test_cli_keys_submit_status_and_download(live, tmp_path: Path, capsys) -> No
         with session_scope(api.settings.database_url) as session:
             session.execute(update(Job).where(Job.id == job_id).values(
                 status="succeeded", result_key=key_name, progress={"fraction": 1.0}))
-    from api.clicmds import download, wait
     from api.client import StyleQueueClient
+    from api.client_cli import download, wait
 
     with StyleQueueClient(url, key) as client:
         names = dict(zip(job_ids, ["a__s", "b__s"], strict=True))
@@ -139,7 +139,7 @@ def test_the_api_never_imports_torch_or_the_worker() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, api.app, api.cli, api.clicmds; "
+    code = ("import sys, api.app, api.client_cli, shared.server_cli; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('worker')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

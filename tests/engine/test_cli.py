@@ -1,4 +1,4 @@
-"""`stylequeue run` and `stylequeue weights` in-process, with the lead's dispatcher shape."""
+"""`stylequeue run` and `stylequeue weights` (worker/run_cli.py) in-process, on a parser of their own."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker import cli_engine
+from worker import run_cli
 from worker.engine import objective as objective_mod
 from worker.engine.vgg import build_features, random_init_
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="stylequeue")
     sub = parser.add_subparsers(dest="command", required=True)
-    cli_engine.register(sub)
+    run_cli.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
@@ -146,7 +146,7 @@ def test_weights_fetch_and_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_cli_module_does_not_import_torch() -> None:
-    code = "import sys, worker.cli_engine; print('torch' in sys.modules)"
+    code = "import sys, worker.run_cli; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert res.stdout.strip() == "False"

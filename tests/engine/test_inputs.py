@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from worker import cli_engine
+from worker import run_cli
 from worker.engine import TransferConfig
 from worker.engine.images import resize
 from worker.engine.inputs import shrink_inputs
@@ -77,6 +77,6 @@ def test_conv1_1_pads_by_replication(engine) -> None:
 @pytest.mark.parametrize("argv, expected", [([], None), (["--style-upscale"], True)])
 def test_cli_style_upscale(argv: list[str], expected: bool | None) -> None:
     parser = argparse.ArgumentParser()
-    cli_engine.register(parser.add_subparsers(dest="command"))
+    run_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["run", "c.png", "s.png", "-o", "o.png", *argv])
     assert args.style_upscale is expected

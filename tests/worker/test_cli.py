@@ -1,4 +1,5 @@
-"""``stylequeue worker``: start-up checks and the plan of worker processes (no worker is started)."""
+"""``stylequeue worker`` and ``reconcile`` (shared/server_cli.py, worker/supervisor.py): start-up checks
+and the plan of worker processes (no worker is started)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from shared import server_cli
 from shared.settings import Settings
 from tests.worker.conftest import LoadJob, MakeJob
-from worker import cli
+from worker import supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,8 +27,9 @@ def args(**kw: object) -> argparse.Namespace:
 
 def test_visibility_timeout_must_exceed_time_limit(settings_factory: Callable[..., Settings]) -> None:
     bad = settings_factory(visibility_timeout_s=3600, task_time_limit_s=3600)
-    assert "must be greater than" in (cli.config_problem(bad) or "")
-    assert cli.config_problem(settings_factory(visibility_timeout_s=3601, task_time_limit_s=3600)) is None
+    assert "must be greater than" in (supervisor.config_problem(bad) or "")
+    good = settings_factory(visibility_timeout_s=3601, task_time_limit_s=3600)
+    assert supervisor.config_problem(good) is None
 
 
 def test_worker_refuses_to_start_with_exit_2(tmp_path: Path) -> None:
@@ -51,29 +54,30 @@ def test_worker_refuses_to_start_with_exit_2(tmp_path: Path) -> None:
 
 def test_plan_one_worker_per_gpu(settings_factory: Callable[..., Settings]) -> None:
     s = settings_factory()
-    workers = cli.plan(args(gpus="0,2"), s)
+    workers = supervisor.plan(args(gpus="0,2"), s)
     assert [name.split("@")[0] for name, _ in workers] == ["gpu0", "gpu2"]
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in workers] == ["0", "2"]
-    cpu = cli.plan(args(cpu=True, gpus="0,1"), s)
+    cpu = supervisor.plan(args(cpu=True, gpus="0,1"), s)
     assert len(cpu) == 1 and cpu[0][0].startswith("cpu@") and cpu[0][1]["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_detect_gpus_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
-    assert cli.detect_gpus() == ["1", "3"]
+    assert supervisor.detect_gpus() == ["1", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert cli.detect_gpus() == []
+    assert supervisor.detect_gpus() == []
 
 
 def test_celery_command_is_prefork_fair_with_node_name(settings_factory: Callable[..., Settings]) -> None:
-    cmd = cli.celery_command("gpu0@h", args(concurrency=1), settings_factory(queue_name="q1"))
+    cmd = supervisor.celery_command("gpu0@h", args(concurrency=1), settings_factory(queue_name="q1"))
     joined = " ".join(cmd)
     assert "-A worker.tasks worker" in joined and "-P prefork -c 1 -O fair" in joined
     assert "-n gpu0@h" in joined and "-Q q1" in joined
 
 
 def test_detect_gpus_does_not_import_torch() -> None:
-    code = "import sys, worker.cli as c; c.detect_gpus(); assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, worker.supervisor as c; c.detect_gpus(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
@@ -94,6 +98,6 @@ def test_reconcile_once_republishes_unpublished_jobs(
 
     job_id = make_job(published_at=None, updated_at=utcnow() - timedelta(hours=1))
     ns = argparse.Namespace(once=True, interval=None, requeue_after=None)
-    assert cli.cmd_reconcile(ns) == 0
+    assert server_cli.cmd_reconcile(ns) == 0
     assert published == [job_id] and load_job(job_id).published_at is not None
     assert "republished=1" in capsys.readouterr().out

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -408,6 +410,45 @@ def test_api_image_installs_no_torch() -> None:
     reqs = (DEPLOY / "api-requirements.txt").read_text()
     assert "--no-deps" in text
     assert not re.search(r"^(torch|torchvision)\b", reqs, flags=re.M)
+
+
+def docker_copy(src: Path, dest: Path, into: bool) -> None:
+    """COPY as Docker does it: a folder's contents into dest; a file into dest (a ``dest/``) or as it."""
+    if src.is_dir():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        return
+    target = dest / src.name if into else dest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, target)
+
+
+def test_api_image_cli_has_its_commands_and_no_engine(tmp_path: Path) -> None:
+    """The API image's tree (its COPY lines) with no torch: `stylequeue` starts, without `run`."""
+    app = tmp_path / "app"
+    for line in re.findall(r"^COPY (.+)$", (DEPLOY / "Dockerfile.api").read_text(), flags=re.M):
+        *sources, dest = line.split()
+        for src in sources:
+            target = app / dest.removeprefix("/app").strip("/")
+            assert target.is_relative_to(app), f"COPY {src} {dest}: outside /app"
+            if (REPO / src).exists():
+                docker_copy(REPO / src, target, into=dest.endswith("/"))
+    # -S: no .pth files, so not this checkout's editable install; the packages come from app/ only
+    code = (
+        f"import sys; sys.path[:0] = [{str(app)!r}]; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+        "sys.modules['torch'] = sys.modules['torchvision'] = None  # the image has neither\n"
+        "from shared.cli import main\n"
+        "for argv in (['--help'], ['api', '--help'], ['reconcile', '--help'], ['worker', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listed = re.findall(r"^    (\w+) ", out.stdout.split("options:")[0], flags=re.M)
+    assert listed == ["api", "migrate", "keys", "worker", "reconcile", "submit", "status"]
 
 
 def test_worker_image_bakes_weights() -> None:

@@ -1,47 +1,50 @@
-"""`stylequeue run` and `stylequeue weights fetch|info`.
+"""The engine commands: `stylequeue run` and `stylequeue weights fetch|info`.
 
-Importing this module does not import torch: the engine is imported inside the handlers, so
-`stylequeue --help` stays fast. shared/cli.py calls register(subparsers).
+Importing this module does not import torch: the engine is imported by the handlers and by `run`'s
+parser, whose engine options are generated from TransferConfig (``worker.run_options``). The
+dispatcher (shared/cli.py) builds that parser only when `run` is the command, so `stylequeue --help`
+stays fast; it calls ``register(subparsers, names)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from worker import run_options
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _list(kind: type, name: str) -> Any:
-    def parse(text: str) -> tuple[Any, ...]:
-        try:
-            values = tuple(kind(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {name}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
-        return values
-    return parse
+SUMMARY = {
+    "run": "stylise an image locally (no server)",
+    "weights": "install or inspect the VGG19 weights",
+}
 
 
-def _iterations(text: str) -> int | tuple[int, ...]:
-    values = _list(int, "integers")(text)
-    return values[0] if len(values) == 1 and "," not in text else values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
+    """Add `run` and `weights` (or those of them in ``names``) to an argparse subparsers object."""
+    adders = {"run": _add_run, "weights": _add_weights}
+    for name in SUMMARY if names is None else names:
+        adders[name](subparsers)
 
 
 def _add_run(sub: Any) -> None:
+    """`run`: its own options here, the engine's generated from TransferConfig (this imports torch)."""
+    from worker.engine import save_image
+
+    engine_options = run_options.engine_options()
+    quality = inspect.signature(save_image).parameters["quality"].default
     p = sub.add_parser(
-        "run", help="stylise an image locally (no server)",
+        "run", help=SUMMARY["run"],
         description="Gatys-style neural style transfer on VGG19, coarse to fine. Unset options use "
         "the engine's defaults (see README).",
     )
@@ -49,72 +52,19 @@ def _add_run(sub: Any) -> None:
     p.add_argument("styles", nargs="+", metavar="STYLE", help="one or more style images")
     p.add_argument("-o", "--output", required=True, help="output file: .png, .jpg or .webp")
     a = p.add_argument
-    a("--size", type=int, help="output long edge in px (default 512)")
-    a("--min-size", type=int, help="first scale's long edge (default 128)")
-    a("--scale-factor", type=float, help="growth per scale, 1.1 to 4 (default 1.414)")
-    a("--scales", type=_list(int, "integers"), help="explicit long edges, e.g. 128,256,512")
-    a("--iterations", type=_iterations, help="per scale: one int, or a comma list (default auto)")
-    a("--style-weights", type=_list(float, "numbers"), help="blend weights, one per style")
     a("--mask", action="append", metavar="MASK", dest="masks",
       help="one per style, in order: a greyscale image over the content (white: that style here)")
-    a("--loss-terms", choices=["relative", "raw"],
-      help="relative: each term divided by its target's energy (default); raw: the papers' terms")
-    a("--style-loss", choices=["gram", "w2"],
-      help="gram: Gram-matrix MSE (default); w2: Wasserstein-2 between feature Gaussians")
-    a("--content-weight", type=float)
-    a("--style-weight", type=float)
-    a("--tv-weight", type=float)
-    a("--style-layers", type=_names, help="e.g. relu1_1,relu2_1,relu3_1,relu4_1,relu5_1")
-    a("--style-layer-weights", type=_list(float, "numbers"), help="one per style layer")
-    a("--content-layers", type=_names, help="e.g. relu4_2")
-    a("--optimizer", choices=["lbfgs", "adam"])
-    a("--lr", type=float, help="step size (default 1 for lbfgs, 0.02 for adam)")
-    a("--ema-decay", type=float, help="adam: average the iterates with this decay (default 0.99; 0 off)")
-    a("--lbfgs-history", type=int)
-    a("--lbfgs-max-step", type=float,
-      help="largest pixel change (0-1 range) in one L-BFGS step; longer steps shrink (default 0.25)")
-    a("--no-carry-optimizer-state", dest="carry_optimizer_state", action="store_false", default=None)
-    a("--init", choices=["content", "noise", "gray"])
-    a("--preserve-color", action="store_true", default=None,
-      help="keep the content's colours (the same as --color luminance)")
-    a("--color", choices=["none", "luminance", "histogram"],
-      help="luminance: transfer on luminance, keep the content's colours; histogram: give the "
-      "styles the content's colour statistics first (default none)")
-    a("--style-scale", type=float, help="style size relative to the content (default 1)")
-    a("--style-upscale", action="store_true", default=None,
-      help="let a style grow past its native size to style-scale x the content (default: cap it)")
-    a("--seed", type=int)
-    a("--device", help="auto, cpu or cuda:N")
-    a("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    a("--pooling", choices=["max", "avg"])
-    a("--channels-last", choices=["auto", "on", "off"], default="auto")
-    a("--weights", default="imagenet", help="imagenet, PATH, caffe:PATH or random (tests only)")
     a("--checkpoint-dir", type=Path, help="write ckpt-s{scale}-i{iter}.pt and a PNG preview here")
-    a("--save-every", type=int, help="also checkpoint every N iterations (default: scale ends)")
-    a("--max-scales", type=int, help="refuse a schedule of more scales than this (default 16)")
-    a("--max-recoveries", type=int,
-      help="NaN/Inf recoveries in a row before the run fails as diverged (default 5)")
     a("--resume", type=Path, metavar="CHECKPOINT_FILE", help="continue from a checkpoint")
-    a("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    a("--quality", type=int, default=quality, help=f"JPEG/WebP quality (default {quality})")
     a("--trace", type=Path, metavar="FILE", help="write one JSON line per iteration")
     a("--no-progress", action="store_true", help="no progress bar")
+    run_options.add_engine_options(p, engine_options)
     p.set_defaults(func=cmd_run)
 
 
-_CONFIG_FIELDS = (
-    "size", "min_size", "scale_factor", "scales", "iterations", "content_weight", "style_weight",
-    "tv_weight", "style_layers", "style_layer_weights", "content_layers", "optimizer", "lr",
-    "loss_terms", "style_loss", "ema_decay",
-    "lbfgs_history", "lbfgs_max_step", "carry_optimizer_state", "init", "preserve_color", "color",
-    "style_scale", "style_upscale", "seed",
-    "device", "precision", "pooling", "weights", "save_every", "max_scales", "max_recoveries",
-)
-
-
-def register(subparsers: Any) -> None:
-    """Add the `run` and `weights` subcommands to an argparse subparsers object."""
-    _add_run(subparsers)
-    w = subparsers.add_parser("weights", help="install or inspect the VGG19 weights")
+def _add_weights(sub: Any) -> None:
+    w = sub.add_parser("weights", help=SUMMARY["weights"])
     wsub = w.add_subparsers(dest="weights_command", required=True)
     f = wsub.add_parser("fetch", help="download (or convert --from FILE) the features-only copy")
     f.add_argument("--from", dest="from_file", type=Path, help="a full torchvision vgg19 .pth file")
@@ -153,12 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, out: Path) -> int:
     from worker.engine import Checkpoint, StyleTransfer, TransferConfig, load_image, save_image
 
-    fields = {k: getattr(args, k) for k in _CONFIG_FIELDS if getattr(args, k, None) is not None}
-    if args.style_weights is not None:
-        fields["style_blend_weights"] = args.style_weights
-    if args.channels_last != "auto":
-        fields["channels_last"] = args.channels_last == "on"
-    config = TransferConfig(**fields)
+    config = TransferConfig(**run_options.config_kwargs(args))
     content = load_image(args.content)
     styles = [load_image(s) for s in args.styles]
     masks = [load_image(m) for m in args.masks] if args.masks else None

@@ -1,4 +1,4 @@
-"""``stylequeue worker`` (one Celery worker process per GPU) and ``stylequeue reconcile``.
+"""The process supervisor behind ``stylequeue worker`` (shared/server_cli.py): one Celery worker per GPU.
 
 The supervisor here never imports torch or touches CUDA: it counts GPUs with ``nvidia-smi -L`` (or
 ``/proc/driver/nvidia/gpus``), starts ``celery worker`` once per GPU with ``CUDA_VISIBLE_DEVICES`` set
@@ -19,30 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from shared.settings import Settings, get_settings
+from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-EXIT_CONFIG = 2
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("worker", help="run GPU workers (one Celery worker per GPU)")
-    p.add_argument("--gpus", help="comma-separated GPU indices (default: every visible GPU)")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs at once per worker (default 1)")
-    p.add_argument("--loglevel", default="info", help="Celery log level (default info)")
-    p.add_argument("--cpu", action="store_true", help="one CPU worker even if GPUs are present")
-    p.set_defaults(func=cmd_worker)
-    r = subparsers.add_parser("reconcile", help="re-publish lost jobs, requeue dead workers' jobs")
-    r.add_argument("--once", action="store_true", help="one pass, then exit")
-    r.add_argument("--interval", type=float, default=None,
-                   help="seconds between passes (default STYLEQUEUE_RECONCILE_INTERVAL_S)")
-    r.add_argument("--requeue-after", type=float, default=None,
-                   help="re-publish a queued job not picked up for this many seconds "
-                        "(default STYLEQUEUE_REQUEUE_AFTER_S)")
-    r.set_defaults(func=cmd_reconcile)
 
 
 def config_problem(settings: Settings) -> str | None:
@@ -71,15 +51,6 @@ def detect_gpus() -> list[str]:
     return [str(i) for i in range(len(list(proc.iterdir())))] if proc.is_dir() else []
 
 
-def prepare_embedded(settings: Settings) -> None:
-    """On the embedded default: create the data folder and bring the database schema up to date."""
-    settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)
-    if settings.database_url.startswith("sqlite"):
-        from shared.migrate import upgrade
-
-        upgrade(settings.database_url)
-
-
 def celery_command(node: str, args: argparse.Namespace, settings: Settings) -> list[str]:
     return [
         sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
@@ -103,14 +74,8 @@ def plan(args: argparse.Namespace, settings: Settings) -> list[tuple[str, dict[s
     return [(f"gpu{g}@{host}", {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    settings = get_settings()
-    problem = config_problem(settings)
-    if problem:
-        print(f"stylequeue worker: refusing to start: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    if settings.embedded:
-        prepare_embedded(settings)
+def start(args: argparse.Namespace, settings: Settings) -> int:
+    """Start the planned workers and supervise them until they exit; their exit code."""
     children: list[subprocess.Popen[bytes]] = []
     for node, extra in plan(args, settings):
         env = {**os.environ, **extra}
@@ -169,36 +134,3 @@ def _signal_all(children: list[subprocess.Popen[bytes]], sig: signal.Signals) ->
         if child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, sig)
-
-
-def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Re-publish lost jobs (see ``shared.reconcile``); several reconcilers may run at once."""
-    from shared.db import get_sessionmaker
-    from shared.queue import make_celery, publish_job
-    from shared.reconcile import reconcile_once, run_forever
-
-    settings = get_settings()
-    if settings.embedded:
-        prepare_embedded(settings)
-    interval = args.interval if args.interval is not None else settings.reconcile_interval_s
-    requeue_after = args.requeue_after if args.requeue_after is not None else settings.requeue_after_s
-    app = make_celery(settings)
-    sessions = get_sessionmaker(settings.database_url)
-
-    def publish(job_id: str) -> None:
-        publish_job(app, job_id)
-
-    if args.once:
-        report = reconcile_once(sessions, publish, requeue_after_s=requeue_after,
-                                lease_s=settings.lease_s)
-        print(f"republished={len(report.republished)} requeued={len(report.requeued)} "
-              f"failed={len(report.failed)}")
-        return 0
-    stopping: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
-    logger.info("reconciler: every %.0fs, requeue after %.0fs, lease %.0fs", interval,
-                requeue_after, settings.lease_s)
-    run_forever(sessions, publish, interval_s=interval, requeue_after_s=requeue_after,
-                lease_s=settings.lease_s, stop=lambda: bool(stopping))
-    return 0

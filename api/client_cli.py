@@ -1,18 +1,88 @@
-"""The HTTP side of ``stylequeue submit`` and ``stylequeue status`` (printing is allowed here)."""
+"""The client commands: ``stylequeue submit`` and ``stylequeue status``, over HTTP (``api.client``).
+
+httpx and tqdm are imported by the handlers, so ``stylequeue --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
-from api.client import ApiError, StyleQueueClient
+from shared.jobs import TERMINAL, JobStatus
+
+if TYPE_CHECKING:
+    from api.client import StyleQueueClient
 
 MAX_JOB_BARS = 16  # beyond this many jobs, one overall bar
 POLL_S = 1.0
+
+SUMMARY = {
+    "submit": "submit contents x styles over HTTP",
+    "status": "show a job or a batch",
+}
+
+
+def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
+    """Add `submit` and `status` (or those of them in ``names``) to an argparse subparsers object."""
+    adders = {"submit": _add_submit, "status": _add_status}
+    for name in SUMMARY if names is None else names:
+        adders[name](subparsers)
+
+
+def _add_submit(sub: Any) -> None:
+    p = sub.add_parser("submit", help=SUMMARY["submit"])
+    p.add_argument("contents", nargs="+", metavar="CONTENT", help="content image files")
+    p.add_argument("--style", action="append", required=True, help="style image (repeatable)")
+    p.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="engine parameter, V parsed as JSON when it can be (repeatable)")
+    p.add_argument("--mode", choices=["product", "pairs"], default="product",
+                   help="product: every content x every style; pairs: content i with style i")
+    p.add_argument("--wait", action="store_true", help="show progress, then download results")
+    p.add_argument("-o", "--output", default="stylequeue-out", help="folder for results")
+    _client_args(p)
+    p.set_defaults(func=cmd_submit)
+
+
+def _add_status(sub: Any) -> None:
+    p = sub.add_parser("status", help=SUMMARY["status"])
+    p.add_argument("id", metavar="JOB_OR_BATCH")
+    _client_args(p)
+    p.set_defaults(func=cmd_status)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("STYLEQUEUE_URL", "http://127.0.0.1:8000"),
+                   help="API base URL (env STYLEQUEUE_URL)")
+    p.add_argument("--key", default=os.environ.get("STYLEQUEUE_API_KEY"),
+                   help="API key (env STYLEQUEUE_API_KEY)")
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--param expects K=V, got {item!r}")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    return submit(args, parse_params(args.param))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return status(args)
 
 
 def _plan_names(contents: list[Path], styles: list[Path], mode: str) -> list[str]:
@@ -22,6 +92,8 @@ def _plan_names(contents: list[Path], styles: list[Path], mode: str) -> list[str
 
 
 def submit(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    from api.client import ApiError, StyleQueueClient
+
     contents = [Path(p) for p in args.contents]
     styles = [Path(p) for p in args.style]
     if args.mode == "pairs" and len(contents) != len(styles):
@@ -65,7 +137,7 @@ def wait(client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> list
     try:
         while True:
             jobs = client.list_jobs(batch_id=batch_id)
-            finished = [j for j in jobs if j["status"] in ("succeeded", "failed", "canceled")]
+            finished = [j for j in jobs if j["status"] in TERMINAL]
             if per_job:
                 for job in jobs:
                     bar = bars[job["id"]]
@@ -88,7 +160,7 @@ def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[s
              out: Path) -> int:
     failed = 0
     for job in jobs:
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             failed += 1
             err = job.get("error") or {}
             print(f"{job['id']} {names.get(job['id'], '')}: {job['status']} "
@@ -101,6 +173,8 @@ def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[s
 
 
 def status(args: argparse.Namespace) -> int:
+    from api.client import ApiError, StyleQueueClient
+
     with StyleQueueClient(args.url, args.key) as client:
         try:
             job = client.get_job(args.id)

@@ -1,0 +1,188 @@
+"""The server commands: ``api``, ``migrate``, ``keys create``, ``worker`` and ``reconcile``.
+
+Every image has them (the API image too: none imports torch). Each handler imports what it needs
+(uvicorn, SQLAlchemy, Celery, ``worker.supervisor``) so ``stylequeue --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from shared.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+
+SUMMARY = {
+    "api": "run the HTTP API (uvicorn)",
+    "migrate": "create or upgrade the database schema",
+    "keys": "manage API keys",
+    "worker": "run GPU workers (one Celery worker per GPU)",
+    "reconcile": "re-publish lost jobs, requeue dead workers' jobs",
+}
+
+
+def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
+    """Add the server commands (or those in ``names``) to an argparse subparsers object."""
+    adders = {"api": _add_api, "migrate": _add_migrate, "keys": _add_keys, "worker": _add_worker,
+              "reconcile": _add_reconcile}
+    for name in SUMMARY if names is None else names:
+        adders[name](subparsers)
+
+
+def _add_api(sub: Any) -> None:
+    p = sub.add_parser("api", help=SUMMARY["api"])
+    p.add_argument("--host", default=None, help="default: STYLEQUEUE_API_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: STYLEQUEUE_API_PORT or 8000")
+    p.set_defaults(func=cmd_api)
+
+
+def _add_migrate(sub: Any) -> None:
+    p = sub.add_parser("migrate", help=SUMMARY["migrate"])
+    p.set_defaults(func=cmd_migrate)
+
+
+def _add_keys(sub: Any) -> None:
+    keys = sub.add_parser("keys", help=SUMMARY["keys"])
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("create", help="create a key (and the tenant); printed once")
+    p.add_argument("--tenant", required=True, help="tenant name")
+    p.set_defaults(func=cmd_keys_create)
+
+
+def _add_worker(sub: Any) -> None:
+    p = sub.add_parser("worker", help=SUMMARY["worker"])
+    p.add_argument("--gpus", help="comma-separated GPU indices (default: every visible GPU)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once per worker (default 1)")
+    p.add_argument("--loglevel", default="info", help="Celery log level (default info)")
+    p.add_argument("--cpu", action="store_true", help="one CPU worker even if GPUs are present")
+    p.set_defaults(func=cmd_worker)
+
+
+def _add_reconcile(sub: Any) -> None:
+    r = sub.add_parser("reconcile", help=SUMMARY["reconcile"])
+    r.add_argument("--once", action="store_true", help="one pass, then exit")
+    r.add_argument("--interval", type=float, default=None,
+                   help="seconds between passes (default STYLEQUEUE_RECONCILE_INTERVAL_S)")
+    r.add_argument("--requeue-after", type=float, default=None,
+                   help="re-publish a queued job not picked up for this many seconds "
+                        "(default STYLEQUEUE_REQUEUE_AFTER_S)")
+    r.set_defaults(func=cmd_reconcile)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = get_settings()
+    host = args.host or settings.api_host
+    if settings.auth == "off" and not _loopback(host) and not settings.auth_off_allow_remote:
+        raise SystemExit(
+            f"refusing to serve {host} with STYLEQUEUE_AUTH=off: anyone who can reach it would act "
+            "as the local tenant. Bind 127.0.0.1, turn auth on, or set "
+            "STYLEQUEUE_AUTH_OFF_ALLOW_REMOTE=true if something in front authenticates."
+        )
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=args.port or settings.api_port,
+        proxy_headers=True,
+    )
+    return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from shared.migrate import upgrade
+
+    upgrade(get_settings().database_url)
+    print("database is up to date")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from shared.db import session_scope
+    from shared.migrate import upgrade
+    from shared.tenants import create_key
+
+    url = get_settings().database_url
+    if url.startswith("sqlite"):
+        upgrade(url)
+    with session_scope(url) as session:
+        new = create_key(session, args.tenant)
+    print(f"tenant {new.tenant_name} ({new.tenant_id}); key prefix {new.prefix}")
+    print("store this key now, it is not shown again:")
+    print(new.key)
+    return 0
+
+
+def prepare_embedded(settings: Settings) -> None:
+    """On the embedded default: create the data folder and bring the database schema up to date."""
+    settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)
+    if settings.database_url.startswith("sqlite"):
+        from shared.migrate import upgrade
+
+        upgrade(settings.database_url)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Check the settings, then run one Celery worker per GPU under ``worker.supervisor``."""
+    from worker import supervisor
+
+    settings = get_settings()
+    problem = supervisor.config_problem(settings)
+    if problem:
+        print(f"stylequeue worker: refusing to start: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if settings.embedded:
+        prepare_embedded(settings)
+    return supervisor.start(args, settings)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Re-publish lost jobs (see ``shared.reconcile``); several reconcilers may run at once."""
+    from shared.db import get_sessionmaker
+    from shared.queue import make_celery, publish_job
+    from shared.reconcile import reconcile_once, run_forever
+
+    settings = get_settings()
+    if settings.embedded:
+        prepare_embedded(settings)
+    interval = args.interval if args.interval is not None else settings.reconcile_interval_s
+    requeue_after = args.requeue_after if args.requeue_after is not None else settings.requeue_after_s
+    app = make_celery(settings)
+    sessions = get_sessionmaker(settings.database_url)
+
+    def publish(job_id: str) -> None:
+        publish_job(app, job_id)
+
+    if args.once:
+        report = reconcile_once(sessions, publish, requeue_after_s=requeue_after,
+                                lease_s=settings.lease_s)
+        print(f"republished={len(report.republished)} requeued={len(report.requeued)} "
+              f"failed={len(report.failed)}")
+        return 0
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
+    logger.info("reconciler: every %.0fs, requeue after %.0fs, lease %.0fs", interval,
+                requeue_after, settings.lease_s)
+    run_forever(sessions, publish, interval_s=interval, requeue_after_s=requeue_after,
+                lease_s=settings.lease_s, stop=lambda: bool(stopping))
+    return 0
