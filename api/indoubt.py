@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.jobs import JobStatus
+from shared import jobstore
 from shared.models import Batch, IdempotencyKey, Job
 
 logger = logging.getLogger(__name__)
@@ -50,14 +50,7 @@ def undo(session: Session, sub: Submission) -> bool:
     """Delete what ``sub`` may have committed; False if a job already left ``queued``/unpublished
     (then everything is kept: the job is real and its key replays it)."""
     ids = list(sub.job_ids)
-    deleted = session.execute(
-        delete(Job).where(
-            Job.id.in_(ids),
-            Job.status == JobStatus.QUEUED.value,
-            Job.published_at.is_(None),
-        ),
-        execution_options={"synchronize_session": False},
-    )
+    count = jobstore.delete_unpublished(session, ids)
     left = session.scalar(select(Job.id).where(Job.id.in_(ids)).limit(1))
     if left is not None:
         session.rollback()
@@ -78,7 +71,6 @@ def undo(session: Session, sub: Submission) -> bool:
         if row is not None and _key_row_is_ours(row, ids):
             session.delete(row)
     session.commit()
-    count = int(getattr(deleted, "rowcount", 0) or 0)
     logger.warning(
         "job_event job_id=%s event=in_doubt_resolved committed=%s deleted=%d",
         ids[0] if ids else "-", count > 0, count,

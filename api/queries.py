@@ -72,17 +72,26 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidInput("invalid_cursor", "cursor is not one this API returned") from None
 
 
+def _status(raw: str | None) -> JobStatus | None:
+    """The ``status`` filter of a job listing; ``invalid_status`` for anything else."""
+    if raw is None:
+        return None
+    try:
+        return JobStatus(raw)
+    except ValueError:
+        allowed = ", ".join(JobStatus)
+        raise InvalidInput("invalid_status", f"status must be one of: {allowed}") from None
+
+
 def list_jobs(session: Session, tenant_id: str, *, status: str | None, batch_id: str | None,
               limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
     """Newest first, by (created_at, id): stable under concurrent inserts, no duplicates."""
-    if status is not None and status not in {s.value for s in JobStatus}:
-        allowed = ", ".join(s.value for s in JobStatus)
-        raise InvalidInput("invalid_status", f"status must be one of: {allowed}")
+    wanted = _status(status)
     if batch_id and not is_row_id(batch_id):
         raise InvalidInput("invalid_batch_id", f"batch_id {_shown(batch_id)} is not a batch id")
     query = select(Job).where(Job.tenant_id == tenant_id)
-    if status:
-        query = query.where(Job.status == status)
+    if wanted is not None:
+        query = query.where(Job.status == wanted)
     if batch_id:
         query = query.where(Job.batch_id == batch_id)
     if cursor:
@@ -106,13 +115,13 @@ def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
         .where(Job.batch_id == batch.id)
         .order_by(Job.created_at, Job.id)
     ).all()
-    counts = Counter({s.value: 0 for s in JobStatus})
+    counts = Counter({str(s): 0 for s in JobStatus})
     done = 0.0
     for _, status, progress in rows:
         counts[status] += 1
         if JobStatus(status).terminal:
             done += 1.0
-        elif status == JobStatus.RUNNING.value:
+        elif status is JobStatus.RUNNING:
             done += min(max(float((progress or {}).get("fraction") or 0.0), 0.0), 1.0)
     total = len(rows)
     return {

@@ -9,33 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import is_db_outage
 from api.forms import MAX_FIELD_BYTES
 from api.publisher import Publisher
 from api.safejson import loads
+from shared import jobstore
 from shared.errors import InvalidInput
-from shared.jobs import JobStatus
-from shared.models import Job, new_id, utcnow
+from shared.jobstore import JobSpec
 from shared.params import JobParams
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    content_id: str
-    style_ids: tuple[str, ...]
-    mask_ids: tuple[str, ...] | None = None  # one per style, or None: no spatial control
-
 
 _CODES = {"extra_forbidden": "unknown_parameter", "too_many_scales": "too_many_scales"}
 
@@ -123,33 +112,14 @@ def check_runnable(params: JobParams, contents_wh: Sequence[tuple[int, int]],
 def insert_jobs(session: Session, *, tenant_id: str, batch_id: str | None,
                 specs: Sequence[JobSpec], params: JobParams, settings: Settings) -> list[str]:
     """Bulk-insert queued jobs (one statement); the caller commits. Returns their ids in order."""
-    now = utcnow()  # + i microseconds: (created_at, id) order is the submission order
-    dumped = params.model_dump(mode="json")
-    rows: list[dict[str, Any]] = [
-        {
-            "id": new_id(), "tenant_id": tenant_id, "batch_id": batch_id,
-            "status": JobStatus.QUEUED.value, "params": dumped,
-            "content_image_id": spec.content_id, "style_image_ids": list(spec.style_ids),
-            "mask_image_ids": None if spec.mask_ids is None else list(spec.mask_ids),
-            "progress": {}, "checkpoints": [], "attempt": 0,
-            "max_attempts": settings.max_attempts, "cancel_requested": False,
-            "created_at": now + timedelta(microseconds=i), "updated_at": now,
-        }
-        for i, spec in enumerate(specs)
-    ]
-    if rows:
-        session.execute(insert(Job), rows)
-    return [str(row["id"]) for row in rows]
+    return jobstore.insert_queued(session, tenant_id=tenant_id, batch_id=batch_id, specs=specs,
+                                  params=params.model_dump(mode="json"),
+                                  max_attempts=settings.max_attempts)
 
 
 def _mark_published(factory: sessionmaker[Session], job_ids: Sequence[str]) -> None:
     with factory() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.published_at.is_(None))
-            .values(published_at=utcnow()),
-            execution_options={"synchronize_session": False},
-        )
+        jobstore.mark_published(session, job_ids)
         session.commit()
 
 

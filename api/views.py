@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from api.schemas import CheckpointOut, JobErrorOut, JobOut, Progress
+from shared.jobs import JobStatus
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import Storage
@@ -68,7 +69,7 @@ def job_out(job: Job, linker: Linker) -> JobOut:
         else None
     )
     progress = _progress(job.progress)
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         progress.fraction = 1.0
     return JobOut(
         id=job.id,
@@ -85,7 +86,8 @@ def job_out(job: Job, linker: Linker) -> JobOut:
         started_at=aware(job.started_at),
         finished_at=aware(job.finished_at),
         error=error,
-        result_url=linker.link(job.result_key, f"{path}/result") if job.status == "succeeded"
+        result_url=linker.link(job.result_key, f"{path}/result")
+        if job.status == JobStatus.SUCCEEDED
         else None,
         checkpoints=checkpoints,
     )

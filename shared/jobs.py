@@ -1,7 +1,9 @@
 """Job states and the only place that says which transitions are allowed.
 
 Terminal states (succeeded, failed, canceled) never change. A running job may go back to queued when
-its worker gives it back (graceful shutdown) or when the reconciler finds its lease expired.
+its worker gives it back (graceful shutdown) or when the reconciler finds its lease expired, and a new
+attempt may take over a running job whose lease expired or whose holder died (running → running with
+``attempt`` + 1). ``shared.jobstore`` builds the guard of every status change from this table.
 """
 
 from __future__ import annotations
@@ -9,11 +11,18 @@ from __future__ import annotations
 import enum
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
+    """Stored as these strings; ``str()`` and f-strings give the plain value."""
+
+    #: Waiting for a worker (also after a hand-back or a requeue).
     QUEUED = "queued"
+    #: Held by one attempt (``jobs.attempt``), which fences every write of its worker.
     RUNNING = "running"
+    #: Finished with a result.
     SUCCEEDED = "succeeded"
+    #: Finished with an error code.
     FAILED = "failed"
+    #: Finished because the tenant canceled it.
     CANCELED = "canceled"
 
     @property
@@ -21,12 +30,14 @@ class JobStatus(str, enum.Enum):
         return self in TERMINAL
 
 
+INITIAL = JobStatus.QUEUED  # every job is created queued
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
     JobStatus.RUNNING: frozenset(
-        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED,
+         JobStatus.RUNNING}  # a new attempt takes over a lost one
     ),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
@@ -36,7 +47,7 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 
 class InvalidTransition(Exception):
     def __init__(self, current: JobStatus, new: JobStatus) -> None:
-        super().__init__(f"a {current.value} job cannot become {new.value}")
+        super().__init__(f"a {current} job cannot become {new}")
         self.current, self.new = current, new
 
 

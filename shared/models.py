@@ -14,6 +14,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -23,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.jobs import JobStatus
+from shared.jobs import INITIAL, JobStatus
 
 
 def utcnow() -> datetime:
@@ -97,7 +98,13 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True, default=None)
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    # The enum at the ORM level, stored as its plain strings in a VARCHAR(16): no native enum type
+    # and no CHECK constraint, so the column is exactly the migrations' String(16).
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, create_constraint=False, length=16,
+             values_callable=lambda e: [m.value for m in e]),
+        default=INITIAL,
+    )
     # Validated engine controls (shared.params.JobParams.model_dump()).
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     content_image_id: Mapped[str] = mapped_column(ForeignKey("images.id"))
@@ -127,7 +134,7 @@ class Job(Base):
 
     @property
     def job_status(self) -> JobStatus:
-        return JobStatus(self.status)
+        return JobStatus(self.status)  # also right for a row built with a plain string, unflushed
 
 
 class IdempotencyKey(Base):

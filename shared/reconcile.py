@@ -9,9 +9,10 @@ Two kinds of job need a new message:
   given back to ``queued`` and published again, or failed with ``worker_lost`` once their attempts
   are spent.
 
-Every change is a guarded UPDATE that names the state it read, so several reconcilers can run at
-once: only the one whose UPDATE matched a row publishes. A duplicate message is harmless anyway, since
-a worker claims a job with a guarded UPDATE and drops deliveries of jobs it cannot claim.
+Every change is a guarded UPDATE (``shared.jobstore``) that names the state it read, so several
+reconcilers can run at once: only the one whose UPDATE matched a row publishes. A duplicate message is
+harmless anyway, since a worker claims a job with a guarded UPDATE and drops deliveries of jobs it
+cannot claim.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import idempotency
+from shared import idempotency, jobstore
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
 
@@ -71,28 +71,24 @@ def _expired_leases(
     with sessions() as session:
         rows = session.execute(
             select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested)
-            .where(Job.status == JobStatus.RUNNING.value)
-            .where(or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
+            .where(Job.status == JobStatus.RUNNING, jobstore.lease_expired(cutoff))
             .limit(BATCH)
         ).all()
         for job_id, attempt, max_attempts, cancel in rows:
-            guard = and_(
-                Job.id == job_id,
-                Job.status == JobStatus.RUNNING.value,
-                Job.attempt == attempt,
-                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
-            )
+            seen = jobstore.Seen(job_id, JobStatus.RUNNING, attempt, lease_cutoff=cutoff)
             if cancel or attempt >= max_attempts:
-                values = _terminal_values(bool(cancel), attempt, max_attempts, now)
-                if _changed(session.execute(update(Job).where(guard).values(**values))):
+                # A dead worker's job that was being canceled ends canceled; one out of attempts
+                # ends failed (worker_lost).
+                ended = JobStatus.CANCELED if cancel else JobStatus.FAILED
+                done = (jobstore.cancel_unheld(session, seen, now) if cancel
+                        else jobstore.fail_lost(session, seen, max_attempts, now))
+                if done:
                     report.failed.append(job_id)
                     logger.warning("job_event job_id=%s event=reconciled_%s attempt=%s",
-                                   job_id, values["status"], attempt)
+                                   job_id, ended, attempt)
                 continue
             # Back to queued; published_at is set when the message goes out (below).
-            if _changed(session.execute(
-                update(Job).where(guard).values(status=JobStatus.QUEUED.value, published_at=now)
-            )):
+            if jobstore.requeue(session, seen, now):
                 report.requeued.append(job_id)
                 logger.warning("job_event job_id=%s event=lease_expired attempt=%s", job_id, attempt)
         session.commit()
@@ -108,7 +104,7 @@ def _stale_queued(
     with sessions() as session:
         rows = session.execute(
             select(Job.id, Job.published_at)
-            .where(Job.status == JobStatus.QUEUED.value)
+            .where(Job.status == JobStatus.QUEUED)
             .where(
                 or_(
                     and_(Job.published_at.is_(None), Job.updated_at < now - UNPUBLISHED_GRACE),
@@ -120,13 +116,7 @@ def _stale_queued(
         ).all()
     for job_id, published_at in rows:
         with sessions() as session:
-            seen = (Job.published_at.is_(None) if published_at is None
-                    else Job.published_at == published_at)
-            claimed = _changed(session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, seen)
-                .values(published_at=now)
-            ))
+            claimed = jobstore.claim_publish(session, job_id, published_at, now)
             session.commit()
         if claimed:  # else another reconciler, a worker or a cancel got there first
             _publish_claimed(sessions, publish, job_id, published_at, now, report)
@@ -146,33 +136,11 @@ def _publish_claimed(
     except Exception:
         logger.exception("job_event job_id=%s event=republish_failed", job_id)
         with sessions() as session:  # leave the job for the next pass
-            session.execute(
-                update(Job).where(Job.id == job_id, Job.published_at == now)
-                .values(published_at=previous)
-            )
+            jobstore.unclaim_publish(session, job_id, now, previous)
             session.commit()
         return
     report.republished.append(job_id)
     logger.info("job_event job_id=%s event=republished", job_id)
-
-
-def _terminal_values(cancel: bool, attempt: int, max_attempts: int, now: datetime) -> dict[str, Any]:
-    """A dead worker's job that was being canceled ends canceled; one out of attempts ends failed."""
-    if cancel:
-        return {"status": JobStatus.CANCELED.value, "finished_at": now}
-    return {
-        "status": JobStatus.FAILED.value,
-        "finished_at": now,
-        "error_code": "worker_lost",
-        "error_message": f"the worker running this job was lost {attempt} times "
-        f"(max_attempts={max_attempts}); its checkpoints are kept",
-        "error_retryable": False,
-    }
-
-
-def _changed(result: Any) -> bool:
-    """Whether a guarded UPDATE matched a row (CursorResult.rowcount)."""
-    return bool(result.rowcount)
 
 
 def run_forever(

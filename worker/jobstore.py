@@ -1,9 +1,12 @@
-"""Every database read and write the worker makes on a job row.
+"""The worker's side of a job row: claiming a delivery, then fenced writes by the attempt it took.
 
 A delivery first *claims* the job: one guarded UPDATE moves it to ``running`` and bumps ``attempt``.
 That new attempt number is a fencing token: every later write is
 ``UPDATE ... WHERE id = :id AND attempt = :mine AND status = 'running'`` and a write that changes no row
 means a newer attempt (or a cancel) took the job over, so the caller stops quietly.
+
+The SQL is ``shared.jobstore``'s (the one writer of job rows); this module decides what a delivery
+does with the row it finds and gives each write its own transaction.
 """
 
 from __future__ import annotations
@@ -16,16 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
+from shared import jobstore as jobrows
 from shared.db import session_scope
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
 
 logger = logging.getLogger(__name__)
-
-RUNNING = JobStatus.RUNNING.value
-QUEUED = JobStatus.QUEUED.value
 
 
 class Drop(str, enum.Enum):
@@ -54,7 +55,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class Snapshot:
-    status: str
+    status: JobStatus
     attempt: int
     cancel_requested: bool
 
@@ -115,48 +116,25 @@ def claim(url: str, job_id: str, me: str, lease_s: float) -> Claim | Drop:
         if job is None:
             return Drop.MISSING
         reason = _decide(job, me, lease_s)
-        seen = (Job.id == job_id, Job.attempt == job.attempt, Job.status == job.status)
-        now = utcnow()
         if reason is Drop.CANCELED:
-            s.execute(update(Job).where(*seen).values(status="canceled", finished_at=now))
+            jobrows.cancel_unheld(s, jobrows.Seen.of(job))
             return reason
         if reason is Drop.EXHAUSTED:
-            message = f"the job was started {job.attempt} times and its worker was lost each time"
-            s.execute(
-                update(Job)
-                .where(*seen)
-                .values(status="failed", error_code="worker_lost", error_message=message,
-                        error_retryable=True, finished_at=now)
-            )
+            jobrows.fail_lost(s, jobrows.Seen.of(job), job.max_attempts)
             return reason
         if reason is not None:
             return reason
-        attempt = job.attempt + 1
-        values: dict[str, Any] = dict(status=RUNNING, attempt=attempt, worker=me, heartbeat_at=now)
-        if job.started_at is None:
-            values["started_at"] = now
-        if s.execute(update(Job).where(*seen).values(**values)).rowcount != 1:  # type: ignore[attr-defined]
+        attempt = jobrows.claim(s, job, me)
+        if attempt is None:
             return Drop.LOST_RACE
         masks = None if job.mask_image_ids is None else list(job.mask_image_ids)
         return Claim(job_id, attempt, dict(job.params or {}), job.content_image_id,
                      list(job.style_image_ids or []), list(job.checkpoints or []), masks)
 
 
-def _fenced(url: str, job_id: str, attempt: int, **values: Any) -> bool:
-    with session_scope(url) as s:
-        stmt = (
-            update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.status == RUNNING)
-            .values(**values)
-        )
-        return bool(s.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
-
-
 def heartbeat(url: str, job_id: str, attempt: int, progress: dict[str, Any] | None = None) -> bool:
-    values: dict[str, Any] = {"heartbeat_at": utcnow()}
-    if progress is not None:
-        values["progress"] = progress
-    return _fenced(url, job_id, attempt, **values)
+    with session_scope(url) as s:
+        return jobrows.heartbeat(s, job_id, attempt, progress)
 
 
 def snapshot(url: str, job_id: str) -> Snapshot | None:
@@ -203,53 +181,40 @@ def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any],
     with session_scope(url) as s:
         current = s.execute(
             select(Job.checkpoints).where(
-                Job.id == job_id, Job.attempt == attempt, Job.status == RUNNING
+                Job.id == job_id, Job.attempt == attempt, Job.status == jobrows.HELD
             )
         ).scalar_one_or_none()
     if current is None:
         return None
     refs, garbage = retain(list(current), ref, keep)
-    if not _fenced(url, job_id, attempt, checkpoints=refs, heartbeat_at=utcnow()):
-        return None
+    with session_scope(url) as s:
+        if not jobrows.record_checkpoints(s, job_id, attempt, refs):
+            return None
     return Recorded(refs[-1], garbage)
 
 
 def succeed(url: str, job_id: str, attempt: int, result_key: str, progress: dict[str, Any]) -> bool:
-    return _fenced(url, job_id, attempt, status=JobStatus.SUCCEEDED.value, result_key=result_key,
-                   progress=progress, finished_at=utcnow(), error_code=None, error_message=None,
-                   error_retryable=None)
+    with session_scope(url) as s:
+        return jobrows.succeed(s, job_id, attempt, result_key, progress)
 
 
 def fail(url: str, job_id: str, attempt: int, code: str, message: str, retryable: bool) -> bool:
-    return _fenced(url, job_id, attempt, status=JobStatus.FAILED.value, error_code=code,
-                   error_message=message[:2000], error_retryable=retryable, finished_at=utcnow())
+    with session_scope(url) as s:
+        return jobrows.fail(s, job_id, attempt, code, message, retryable)
 
 
 def cancel(url: str, job_id: str, attempt: int) -> bool:
-    return _fenced(url, job_id, attempt, status=JobStatus.CANCELED.value, finished_at=utcnow())
+    with session_scope(url) as s:
+        return jobrows.cancel(s, job_id, attempt)
 
 
 def release(url: str, job_id: str, attempt: int, *, graceful: bool) -> bool:
-    """Give a running job back to the queue (attempt kept: the next claim bumps it).
-
-    A graceful hand-back (worker shutdown, or a transient error that the Celery task retries, its
-    retries bounded by ``max_retries``) also raises ``max_attempts`` by one, so rolling restarts and
-    outages never use up a job's attempts; only lost workers count.
-    """
-    values: dict[str, Any] = {"status": QUEUED, "worker": None, "heartbeat_at": None,
-                              "published_at": utcnow()}  # a message follows (retry or re-publish)
-    if graceful:
-        values["max_attempts"] = Job.max_attempts + 1
-    return _fenced(url, job_id, attempt, **values)
+    """Give a running job back to the queue; graceful: not counted as an attempt (``shared.jobstore``)."""
+    with session_scope(url) as s:
+        return jobrows.release(s, job_id, attempt, graceful=graceful)
 
 
 def fail_released(url: str, job_id: str, code: str, message: str) -> bool:
     """Fail a job given back to the queue whose retries are spent (no attempt holds it)."""
     with session_scope(url) as s:
-        stmt = (
-            update(Job)
-            .where(Job.id == job_id, Job.status == QUEUED)
-            .values(status=JobStatus.FAILED.value, error_code=code, error_message=message[:2000],
-                    error_retryable=True, finished_at=utcnow())
-        )
-        return bool(s.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+        return jobrows.fail_released(s, job_id, code, message)

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any
 
+from shared.jobs import JobStatus
 from shared.settings import Settings
 from worker import jobstore
 from worker.engine import CHECKPOINT_NOW
@@ -204,9 +205,9 @@ class Watcher:
         snap = jobstore.snapshot(self.url, self.job_id)
         if snap is None:
             self.stop = StopReason.FENCED
-        elif snap.cancel_requested or snap.status == "canceled":
+        elif snap.cancel_requested or snap.status == JobStatus.CANCELED:
             self.stop = StopReason.CANCELED
-        elif snap.attempt != self.attempt or snap.status != "running":
+        elif snap.attempt != self.attempt or snap.status != JobStatus.RUNNING:
             self.stop = StopReason.FENCED
 
     def _note(self, wrote: bool) -> None:

@@ -8,7 +8,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import update
 from starlette.datastructures import FormData, UploadFile
 
 from api.deps import (
@@ -37,10 +36,9 @@ from api.submit import (
     validate_params,
 )
 from api.views import Linker, job_out
+from shared import jobstore
 from shared.errors import Conflict, InvalidInput
 from shared.idempotency import StoredResponse
-from shared.jobs import JobStatus
-from shared.models import Job, utcnow
 from shared.params import JobParams
 from shared.settings import Settings
 
@@ -168,28 +166,14 @@ def read_job(job_id: str, request: Request, session: SessionDep, settings: Setti
     return job_out(get_job(session, tenant.id, job_id), Linker(request, settings, storage))
 
 
+_CANCEL_CODES = {jobstore.CancelResult.CANCELED: 200, jobstore.CancelResult.REQUESTED: 202}
+
+
 def _try_cancel(session: SessionDep, tenant_id: str, job_id: str) -> int | None:
     """One guarded attempt: 200 if a queued job was canceled, 202 if a running job was asked to
     stop, None if the job is in neither state."""
-    now = utcnow()
-    base = update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
-    opts = {"synchronize_session": False}
-    queued = session.execute(
-        base.where(Job.status == JobStatus.QUEUED.value).values(
-            status=JobStatus.CANCELED.value, cancel_requested=True, finished_at=now,
-            updated_at=now,
-        ),
-        execution_options=opts,
-    )
-    if queued.rowcount:  # type: ignore[attr-defined]
-        return 200
-    running = session.execute(
-        base.where(Job.status == JobStatus.RUNNING.value).values(
-            cancel_requested=True, updated_at=now
-        ),
-        execution_options=opts,
-    )
-    return 202 if running.rowcount else None  # type: ignore[attr-defined]
+    result = jobstore.request_cancel(session, tenant_id, job_id)
+    return None if result is None else _CANCEL_CODES[result]
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut,

@@ -64,7 +64,7 @@ def _serve(storage: Storage, key: str, expires_s: int) -> Response:
 def job_result(job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep,
                tenant: TenantDep) -> Response:
     job = get_job(session, tenant.id, job_id)
-    if job.status != JobStatus.SUCCEEDED.value or not job.result_key:
+    if job.status != JobStatus.SUCCEEDED or not job.result_key:
         raise Conflict("not_finished", f"the job is {job.status}; no result", status=job.status)
     return _serve(storage, job.result_key, settings.presign_expiry_s)
 
