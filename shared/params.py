@@ -22,7 +22,7 @@ HARD_MAX_SCALES = 64  # the model's own ceiling; the configured limit (max_scale
 MIN_SIDE = 16  # VGG19 up to relu5_1 has 4 max pools: every side of every scale must be >= 2**4
 MAX_EDGE = 65_536  # no image has a longer side; the configured max_size (2048) is checked later
 MAX_ITERATIONS_PER_SCALE = 100_000
-ADAM_FIRST, ADAM_LATER = 1000, 500  # Adam's auto schedule (worker.engine.schedule.auto_counts)
+ADAM_FIRST, ADAM_LATER, ADAM_EDGE = 1000, 500, 512  # Adam's (worker.engine.schedule.auto_counts)
 # The W2 style loss costs one eigendecomposition per style layer per iteration, whatever the image
 # size: measured on the 2-core CPU about as much as a VGG19 pass over a 256 x 256 image.
 W2_WORK_PER_ITERATION = 256 * 256
@@ -178,8 +178,9 @@ class JobParams(BaseModel):
         """Iterations at each scale; None means the engine's auto schedule (mirrored below)."""
         edges = self.long_edges()
         if self.iterations is None:
-            if self.optimizer == "adam":  # crowsonkb's 1000 then 500 per scale
-                return [ADAM_FIRST if i == 0 else ADAM_LATER for i in range(len(edges))]
+            if self.optimizer == "adam":  # crowsonkb's 1000 then 500 per scale, fewer above 512 px
+                return [ADAM_FIRST if i == 0 else round(ADAM_LATER * min(1.0, ADAM_EDGE / e))
+                        for i, e in enumerate(edges)]
             return [auto_iterations(e) for e in edges]
         if isinstance(self.iterations, int):
             return [self.iterations] * len(edges)

@@ -357,7 +357,7 @@ def _migrate_from_0001(url: str) -> None:
             "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
             "updated_at) VALUES ('j', 't', 'queued', '{}', 'i', '[\"i\"]', '{}', 0, 3, false, "
             "'[]', :n, :n)"), {"n": now})
-    upgrade(url)
+    upgrade(url, "0002")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         assert conn.execute(select(Job.mask_image_ids).where(Job.id == "j")).scalar() is None

@@ -35,6 +35,7 @@ from worker.engine.schedule import (
         {"scales": [64, 100, 333], "size": 333},
         {"optimizer": "adam"},  # Adam's own schedule: 1000, then 500 per scale
         {"optimizer": "adam", "size": 128},
+        {"optimizer": "adam", "size": 2048},  # fewer iterations above 512 px
         {"optimizer": "adam", "iterations": 9},
     ],
 )

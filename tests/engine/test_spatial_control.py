@@ -75,6 +75,9 @@ def test_masks_are_checked(engine: StyleTransfer, content, style) -> None:
     with pytest.raises(EngineError) as e:
         engine.run(content, [style], cfg, masks=[square])
     assert e.value.code == "invalid_mask" and "aspect ratio" in str(e.value)
+    with pytest.raises(EngineError) as e:
+        engine.run(content, [style], cfg, masks=[Image.new("L", content.size, 0)])
+    assert e.value.code == "invalid_mask" and "black everywhere" in str(e.value)
     buf = io.BytesIO()
     _half_mask((192, 128), True).save(buf, "PNG")  # bytes, twice the content's size: accepted
     engine.run(content, [style], cfg, masks=[buf.getvalue()])

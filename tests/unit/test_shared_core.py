@@ -108,5 +108,8 @@ def test_fidelity_params_reach_the_engine_and_are_bounded() -> None:
     # Adam's own schedule, and W2's per-iteration cost, count in the job's work
     adam = JobParams(optimizer="adam")
     assert adam.iterations_per_scale() == [1000, 500, 500, 500, 500]
+    big = JobParams(optimizer="adam", size=2048)  # the largest default job fits the work limit
+    assert big.iterations_per_scale()[-4:] == [354, 250, 177, 125]
+    assert big.work() < Settings().max_job_work
     w2 = JobParams(style_loss="w2", iterations=10)
     assert w2.work() == JobParams(iterations=10).work() + 50 * W2_WORK_PER_ITERATION

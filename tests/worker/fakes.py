@@ -42,7 +42,7 @@ class FakeEngine:
         self.masks.append(masks)
         self.styles.append(styles)
         if masks is not None and len(masks) != len(styles):  # the engine's contract
-            raise EngineError(f"{len(masks)} masks for {len(styles)} styles", code="invalid_mask")
+            raise EngineError("invalid_mask", f"{len(masks)} masks for {len(styles)} styles")
         total = self.scales * self.iterations
         start = resume.step if resume is not None else 0
         for step in range(start + 1, total + 1):

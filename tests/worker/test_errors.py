@@ -61,7 +61,7 @@ def test_engine_errors_fail_at_once_with_their_message(
     settings: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob, code: str,
 ) -> None:
     message = f"a message written for users ({code}): try a smaller size"
-    engine.error = EngineError(message, code=code)
+    engine.error = EngineError(code, message)
     job_id = make_job()
     assert runner.run_job(job_id, NODE, settings) == "failed"
     job = load_job(job_id)
@@ -73,8 +73,7 @@ def test_worker_setup_errors_hide_server_details(
     settings: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    engine.error = WeightsError("weights file '/srv/models/vgg19.pth' does not exist",
-                                code="weights_unavailable")
+    engine.error = WeightsError("weights_unavailable", "weights file '/srv/models/vgg19.pth' does not exist")
     job_id = make_job()
     with caplog.at_level(logging.INFO, logger=runner.logger.name):
         assert runner.run_job(job_id, NODE, settings) == "failed"

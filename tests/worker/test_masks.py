@@ -114,7 +114,7 @@ class RefusesCheckpoints(FakeEngine):
     def run(self, content: Any, styles: Any, config: Any, **kwargs: Any) -> FakeResult:
         if kwargs.get("resume") is not None:
             self.masks.append(kwargs.get("masks"))
-            raise EngineError("settings changed", code="checkpoint_mismatch")
+            raise EngineError("checkpoint_mismatch", "settings changed")
         return super().run(content, styles, config, **kwargs)
 
 

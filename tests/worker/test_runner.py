@@ -89,7 +89,7 @@ def test_bad_image_fails_permanently(
 def test_engine_error_code_is_kept(
     settings: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob
 ) -> None:
-    engine.error = ImageError("style too small", code="too_small")
+    engine.error = ImageError("too_small", "style too small")
     job_id = make_job()
     assert runner.run_job(job_id, NODE, settings) == "failed"
     job = load_job(job_id)

@@ -59,14 +59,15 @@ class Checkpoint:
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(
-                f"not a stylequeue checkpoint ({first})", code="checkpoint_invalid"
+                "checkpoint_invalid",
+                f"not a stylequeue checkpoint ({first})",
             ) from e
         names = {f.name for f in fields(cls)}
         if not isinstance(obj, dict) or not {"scale", "image", "config_digest"} <= set(obj):
-            raise EngineError("not a stylequeue checkpoint", code="checkpoint_invalid")
+            raise EngineError("checkpoint_invalid", "not a stylequeue checkpoint")
         if obj.get("version") != FORMAT_VERSION:
             raise EngineError(
+                "checkpoint_invalid",
                 f"checkpoint format {obj.get('version')} is not supported (expected {FORMAT_VERSION})",
-                code="checkpoint_invalid",
             )
         return cls(**{k: v for k, v in obj.items() if k in names})

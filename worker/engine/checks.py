@@ -47,4 +47,4 @@ def finite(value: object) -> bool:
 
 
 def invalid(message: str) -> EngineError:
-    return EngineError(message, code="invalid_config")
+    return EngineError("invalid_config", message)

@@ -190,8 +190,8 @@ class TransferConfig:
             raise invalid("scales must be a non-empty list of long edges of at least 16 px")
         if self.scales is not None and len(self.scales) > self.max_scales:
             raise EngineError(
+                "too_many_scales",
                 f"{len(self.scales)} scales given; the maximum is {self.max_scales}: give fewer scales",
-                code="too_many_scales",
             )
         if self.scales is None:
             long_edges(self.size, self.min_size, self.scale_factor, self.max_scales)  # too_many_scales

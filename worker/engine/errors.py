@@ -1,4 +1,8 @@
-"""Errors raised by the engine: each has a short snake_case ``code`` and a message a user can act on."""
+"""Errors raised by the engine: each has a short snake_case ``code`` and a message a user can act on.
+
+Constructed as ``EngineError(code, message)``, the same order as the service's domain errors
+(shared/errors.py), so a code is never mistaken for a message.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,16 @@ from __future__ import annotations
 class EngineError(Exception):
     """Base class for every error the engine raises on purpose."""
 
-    code: str = "engine_error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
+        self.code = code
 
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
 
 
 class ImageError(EngineError):
@@ -24,10 +28,6 @@ class ImageError(EngineError):
     Codes: not_an_image, truncated, too_small, too_many_pixels, too_many_bytes, unsupported_format.
     """
 
-    code = "not_an_image"
-
 
 class WeightsError(EngineError):
     """VGG19 weights that cannot be had (weights_unavailable) or are not valid (weights_invalid)."""
-
-    code = "weights_unavailable"

@@ -47,7 +47,8 @@ def load_image(
         im.load()
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(
-            f"{name} is truncated or corrupt ({e}); upload the complete file", code="truncated"
+            "truncated",
+            f"{name} is truncated or corrupt ({e}); upload the complete file",
         ) from e
     im = ImageOps.exif_transpose(im) or im
     return to_rgb(_to_srgb(im))
@@ -61,11 +62,11 @@ def _read(source: Any, max_bytes: int) -> tuple[str, bytes]:
         try:
             size = os.path.getsize(source)
         except OSError as e:
-            raise ImageError(f"cannot read {name}: {e.strerror or e}", code="not_an_image") from e
+            raise ImageError("not_an_image", f"cannot read {name}: {e.strerror or e}") from e
     if size > max_bytes:
         raise ImageError(
+            "too_many_bytes",
             f"{name} is {size:,} bytes; images must be at most {max_bytes:,} bytes",
-            code="too_many_bytes",
         )
     if isinstance(source, (bytes, bytearray)):
         return name, bytes(source)
@@ -79,22 +80,22 @@ def _open(name: str, data: bytes, max_pixels: int) -> Image.Image:
             im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(
+            "too_many_pixels",
             f"{name} is too large to decode safely ({e}); images must have at most "
             f"{max_pixels:,} pixels",
-            code="too_many_pixels",
         ) from e
     except Exception as e:  # PIL raises UnidentifiedImageError, but also others on garbage input
         raise _unidentified(name, data) from e
     w, h = im.size  # from the header: nothing decoded yet
     if w * h > max_pixels:
         raise ImageError(
+            "too_many_pixels",
             f"{name} is {w}×{h} pixels ({w * h:,}); images must have at most {max_pixels:,} pixels",
-            code="too_many_pixels",
         )
     if min(w, h) < MIN_SIDE:
         raise ImageError(
+            "too_small",
             f"{name} is {w}×{h} pixels; images must be at least {MIN_SIDE}×{MIN_SIDE}",
-            code="too_small",
         )
     return im
 
@@ -109,12 +110,12 @@ def _unidentified(name: str, data: bytes) -> ImageError:
         fmt = None
     if fmt:
         return ImageError(
+            "unsupported_format",
             f"{name} is a {fmt} image; supported formats are {', '.join(ALLOWED_FORMATS)}",
-            code="unsupported_format",
         )
     return ImageError(
+        "not_an_image",
         f"{name} is not an image (or is damaged); supported formats are {', '.join(ALLOWED_FORMATS)}",
-        code="not_an_image",
     )
 
 
@@ -159,8 +160,8 @@ def save_image(
         fmt = Path(os.fspath(dest)).suffix.lower().lstrip(".") if is_path else "png"  # type: ignore[arg-type]
     if fmt not in _SAVE_FORMATS:
         raise ImageError(
+            "unsupported_format",
             f"cannot write {fmt or 'files without a suffix'!r}; use .png, .jpg or .webp",
-            code="unsupported_format",
         )
     kind = _SAVE_FORMATS[fmt]
     opts: dict[str, Any] = {"quality": quality} if kind in ("JPEG", "WEBP") else {}

@@ -40,7 +40,9 @@ class Progress:
 
     The ``*_removed`` fields are the fraction of that term removed since this scale's first
     evaluation, 1 - now / start (negative if it grew; None where it started at 0, such as the
-    content term at a content init, or a term whose weight is 0).
+    content term at a content init, or a term whose weight is 0). With Adam's EMA (ema_decay) the
+    losses are those of the optimiser's own iterate; the delivered image is the average, which
+    trails it by ~1 / (1 - decay) steps (no extra VGG pass is spent to evaluate it).
     """
 
     scale: int  # 0-based scale index
@@ -108,14 +110,14 @@ class Job:
         if resume is not None:
             if resume.config_digest != self.digest:
                 raise EngineError(
+                    "checkpoint_mismatch",
                     "the checkpoint was made with a different configuration or different images; "
                     "resume with the same settings and inputs, or start afresh",
-                    code="checkpoint_mismatch",
                 )
             image = resume.image if self.channels == 3 else resume.luminance
             if image is None or image.shape[1] != self.channels:
-                raise EngineError("the checkpoint holds no luminance image to resume from",
-                                  code="checkpoint_mismatch")
+                raise EngineError("checkpoint_mismatch",
+                                  "the checkpoint holds no luminance image to resume from")
             if not resume.end_of_scale and resume.iterate is not None:
                 image = resume.iterate  # mid-scale with an EMA: the optimiser's own x
             x, opt_state = image.to(self.device), resume.optimizer_state

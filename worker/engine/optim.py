@@ -213,10 +213,10 @@ class IterateAverage:
 
 def diverged(steps: int, lr: float) -> EngineError:
     return EngineError(
+        "diverged",
         f"the optimisation diverged: the loss or its gradient was NaN or infinite at {steps} "
         f"consecutive steps, and restoring the last good image and halving lr (now {lr:g}) did not "
         "help; try a lower lr or lower content/style/tv weights",
-        code="diverged",
     )
 
 

@@ -27,7 +27,10 @@ AUTO_MIN, AUTO_MAX = 20, 400
 # Adam's own auto schedule: crowsonkb/style-transfer-pytorch's 1000 iterations at the first scale and
 # 500 at each later one (3000 over the default pyramid). Adam at lr 0.02 moves a pixel by at most ~lr
 # per step, so it needs several times L-BFGS's 815; its output is the average of the iterates (EMA).
-ADAM_FIRST, ADAM_LATER = 1000, 500
+# Departure: scales above ADAM_EDGE px get 500 * ADAM_EDGE / edge (a 2048 job: 354, 250, 177, 125 at
+# 724-2048), so a large Adam job costs ~3x its 512 one, not ~16x, and stays inside the service's work
+# limit; the large scales only refine, as with L-BFGS.
+ADAM_FIRST, ADAM_LATER, ADAM_EDGE = 1000, 500, 512
 
 MIN_SCALE_FACTOR = 1.1  # below this a job is many near-identical scales (each a full VGG pass + checkpoint)
 MAX_SCALE_FACTOR = 4.0  # above this a scale starts from a 16x smaller image: coarse-to-fine stops helping
@@ -48,7 +51,8 @@ def auto_iterations(long_edge: int) -> int:
 def auto_counts(edges: Sequence[int], optimizer: str = "lbfgs") -> list[int]:
     """The auto schedule's iterations for each scale of a pyramid, per optimiser."""
     if optimizer == "adam":
-        return [ADAM_FIRST if i == 0 else ADAM_LATER for i in range(len(edges))]
+        return [ADAM_FIRST if i == 0 else round(ADAM_LATER * min(1.0, ADAM_EDGE / e))
+                for i, e in enumerate(edges)]
     return [auto_iterations(e) for e in edges]
 
 
@@ -63,8 +67,8 @@ def long_edges(size: int, min_size: int, scale_factor: float, max_scales: int = 
         return [size]
     if not MIN_SCALE_FACTOR <= scale_factor <= MAX_SCALE_FACTOR:
         raise EngineError(
+            "invalid_config",
             f"scale_factor must be between {MIN_SCALE_FACTOR} and {MAX_SCALE_FACTOR}, not {scale_factor}",
-            code="invalid_config",
         )
     target = size * (1 - 1e-6)
     # closed form: edge k is min_size * f**k; the loop below appends those under target
@@ -90,9 +94,9 @@ def long_edges(size: int, min_size: int, scale_factor: float, max_scales: int = 
 
 def _too_many_scales(count: int, size: int, min_size: int, factor: float, limit: int) -> EngineError:
     return EngineError(
+        "too_many_scales",
         f"about {count} scales from {min_size} to {size} px at scale_factor {factor:g}; the maximum "
         f"is {limit}: raise scale_factor or min_size",
-        code="too_many_scales",
     )
 
 
@@ -149,9 +153,9 @@ def _too_narrow(
     what: str, scale: int, content_hw: tuple[int, int], hw: tuple[int, int], fix: str
 ) -> EngineError:
     return EngineError(
+        "image_too_narrow",
         f"{what} becomes {hw[1]}x{hw[0]} px at scale {scale} (long edge {max(content_hw)} px); "
         f"VGG19 needs both sides of at least {MIN_SIDE} px: use a less elongated image {fix}",
-        code="image_too_narrow",
     )
 
 
@@ -176,8 +180,8 @@ def build_schedule(
     """
     if scales and len(scales) > max_scales:
         raise EngineError(
+            "too_many_scales",
             f"{len(scales)} scales given; the maximum is {max_scales}: give fewer scales",
-            code="too_many_scales",
         )
     edges = list(scales) if scales else long_edges(size, min_size, scale_factor, max_scales)
     if isinstance(iterations, int):
@@ -188,9 +192,9 @@ def build_schedule(
         counts = list(iterations)
         if len(counts) != len(edges):
             raise EngineError(
+                "invalid_config",
                 f"{len(counts)} iteration counts given for {len(edges)} scales {edges}; "
                 "give one count per scale or a single count",
-                code="invalid_config",
             )
     sizes = [fit_long_edge(content_hw, e) for e in edges]
     check_runnable(sizes)

@@ -47,11 +47,11 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as e:
-        raise EngineError(f"unknown device {spec!r}; use auto, cpu or cuda:N", "invalid_config") from e
+        raise EngineError("invalid_config", f"unknown device {spec!r}; use auto, cpu or cuda:N") from e
     if device.type == "cuda" and (
         not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
     ):
-        raise EngineError(f"device {spec} is not available here; use --device cpu", "device_unavailable")
+        raise EngineError("device_unavailable", f"device {spec} is not available here; use --device cpu")
     return device
 
 
@@ -62,7 +62,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else None
     if precision == "fp16" and device.type != "cuda":
-        raise EngineError("fp16 needs a CUDA device; use bf16 or fp32 on CPU", "invalid_config")
+        raise EngineError("invalid_config", "fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -117,7 +117,7 @@ class StyleTransfer:
         """Stylise several same-sized images in one batch (B, 3, H, W); Result.images has one each."""
         config = config or TransferConfig()
         if not items:
-            raise EngineError("a batch needs at least one item", "invalid_config")
+            raise EngineError("invalid_config", "a batch needs at least one item")
         t0 = time.perf_counter()
         spec = config.weights or self.weights
         weights = self.load_weights(spec)
@@ -169,7 +169,7 @@ def _prepare(
         content = load_image(item.content)
         styles = [load_image(s) for s in (item.styles or [])]
         if not styles:
-            raise EngineError("give at least one style image", "invalid_config")
+            raise EngineError("invalid_config", "give at least one style image")
         blend = normalise_blend(item.style_blend_weights or config.style_blend_weights, len(styles))
         w = item_loss_weights(item, preset)
         masks = load_masks(item.masks, len(styles), (content.height, content.width))
@@ -190,17 +190,22 @@ def load_masks(
     if masks is None:
         return None
     if len(masks) != n_styles:
-        raise EngineError(f"{len(masks)} masks given for {n_styles} styles; give one mask per style",
-                          "invalid_mask")
+        raise EngineError("invalid_mask",
+                          f"{len(masks)} masks given for {n_styles} styles; give one mask per style")
     out = []
     for k, source in enumerate(masks, start=1):
         im = load_image(source).convert("L")
         if abs(math.log((im.width / im.height) / (content_hw[1] / content_hw[0]))) > \
                 MASK_ASPECT_TOLERANCE:
             raise EngineError(
+                "invalid_mask",
                 f"mask {k} is {im.width}x{im.height} px, the content {content_hw[1]}x{content_hw[0]} "
-                "px: a mask must have the content's aspect ratio", "invalid_mask")
+                "px: a mask must have the content's aspect ratio",
+            )
         arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).float().div_(255)
+        if not arr.any():
+            raise EngineError("invalid_mask", f"mask {k} is black everywhere: its style would apply "
+                              "nowhere; white marks where a style applies")
         out.append((arr[None, None], _hash(im)))
     return out
 
@@ -233,9 +238,9 @@ def _batch_schedule(prepared: list[PreparedItem], config: TransferConfig) -> Sch
     if any(s != schedules[0] for s in schedules):
         sizes = sorted({str(s[-1][0]) for s in schedules})
         raise EngineError(
+            "batch_shape_mismatch",
             f"batch items must have the same aspect ratio (output sizes {', '.join(sizes)}); "
             "run them as separate jobs",
-            code="batch_shape_mismatch",
         )
     return schedules[0]
 

@@ -48,8 +48,8 @@ CONV_INDICES = [i for i, n in enumerate(LAYER_NAMES) if n.startswith("conv")]
 def layer_index(name: str) -> int:
     if name not in LAYER_INDEX:
         raise EngineError(
+            "invalid_config",
             f"unknown VGG19 layer {name!r}; use names like conv4_2, relu4_2 or pool3",
-            code="invalid_config",
         )
     return LAYER_INDEX[name]
 

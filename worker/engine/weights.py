@@ -63,16 +63,16 @@ def resolve_weights(spec: str, seed: int = 0) -> Weights:
 
 def load_state_file(path: Path) -> StateDict:
     if not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist", code="weights_unavailable")
+        raise WeightsError("weights_unavailable", f"weights file {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(
+            "weights_invalid",
             f"{str(path)!r} is not a readable PyTorch state dict ({str(e).strip().splitlines()[0]})",
-            code="weights_invalid",
         ) from e
     if not isinstance(obj, dict):
-        raise WeightsError(f"{str(path)!r} does not hold a state dict", code="weights_invalid")
+        raise WeightsError("weights_invalid", f"{str(path)!r} does not hold a state dict")
     return obj
 
 
@@ -87,9 +87,9 @@ def features_only(state: StateDict) -> StateDict:
     except RuntimeError as e:
         first = str(e).splitlines()[:3]
         raise WeightsError(
+            "weights_invalid",
             "not VGG19 weights in torchvision layout (features.N.weight) or features-only layout "
             f"(N.weight): {' '.join(first)}",
-            code="weights_invalid",
         ) from e
     return {k: v.float() for k, v in out.items()}
 
@@ -127,9 +127,9 @@ def download(dest: Path) -> None:
             TORCHVISION_URL, str(dest), hash_prefix=TORCHVISION_HASH_PREFIX, progress=False
         )
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise WeightsError(unavailable_message(str(e)), code="weights_unavailable") from e
+        raise WeightsError("weights_unavailable", unavailable_message(str(e))) from e
     except RuntimeError as e:  # hash mismatch
-        raise WeightsError(f"downloaded weights failed verification: {e}", code="weights_invalid") from e
+        raise WeightsError("weights_invalid", f"downloaded weights failed verification: {e}") from e
     finally:
         socket.setdefaulttimeout(old)
 
@@ -146,15 +146,15 @@ def verify_sidecar(path: Path) -> None:
     side = Path(f"{path}.sha256")
     if not side.is_file():
         raise WeightsError(
+            "weights_invalid",
             f"{path} has no {side.name} checksum file; re-run `stylequeue weights fetch`",
-            code="weights_invalid",
         )
     expected = side.read_text().split()[0]
     if sha256_file(path) != expected:
         raise WeightsError(
+            "weights_invalid",
             f"{path} does not match its checksum {side.name} (damaged copy); re-run "
             "`stylequeue weights fetch` or copy the file again",
-            code="weights_invalid",
         )
 
 
@@ -174,9 +174,9 @@ def fetch(from_file: Path | None = None, force: bool = False) -> Path:
     prefix = m.group(1) if m else TORCHVISION_HASH_PREFIX
     if not digest.startswith(prefix) and not force:
         raise WeightsError(
+            "weights_invalid",
             f"{src} has sha256 {digest[:16]}..., expected a prefix {prefix}: not the expected file "
             "(use --force to convert it anyway)",
-            code="weights_invalid",
         )
     state = features_only(load_state_file(src))
     ckpt.mkdir(parents=True, exist_ok=True)

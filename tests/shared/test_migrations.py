@@ -1,0 +1,57 @@
+"""Data migration 0003: unfinished jobs from before relative loss terms keep the raw terms."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from shared.migrate import upgrade
+
+NOW = "2026-01-01 00:00:00+00:00"
+JOBS = {  # id: (status, params before) -> loss_terms after (None: the field stays absent)
+    "queued_raw": ("queued", {"style_weight": 1e6}, "raw"),
+    "running": ("running", {}, "raw"),
+    "explicit": ("queued", {"loss_terms": "relative"}, "relative"),
+    "done": ("succeeded", {"style_weight": 1e6}, None),
+}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def old_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    from tests.conftest import require
+    from tests.net import port_open
+    from tests.pgdb import temporary_database
+
+    require(port_open("127.0.0.1", 5432), "PostgreSQL is not reachable on 127.0.0.1:5432")
+    with temporary_database("sq_loss_terms") as url:
+        yield url
+
+
+def test_unfinished_jobs_get_raw_loss_terms(old_db: str) -> None:
+    upgrade(old_db, "0002")
+    engine = create_engine(old_db)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": NOW})
+        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": NOW})
+        for job_id, (status, params, _) in JOBS.items():
+            conn.execute(text(
+                "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
+                "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
+                "updated_at) VALUES (:id, 't', :s, :p, 'i', '[\"i\"]', '{}', 0, 3, false, '[]', :n, :n)"),
+                {"id": job_id, "s": status, "p": json.dumps(params), "n": NOW})
+    upgrade(old_db)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, params FROM jobs")).all())
+    engine.dispose()
+    for job_id, (_, before, after) in JOBS.items():
+        params = rows[job_id] if isinstance(rows[job_id], dict) else json.loads(rows[job_id])
+        assert params.get("loss_terms") == after, (job_id, params)
+        assert {k: v for k, v in params.items() if k != "loss_terms"} == {
+            k: v for k, v in before.items() if k != "loss_terms"}
