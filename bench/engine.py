@@ -81,9 +81,9 @@ def case_engine(size: int, iterations: int, channels_last: bool) -> dict[str, An
 
 def case_job(size: int, cached: bool, iterations: int | list[int] | None) -> dict[str, Any]:
     """(d) a whole coarse-to-fine job with the default schedule (or the given one)."""
-    from worker.engine import StyleTransfer, TransferConfig, job
+    from worker.engine import StyleTransfer, TransferConfig, pyramid
 
-    job._CACHE_STYLE_TARGETS = cached
+    pyramid._CACHE_STYLE_TARGETS = cached
     cfg = TransferConfig(size=size, weights="random", device="cpu",
                          iterations=tuple(iterations) if isinstance(iterations, list) else iterations)
     t0 = time.perf_counter()

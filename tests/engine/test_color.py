@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.engine import Checkpoint, EngineError, StyleTransfer, TransferConfig
-from worker.engine import job as job_mod
+from worker.engine import pyramid as job_mod
 from worker.engine.color import match_color, rgb_to_yiq
 from worker.engine.images import pil_to_tensor, resize
 from worker.engine.items import prepare_item

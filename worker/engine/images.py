@@ -12,7 +12,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -22,6 +22,9 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 MIN_SIDE = 16
 DEFAULT_MAX_BYTES = 50_000_000  # 50 MB of encoded file
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP, below Pillow's own 89.5 MP decompression-bomb limit
+# A progressive JPEG decodes each scan over the whole image; more scans than encoders write (about 10)
+# make a small file decode for minutes. The service's upload check refuses the same (shared.imagecheck).
+MAX_JPEG_SCANS = 32
 _SAVE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 
 Source = str | os.PathLike[str] | bytes | bytearray | Image.Image
@@ -35,7 +38,8 @@ def load_image(
 ) -> Image.Image:
     """Load an image from a path or bytes as an 8-bit RGB PIL image.
 
-    The header size is checked before decoding; EXIF orientation is applied; an embedded ICC profile
+    The header (format, size, a JPEG's scan count) is checked before decoding, with the same codes
+    as the service's upload check (shared.imagecheck); EXIF orientation is applied; an embedded ICC profile
     is converted to sRGB; L/LA/RGBA/P/CMYK/I;16 images become RGB (transparency composited on white).
     Every failure raises ImageError with a code.
     """
@@ -84,8 +88,15 @@ def _open(name: str, data: bytes, max_pixels: int) -> Image.Image:
             f"{name} is too large to decode safely ({e}); images must have at most "
             f"{max_pixels:,} pixels",
         ) from e
-    except Exception as e:  # PIL raises UnidentifiedImageError, but also others on garbage input
+    except UnidentifiedImageError as e:
         raise _unidentified(name, data) from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # a known format, its header cut short
+        raise ImageError(
+            "truncated", f"{name} has a damaged or incomplete header ({e}); upload the complete file"
+        ) from e
+    except Exception as e:  # PIL raises others on garbage input
+        raise _unidentified(name, data) from e
+    _check_scans(name, data, str(im.format))
     w, h = im.size  # from the header: nothing decoded yet
     if w * h > max_pixels:
         raise ImageError(
@@ -98,6 +109,18 @@ def _open(name: str, data: bytes, max_pixels: int) -> Image.Image:
             f"{name} is {w}×{h} pixels; images must be at least {MIN_SIDE}×{MIN_SIDE}",
         )
     return im
+
+
+def _check_scans(name: str, data: bytes, fmt: str) -> None:
+    """At most MAX_JPEG_SCANS start-of-scan markers (0xFFDA, which cannot occur inside entropy-coded
+    data) in a JPEG (MPO: a JPEG with a multi-picture header), counted before anything is decoded."""
+    scans = data.count(b"\xff\xda") if fmt in ("JPEG", "MPO") else 0
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(
+            "too_many_scans",
+            f"{name} is a JPEG with {scans} scans; at most {MAX_JPEG_SCANS} are accepted: re-encode "
+            "it (a baseline JPEG or a PNG)",
+        )
 
 
 def _unidentified(name: str, data: bytes) -> ImageError:

@@ -21,8 +21,8 @@ from .errors import EngineError
 from .images import load_image, pil_to_tensor, tensor_to_pil
 from .inputs import shrink_inputs
 from .items import PreparedItem, prepare_item
-from .job import Job, Progress
 from .losses import autocast
+from .pyramid import Progress, Pyramid
 from .schedule import Schedule, build_schedule, check_runnable
 from .vgg import AVG_POOL_SCALE, LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
 from .weights import Weights, resolve_weights
@@ -135,27 +135,28 @@ class StyleTransfer:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         digest = config.digest([spec, weights.kind, digest_parts])
-        job = Job(model, prepared, config, schedule, device=device, cast=lambda: autocast(device, dtype),
-                  channels_last=channels_last, digest=digest, on_progress=on_progress,
-                  on_checkpoint=on_checkpoint, loss_scaling=dtype == torch.float16)
+        run = Pyramid(model, prepared, config, schedule, device=device,
+                      cast=lambda: autocast(device, dtype), channels_last=channels_last, digest=digest,
+                      on_progress=on_progress, on_checkpoint=on_checkpoint,
+                      loss_scaling=dtype == torch.float16)
         with torch.random.fork_rng(devices=[]):  # nothing global is consumed, but be safe
             torch.manual_seed(config.seed)
-            x = job.finish(job.run(resume))
+            x = run.finish(run.run(resume))
         images = [tensor_to_pil(x[i]) for i in range(x.shape[0])]
         meta = {
             "weights_kind": weights.kind, "weights_source": weights.source,
             "random_weights": weights.kind == "random", "seed": config.seed,
             "scales": [list(hw) for hw, _ in schedule], "iterations": [n for _, n in schedule],
-            "steps": job.step, "seconds": round(time.perf_counter() - t0, 3),
-            "nan_recoveries": job.recoveries, "device": str(device),
+            "steps": run.step, "seconds": round(time.perf_counter() - t0, 3),
+            "nan_recoveries": run.recoveries, "device": str(device),
             "precision": str(dtype or torch.float32).replace("torch.", ""),
             "optimizer": config.optimizer, "channels_last": channels_last,
             "loss_weights": [list(it.weights) for it in prepared], "config_digest": digest,
             "resumed_from_step": resume.step if resume is not None else None,
             # per scale, the fraction of the total and of each term removed by its last iteration
-            # (job.removed_fractions; None for a scale finished before a resume)
-            "loss_removed": job.removed,
-            "loss_scale": job.scaler.scale if job.scaler is not None else None,  # fp16 only
+            # (items.removed_fractions; None for a scale finished before a resume)
+            "loss_removed": run.removed,
+            "loss_scale": run.scaler.scale if run.scaler is not None else None,  # fp16 only
         }
         return Result(images[0], images, meta, x.detach().float().cpu())
 

@@ -1,4 +1,4 @@
-"""One job's coarse-to-fine loop: scales, targets cached per scale, progress and checkpoints."""
+"""One job's coarse-to-fine pyramid (Pyramid): scales, targets cached per scale, progress and checkpoints."""
 
 from __future__ import annotations
 
@@ -65,7 +65,10 @@ class Progress:
     tv_removed: float | None = None
 
 
-class Job:
+class Pyramid:
+    """Runs one batch of images through the scale pyramid (named so as not to clash with the
+    service's ``shared.models.Job`` row)."""
+
     def __init__(
         self,
         model: VGGFeatures,
