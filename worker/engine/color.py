@@ -58,7 +58,8 @@ def recombine(result: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
 def _sqrtm(cov: torch.Tensor, power: float) -> torch.Tensor:
     """cov ** power for a symmetric positive definite (3, 3) matrix, by eigendecomposition."""
     vals, vecs = torch.linalg.eigh(cov)
-    return vecs @ torch.diag(vals.clamp_min(COV_EPS) ** power) @ vecs.T
+    out: torch.Tensor = vecs @ torch.diag(vals.clamp_min(COV_EPS) ** power) @ vecs.T
+    return out
 
 
 def match_color(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:

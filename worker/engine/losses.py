@@ -37,7 +37,8 @@ class _GramProduct(torch.autograd.Function):
             # (F^T sym)^T = sym F, so no copy is needed on the way back to the conv.
             return torch.matmul(flat.transpose(1, 2), sym).transpose(1, 2)
         if flat.shape[0] == 1:
-            return (sym[0] @ flat[0]).unsqueeze(0)
+            one: torch.Tensor = sym[0] @ flat[0]
+            return one.unsqueeze(0)
         return torch.bmm(sym, flat)
 
 
@@ -50,7 +51,8 @@ def gram(f: torch.Tensor) -> torch.Tensor:
         flat = f.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
     else:
         flat = f.reshape(b, c, h * w)
-    return _GramProduct.apply(flat) / (c * h * w)
+    product: torch.Tensor = _GramProduct.apply(flat)
+    return product / (c * h * w)
 
 
 def moments(f: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +97,7 @@ def tv_loss(x: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """Autocast context for the VGG pass only (None = plain fp32)."""
     if dtype is None:
         return contextlib.nullcontext()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ class LossFn:
         model: VGGFeatures,
         targets: Targets,
         style_layer_weights: dict[int, float],
-        cast: Callable[[], contextlib.AbstractContextManager],
+        cast: Callable[[], contextlib.AbstractContextManager[Any]],
         channels_last: bool = False,
         start: torch.Tensor | None = None,
     ) -> None:

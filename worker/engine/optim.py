@@ -84,7 +84,8 @@ class Stepper:
             self.x.grad = None
             terms = self.loss_fn(self.x)
             scale = self.scaler.scale if self.scaler is not None else 1.0
-            (terms[0] * scale if self.scaler is not None else terms[0]).backward()
+            objective: torch.Tensor = terms[0] * scale if self.scaler is not None else terms[0]
+            torch.autograd.backward(objective)
             assert self.x.grad is not None
             vals = torch.cat([terms.detach(), self.x.grad.sum().view(1)]).tolist()
             finite = [math.isfinite(v) for v in vals]
@@ -183,7 +184,8 @@ class Stepper:
         if self.kind == "lbfgs" and _tensor_bytes(sd) > LBFGS_STATE_LIMIT_BYTES:
             logger.info("L-BFGS state is %d MB: not checkpointed", _tensor_bytes(sd) >> 20)
             return None
-        return _clone(sd)
+        cloned: dict[str, Any] = _clone(sd)
+        return cloned
 
 
 class IterateAverage:
@@ -205,7 +207,8 @@ class IterateAverage:
         self.value.mul_(self.decay).add_(x.detach(), alpha=1.0 - self.decay)
 
     def get(self) -> torch.Tensor:
-        return (self.value / (1.0 - self.accum)).clamp_(0, 1)
+        avg: torch.Tensor = (self.value / (1.0 - self.accum)).clamp_(0, 1)
+        return avg
 
     def state(self) -> dict[str, Any]:
         return {"value": self.value.detach().cpu().clone(), "accum": self.accum}

@@ -45,7 +45,7 @@ Schedule = list[tuple[tuple[int, int], int]]
 def auto_iterations(long_edge: int) -> int:
     """Iterations the auto schedule gives a scale whose long edge is ``long_edge``."""
     n = round(AUTO_BASE_ITERATIONS * (AUTO_BASE_EDGE / long_edge) ** AUTO_EXPONENT)
-    return max(AUTO_MIN, min(AUTO_MAX, n))
+    return int(max(AUTO_MIN, min(AUTO_MAX, n)))
 
 
 def auto_counts(edges: Sequence[int], optimizer: str = "lbfgs") -> list[int]:

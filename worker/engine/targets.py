@@ -74,7 +74,7 @@ def compute_targets(
     content_layers: list[int],
     style_layers: list[int],
     weights: torch.Tensor,
-    cast: Callable[[], contextlib.AbstractContextManager],
+    cast: Callable[[], contextlib.AbstractContextManager[Any]],
     *,
     masks: list[list[torch.Tensor] | None] | None = None,
     spec: StyleSpec | None = None,
@@ -104,7 +104,7 @@ def compute_targets(
 
 
 def _style_moments(model: VGGFeatures, image: torch.Tensor, layers: list[int],
-                   cast: Callable[[], contextlib.AbstractContextManager]) -> dict[int, Moments]:
+                   cast: Callable[[], contextlib.AbstractContextManager[Any]]) -> dict[int, Moments]:
     with cast():
         sf = model(image, frozenset(layers))
     out = {}
@@ -149,7 +149,8 @@ def _regions(per_item: list[list[RegionRow]],
 
 def _or_zero(row: Any, per_item: list[Any], layer: int) -> Moments:
     if row is not None:
-        return row[2][layer]
+        found: Moments = row[2][layer]
+        return found
     mean, srm = per_item[0][0][2][layer]
     return torch.zeros_like(mean), torch.zeros_like(srm)
 

@@ -66,7 +66,8 @@ class _Sqrtm(torch.autograd.Function):
         vals, vecs = torch.linalg.eigh(a)  # (B, C), (B, C, C); a = V diag(l) V^T
         s = vals.clamp_min(0).sqrt()  # (B, C); PSD in, so l < 0 is rounding
         ctx.save_for_backward(vals, vecs, s)
-        return (vecs * s.unsqueeze(-2)) @ vecs.mT  # V diag(s) V^T, symmetric PSD
+        root: torch.Tensor = (vecs * s.unsqueeze(-2)) @ vecs.mT  # V diag(s) V^T, symmetric PSD
+        return root
 
     @staticmethod
     @once_differentiable  # the backward below is not itself differentiable by autograd
@@ -82,7 +83,8 @@ class _Sqrtm(torch.autograd.Function):
             floor = (4 * torch.finfo(vals.dtype).eps * lmax).sqrt()
             denom = torch.maximum(denom, floor.clamp_min(torch.finfo(vals.dtype).eps))
             inner = (vecs.mT @ grad @ vecs) / denom  # (B, C, C): V^T dS V / (s_i + s_j)
-            return vecs @ inner @ vecs.mT  # Daleckii-Krein: dA = V [...] V^T, symmetric
+            d_a: torch.Tensor = vecs @ inner @ vecs.mT  # Daleckii-Krein: dA = V [...] V^T
+            return d_a
 
 
 def sqrtm(a: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,8 @@ def sqrtm(a: torch.Tensor) -> torch.Tensor:
     if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"sqrtm wants (..., C, C) square matrices, got {tuple(a.shape)}")
     with _no_autocast(a):
-        return _Sqrtm.apply(_fp(a))
+        out: torch.Tensor = _Sqrtm.apply(_fp(a))
+        return out
 
 
 @dataclass
