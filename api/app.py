@@ -10,8 +10,8 @@ import logging
 
 from fastapi import FastAPI
 
+from api.commit_recovery import InDoubt
 from api.errors import install_error_handlers
-from api.indoubt import InDoubt
 from api.limits import BodyLimitMiddleware
 from api.offload import Admission, cpu_pool
 from api.publisher import CeleryPublisher, Publisher

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, a database session, the current tenant, storage, publisher."""
+"""FastAPI dependencies: settings, a database session, the current tenant, storage, publisher, and
+the context of a submission (``SubmitCtxDep``)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.datastructures import FormData
 
-from api.errors import is_db_outage
-from api.idem import IdemRequest, form_request, replay
-from api.indoubt import InDoubt
+from api.commit_recovery import InDoubt
+from api.idempotency import IdemRequest
+from api.presenters import Linker
 from api.publisher import Publisher
-from api.views import Linker
-from shared.db import get_sessionmaker
+from shared.db import get_sessionmaker, is_db_outage
 from shared.errors import Unauthorized
 from shared.settings import Settings
 from shared.storage import Storage
@@ -127,23 +125,16 @@ class SubmitCtx:
     tenant: TenantCtx
     linker: Linker
     indoubt: InDoubt
-    idem: IdemRequest | None
+    idem: IdemRequest | None = None  # set once the request is fingerprinted (api.submission)
 
-    @classmethod
-    def build(cls, request: Request, tenant: TenantCtx, storage: Storage, publisher: Publisher,
-              idem: IdemRequest | None) -> SubmitCtx:
-        settings: Settings = request.app.state.settings
-        return cls(settings, get_sessionmaker(settings.database_url), storage, publisher, tenant,
-                   Linker(request, settings, storage), request.app.state.indoubt, idem)
 
-async def start_form_submission(request: Request, form: FormData, key: str | None,
-                                tenant: TenantCtx, storage: Storage, publisher: Publisher,
-                                ) -> tuple[SubmitCtx, JSONResponse | None]:
-    """The context of a multipart submission and, for a repeated Idempotency-Key, the first
-    answer (then nothing else is to be done)."""
-    ctx = SubmitCtx.build(request, tenant, storage, publisher,
-                          await form_request(request, form, key))
-    return ctx, await replay(ctx, ctx.idem)
+async def submit_ctx(request: Request, settings: SettingsDep, tenant: TenantDep,
+                     storage: StorageDep, publisher: PublisherDep) -> SubmitCtx:
+    return SubmitCtx(settings, get_sessionmaker(settings.database_url), storage, publisher, tenant,
+                     Linker(request, settings, storage), request.app.state.indoubt)
+
+
+SubmitCtxDep = Annotated[SubmitCtx, Depends(submit_ctx)]
 
 
 __all__ = [
@@ -152,9 +143,10 @@ __all__ = [
     "SettingsDep",
     "StorageDep",
     "SubmitCtx",
+    "SubmitCtxDep",
     "TenantCtx",
     "TenantDep",
     "current_tenant",
-    "start_form_submission",
     "get_session",
+    "submit_ctx",
 ]

@@ -9,10 +9,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.db import is_db_outage
 from shared.errors import (
     Conflict,
     DomainError,
@@ -87,14 +88,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
 
 
-def is_db_outage(exc: BaseException) -> bool:
-    """A database error that means "unreachable" (connect refused, connection lost, pool exhausted,
-    SQLite locked), as opposed to a bug such as a constraint violation."""
-    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
 async def _db_error(request: Request, exc: Exception) -> JSONResponse:
     if is_db_outage(exc):
         return await _db_unavailable(request, exc)
@@ -132,4 +125,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["error_body", "install_error_handlers", "is_db_outage", "status_for"]
+__all__ = ["error_body", "install_error_handlers", "status_for"]

@@ -13,6 +13,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from api.safejson import check_text, loads
+from api.schemas import FormSpec
 from shared.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 from shared.settings import Settings
 
@@ -110,6 +111,17 @@ def _disconnected() -> InvalidInput:
     return InvalidInput("client_disconnected", "the client went away mid-request", malformed=True)
 
 
+def check_fields(form: FormData, spec: FormSpec) -> None:
+    """Refuse a field the form does not declare (``unknown_field``)."""
+    unknown = sorted(set(form.keys()) - set(spec.names()))
+    if not unknown:
+        return
+    if spec.name_fields_in_errors:
+        raise InvalidInput("unknown_field",
+                           f"unknown form field {unknown[0]!r}; use {', '.join(spec.names())}")
+    raise InvalidInput("unknown_field", f"unknown form field {unknown[0][:80]!r}")
+
+
 def files(form: FormData, name: str) -> list[UploadFile]:
     return [v for v in form.getlist(name) if isinstance(v, UploadFile)]
 
@@ -153,5 +165,5 @@ def json_field(raw: str | None, name: str) -> Any:
     return loads(raw, what=name, max_bytes=MAX_FIELD_BYTES)
 
 
-__all__ = ["MAX_FIELD_BYTES", "MAX_FORM_TEXT", "files", "json_field", "read_body", "read_form",
-           "read_items", "read_upload", "text", "texts"]
+__all__ = ["MAX_FIELD_BYTES", "MAX_FORM_TEXT", "check_fields", "files", "json_field", "read_body",
+           "read_form", "read_items", "read_upload", "text", "texts"]

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from api.presenters import aware
 from api.safejson import loads
-from api.views import aware
 from shared.errors import InvalidInput, NotFound
 from shared.jobs import JobStatus
 from shared.models import Batch, Job

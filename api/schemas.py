@@ -1,7 +1,8 @@
-"""Response (and JSON request) models of the HTTP API."""
+"""The HTTP API's models: responses, the JSON batch request, the multipart forms, the error answers."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -38,7 +39,7 @@ class ImageOut(BaseModel):
     bytes: int
 
 
-class Progress(BaseModel):
+class ProgressOut(BaseModel):
     scale: int | None = None
     scales: int | None = None
     iteration: int | None = None
@@ -71,7 +72,7 @@ class JobOut(BaseModel):
     mask_ids: list[str] | None = Field(
         None, description="one content mask per style (same order), or null: no spatial control")
     params: dict[str, Any]
-    progress: Progress
+    progress: ProgressOut
     attempts: int
     cancel_requested: bool
     created_at: datetime
@@ -124,41 +125,105 @@ class BatchRequest(BaseModel):
     params: ParamsDict = Field(default_factory=dict)
 
 
+# Multipart requests, declared once: the allowed-field check (api.forms.check_fields), the reader
+# (api.submission.read_draft) and the OpenAPI schema (request_body) all work from these specs. The
+# routes parse the form themselves (FastAPI's Form/File parsing would bypass api.forms' streaming
+# limits and timeout, and read the body before authentication).
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 _IDS = {"type": "array", "items": {"type": "string", "maxLength": 64}}
 
 
-def _form_schema(files_field: str, extra: dict[str, Any], mask_doc: str) -> dict[str, Any]:
-    return {"type": "object", "properties": {
-        files_field: _FILES,
-        "style": _FILES,
-        "content_id": _IDS,
-        "style_id": _IDS,
-        "mask": {**_FILES, "description": f"content masks, uploaded: {mask_doc}"},
-        "mask_id": {**_IDS, "description": f"content masks, by image id (after the mask "
-                                           f"files): {mask_doc}"},
-        "params": {"type": "string", "contentMediaType": "application/json",
-                   "contentSchema": PARAMS_SCHEMA, "description": "JSON object (JobParams)"},
-        **extra,
-    }}
+@dataclass(frozen=True)
+class ImageField:
+    """One image slot of a form: files uploaded in ``name``, ids of uploaded images in ``name_id``
+    (the files first, then the ids)."""
+
+    name: str
+    what: str  # what the images are (OpenAPI)
+    rule: str | None = None  # how they are used (OpenAPI)
+    single: bool = False  # one image: errors name it ``content``, not ``content[0]``
+
+    @property
+    def id_name(self) -> str:
+        return f"{self.name}_id"
+
+    def label(self, index: int) -> str:
+        return self.name if self.single else f"{self.name}[{index}]"
+
+    def properties(self) -> dict[str, Any]:
+        rule = f": {self.rule}" if self.rule else ""
+        return {self.name: {**_FILES, "description": f"{self.what}, uploaded{rule}"},
+                self.id_name: {**_IDS, "description": f"{self.what}, by image id (after the "
+                                                      f"{self.name} files){rule}"}}
 
 
+@dataclass(frozen=True)
+class TextField:
+    """A text field of a form (JSON is sent as text); the last non-empty value counts."""
+
+    name: str
+    schema: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FormSpec:
+    """A multipart submission: its content, style and mask slots and its text fields."""
+
+    content: ImageField
+    style: ImageField
+    mask: ImageField
+    texts: tuple[TextField, ...]
+    name_fields_in_errors: bool = False  # an unknown field's error lists the allowed ones
+
+    @property
+    def images(self) -> tuple[ImageField, ImageField, ImageField]:
+        return self.content, self.style, self.mask
+
+    def names(self) -> list[str]:
+        return sorted([*(n for f in self.images for n in (f.name, f.id_name)),
+                       *(t.name for t in self.texts)])
+
+    def schema(self) -> dict[str, Any]:
+        properties: dict[str, Any] = {}
+        for image in self.images:
+            properties.update(image.properties())
+        return {"type": "object", "properties": {
+            **properties, **{t.name: t.schema for t in self.texts}}}
+
+
+def request_body(form: FormSpec, json_model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` for a route that parses its own body: the form (and a JSON alternative)."""
+    content = {"multipart/form-data": {"schema": form.schema()}}
+    if json_model is not None:
+        content = {"application/json": {"schema": json_model.model_json_schema()}, **content}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+_JSON = {"type": "string", "contentMediaType": "application/json"}
+PARAMS_FIELD = TextField("params", {**_JSON, "contentSchema": PARAMS_SCHEMA,
+                                    "description": "JSON object (JobParams)"})
 _JOB_MASKS = ("none, or one per style: mask i (files first, then ids) applies to style i "
               "(style files first, then style ids); greyscale, white = the style applies here, "
               "black = not; the content's aspect ratio")
 _BATCH_MASKS = ("the batch's masks list (files first, then ids), named by index in pairs")
-JOB_FORM_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": _form_schema("content", {}, _JOB_MASKS)},
-}}}
-BATCH_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": BatchRequest.model_json_schema()},
-    "multipart/form-data": {"schema": _form_schema("content", {
-        "mode": {"type": "string", "enum": ["product", "pairs"]},
-        "pairs": {"type": "string", "contentMediaType": "application/json",
-                  "description": "JSON list of [content index, style index(es)] or [content, "
-                                 "style(s), [mask index per style]]"},
-    }, _BATCH_MASKS)},
-}}}
+JOB_FORM = FormSpec(ImageField("content", "the content image (one)", single=True),
+                    ImageField("style", "the style images"),
+                    ImageField("mask", "content masks", _JOB_MASKS), (PARAMS_FIELD,),
+                    name_fields_in_errors=True)
+BATCH_FORM = FormSpec(ImageField("content", "the content images"),
+                      ImageField("style", "the style images"),
+                      ImageField("mask", "content masks", _BATCH_MASKS), (
+    PARAMS_FIELD,
+    TextField("mode", {"type": "string", "enum": ["product", "pairs"]}),
+    TextField("pairs", {**_JSON, "description": "JSON list of [content index, style index(es)] "
+                                                "or [content, style(s), [mask index per style]]"}),
+))
+JOB_FORM_DOC = request_body(JOB_FORM)
+BATCH_DOC = request_body(BATCH_FORM, BatchRequest)
+# The error answers every route may give (400 malformed, 401, 404, 409, 413, 422 invalid, 503).
+ERRORS: dict[int | str, dict[str, object]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 503)
+}
 
 
 class ReadyOut(BaseModel):
@@ -168,17 +233,24 @@ class ReadyOut(BaseModel):
 
 __all__ = [
     "BATCH_DOC",
+    "BATCH_FORM",
+    "ERRORS",
+    "JOB_FORM",
     "JOB_FORM_DOC",
     "BatchCreated",
     "BatchOut",
     "BatchRequest",
     "CheckpointOut",
     "ErrorResponse",
+    "FormSpec",
+    "ImageField",
     "ImageOut",
     "JobErrorOut",
     "JobList",
     "JobOut",
     "Pair",
-    "Progress",
+    "ProgressOut",
     "ReadyOut",
+    "TextField",
+    "request_body",
 ]

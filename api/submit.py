@@ -14,11 +14,11 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import is_db_outage
 from api.forms import MAX_FIELD_BYTES
 from api.publisher import Publisher
 from api.safejson import loads
 from shared import jobstore
+from shared.db import is_db_outage
 from shared.errors import InvalidInput
 from shared.jobstore import JobSpec
 from shared.params import JobParams

@@ -1,4 +1,4 @@
-"""SQLAlchemy engine and session factory, one per process and database URL."""
+"""SQLAlchemy engine and session factory, one per process and database URL; the outage classifier."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 # Fail fast when the database is down or unreachable: callers answer 503 instead of hanging.
@@ -67,3 +69,11 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def is_db_outage(exc: BaseException) -> bool:
+    """A database error that means "unreachable" (connect refused, connection lost, pool exhausted,
+    SQLite locked), as opposed to a bug such as a constraint violation."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -120,7 +120,7 @@ def test_concurrent_duplicates_create_one_job(any_api: Api) -> None:
 def test_losing_the_race_rolls_back_and_replays_the_winner(any_api: Api, monkeypatch) -> None:
     """Both requests pass the early lookup (as under a real race); the second's flush hits the
     unique key and everything it did is rolled back."""
-    monkeypatch.setattr("api.idem.find_stored", lambda *a, **k: None)
+    monkeypatch.setattr("api.idempotency.find_stored", lambda *a, **k: None)
     c, s = image_bytes(), image_bytes()
     first = _post_job(any_api, c, s, KEY)
     second = _post_job(any_api, c, s, KEY)
@@ -166,7 +166,7 @@ def test_commit_lost_in_flight_is_undone(any_api: Api, monkeypatch, caplog) -> N
 
     c, s = image_bytes(), image_bytes()
     monkeypatch.setattr(Session, "commit", flaky_commit)
-    monkeypatch.setattr("api.idem.remember", remember)
+    monkeypatch.setattr("api.idempotency.remember", remember)
     lost = _post_job(any_api, c, s, KEY)
     monkeypatch.setattr(Session, "commit", real_commit)
     assert lost.status_code == 503 and lost.headers["retry-after"]

@@ -14,18 +14,22 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import FormData, UploadFile
 
-from api.errors import is_db_outage
-from api.indoubt import InDoubt, Submission
+from api.commit_recovery import InDoubt, Submission
 from api.offload import off_loop
+from shared.db import is_db_outage
 from shared.idempotency import StoredResponse, check_key, fingerprint, lookup, remember
+
+if TYPE_CHECKING:  # api.deps imports IdemRequest from here
+    from api.deps import SubmitCtx
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +102,13 @@ def find_stored(sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: st
     return stored
 
 
-async def replay(ctx: Any, idem: IdemRequest | None) -> JSONResponse | None:
-    """The stored first answer for a repeated ``Idempotency-Key`` (``ctx``: the route's SubmitCtx),
-    or None when there is no key or it is new."""
-    if idem is None:
+async def replay(ctx: SubmitCtx) -> JSONResponse | None:
+    """The stored first answer for a repeated ``Idempotency-Key`` (``ctx.idem``), or None when
+    there is no key or it is new."""
+    if ctx.idem is None:
         return None
-    from fastapi.concurrency import run_in_threadpool
-
-    stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt, ctx.tenant.id, idem)
+    stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt, ctx.tenant.id,
+                                     ctx.idem)
     return None if stored is None else respond(stored, replayed=True)
 
 
@@ -147,4 +150,4 @@ def commit_submission(session: Session, sub: Submission, idem: IdemRequest | Non
 
 
 __all__ = ["KEY_HEADER", "REPLAYED_HEADER", "IdemRequest", "commit_submission", "find_stored",
-           "form_request", "header_key", "json_request", "respond"]
+           "form_request", "header_key", "json_request", "replay", "respond"]

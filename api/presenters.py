@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from api.schemas import CheckpointOut, JobErrorOut, JobOut, Progress
+from api.schemas import CheckpointOut, JobErrorOut, JobOut, ProgressOut
 from shared.jobs import JobStatus
 from shared.models import Job
 from shared.settings import Settings
@@ -44,9 +44,9 @@ def aware(value: datetime | None) -> datetime | None:
     return value
 
 
-def _progress(raw: dict[str, Any] | None) -> Progress:
-    fields = Progress.model_fields
-    return Progress(**{k: v for k, v in (raw or {}).items() if k in fields and v is not None})
+def _progress(raw: dict[str, Any] | None) -> ProgressOut:
+    fields = ProgressOut.model_fields
+    return ProgressOut(**{k: v for k, v in (raw or {}).items() if k in fields and v is not None})
 
 
 def job_out(job: Job, linker: Linker) -> JobOut:

@@ -1,0 +1,279 @@
+"""The one submission path of ``POST /v1/jobs`` and ``POST /v1/batches``.
+
+Both routes run the same steps: the ``Idempotency-Key`` header; the body (a multipart form spooled to
+disk within ``api.forms``' limits, or a JSON body); its fingerprint, and for a known key the first
+answer replayed; the form's files read into memory (one upload slot, ``api.offload.admitted``); the
+CPU-bound validation off the event loop (params, the plan of jobs, every image decoded once); then one
+transaction in the threadpool (``create``) and the answer. What differs is data: a route's
+``SubmitRoute`` (its form, file count, count checks and validation) and the ``ValidSubmission`` that
+yields (the images, the plan of jobs, the params, batch or not).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.orm import Session
+from starlette.datastructures import FormData, UploadFile
+
+from api.commit_recovery import Submission
+from api.deps import SubmitCtx
+from api.forms import check_fields, files, read_body, read_form, read_items, text, texts
+from api.idempotency import (
+    IdemRequest,
+    commit_submission,
+    form_request,
+    header_key,
+    json_request,
+    replay,
+    respond,
+)
+from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
+from api.masks import MaskPlan, check_batch_masks, check_job_masks, check_masks_used, pair_masks
+from api.offload import admitted, off_loop
+from api.presenters import job_out
+from api.queries import get_job
+from api.safejson import loads
+from api.schemas import BatchCreated, FormSpec, ImageField, Pair
+from api.submit import JobSpec, check_runnable, insert_jobs, publish_and_mark, validate_params
+from shared.errors import InvalidInput
+from shared.idempotency import StoredResponse
+from shared.models import Batch, new_id, utcnow
+from shared.params import JobParams
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+D = TypeVar("D")
+
+Plan = list[tuple[int, tuple[int, ...], MaskPlan]]  # (content, style indexes, mask indexes) per job
+_PAIRS = TypeAdapter(list[Pair])  # strict: no true/0.0 indexes
+PAIRS_SHAPE = ("pairs must be a list of [content, style(s)] or [content, style(s), [mask per "
+               "style]] (integer indexes)")
+
+
+def one_job(n_styles: int, n_masks: int) -> Plan:
+    """The plan of ``POST /v1/jobs``: its content with all its styles (and masks, if any)."""
+    return [(0, tuple(range(n_styles)), tuple(range(n_masks)) if n_masks else None)]
+
+
+def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: int,
+              n_masks: int = 0) -> Plan:
+    """The jobs of a batch: every content with every style (``product``) or as ``pairs`` list."""
+    if mode not in ("product", "pairs"):
+        raise InvalidInput("invalid_mode", "mode must be 'product' or 'pairs'")
+    if not n_contents:
+        raise InvalidInput("missing_content", "send at least one content image")
+    if not n_styles:
+        raise InvalidInput("missing_style", "send at least one style image")
+    if mode == "product":
+        if pairs:
+            raise InvalidInput("invalid_pairs", "pairs are only used with mode 'pairs'")
+        count = n_contents * n_styles
+        if count > max_jobs:
+            raise InvalidInput("batch_too_large", f"{count} jobs; the maximum is {max_jobs}")
+        check_masks_used(n_masks, mode, [])
+        return [(c, (s,), None) for c in range(n_contents) for s in range(n_styles)]
+    plan = _pairs_plan(n_contents, n_styles, pairs, max_jobs, n_masks)
+    check_masks_used(n_masks, mode, [m for _, _, m in plan])
+    return plan
+
+
+def _pairs_plan(n_contents: int, n_styles: int, pairs: Any, max_jobs: int, n_masks: int) -> Plan:
+    try:
+        parsed = _PAIRS.validate_python(pairs if pairs is not None else [])
+    except ValidationError:
+        raise InvalidInput("invalid_pairs", PAIRS_SHAPE) from None
+    if not parsed:
+        raise InvalidInput("invalid_pairs", "mode 'pairs' needs a non-empty pairs list")
+    if len(parsed) > max_jobs:
+        raise InvalidInput("batch_too_large", f"{len(parsed)} jobs; the maximum is {max_jobs}")
+    plan: Plan = []
+    for pair in parsed:
+        c, s = pair[0], pair[1]
+        styles = (s,) if isinstance(s, int) else tuple(s)
+        if not 0 <= c < n_contents or not styles or any(not 0 <= x < n_styles for x in styles):
+            raise InvalidInput(
+                "invalid_pairs",
+                f"pair [{c}, {s}] is out of range: {n_contents} contents, {n_styles} styles",
+            )
+        plan.append((c, styles, pair_masks(pair, len(styles), n_masks)))
+    return plan
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A form as read (uploads in memory), before the CPU-bound validation."""
+
+    contents: list[Raw]
+    styles: list[Raw]
+    masks: list[Raw]
+    texts: Mapping[str, str | None]  # the form's text fields as sent (JSON still text)
+
+
+@dataclass(frozen=True)
+class ValidSubmission:
+    """What one submission creates: its images (inspected uploads or ids), the plan, the params."""
+
+    contents: list[Item]
+    styles: list[Item]
+    masks: list[Item]
+    plan: Plan
+    params: JobParams
+    batch: bool  # a batch row, answered BatchCreated; else one job, answered JobOut
+
+
+def validated(contents: list[Raw], styles: list[Raw], masks: list[Raw], plan: Plan,
+              raw_params: dict[str, Any], settings: Settings, *, batch: bool) -> ValidSubmission:
+    """The params for the plan's jobs, then every image (decoded once). CPU-bound: off the loop."""
+    params = validate_params(raw_params, settings, [len(ss) for _, ss, _ in plan])
+    items = resolve_items([*contents, *styles, *masks], settings)  # one pixel budget for all
+    n_c, n_s = len(contents), len(styles)
+    return ValidSubmission(items[:n_c], items[n_c:n_c + n_s], items[n_c + n_s:], plan, params,
+                           batch)
+
+
+@dataclass(frozen=True)
+class SubmitRoute:
+    """What a submission route adds to the shared path."""
+
+    form: FormSpec  # its declared fields (api.schemas): the allowed-field check, the reader, OpenAPI
+    max_files: Callable[[Settings], int]  # files a form may hold (before the count checks)
+    check_counts: Callable[[int, int, int, Settings], None]  # contents, styles, masks: before reading
+    validate: Callable[[Draft, Settings], ValidSubmission]  # CPU-bound: runs off the event loop
+    validate_json: Callable[[Any, Settings], ValidSubmission] | None = None  # a JSON body, if any
+
+
+async def submit(request: Request, ctx: SubmitCtx, route: SubmitRoute) -> Response:
+    """Submit through ``route``: the first answer for a repeated Idempotency-Key, else create."""
+    key = header_key(request)
+    json_body = request.headers.get("content-type", "").lower().startswith("application/json")
+    if route.validate_json is not None and json_body:
+        return await _submit_json(request, ctx, key, route.validate_json)
+    settings = ctx.settings
+    form = await read_form(request, max_files=route.max_files(settings),
+                           timeout_s=settings.body_timeout_s)
+    try:  # the form is on disk; reading its files into memory takes one of the upload slots
+        async with admitted(request):
+            ctx = replace(ctx, idem=await form_request(request, form, key))
+            first_answer = await replay(ctx)
+            if first_answer is not None:
+                return first_answer
+            draft = await read_draft(form, route, settings)
+            await form.close()
+            return await _validate_and_create(request, ctx, route.validate, draft)
+    finally:
+        await form.close()
+
+
+async def _submit_json(request: Request, ctx: SubmitCtx, key: str | None,
+                       validate: Callable[[Any, Settings], ValidSubmission]) -> Response:
+    settings = ctx.settings
+    raw = await read_body(request, timeout_s=settings.body_timeout_s)  # <= max_json_bytes
+    body, idem = await off_loop(request, _json_body, raw, request.method, request.url.path, key,
+                                settings)
+    ctx = replace(ctx, idem=idem)
+    return await replay(ctx) or await _validate_and_create(request, ctx, validate, body)
+
+
+def _json_body(raw: bytes, method: str, path: str, key: str | None,
+               settings: Settings) -> tuple[Any, IdemRequest | None]:
+    body = loads(raw, what="the body", max_bytes=settings.max_json_bytes)
+    return body, json_request(method, path, body, key)
+
+
+async def _validate_and_create(request: Request, ctx: SubmitCtx,
+                               validate: Callable[[D, Settings], ValidSubmission],
+                               draft: D) -> Response:
+    sub = await off_loop(request, validate, draft, ctx.settings)
+    answer, replayed = await run_in_threadpool(create, ctx, sub)
+    return respond(answer, replayed=replayed)
+
+
+def _slot(form: FormData, field: ImageField) -> list[UploadFile | str]:
+    return [*files(form, field.name), *texts(form, field.id_name)]
+
+
+async def _read(items: list[UploadFile | str], field: ImageField, settings: Settings) -> list[Raw]:
+    return await read_items(items, settings, [field.label(i) for i in range(len(items))])
+
+
+async def read_draft(form: FormData, route: SubmitRoute, settings: Settings) -> Draft:
+    """The form's images (per slot: the files, then the ids), counted by the route before any file
+    is read into memory, each within the per-file limit; and its text fields."""
+    spec = route.form
+    check_fields(form, spec)
+    contents, styles, masks = (_slot(form, field) for field in spec.images)
+    route.check_counts(len(contents), len(styles), len(masks), settings)
+    return Draft(await _read(contents, spec.content, settings),
+                 await _read(styles, spec.style, settings),
+                 await _read(masks, spec.mask, settings),
+                 {t.name: text(form, t.name) for t in spec.texts})
+
+
+def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
+    """One transaction: the images, the batch row (for a batch), the jobs, the idempotency key; then
+    publish. Returns the answer and whether it is a replay (a concurrent request with the same key
+    won)."""
+    tenant_id = ctx.tenant.id
+    items = [*sub.contents, *sub.styles, *sub.masks]
+    specs = _specs(sub)
+    with ctx.sessions() as session:
+        _check_images(sub, image_dims(session, tenant_id, items))
+        persist_images(session, ctx.storage, tenant_id, [i for i in items if not isinstance(i, str)])
+        batch_id = _add_batch(session, tenant_id, sub.params, len(specs)) if sub.batch else None
+        job_ids = insert_jobs(session, tenant_id=tenant_id, batch_id=batch_id, specs=specs,
+                              params=sub.params, settings=ctx.settings)
+        answer = _answer(session, ctx, job_ids, batch_id)
+        record = Submission(tenant_id, tuple(job_ids), batch_id, ctx.idem.key if ctx.idem else None)
+        winner = commit_submission(session, record, ctx.idem, answer, ctx.indoubt)
+    if winner is not None:
+        return winner, True
+    if batch_id is not None:
+        logger.info("job_event job_id=%s event=batch_created batch_id=%s jobs=%d",
+                    job_ids[0], batch_id, len(job_ids))
+    publish_and_mark(ctx.sessions, ctx.publisher, job_ids)
+    return answer, False
+
+
+def _check_images(sub: ValidSubmission, dims: Mapping[str, tuple[int, int]]) -> None:
+    """Every image runnable at every scale; every mask with its content's aspect ratio."""
+    contents, masks = [item_id(c) for c in sub.contents], [item_id(m) for m in sub.masks]
+    check_runnable(sub.params, [dims[c] for c in contents], [dims[item_id(s)] for s in sub.styles])
+    if sub.batch:
+        check_batch_masks(dims, contents, masks, sub.plan)
+    else:
+        check_job_masks(dims, contents[0], masks)
+
+
+def _specs(sub: ValidSubmission) -> list[JobSpec]:
+    c, s, m = ([item_id(i) for i in items] for items in (sub.contents, sub.styles, sub.masks))
+    return [JobSpec(c[ci], tuple(s[x] for x in ss), None if ms is None else tuple(m[x] for x in ms))
+            for ci, ss, ms in sub.plan]
+
+
+def _add_batch(session: Session, tenant_id: str, params: JobParams, job_count: int) -> str:
+    batch = Batch(id=new_id(), tenant_id=tenant_id, params=params.model_dump(mode="json"),
+                  job_count=job_count, created_at=utcnow())
+    session.add(batch)
+    session.flush()
+    return batch.id
+
+
+def _answer(session: Session, ctx: SubmitCtx, job_ids: list[str],
+            batch_id: str | None) -> StoredResponse:
+    """The 202 answer, stored with the key: the batch's job ids, or the job as GET shows it."""
+    if batch_id is not None:
+        created = BatchCreated(id=batch_id, job_count=len(job_ids), job_ids=job_ids)
+        return StoredResponse(202, created.model_dump(mode="json"))
+    job = job_out(get_job(session, ctx.tenant.id, job_ids[0]), ctx.linker)
+    return StoredResponse(202, job.model_dump(mode="json"))
+
+
+__all__ = ["PAIRS_SHAPE", "Draft", "Plan", "SubmitRoute", "ValidSubmission", "create", "one_job",
+           "plan_jobs", "read_draft", "submit", "validated"]
