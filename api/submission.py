@@ -131,7 +131,9 @@ class ValidSubmission:
 def validated(contents: list[Raw], styles: list[Raw], masks: list[Raw], plan: Plan,
               raw_params: dict[str, Any], settings: Settings, *, batch: bool) -> ValidSubmission:
     """The params for the plan's jobs, then every image (decoded once). CPU-bound: off the loop."""
-    params = validate_params(raw_params, settings, [len(ss) for _, ss, _ in plan])
+    # a masked job has one style region per style: W2 pays its eigendecompositions once per region
+    regions = max((len(ss) if ms is not None else 1 for _, ss, ms in plan), default=1)
+    params = validate_params(raw_params, settings, [len(ss) for _, ss, _ in plan], regions)
     items = resolve_items([*contents, *styles, *masks], settings)  # one pixel budget for all
     n_c, n_s = len(contents), len(styles)
     return ValidSubmission(items[:n_c], items[n_c:n_c + n_s], items[n_c + n_s:], plan, params,

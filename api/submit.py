@@ -51,8 +51,9 @@ def params_error(exc: ValidationError) -> InvalidInput:
 
 
 def validate_params(raw: dict[str, Any], settings: Settings,
-                    style_counts: Sequence[int]) -> JobParams:
-    """Validate ``params`` and the configured limits for jobs with these numbers of styles."""
+                    style_counts: Sequence[int], regions: int = 1) -> JobParams:
+    """Validate ``params`` and the configured limits for jobs with these numbers of styles
+    (``regions``: the most style regions a job has, its styles when masked; JobParams.work)."""
     try:
         params = JobParams.model_validate(raw)
     except ValidationError as exc:
@@ -80,10 +81,11 @@ def validate_params(raw: dict[str, Any], settings: Settings,
             "too_many_iterations",
             f"{total} iterations in all scales; the maximum is {settings.max_iterations}",
         )
-    if params.work() > settings.max_job_work:
+    work = params.work(regions)
+    if work > settings.max_job_work:
         raise InvalidInput(
             "too_much_work",
-            f"the job asks for {params.work():.3g} pixel-iterations (sum over scales of long "
+            f"the job asks for {work:.3g} pixel-iterations (sum over scales of long "
             f"edge squared x iterations); the maximum is {settings.max_job_work:.3g}: "
             "use fewer iterations or a smaller size",
         )

@@ -189,11 +189,12 @@ class JobParams(BaseModel):
     def total_iterations(self) -> int:
         return sum(self.iterations_per_scale())
 
-    def work(self) -> int:
+    def work(self, regions: int = 1) -> int:
         """Sum over scales of long_edge**2 * iterations: an upper bound on pixels x iterations
         (a square image is the worst case), what a job costs a worker. The W2 style loss adds
-        W2_WORK_PER_ITERATION per iteration, whatever the size."""
-        extra = W2_WORK_PER_ITERATION if self.style_loss == "w2" else 0
+        W2_WORK_PER_ITERATION per iteration and style region (one, or one per style when masked),
+        whatever the size."""
+        extra = W2_WORK_PER_ITERATION * max(1, regions) if self.style_loss == "w2" else 0
         return sum((e * e + extra) * n for e, n in zip(self.long_edges(), self.iterations_per_scale(),
                                                         strict=True))
 

@@ -362,3 +362,23 @@ def _migrate_from_0001(url: str) -> None:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         assert conn.execute(select(Job.mask_image_ids).where(Job.id == "j")).scalar() is None
     engine.dispose()
+
+
+def test_w2_work_counts_each_masked_region(any_api: Api) -> None:
+    """style_loss w2 costs one eigendecomposition per layer and style region: three masked styles
+    cost three times the W2 share of an unmasked three-style job (JobParams.work(regions))."""
+    content, styles = image_bytes(64, 48), [image_bytes(), image_bytes(), image_bytes()]
+    params = json.dumps({"size": 512, "min_size": 512, "iterations": 5000, "style_loss": "w2"})
+
+    def post(masks: list[bytes]) -> Any:
+        files: list[tuple[str, Any]] = [("content", ("c.png", content, "image/png"))]
+        files += [("style", (f"s{i}.png", s, "image/png")) for i, s in enumerate(styles)]
+        files += [("mask", (f"m{i}.png", m, "image/png")) for i, m in enumerate(masks)]
+        files.append(("params", (None, params.encode())))
+        return any_api.client.post("/v1/jobs", files=files)
+
+    assert post([]).status_code == 202  # 5000 x (512^2 + 256^2) = 1.6e9 <= 2e9
+    before = any_api.counts()
+    code, message = error(post([mask_png(), mask_png(), mask_png()]))  # 5000 x (512^2 + 3 x 256^2)
+    assert code == "too_much_work" and "2.29e+09" in message, message
+    assert any_api.counts() == before

@@ -113,3 +113,4 @@ def test_fidelity_params_reach_the_engine_and_are_bounded() -> None:
     assert big.work() < Settings().max_job_work
     w2 = JobParams(style_loss="w2", iterations=10)
     assert w2.work() == JobParams(iterations=10).work() + 50 * W2_WORK_PER_ITERATION
+    assert w2.work(regions=4) == JobParams(iterations=10).work() + 4 * 50 * W2_WORK_PER_ITERATION
