@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 from shared.jobs import TERMINAL, JobStatus
+from shared.storage_keys import result_extension
 
 if TYPE_CHECKING:
     from api.client import StyleQueueClient
@@ -166,7 +167,7 @@ def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[s
             print(f"{job['id']} {names.get(job['id'], '')}: {job['status']} "
                   f"{err.get('code', '')} {err.get('message', '')}".rstrip())
             continue
-        ext = str(job["params"].get("output_format", "png")).replace("jpeg", "jpg")
+        ext = result_extension(str(job["params"].get("output_format", "png")))
         path = client.download_result(job["id"], out / f"{names.get(job['id'], job['id'])}.{ext}")
         print(f"{job['id']} -> {path}")
     return 1 if failed else 0

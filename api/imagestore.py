@@ -17,10 +17,11 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidInput
-from shared.imagecheck import ImageInfo, check_decodes, read_header
+from shared.imagecheck import ImageInfo, check_decodes, image_limits, read_header
 from shared.models import StoredImage, TenantImage, utcnow
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.storage_keys import image_key
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,10 +36,6 @@ class PendingImage:
     @property
     def key(self) -> str:
         return image_key(self.id)
-
-
-def image_key(image_id: str) -> str:
-    return f"images/{image_id}"
 
 
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # sha256 hex: the only shape an image id can have
@@ -76,7 +73,7 @@ def validate_uploads(uploads: Sequence[tuple[str, bytes]], settings: Settings) -
     Every header is read first (cheap), so a request whose images add up to more than
     ``max_request_pixels`` is refused before any pixel is decoded; then each is decoded once and
     hashed. Error messages name the form field."""
-    limits = {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_image_pixels}
+    limits = image_limits(settings)  # the worker decodes the stored images with the same limits
     infos: list[ImageInfo] = [_named(field, read_header, data, **limits) for field, data in uploads]
     pixels = round(sum(i.decode_cost for i in infos))
     if pixels > settings.max_request_pixels:
@@ -187,6 +184,5 @@ def persist_images(session: Session, storage: Storage, tenant_id: str,
     return fresh
 
 
-__all__ = ["Item", "PendingImage", "Raw", "check_owned", "image_dims", "image_key",
-           "insert_ignore", "is_image_id", "item_id", "persist_images", "resolve_items",
-           "validate_uploads"]
+__all__ = ["Item", "PendingImage", "Raw", "check_owned", "image_dims", "insert_ignore", "is_image_id",
+           "item_id", "persist_images", "resolve_items", "validate_uploads"]

@@ -10,22 +10,31 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TypedDict
 
 from PIL import Image, UnidentifiedImageError
 
 from shared.errors import InvalidInput, PayloadTooLarge
+from shared.settings import Settings
+from shared.storage_keys import FORMAT_MEDIA_TYPES
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 MIN_SIDE = 16
 
-CONTENT_TYPES = {
-    "PNG": "image/png",
-    "JPEG": "image/jpeg",
-    "WEBP": "image/webp",
-    "BMP": "image/bmp",
-    "TIFF": "image/tiff",
-    "GIF": "image/gif",
-}
+
+class ImageLimits(TypedDict):
+    """The per-image limits, as keywords of ``read_header``/``inspect_image`` and of the engine's
+    ``load_image``."""
+
+    max_bytes: int
+    max_pixels: int
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    """The service's per-image limits (``STYLEQUEUE_MAX_UPLOAD_BYTES``, ``_MAX_IMAGE_PIXELS``): the
+    API inspects uploads with them and the worker decodes inputs with them, so an image the API
+    accepted is one every worker can load."""
+    return {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_image_pixels}
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class ImageInfo:
 
     @property
     def content_type(self) -> str:
-        return CONTENT_TYPES[self.format]
+        return FORMAT_MEDIA_TYPES[self.format]
 
 
 def _mb(n: int) -> str:
@@ -98,9 +107,27 @@ def read_header(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
             # still a JPEG here (its first picture is what is decoded), so it gets the scan check
             fmt = "JPEG" if img.format == "MPO" else str(img.format)
             scans = _jpeg_scans(data) if fmt == "JPEG" else 1
-            info = ImageInfo(format=fmt, width=img.width, height=img.height, scans=scans)
+            w, h = img.width, img.height
+            if _exif_orientation(img) in _TRANSPOSED:  # stored sideways: upright, as it is used
+                w, h = h, w
+            info = ImageInfo(format=fmt, width=w, height=h, scans=scans)
     _check_dimensions(info, max_pixels)
     return info
+
+
+# EXIF orientations 5-8 store the picture rotated by 90 degrees (phone photos held upright): the engine
+# applies the orientation (ImageOps.exif_transpose) before anything else, so the API reports and
+# checks (aspect of masks, too-narrow scales) the upright width and height too.
+_TRANSPOSED = frozenset({5, 6, 7, 8})
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1 when absent or unreadable); read from the header only."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is not the image's problem: upright
+        return 1
+    return value if isinstance(value, int) else 1
 
 
 # A progressive JPEG decodes each of its scans over the whole image: a small file repeating its last
@@ -160,5 +187,5 @@ def _check_dimensions(info: ImageInfo, max_pixels: int) -> None:
         )
 
 
-__all__ = ["ALLOWED_FORMATS", "CONTENT_TYPES", "ImageInfo", "check_decodes", "inspect_image",
-           "read_header"]
+__all__ = ["ALLOWED_FORMATS", "MAX_JPEG_SCANS", "MIN_SIDE", "ImageInfo", "ImageLimits",
+           "check_decodes", "image_limits", "inspect_image", "read_header"]

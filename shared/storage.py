@@ -9,7 +9,8 @@
   ``url_for`` is a presigned GET.
 
 Keys used across the project: ``images/<sha256>``, ``jobs/<job_id>/result.a<attempt>.<ext>``,
-``jobs/<job_id>/checkpoints/<step>.pt`` and ``.png``.
+``jobs/<job_id>/checkpoints/<step>.pt`` and ``.png``, all built by ``shared.storage_keys`` (with the
+media types objects are stored and served with).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""A job's stored parameters (``shared.params.JobParams`` dump) turned into the engine's TransferConfig.
+"""What the engine is given for a job: its stored parameters (``shared.params.JobParams`` dump)
+turned into the engine's TransferConfig, and its input images decoded under the service's limits.
 
 The API validated the parameters already; the engine validates again (``EngineError`` code
 ``invalid_config``), which fails the job permanently. ``None`` means "the engine's default" and is not
-passed on, so the engine's presets stay the single source of defaults.
+passed on, so the engine's presets stay the single source of defaults. Input images are decoded with
+the limits the API inspected them with (``shared.imagecheck.image_limits``), not the engine's own
+defaults, so a raised ``STYLEQUEUE_MAX_IMAGE_PIXELS`` or ``_MAX_UPLOAD_BYTES`` holds for both.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from PIL import Image
+
+from shared.imagecheck import image_limits
 from shared.params import JobParams
 from shared.settings import Settings
-from worker.engine import TransferConfig
+from worker.engine import TransferConfig, load_image
 
 # JobParams field -> TransferConfig field, where the names differ.
 _RENAMED = {"style_weights": "style_blend_weights"}
@@ -38,14 +44,12 @@ def transfer_config(params: JobParams, settings: Settings) -> TransferConfig:
         values[target] = tuple(value) if isinstance(value, list) else value
     values["save_every"] = max(0, settings.checkpoint_every)
     values["max_scales"] = settings.max_scales  # the API accepted up to this many scales
-    values["device"] = None  # the loaded engine's device (settings.device, see worker.model)
+    values["device"] = None  # the loaded engine's device (settings.device, see worker.runtime)
     values["weights"] = None  # the loaded engine's weights (settings.weights)
     return TransferConfig(**values)
 
 
-def result_extension(params: JobParams) -> str:
-    return {"png": "png", "jpeg": "jpg", "webp": "webp"}[params.output_format]
-
-
-def content_type(params: JobParams) -> str:
-    return f"image/{params.output_format}"
+def load_input_image(data: bytes, settings: Settings) -> Image.Image:
+    """A stored input image as the engine's RGB image, refused (``ImageError``, the API's codes)
+    beyond the service's per-image limits."""
+    return load_image(data, **image_limits(settings))

@@ -21,16 +21,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
+from shared import storage_keys
 from shared.models import utcnow
 from shared.queue import get_celery, publish_job
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, Storage, StorageUnavailable, open_storage
 from worker import jobstore
-from worker.config import content_type, job_params, result_extension, transfer_config
-from worker.engine import Checkpoint, EngineError, load_image, save_image
+from worker.config import job_params, load_input_image, transfer_config
+from worker.engine import Checkpoint, EngineError, save_image
 from worker.engine.schedule import long_edges
-from worker.model import get_engine
-from worker.progress import JobStopped, StopReason, Watcher
+from worker.runtime import get_engine
+from worker.watcher import JobStopped, StopReason, Watcher
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     except ValidationError as exc:
         raise Failure("invalid_params", f"the job's parameters are not valid: {_problems(exc)}") from exc
     config = transfer_config(params, settings)
-    content, styles, inputs = _load_inputs(storage, claim)
+    content, styles, inputs = _load_inputs(storage, claim, settings)
     resume, start_step = _resume_point(storage, claim)
     engine = get_engine(settings)
     edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
@@ -108,7 +109,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
     # One key per attempt: an attempt that lost the job (a newer one took over) can never overwrite
     # the result the newer attempt recorded; it deletes its own object instead (below).
-    key = result_key(claim.job_id, claim.attempt, result_extension(params))
+    key = storage_keys.result_key(claim.job_id, claim.attempt, params.output_format)
     # A newer attempt may hold the job by now (this one was presumed dead): never overwrite the
     # result it wrote or will write. (A fenced heartbeat: no row changed means not ours any more.)
     if not jobstore.heartbeat(settings.database_url, claim.job_id, claim.attempt):
@@ -116,14 +117,14 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
         return "fenced"
     buf = io.BytesIO()
     save_image(result.image, buf, format=params.output_format, quality=params.quality)
-    storage.put_bytes(key, buf.getvalue(), content_type(params))
+    storage.put_bytes(key, buf.getvalue(), storage_keys.result_media_type(params.output_format))
     if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final):
         _best_effort(claim.job_id, claim.attempt, lambda: storage.delete(key))
         log_event(claim.job_id, claim.attempt, "fenced", stage="result")
         return "fenced"
     for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
         _best_effort(claim.job_id, claim.attempt, lambda a=earlier: storage.delete(
-            result_key(claim.job_id, a, result_extension(params))))
+            storage_keys.result_key(claim.job_id, a, params.output_format)))
     log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
     return "succeeded"
 
@@ -132,10 +133,6 @@ def _problems(exc: ValidationError) -> str:
     """Which fields are wrong and why, without pydantic's echo of the input or its links."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
                      for e in exc.errors()[:5])
-
-
-def result_key(job_id: str, attempt: int, ext: str) -> str:
-    return f"jobs/{job_id}/result.a{attempt}.{ext}"
 
 
 def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watcher: Watcher,
@@ -154,21 +151,25 @@ def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watch
                           on_checkpoint=saver, resume=None, **inputs)
 
 
-def _load_inputs(storage: Storage, claim: jobstore.Claim) -> tuple[Any, list[Any], dict[str, Any]]:
-    """The content, the styles and the engine's optional inputs: ``masks`` (one per style, as
-    stored: the engine reads their luminance), only when the job has masks (so an engine without
-    the keyword still runs every other job)."""
-    content = load_image(_input_bytes(storage, claim.content_image_id))
-    styles = [load_image(_input_bytes(storage, image_id)) for image_id in claim.style_image_ids]
+def _load_inputs(storage: Storage, claim: jobstore.Claim,
+                 settings: Settings) -> tuple[Any, list[Any], dict[str, Any]]:
+    """The content, the styles and the masks, decoded under the service's limits (as the API
+    inspected them); ``masks`` (one per style; the engine reads their luminance) only when the job
+    has masks (so an engine without the keyword still runs every other job)."""
+    content = load_input_image(_input_bytes(storage, claim.content_image_id), settings)
+    styles = [load_input_image(_input_bytes(storage, i), settings) for i in claim.style_image_ids]
     if not styles:
         raise Failure("invalid_params", "the job has no style image")
     masks = claim.mask_image_ids
-    return content, styles, ({"masks": [_input_bytes(storage, m) for m in masks]} if masks else {})
+    if not masks:
+        return content, styles, {}
+    return content, styles, {"masks": [load_input_image(_input_bytes(storage, m), settings)
+                                       for m in masks]}
 
 
 def _input_bytes(storage: Storage, image_id: str) -> bytes:
     try:
-        return storage.get_bytes(f"images/{image_id}")
+        return storage.get_bytes(storage_keys.image_key(image_id))
     except ObjectNotFound as exc:
         raise Failure("input_missing", f"input image {image_id} is not in storage") from exc
 
@@ -201,15 +202,15 @@ class CheckpointSaver:
         from worker.engine.images import tensor_to_pil
 
         job_id, attempt = self.claim.job_id, self.claim.attempt
-        base = f"jobs/{job_id}/checkpoints/{int(ckpt.step)}"
-        self.storage.put_bytes(f"{base}.pt", ckpt.to_bytes(), "application/octet-stream")
+        step = int(ckpt.step)
+        key, preview_at = storage_keys.checkpoint_key(job_id, step), storage_keys.preview_key(job_id, step)
+        self.storage.put_bytes(key, ckpt.to_bytes(), storage_keys.CHECKPOINT_MEDIA_TYPE)
         preview = io.BytesIO()
         tensor_to_pil(ckpt.image).save(preview, format="PNG")
-        self.storage.put_bytes(f"{base}.png", preview.getvalue(), "image/png")
-        ref = {"key": f"{base}.pt", "preview_key": f"{base}.png", "scale": int(ckpt.scale),
-               "iteration": int(ckpt.iteration), "step": int(ckpt.step),
+        self.storage.put_bytes(preview_at, preview.getvalue(), storage_keys.PREVIEW_MEDIA_TYPE)
+        ref = {"key": key, "preview_key": preview_at, "scale": int(ckpt.scale),
+               "iteration": int(ckpt.iteration), "step": step,
                "end_of_scale": bool(ckpt.end_of_scale), "at": utcnow().isoformat()}
-        step = int(ckpt.step)
         recorded = jobstore.append_checkpoint(self.url, job_id, attempt, ref, self.keep)
         fields: dict[str, Any] = {"step": step, "scale": ref["scale"]}
         if recorded is None:  # fenced out: a newer attempt owns the list, delete nothing

@@ -19,7 +19,7 @@ from celery.signals import setup_logging, worker_process_init, worker_shutting_d
 
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
-from worker import jobstore, model, runner
+from worker import jobstore, runner, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -61,5 +61,5 @@ def _logging(loglevel: int | str | None = None, **_: Any) -> None:
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s")
 
 
-worker_process_init.connect(model.init_pool_process, weak=False)
-worker_shutting_down.connect(model.on_worker_shutting_down, weak=False)
+worker_process_init.connect(runtime.init_pool_process, weak=False)
+worker_shutting_down.connect(runtime.on_worker_shutting_down, weak=False)

@@ -13,16 +13,9 @@ from api.routes.jobs import ERRORS
 from shared.errors import Conflict, NotFound
 from shared.jobs import JobStatus
 from shared.storage import ObjectNotFound, Storage
+from shared.storage_keys import CHECKPOINT_MEDIA_TYPE, PREVIEW_MEDIA_TYPE, RESULT_MEDIA_TYPES, media_type
 
 router = APIRouter(prefix="/v1/jobs", tags=["results"])
-
-MEDIA_TYPES = {
-    "png": "image/png",
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-    "pt": "application/octet-stream",
-}
 
 
 def _binary(*media_types: str) -> dict[int | str, dict[str, Any]]:
@@ -36,9 +29,9 @@ def _binary(*media_types: str) -> dict[int | str, dict[str, Any]]:
 
 
 CheckpointIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="the checkpoint's seq")]
-RESULT_DOC = _binary("image/png", "image/jpeg", "image/webp")
-CHECKPOINT_DOC = _binary("application/octet-stream")
-PREVIEW_DOC = _binary("image/png")
+RESULT_DOC = _binary(*RESULT_MEDIA_TYPES)
+CHECKPOINT_DOC = _binary(CHECKPOINT_MEDIA_TYPE)
+PREVIEW_DOC = _binary(PREVIEW_MEDIA_TYPE)
 
 
 def _serve(storage: Storage, key: str, expires_s: int) -> Response:
@@ -49,11 +42,10 @@ def _serve(storage: Storage, key: str, expires_s: int) -> Response:
         data = storage.get_bytes(key)
     except ObjectNotFound:
         raise NotFound("object_missing", "the stored file is missing") from None
-    ext = key.rsplit(".", 1)[-1].lower()
     filename = key.rsplit("/", 1)[-1]
     return Response(
         data,
-        media_type=MEDIA_TYPES.get(ext, "application/octet-stream"),
+        media_type=media_type(key),
         headers={"Content-Disposition": f'attachment; filename="{filename}"',
                  "X-Content-Type-Options": "nosniff"},
     )

@@ -50,3 +50,23 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
     Image.new("1", (20000, 20000)).save(buf, "PNG")
     assert len(buf.getvalue()) < 200_000
     assert _code(buf.getvalue(), max_pixels=40_000_000) == "too_many_pixels"
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, (96, 64)), (3, (96, 64)), (6, (64, 96)),
+                                                  (8, (64, 96))])
+def test_exif_rotated_photo_reports_its_upright_size_like_the_engine(
+        orientation: int, upright: tuple[int, int]) -> None:
+    """A phone photo stored sideways (EXIF Orientation 5-8): the API reports (and checks masks
+    and narrow scales against) the size the engine uses after applying the orientation."""
+    from api.masks import aspect_matches
+    from worker.engine.images import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 80, 40)).save(buf, "JPEG", exif=exif.tobytes())
+    info = inspect_image(buf.getvalue(), **LIMITS)
+    engine = load_image(buf.getvalue())
+    assert (info.width, info.height) == upright == engine.size
+    portrait_mask = (64, 96)
+    assert aspect_matches(portrait_mask, (info.width, info.height)) == (upright == (64, 96))

@@ -14,7 +14,7 @@ from shared.storage import FolderStorage, Storage, StorageUnavailable, open_stor
 from tests.worker.conftest import NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
 from worker import jobstore, runner
-from worker.progress import JobStopped, StopReason, Watcher
+from worker.watcher import JobStopped, StopReason, Watcher
 
 CKPT_PREFIX = "jobs/{}/checkpoints/"
 

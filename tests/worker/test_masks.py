@@ -23,6 +23,12 @@ from worker.engine import Checkpoint, EngineError
 STYLE2, MASK_A, MASK_B = "2" * 64, "a" * 64, "b" * 64
 
 
+def levels(im: Image.Image) -> tuple[int, int]:
+    """(min, max) luminance of a mask as the engine got it."""
+    lo, hi = im.convert("L").getextrema()
+    return int(lo), int(hi)
+
+
 def grey(value: int) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (48, 48), value).save(buf, format="PNG")
@@ -36,7 +42,7 @@ def masked_job(settings: Settings, engine: FakeEngine) -> Any:
     storage = open_storage(settings)
     storage.put_bytes(f"images/{STYLE2}", grey(90))
     storage.put_bytes(f"images/{MASK_A}", grey(255))
-    storage.put_bytes(f"images/{MASK_B}", grey(0))
+    storage.put_bytes(f"images/{MASK_B}", grey(60))
 
     def make(masks: Sequence[str] | None = (MASK_B, MASK_A), **fields: Any) -> str:
         job = Job(tenant_id="t1", content_image_id=CONTENT, style_image_ids=[STYLE, STYLE2],
@@ -58,7 +64,8 @@ def test_masks_are_passed_in_style_order(settings: Settings, engine: FakeEngine,
     assert isinstance(claim, jobstore.Claim) and claim.mask_image_ids == [MASK_B, MASK_A]
     jobstore.release(settings.database_url, job_id, claim.attempt, graceful=True)
     assert runner.run_job(job_id, NODE, settings) == "succeeded", load_job(job_id).error_message
-    assert engine.masks == [[grey(0), grey(255)]]  # the stored bytes, one per style, in order
+    # decoded under the service's limits, one per style, in the job's order
+    assert [[levels(m) for m in ms] for ms in engine.masks] == [[(60, 60), (255, 255)]]
     assert len(engine.styles[0]) == 2
 
 
@@ -128,7 +135,8 @@ def test_masks_are_passed_again_when_a_checkpoint_is_skipped(
     open_storage(settings).put_bytes("jobs/x/checkpoints/3.pt", ckpt.to_bytes())
     job_id = masked_job(checkpoints=[{"key": "jobs/x/checkpoints/3.pt", "step": 3, "seq": 0}])
     assert runner.run_job(job_id, NODE, settings) == "succeeded", load_job(job_id).error_message
-    assert fake.masks == [[grey(0), grey(255)]] * 2  # the refused resume, then the fresh start
+    # the refused resume, then the fresh start
+    assert [[levels(m) for m in ms] for ms in fake.masks] == [[(60, 60), (255, 255)]] * 2
 
 
 def test_a_masked_job_runs_on_the_real_engine(settings: Settings, engine: FakeEngine, masked_job: Any,

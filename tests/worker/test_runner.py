@@ -17,7 +17,7 @@ from shared.settings import Settings
 from shared.storage import StorageUnavailable, open_storage
 from tests.worker.conftest import CONTENT, NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
-from worker import jobstore, progress, runner
+from worker import jobstore, runner, watcher
 from worker.engine import ImageError
 
 
@@ -176,11 +176,11 @@ def test_shutdown_hands_job_back_and_republishes(
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
     thread.start()
     _wait(lambda: load_job(job_id).status == "running")
-    progress.SHUTDOWN.set()
+    watcher.SHUTDOWN.set()
     try:
         thread.join(timeout=10)
     finally:
-        progress.SHUTDOWN.clear()
+        watcher.SHUTDOWN.clear()
     assert outcome == ["handed_back"] and published == [job_id]
     job = load_job(job_id)
     assert (job.status, job.attempt, job.max_attempts) == ("queued", 1, 4)
@@ -215,7 +215,7 @@ def test_progress_dict_eta() -> None:
         scale, scales, iteration, iterations, step, total_steps, loss = 0, 2, 5, 10, 5, 20, 2.0
 
     started = time.monotonic() - 10  # 5 steps in 10 s -> 15 steps left = 30 s
-    d = progress.progress_dict(P(), started, 0)
+    d = watcher.progress_dict(P(), started, 0)
     assert d["fraction"] == 0.25 and 29 <= d["eta_seconds"] <= 31
 
 
@@ -236,5 +236,5 @@ def test_progress_eta_weights_later_scales_by_pixels() -> None:
 
     now = time.monotonic()
     # 5 iterations of a 64 px scale in 5 s: 5 more there (5 s), then 10 at 128 px (4x: 40 s).
-    d = progress.progress_dict(P(), now - 5, 0, pace=(now - 5, 0), edges=[64, 128])
+    d = watcher.progress_dict(P(), now - 5, 0, pace=(now - 5, 0), edges=[64, 128])
     assert 44 <= d["eta_seconds"] <= 46

@@ -25,7 +25,8 @@ class EngineError(Exception):
 class ImageError(EngineError):
     """A bad input image.
 
-    Codes: not_an_image, truncated, too_small, too_many_pixels, too_many_bytes, unsupported_format.
+    Codes: not_an_image, truncated, too_small, too_many_pixels, too_many_bytes, unsupported_format,
+    too_many_scans.
     """
 
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from shared.settings import Settings, get_settings
-from worker.progress import SHUTDOWN
+from worker.watcher import SHUTDOWN
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def init_pool_process(**_: object) -> None:
 
 def on_worker_shutting_down(**_: object) -> None:
     """``worker_shutting_down`` handler (in Celery's main process, warm shutdown): running jobs
-    stop at their next iteration and are handed back to the queue (see ``worker.progress``)."""
+    stop at their next iteration and are handed back to the queue (see ``worker.watcher``)."""
     SHUTDOWN.set()
 
 

@@ -1,0 +1,99 @@
+"""The names and media types of stored objects: the one place that spells them.
+
+Every object key of the project is built here (the API stores uploads, the worker results and
+checkpoints, the API serves them back). The strings are part of the stored data: objects written by
+earlier versions are found under these same keys, so change none of them without a migration.
+
+* ``images/<sha256>`` — an uploaded image, content-addressed (stored once for every tenant);
+* ``jobs/<job_id>/result.a<attempt>.<ext>`` — a job's result, one object per attempt, so an attempt
+  that lost the job never overwrites the one a newer attempt recorded;
+* ``jobs/<job_id>/checkpoints/<step>.pt`` and ``<step>.png`` — a checkpoint and its preview.
+
+Media types: ``FORMAT_MEDIA_TYPES`` by Pillow format (uploads), ``MEDIA_TYPES`` by file extension
+(downloads), ``result_extension``/``result_media_type`` by ``JobParams.output_format``.
+"""
+
+from __future__ import annotations
+
+
+def image_key(image_id: str) -> str:
+    """An uploaded image (``image_id`` is its sha256 hex)."""
+    return f"images/{image_id}"
+
+
+def result_key(job_id: str, attempt: int, output_format: str) -> str:
+    """The result of ``attempt`` of a job, in ``JobParams.output_format`` (``jpeg`` is stored as
+    ``.jpg``, see ``result_extension``)."""
+    return f"jobs/{job_id}/result.a{attempt}.{result_extension(output_format)}"
+
+
+def checkpoint_key(job_id: str, step: int) -> str:
+    """A checkpoint (the engine's ``Checkpoint.to_bytes``) after optimisation step ``step``."""
+    return f"jobs/{job_id}/checkpoints/{step}.pt"
+
+
+def preview_key(job_id: str, step: int) -> str:
+    """The PNG preview of the checkpoint at ``step``."""
+    return f"jobs/{job_id}/checkpoints/{step}.png"
+
+
+# Pillow format of an accepted upload (shared.imagecheck.ALLOWED_FORMATS) -> the media type it is
+# stored with.
+FORMAT_MEDIA_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "GIF": "image/gif",
+}
+
+# JobParams.output_format -> the result's file extension.
+RESULT_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+# File extension of a stored result or checkpoint -> the media type it is served (and stored) with.
+MEDIA_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "pt": "application/octet-stream",
+}
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+CHECKPOINT_MEDIA_TYPE = MEDIA_TYPES["pt"]
+PREVIEW_MEDIA_TYPE = MEDIA_TYPES["png"]
+RESULT_MEDIA_TYPES = tuple(dict.fromkeys(MEDIA_TYPES[e] for e in RESULT_EXTENSIONS.values()))
+
+
+def result_extension(output_format: str) -> str:
+    """The file extension of a result in ``output_format`` (``jpeg`` -> ``jpg``; an unknown format
+    is its own extension)."""
+    return RESULT_EXTENSIONS.get(output_format, output_format)
+
+
+def result_media_type(output_format: str) -> str:
+    """The media type a result in ``output_format`` is stored with."""
+    return media_type(result_extension(output_format))
+
+
+def media_type(key: str) -> str:
+    """The media type of a stored object, from its key's (or a bare) extension."""
+    return MEDIA_TYPES.get(key.rsplit(".", 1)[-1].lower(), DEFAULT_MEDIA_TYPE)
+
+
+__all__ = [
+    "CHECKPOINT_MEDIA_TYPE",
+    "DEFAULT_MEDIA_TYPE",
+    "FORMAT_MEDIA_TYPES",
+    "MEDIA_TYPES",
+    "PREVIEW_MEDIA_TYPE",
+    "RESULT_EXTENSIONS",
+    "RESULT_MEDIA_TYPES",
+    "checkpoint_key",
+    "image_key",
+    "media_type",
+    "preview_key",
+    "result_extension",
+    "result_key",
+    "result_media_type",
+]
