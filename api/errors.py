@@ -14,16 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.db import is_db_outage
-from shared.errors import (
-    Conflict,
-    DomainError,
-    InvalidInput,
-    NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
-    ServiceUnavailable,
-    Unauthorized,
-)
+from shared.errors import DomainError
 
 logger = logging.getLogger(__name__)
 
@@ -43,33 +34,20 @@ def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
 
 
 def status_for(exc: DomainError) -> int:
-    """The HTTP status of a domain error (subclasses first)."""
-    if isinstance(exc, PayloadTooLarge):
-        return 413
-    if isinstance(exc, RequestTimeout):
-        return 408
-    if isinstance(exc, InvalidInput):
-        return 400 if exc.malformed else 422
-    for cls, status in (
-        (NotFound, 404),
-        (Unauthorized, 401),
-        (Conflict, 409),
-        (ServiceUnavailable, 503),
-    ):
-        if isinstance(exc, cls):
-            return status
-    return 400
+    """The HTTP status of a domain error: declared on its class (shared.errors)."""
+    return exc.status
+
+
+def render(exc: DomainError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) of a domain error: the one rendering, for the exception handler and
+    for the body-limit middleware, which answers before the app runs."""
+    return exc.status, error_body(exc.code, exc.message, **exc.details), exc.headers()
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    status = status_for(exc)
-    headers: dict[str, str] = {}
-    if isinstance(exc, ServiceUnavailable):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status, headers=headers)
+    status, body, headers = render(exc)
+    return JSONResponse(body, status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -125,4 +103,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-__all__ = ["error_body", "install_error_handlers", "status_for"]
+__all__ = ["error_body", "install_error_handlers", "render", "status_for"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.errors import render
 from api.forms import MAX_FORM_TEXT
 from shared.errors import InvalidInput, PayloadTooLarge
 from shared.settings import Settings
@@ -55,14 +55,14 @@ class BodyLimitMiddleware:
             return
         ctypes = [v for k, v in scope["headers"] if k == b"content-type"]
         if len(ctypes) > 1:  # the limit and the route must read the same one
-            await self._reject(send, 400, InvalidInput(
+            await self._reject(send, InvalidInput(
                 "malformed_request", "send one Content-Type header", malformed=True))
             return
         ctype = ctypes[0].decode("latin-1").lower() if ctypes else ""
         limit = body_limit(self.settings, scope["path"], ctype)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, 413, _too_large(limit))
+            await self._reject(send, _too_large(limit))
             return
         seen = 0
 
@@ -77,11 +77,13 @@ class BodyLimitMiddleware:
 
         await self.app(scope, counting_receive, send)
 
-    async def _reject(self, send: Send, status: int, exc: InvalidInput) -> None:
+    async def _reject(self, send: Send, exc: InvalidInput) -> None:
         import json
 
-        body = json.dumps(error_body(exc.code, exc.message)).encode()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        status, payload, extra = render(exc)
+        body = json.dumps(payload).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
