@@ -16,6 +16,7 @@ from api.limits import BodyLimitMiddleware
 from api.offload import Admission, cpu_pool
 from api.publisher import CeleryPublisher, Publisher
 from api.routes import batches, health, images, jobs, results
+from shared import logs
 from shared.db import get_sessionmaker
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
@@ -56,16 +57,12 @@ def create_app(
     for module in (health, images, jobs, results, batches):
         app.include_router(module.router)
     if settings.auth == "off":
-        logger.warning(
-            "api_event job_id=- event=auth_off warning=%s",
-            "AUTHENTICATION IS OFF: every caller acts as the local tenant; serve only on loopback",
-        )
-    logger.info(
-        "api_event job_id=- event=app_created auth=%s database=%s storage=%s",
-        settings.auth,
-        settings.database_url.split(":", 1)[0],
-        settings.storage_url.split(":", 1)[0],
-    )
+        logs.event(logger, 'auth_off', kind="api", level=logging.WARNING,
+                   warning="AUTHENTICATION IS OFF: every caller acts as the local tenant; "
+                   "serve only on loopback")
+    logs.event(logger, 'app_created', kind="api", auth=settings.auth,
+               database=settings.database_url.split(":", 1)[0],
+               storage=settings.storage_url.split(":", 1)[0])
     return app
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobstore
+from shared import jobstore, logs
 from shared.models import Batch, IdempotencyKey, Job
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def undo(session: Session, sub: Submission) -> bool:
     left = session.scalar(select(Job.id).where(Job.id.in_(ids)).limit(1))
     if left is not None:
         session.rollback()
-        logger.warning("job_event job_id=%s event=in_doubt_kept reason=already_published", left)
+        logs.event(logger, 'in_doubt_kept', job_id=left, level=logging.WARNING, reason='already_published')
         return False
     if sub.batch_id is not None:
         session.execute(
@@ -71,10 +71,8 @@ def undo(session: Session, sub: Submission) -> bool:
         if row is not None and _key_row_is_ours(row, ids):
             session.delete(row)
     session.commit()
-    logger.warning(
-        "job_event job_id=%s event=in_doubt_resolved committed=%s deleted=%d",
-        ids[0] if ids else "-", count > 0, count,
-    )
+    logs.event(logger, 'in_doubt_resolved', job_id=ids[0] if ids else "-", level=logging.WARNING,
+               committed=count > 0, deleted=count)
     return True
 
 
@@ -89,8 +87,8 @@ class InDoubt:
         self._thread: threading.Thread | None = None
 
     def add(self, sub: Submission) -> None:
-        logger.error("job_event job_id=%s event=commit_in_doubt jobs=%d",
-                     sub.job_ids[0] if sub.job_ids else "-", len(sub.job_ids))
+        logs.event(logger, 'commit_in_doubt', job_id=sub.job_ids[0] if sub.job_ids else "-",
+                   level=logging.ERROR, jobs=len(sub.job_ids))
         with self._lock:
             self._pending.append(sub)
             if self._thread is None:
@@ -111,8 +109,7 @@ class InDoubt:
                     with self._sessions() as session:
                         undo(session, sub)
                 except Exception as exc:  # still down: try again later
-                    logger.info("job_event job_id=- event=in_doubt_retry error=%s",
-                                type(exc).__name__)
+                    logs.event(logger, 'in_doubt_retry', error=type(exc).__name__)
                     break
                 with self._lock:
                     self._pending.remove(sub)

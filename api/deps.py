@@ -17,6 +17,7 @@ from api.commit_recovery import InDoubt
 from api.idempotency import IdemRequest
 from api.presenters import Linker
 from api.publisher import Publisher
+from shared import logs
 from shared.db import get_sessionmaker, is_db_outage
 from shared.errors import Unauthorized
 from shared.settings import Settings
@@ -53,8 +54,8 @@ def _close_quietly(session: Session) -> None:
     except Exception as exc:
         if not is_db_outage(exc):
             raise
-        logger.warning("request_event job_id=- event=session_close_failed error=%s",
-                       type(exc).__name__)
+        logs.event(logger, 'session_close_failed', kind="request", level=logging.WARNING,
+                   error=type(exc).__name__)
 
 
 def get_storage(request: Request) -> Storage:

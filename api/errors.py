@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared import logs
 from shared.db import is_db_outage
 from shared.errors import DomainError
 
@@ -73,11 +74,8 @@ async def _db_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _db_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    logger.error(
-        "request_event job_id=- event=db_unavailable path=%s error=%s",
-        request.url.path,
-        type(exc).__name__,
-    )
+    logs.event(logger, 'db_unavailable', kind="request", level=logging.ERROR, path=request.url.path,
+               error=type(exc).__name__)
     return JSONResponse(
         error_body("database_unavailable", "the database is unreachable; retry shortly"),
         503,
@@ -86,11 +84,8 @@ async def _db_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception(
-        "request_event job_id=- event=unhandled_error path=%s error=%s",
-        request.url.path,
-        type(exc).__name__,
-    )
+    logs.event(logger, 'unhandled_error', kind="request", level=logging.ERROR, exc_info=True,
+               path=request.url.path, error=type(exc).__name__)
     return JSONResponse(error_body("internal_error", "unexpected server error"), 500)
 
 

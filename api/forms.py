@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from api.safejson import check_text, loads
 from api.schemas import FormSpec
+from shared import logs
 from shared.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 from shared.settings import Settings
 
@@ -107,7 +108,7 @@ async def read_body(request: Request, *, timeout_s: float) -> bytes:
 
 
 def _disconnected() -> InvalidInput:
-    logger.info("request_event job_id=- event=client_disconnected")
+    logs.event(logger, 'client_disconnected', kind="request")
     return InvalidInput("client_disconnected", "the client went away mid-request", malformed=True)
 
 

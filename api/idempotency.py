@@ -25,6 +25,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from api.commit_recovery import InDoubt, Submission
 from api.offload import off_loop
+from shared import logs
 from shared.db import is_db_outage
 from shared.idempotency import StoredResponse, check_key, fingerprint, lookup, remember
 
@@ -98,7 +99,7 @@ def find_stored(sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: st
         stored = lookup(session, tenant_id, idem.key, idem.request_hash, drop_expired=False)
         session.rollback()
     if stored is not None:
-        logger.info("request_event job_id=- event=idempotent_replay tenant_id=%s", tenant_id)
+        logs.event(logger, 'idempotent_replay', kind="request", tenant_id=tenant_id)
     return stored
 
 
@@ -137,8 +138,7 @@ def commit_submission(session: Session, sub: Submission, idem: IdemRequest | Non
         session.rollback()
         if stored is None:
             raise
-        logger.info("request_event job_id=- event=idempotent_race_lost tenant_id=%s",
-                    sub.tenant_id)
+        logs.event(logger, 'idempotent_race_lost', kind="request", tenant_id=sub.tenant_id)
         return stored
     try:
         session.commit()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from shared import logs
 from shared.errors import InvalidInput
 from shared.imagecheck import ImageInfo, check_decodes, image_limits, read_header
 from shared.models import StoredImage, TenantImage, utcnow
@@ -180,7 +181,7 @@ def persist_images(session: Session, storage: Storage, tenant_id: str,
         [{"tenant_id": tenant_id, "image_id": i, "created_at": now} for i in sorted(fresh)],
     )
     for image_id in sorted(fresh):
-        logger.info("image_event job_id=- event=owned image_id=%s tenant_id=%s", image_id, tenant_id)
+        logs.event(logger, 'owned', kind="image", image_id=image_id, tenant_id=tenant_id)
     return fresh
 
 

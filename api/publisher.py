@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from shared import logs
 from shared.queue import publish_job
 from shared.settings import Settings
 
@@ -53,13 +54,8 @@ class CeleryPublisher:
                     done.append(job_id)
         except Exception as exc:  # broker down, timeouts...: the reconciler republishes later
             missed = job_ids[len(done)] if len(done) < len(job_ids) else "-"
-            logger.error(
-                "job_event job_id=%s event=publish_failed published=%d unpublished=%d error=%r",
-                missed,
-                len(done),
-                len(job_ids) - len(done),
-                exc,
-            )
+            logs.event(logger, 'publish_failed', job_id=missed, level=logging.ERROR, published=len(done),
+                       unpublished=len(job_ids) - len(done), error=repr(exc))
         return done
 
     def check(self) -> None:

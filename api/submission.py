@@ -42,6 +42,7 @@ from api.queries import get_job
 from api.safejson import loads
 from api.schemas import BatchCreated, FormSpec, ImageField, Pair
 from api.submit import JobSpec, check_runnable, insert_jobs, publish_and_mark, validate_params
+from shared import logs
 from shared.errors import InvalidInput
 from shared.idempotency import StoredResponse
 from shared.models import Batch, new_id, utcnow
@@ -237,8 +238,7 @@ def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
     if winner is not None:
         return winner, True
     if batch_id is not None:
-        logger.info("job_event job_id=%s event=batch_created batch_id=%s jobs=%d",
-                    job_ids[0], batch_id, len(job_ids))
+        logs.event(logger, 'batch_created', job_id=job_ids[0], batch_id=batch_id, jobs=len(job_ids))
     publish_and_mark(ctx.sessions, ctx.publisher, job_ids)
     return answer, False
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.forms import MAX_FIELD_BYTES
 from api.publisher import Publisher
 from api.safejson import loads
-from shared import jobstore
+from shared import jobstore, logs
 from shared.db import is_db_outage
 from shared.errors import InvalidInput
 from shared.jobstore import JobSpec
@@ -140,12 +140,10 @@ def publish_and_mark(factory: sessionmaker[Session], publisher: Publisher,
         except Exception as exc:
             if not is_db_outage(exc):
                 raise
-            logger.error("job_event job_id=%s event=mark_published_failed jobs=%d error=%s",
-                         published[0], len(published), type(exc).__name__)
-    logger.info(
-        "job_event job_id=%s event=submitted jobs=%d published=%d",
-        job_ids[0] if job_ids else "-", len(job_ids), len(published),
-    )
+            logs.event(logger, 'mark_published_failed', job_id=published[0], level=logging.ERROR,
+                       jobs=len(published), error=type(exc).__name__)
+    logs.event(logger, 'submitted', job_id=job_ids[0] if job_ids else "-", jobs=len(job_ids),
+               published=len(published))
     return published
 
 

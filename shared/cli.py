@@ -16,6 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from shared import logs
+
 # Every subcommand -> the module that defines it, in help order.
 COMMANDS: dict[str, str] = {
     # engine: stylise on this machine, no server (worker image)
@@ -72,11 +74,7 @@ def command_of(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(command_of(argv)).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)  # STYLEQUEUE_LOG_FORMAT
     return int(args.func(args) or 0)
 
 

@@ -13,6 +13,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, make_url, pool, text
 
+from shared import logs
+
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -52,8 +54,8 @@ def upgrade(database_url: str, revision: str = "head") -> None:
                     conn.commit()
     finally:
         engine.dispose()
-    logger.info("migrate_event event=upgraded revision=%s backend=%s", revision,
-                make_url(database_url).get_backend_name())
+    logs.event(logger, 'upgraded', kind="migrate", revision=revision,
+               backend=make_url(database_url).get_backend_name())
 
 
 __all__ = ["MIGRATIONS_DIR", "alembic_config", "upgrade"]

@@ -219,4 +219,5 @@ class JobParams(BaseModel):
 def auto_iterations(long_edge: int) -> int:
     """The engine's auto schedule, ``60 * (512 / edge) ** 1.2`` clamped to [20, 400]
     (``worker.engine.schedule.auto_iterations``; tests/engine checks they agree)."""
-    return max(20, min(400, round(60 * (512 / long_edge) ** 1.2)))
+    growth: float = (512 / long_edge) ** 1.2  # typeshed: float ** float is Any (it may be complex)
+    return max(20, min(400, round(60 * growth)))

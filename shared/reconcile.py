@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import idempotency, jobstore
+from shared import idempotency, jobstore, logs
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
 
@@ -84,13 +84,13 @@ def _expired_leases(
                         else jobstore.fail_lost(session, seen, max_attempts, now))
                 if done:
                     report.failed.append(job_id)
-                    logger.warning("job_event job_id=%s event=reconciled_%s attempt=%s",
-                                   job_id, ended, attempt)
+                    logs.event(logger, f"reconciled_{ended}", job_id=job_id, attempt=attempt,
+                               level=logging.WARNING)
                 continue
             # Back to queued; published_at is set when the message goes out (below).
             if jobstore.requeue(session, seen, now):
                 report.requeued.append(job_id)
-                logger.warning("job_event job_id=%s event=lease_expired attempt=%s", job_id, attempt)
+                logs.event(logger, 'lease_expired', job_id=job_id, attempt=attempt, level=logging.WARNING)
         session.commit()
 
 
@@ -134,13 +134,13 @@ def _publish_claimed(
     try:
         publish(job_id)
     except Exception:
-        logger.exception("job_event job_id=%s event=republish_failed", job_id)
+        logs.event(logger, 'republish_failed', job_id=job_id, level=logging.ERROR, exc_info=True)
         with sessions() as session:  # leave the job for the next pass
             jobstore.unclaim_publish(session, job_id, now, previous)
             session.commit()
         return
     report.republished.append(job_id)
-    logger.info("job_event job_id=%s event=republished", job_id)
+    logs.event(logger, 'republished', job_id=job_id)
 
 
 def run_forever(

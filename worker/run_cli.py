@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from shared import logs
 from worker import run_options
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ def _fail(command: str, message: str) -> int:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Warnings and errors on stderr when nothing configured logging yet (the dispatcher does)."""
+    if not logging.getLogger().handlers:
+        logs.configure(logging.WARNING)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

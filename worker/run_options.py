@@ -18,7 +18,8 @@ import dataclasses
 import inspect
 import types
 import typing
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 # Fields with no option, and why.
 EXCLUDED = {
@@ -78,8 +79,11 @@ UNSET = {
 _TRISTATE = {"auto": None, "on": True, "off": False}  # a `bool | None` field's option
 
 
-def _list(kind: type, name: str) -> Any:
-    def parse(text: str) -> tuple[Any, ...]:
+_T = TypeVar("_T")
+
+
+def _list(kind: Callable[[str], _T], name: str) -> Callable[[str], tuple[_T, ...]]:
+    def parse(text: str) -> tuple[_T, ...]:
         try:
             values = tuple(kind(v) for v in text.split(",") if v.strip())
         except ValueError:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
-from shared import storage_keys
+from shared import logs, storage_keys
 from shared.models import utcnow
 from shared.queue import get_celery, publish_job
 from shared.settings import Settings
@@ -33,6 +34,12 @@ from worker.engine.schedule import long_edges
 from worker.runtime import get_engine
 from worker.watcher import JobStopped, StopReason, Watcher
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from worker.engine import TransferConfig
+    from worker.engine_port import EnginePort, EngineResult
+
 logger = logging.getLogger(__name__)
 
 # Errors worth retrying later: the task declares these in ``autoretry_for``.
@@ -41,9 +48,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalErr
 
 def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO,
               **fields: Any) -> None:
-    """The one log shape of the worker: ``job_event job_id=... attempt=... event=... k=v...``."""
-    extra = "".join(f" {k}={v}" for k, v in fields.items())
-    logger.log(level, "job_event job_id=%s attempt=%s event=%s%s", job_id, attempt, event, extra)
+    """One worker event in the service's log shape (shared.logs)."""
+    logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
 
 
 class Failure(Exception):
@@ -81,8 +87,8 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
         # Never the exception's text (torch internals, paths, SQL): a generic message with a code,
         # and the whole exception in the log under the job's id.
         code, message, retryable = _classify_crash(exc)
-        logger.exception("job_event job_id=%s attempt=%s event=crash code=%s error=%s",
-                         job_id, got.attempt, code, type(exc).__name__)
+        logs.event(logger, 'crash', job_id=job_id, attempt=got.attempt, level=logging.ERROR, exc_info=True,
+                   code=code, error=type(exc).__name__)
         return _fail(settings, got, code, message, retryable)
 
 
@@ -135,8 +141,15 @@ def _problems(exc: ValidationError) -> str:
                      for e in exc.errors()[:5])
 
 
-def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watcher: Watcher,
-                saver: CheckpointSaver, resume: Any, inputs: dict[str, Any]) -> Any:
+class EngineInputs(TypedDict, total=False):
+    """The optional inputs of ``EnginePort.run`` a job has (absent keys are not passed at all)."""
+
+    masks: list[Image.Image]
+
+
+def _run_engine(engine: EnginePort, content: Image.Image, styles: list[Image.Image],
+                config: TransferConfig, watcher: Watcher, saver: CheckpointSaver,
+                resume: Checkpoint | None, inputs: EngineInputs) -> EngineResult:
     """``engine.run`` (+ ``inputs``); a checkpoint it will not resume from is skipped (start afresh)."""
     try:
         return engine.run(content, styles, config, on_progress=watcher.on_progress,
@@ -152,7 +165,7 @@ def _run_engine(engine: Any, content: Any, styles: list[Any], config: Any, watch
 
 
 def _load_inputs(storage: Storage, claim: jobstore.Claim,
-                 settings: Settings) -> tuple[Any, list[Any], dict[str, Any]]:
+                 settings: Settings) -> tuple[Image.Image, list[Image.Image], EngineInputs]:
     """The content, the styles and the masks, decoded under the service's limits (as the API
     inspected them); ``masks`` (one per style; the engine reads their luminance) only when the job
     has masks (so an engine without the keyword still runs every other job)."""
@@ -174,7 +187,7 @@ def _input_bytes(storage: Storage, image_id: str) -> bytes:
         raise Failure("input_missing", f"input image {image_id} is not in storage") from exc
 
 
-def _resume_point(storage: Storage, claim: jobstore.Claim) -> tuple[Any, int]:
+def _resume_point(storage: Storage, claim: jobstore.Claim) -> tuple[Checkpoint | None, int]:
     """The latest recorded checkpoint, or (None, 0) when there is none or it cannot be read."""
     if not claim.checkpoints:
         return None, 0
@@ -198,7 +211,7 @@ class CheckpointSaver:
         self.keep = keep
         self.last_step: int | None = None  # the latest checkpoint this attempt recorded
 
-    def __call__(self, ckpt: Any) -> None:
+    def __call__(self, ckpt: Checkpoint) -> None:
         from worker.engine.images import tensor_to_pil
 
         job_id, attempt = self.claim.job_id, self.claim.attempt
@@ -292,7 +305,7 @@ def _classify_crash(exc: Exception) -> tuple[str, str, bool]:
     return "internal_error", INTERNAL_ERROR, True
 
 
-def _best_effort(job_id: str, attempt: int, action: Any) -> None:
+def _best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> None:
     try:
         action()
     except Exception as exc:  # the database may be the thing that is down

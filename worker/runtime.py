@@ -11,19 +11,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.settings import Settings, get_settings
 from worker.watcher import SHUTDOWN
 
+if TYPE_CHECKING:
+    from worker.engine import StyleTransfer
+
 logger = logging.getLogger(__name__)
 
 _lock = threading.RLock()  # held while the model is built, so a first job waits for preload
-_engine: Any = None
+_engine: StyleTransfer | None = None
 _key: tuple[str, str] | None = None
 
 
-def get_engine(settings: Settings) -> Any:
+def get_engine(settings: Settings) -> StyleTransfer:
     """The process's ``StyleTransfer`` for ``settings.weights`` on ``settings.device``.
 
     While ``preload`` is still building the model, this waits for it (the lock), so a first job never

@@ -17,6 +17,7 @@ from typing import Any
 from celery import Task
 from celery.signals import setup_logging, worker_process_init, worker_shutting_down
 
+from shared import logs
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
 from worker import jobstore, runner, runtime
@@ -40,7 +41,7 @@ class JobTask(Task):
                 runner.log_event(job_id, None, "failed", logging.ERROR, code="unavailable",
                                  error=type(exc).__name__, detail=repr(str(exc)[:200]))
         except Exception:
-            logger.exception("job_event job_id=%s attempt=- event=fail_after_retries_failed", job_id)
+            logs.event(logger, 'fail_after_retries_failed', job_id=job_id, level=logging.ERROR, exc_info=True)
 
 
 @app.task(
@@ -57,8 +58,7 @@ def run_job(self: Task, job_id: str) -> str:
 
 @setup_logging.connect
 def _logging(loglevel: int | str | None = None, **_: Any) -> None:
-    logging.basicConfig(level=loglevel or logging.INFO,
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s")
+    logs.configure(loglevel or logging.INFO)  # the service's one configuration (shared.logs)
 
 
 worker_process_init.connect(runtime.init_pool_process, weak=False)

@@ -24,10 +24,11 @@ import threading
 import time
 from typing import Any
 
+from shared import logs
 from shared.jobs import JobStatus
 from shared.settings import Settings
 from worker import jobstore
-from worker.engine import CHECKPOINT_NOW
+from worker.engine import CHECKPOINT_NOW, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class ShutdownFlag:
 SHUTDOWN = ShutdownFlag()
 
 
-def progress_dict(p: Any, started: float, start_step: int,
+def progress_dict(p: Progress, started: float, start_step: int,
                   pace: tuple[float, int] | None = None, edges: list[int] | None = None) -> dict[str, Any]:
     """``job.progress`` from an engine ``Progress``.
 
@@ -93,7 +94,7 @@ def progress_dict(p: Any, started: float, start_step: int,
     }
 
 
-def _paced_eta(p: Any, step: int, total: int, now: float, pace: tuple[float, int] | None,
+def _paced_eta(p: Progress, step: int, total: int, now: float, pace: tuple[float, int] | None,
                edges: list[int] | None) -> float | None:
     if pace is None or not edges or len(edges) != int(p.scales):
         return None
@@ -128,8 +129,8 @@ class Watcher:
         self.stop: StopReason | None = None
         # On shutdown: ask for a checkpoint of the current iteration before stopping (see above).
         self.checkpoint_requested_at: int | None = None  # the step at which it was asked for
-        self._latest: Any = None
-        self._written: Any = None
+        self._latest: Progress | None = None
+        self._written: Progress | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"watch-{job_id[:8]}", daemon=True)
 
@@ -142,7 +143,7 @@ class Watcher:
         self._thread.join(timeout=10)
 
     # --- engine side (called in the engine's thread, cheap) ---
-    def on_progress(self, p: Any) -> str | None:
+    def on_progress(self, p: Progress) -> str | None:
         if p.scale != self._pace_scale:  # a new scale: its own pace (previous iteration's end)
             self._pace_scale, self._pace = p.scale, (self._last_t or time.monotonic(), p.iteration - 1)
         self._last_t = time.monotonic()
@@ -193,8 +194,8 @@ class Watcher:
                     self._note(jobstore.heartbeat(self.url, self.job_id, self.attempt))
                     last_beat = now
             except Exception:  # the database may blip; the lease covers a few missed beats
-                logger.warning("job_event job_id=%s attempt=%s event=watch_error",
-                               self.job_id, self.attempt, exc_info=True)
+                logs.event(logger, 'watch_error', job_id=self.job_id, attempt=self.attempt,
+                           level=logging.WARNING)
 
     def _check(self) -> None:
         if self.stop is not None:

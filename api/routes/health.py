@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from api.errors import error_body
 from api.schemas import ReadyOut
+from shared import logs
 from shared.db import get_engine
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def _probe(name: str, fn: Callable[[], object]) -> str:
     try:
         fn()
     except Exception as exc:
-        logger.warning("ready_event job_id=- event=down dependency=%s error=%r", name, exc)
+        logs.event(logger, 'down', kind="ready", level=logging.WARNING, dependency=name, error=repr(exc))
         return f"down: {type(exc).__name__}"
     return "ok"
 

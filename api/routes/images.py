@@ -10,8 +10,7 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantCtx, TenantDep
 from api.forms import files, read_form, read_upload
 from api.imagestore import PendingImage, is_image_id, persist_images, validate_uploads
 from api.offload import admitted, off_loop
-from api.routes.jobs import ERRORS
-from api.schemas import ImageOut
+from api.schemas import ERRORS, ImageOut
 from shared.db import get_sessionmaker
 from shared.errors import InvalidInput, NotFound
 from shared.models import StoredImage, TenantImage

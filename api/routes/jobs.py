@@ -14,7 +14,7 @@ from api.queries import MAX_PAGE, get_job, list_jobs
 from api.schemas import ERRORS, JOB_FORM, JOB_FORM_DOC, JobList, JobOut
 from api.submission import Draft, SubmitRoute, ValidSubmission, one_job, submit, validated
 from api.submit import parse_params_json
-from shared import jobstore
+from shared import jobstore, logs
 from shared.errors import Conflict, InvalidInput
 from shared.settings import Settings
 
@@ -108,6 +108,5 @@ def cancel_job(job_id: str, request: Request, response: Response, session: Sessi
     if code is None:
         raise Conflict("job_finished", f"the job is already {job.status}", status=job.status)
     response.status_code = code
-    logger.info("job_event job_id=%s event=cancel_%s", job.id,
-                "done" if code == 200 else "requested")
+    logs.event(logger, "cancel_done" if code == 200 else "cancel_requested", job_id=job.id)
     return job_out(job, Linker(request, settings, storage))

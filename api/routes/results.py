@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.queries import get_job
-from api.routes.jobs import ERRORS
+from api.schemas import ERRORS
 from shared.errors import Conflict, NotFound
 from shared.jobs import JobStatus
 from shared.storage import ObjectNotFound, Storage

@@ -115,7 +115,8 @@ def pg_api(settings_factory: Callable[..., Settings], pg_url: str) -> Iterator[A
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_api(request: pytest.FixtureRequest) -> Api:
     """Both databases."""
-    return request.getfixturevalue("api" if request.param == "sqlite" else "pg_api")
+    chosen: Api = request.getfixturevalue("api" if request.param == "sqlite" else "pg_api")
+    return chosen
 
 
 def submit(client: TestClient, *, content: bytes | None = None, styles: Sequence[bytes] = (),

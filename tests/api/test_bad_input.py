@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from shared.settings import Settings
 from tests.api.conftest import Api, build_api, image_bytes, submit, upload
 
 PNG = image_bytes(64, 64, color=1)
@@ -93,7 +94,7 @@ CASES: dict[str, tuple[Callable[[TestClient], Any], int, str]] = {
 
 
 @pytest.fixture
-def small_api(settings_factory) -> Api:
+def small_api(settings_factory: Callable[..., Settings]) -> Api:
     return build_api(settings_factory(max_upload_bytes=200_000, max_styles=3, max_batch_jobs=4,
                                       max_image_pixels=40_000_000))
 
@@ -119,7 +120,7 @@ def test_body_over_the_limit_is_refused_before_reading(small_api: Api) -> None:
 
 
 def test_streamed_body_over_the_limit_is_cut(small_api: Api) -> None:
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         for _ in range(40):
             yield b"\0" * 100_000  # no Content-Length: counted while streaming
 

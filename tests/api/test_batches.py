@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 from sqlalchemy import func, select
 
 from shared.db import session_scope
 from shared.models import Job
+from shared.settings import Settings
 from tests.api.conftest import Api, build_api, image_bytes, upload
 
 
@@ -79,7 +81,7 @@ def test_thousand_job_batch_on_postgresql(pg_api: Api) -> None:
     assert summary["counts"]["queued"] == 1000 and summary["job_count"] == 1000
 
 
-def test_thousand_and_one_is_refused(settings_factory) -> None:
+def test_thousand_and_one_is_refused(settings_factory: Callable[..., Settings]) -> None:
     api = build_api(settings_factory())
     c = upload(api.client, image_bytes()).json()["id"]
     before = api.counts()

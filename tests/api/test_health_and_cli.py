@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from shared.cli import main
 from shared.db import session_scope
 from shared.migrate import upgrade
 from shared.models import Base, Job
+from shared.settings import Settings
 from tests.api.conftest import Api, FakePublisher, build_api, image_bytes
 from tests.net import free_port
 
@@ -30,7 +31,7 @@ def test_healthz_and_readyz(api: Api) -> None:
     assert r.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
 
 
-def test_readyz_with_broken_broker_and_storage(settings_factory) -> None:
+def test_readyz_with_broken_broker_and_storage(settings_factory: Callable[..., Settings]) -> None:
     port = free_port()
     settings = settings_factory(broker_url=f"redis://127.0.0.1:{port}/0",
                                 storage_url="s3://missing/p",
@@ -45,7 +46,7 @@ def test_readyz_with_broken_broker_and_storage(settings_factory) -> None:
     assert body["checks"]["storage"].startswith("down")
 
 
-def test_readyz_broker_down_only(settings_factory) -> None:
+def test_readyz_broker_down_only(settings_factory: Callable[..., Settings]) -> None:
     api = build_api(settings_factory(), FakePublisher(down=True))
     r = api.client.get("/readyz")
     assert r.status_code == 503 and "broker" in r.json()["error"]["message"]
@@ -53,8 +54,6 @@ def test_readyz_broker_down_only(settings_factory) -> None:
 
 def test_database_down_is_503(api: Api, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
-
-    from shared.settings import Settings
 
     bad = Settings(data_dir=tmp_path, database_url=f"postgresql+psycopg://x@127.0.0.1:{free_port()}/x")
     app = create_app(bad, publisher=FakePublisher(), migrate=False)
@@ -66,7 +65,7 @@ def test_database_down_is_503(api: Api, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("which", ["sqlite", "postgresql"])
-def test_migrations_match_the_models(which: str, tmp_path: Path, request) -> None:
+def test_migrations_match_the_models(which: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     url = (f"sqlite:///{tmp_path / 'new' / 'dir' / 'x.db'}" if which == "sqlite"
            else request.getfixturevalue("pg_url"))
     upgrade(url)
@@ -78,7 +77,7 @@ def test_migrations_match_the_models(which: str, tmp_path: Path, request) -> Non
 
 
 @pytest.fixture
-def live(settings_factory) -> Iterator[tuple[str, Api]]:
+def live(settings_factory: Callable[..., Settings]) -> Iterator[tuple[str, Api]]:
     api = build_api(settings_factory())
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(api.client.app, host="127.0.0.1", port=port,
@@ -92,7 +91,9 @@ def live(settings_factory) -> Iterator[tuple[str, Api]]:
     thread.join(5)
 
 
-def test_cli_keys_submit_status_and_download(live, tmp_path: Path, capsys) -> None:
+def test_cli_keys_submit_status_and_download(
+    live: tuple[str, Api], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
     url, api = live
     assert main(["keys", "create", "--tenant", "carol"]) == 0
     key = capsys.readouterr().out.strip().splitlines()[-1]

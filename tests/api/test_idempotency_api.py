@@ -117,7 +117,9 @@ def test_concurrent_duplicates_create_one_job(any_api: Api) -> None:
     assert any_api.publisher.published == [answers[0].json()["id"]]
 
 
-def test_losing_the_race_rolls_back_and_replays_the_winner(any_api: Api, monkeypatch) -> None:
+def test_losing_the_race_rolls_back_and_replays_the_winner(
+    any_api: Api, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Both requests pass the early lookup (as under a real race); the second's flush hits the
     unique key and everything it did is rolled back."""
     monkeypatch.setattr("api.idempotency.find_stored", lambda *a, **k: None)
@@ -148,7 +150,9 @@ def test_batch_replay_json_and_multipart(any_api: Api) -> None:
     assert any_api.counts()["batches"] == 2 and any_api.counts()["jobs"] == 3
 
 
-def test_commit_lost_in_flight_is_undone(any_api: Api, monkeypatch, caplog) -> None:
+def test_commit_lost_in_flight_is_undone(
+    any_api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
     """The COMMIT reaches the database but its answer is lost: the client gets 503, and the API
     deletes what was committed, so a retry with the same key creates the job afresh."""
     from shared import idempotency

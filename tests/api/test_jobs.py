@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import update
 
 from shared.db import session_scope
 from shared.models import Job
+from shared.settings import Settings
 from tests.api.conftest import Api, image_bytes, submit, upload
+from tests.conftest import S3Endpoint
 
 
 def _set(api: Api, job_id: str, **values: object) -> None:
@@ -64,7 +68,9 @@ def test_progress_checkpoints_and_result_links_on_folder_storage(api: Api) -> No
     assert r.headers["content-type"] == "image/png"
 
 
-def test_result_redirects_to_presigned_url_on_s3(settings_factory, s3) -> None:
+def test_result_redirects_to_presigned_url_on_s3(
+    settings_factory: Callable[..., Settings], s3: S3Endpoint,
+) -> None:
     from tests.api.conftest import build_api
 
     api = build_api(settings_factory(storage_url=s3.storage_url, s3_endpoint_url=s3.endpoint_url))
@@ -158,7 +164,7 @@ def test_auth_is_required(api: Api) -> None:
     assert anon.get("/healthz").status_code == 200
 
 
-def test_auth_off_uses_the_local_tenant(settings_factory) -> None:
+def test_auth_off_uses_the_local_tenant(settings_factory: Callable[..., Settings]) -> None:
     from fastapi.testclient import TestClient
 
     from api.app import create_app

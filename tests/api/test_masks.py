@@ -10,6 +10,7 @@ import hashlib
 import io
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,8 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def post_job(client: Any, content: bytes | str, styles: list[bytes | str],
-             masks: list[bytes | str], headers: dict[str, str] | None = None) -> Any:
+def post_job(client: Any, content: bytes | str, styles: Sequence[bytes | str],
+             masks: Sequence[bytes | str], headers: dict[str, str] | None = None) -> Any:
     """Files for bytes, ``*_id`` fields for ids (files first, then ids, as the API orders them)."""
     files: list[tuple[str, Any]] = []
     for name, values in (("content", [content]), ("style", styles), ("mask", masks)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 from sqlalchemy import select
@@ -12,11 +12,12 @@ from sqlalchemy import select
 from api.publisher import CeleryPublisher
 from shared.db import get_sessionmaker
 from shared.models import Job
+from shared.settings import Settings
 from tests.api.conftest import FakePublisher, build_api, image_bytes, submit, upload
 from tests.net import free_port
 
 
-def test_jobs_are_committed_before_publishing(settings_factory, pg_url) -> None:
+def test_jobs_are_committed_before_publishing(settings_factory: Callable[..., Settings], pg_url: str) -> None:
     settings = settings_factory(database_url=pg_url)
     seen: list[str] = []
 
@@ -38,7 +39,9 @@ def test_jobs_are_committed_before_publishing(settings_factory, pg_url) -> None:
         assert all(j.published_at is not None for j in session.scalars(select(Job)))
 
 
-def test_publish_failure_still_answers_202_and_leaves_published_at_null(settings_factory) -> None:
+def test_publish_failure_still_answers_202_and_leaves_published_at_null(
+    settings_factory: Callable[..., Settings],
+) -> None:
     settings = settings_factory(broker_url=f"redis://127.0.0.1:{free_port()}/0")
     api = build_api(settings, CeleryPublisher(settings))  # the real publisher, broker down
     r = submit(api.client, content=image_bytes(), styles=[image_bytes()])
@@ -52,7 +55,9 @@ def test_publish_failure_still_answers_202_and_leaves_published_at_null(settings
     assert all(j.status == "queued" and j.published_at is None for j in jobs)
 
 
-def test_messages_land_in_the_redis_queue(settings_factory, redis_url, pg_url) -> None:
+def test_messages_land_in_the_redis_queue(
+    settings_factory: Callable[..., Settings], redis_url: str, pg_url: str,
+) -> None:
     settings = settings_factory(database_url=pg_url, broker_url=redis_url)
     api = build_api(settings, CeleryPublisher(settings))
     job = submit(api.client, content=image_bytes(), styles=[image_bytes()]).json()

@@ -17,6 +17,7 @@ from shared.storage import (
     StorageUnavailable,
     open_storage,
 )
+from tests.conftest import S3Endpoint
 
 
 def test_folder_round_trip_and_atomic_write(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_open_storage_picks_the_backend(tmp_path: Path) -> None:
         open_storage(Settings(data_dir=tmp_path, storage_url="ftp://x/y"))
 
 
-def _s3(s3, tmp_path: Path) -> S3Storage:
+def _s3(s3: S3Endpoint, tmp_path: Path) -> S3Storage:
     settings = Settings(data_dir=tmp_path, storage_url=s3.storage_url,
                         s3_endpoint_url=s3.endpoint_url)
     store = open_storage(settings)
@@ -60,7 +61,7 @@ def _s3(s3, tmp_path: Path) -> S3Storage:
     return store
 
 
-def test_s3_round_trip(s3, tmp_path: Path) -> None:
+def test_s3_round_trip(s3: S3Endpoint, tmp_path: Path) -> None:
     store = _s3(s3, tmp_path)
     store.check()
     assert not store.exists("images/abc")
@@ -74,7 +75,7 @@ def test_s3_round_trip(s3, tmp_path: Path) -> None:
         store.get_bytes("images/abc")
 
 
-def test_s3_presigned_url_over_real_http(s3, tmp_path: Path) -> None:
+def test_s3_presigned_url_over_real_http(s3: S3Endpoint, tmp_path: Path) -> None:
     store = _s3(s3, tmp_path)
     store.put_bytes("jobs/j1/result.png", b"result-bytes", "image/png")
     url = store.url_for("jobs/j1/result.png", expires_s=123)
@@ -103,7 +104,7 @@ def test_s3_unreachable_is_storage_unavailable(tmp_path: Path,
         store.get_bytes("images/x")
 
 
-def test_s3_missing_bucket_is_unavailable(s3, tmp_path: Path) -> None:
+def test_s3_missing_bucket_is_unavailable(s3: S3Endpoint, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, storage_url="s3://no-such-bucket/p",
                         s3_endpoint_url=s3.endpoint_url)
     with pytest.raises(StorageUnavailable):

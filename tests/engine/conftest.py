@@ -64,7 +64,7 @@ def vgg_input_shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = []
     original = VGGFeatures.forward
 
-    def spy(self, x, wanted):  # type: ignore[no-untyped-def]
+    def spy(self: VGGFeatures, x: torch.Tensor, wanted: frozenset[int]) -> dict[int, torch.Tensor]:
         shapes.append(tuple(x.shape[-2:]))
         return original(self, x, wanted)
 

@@ -36,7 +36,7 @@ def files(tmp_path: Path, content: Image.Image, style: Image.Image) -> dict[str,
     return {"content": tmp_path / "c.png", "style": tmp_path / "s.jpg"}
 
 
-def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out, trace, ck = tmp_path / "out.jpg", tmp_path / "trace.jsonl", tmp_path / "ck"
     argv = [
         "run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random",
@@ -78,7 +78,7 @@ def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.C
     (["C", "S", "-o", "O.png", "--preserve-color", "--color", "histogram"], "cannot be combined"),
     (["C", "S", "-o", "O.png", "--lbfgs-max-step", "0"], "lbfgs_max_step must be a finite number"),
 ])
-def test_bad_input_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
+def test_bad_input_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str],
                            bad: list[str], needle: str) -> None:
     (tmp_path / "junk.txt").write_text("not an image")
     Image.new("RGB", (600, 16), "gray").save(tmp_path / "narrow.png")  # 32x1 px at --size 32
@@ -93,7 +93,7 @@ def test_bad_input_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytes
     assert "Traceback" not in "\n".join(err)
 
 
-def test_diverged_run_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
+def test_diverged_run_exits_2(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(objective_mod, "tv_loss", lambda x: x.sum(dim=(1, 2, 3)) * math.nan)  # never finite
     out = tmp_path / "out.png"
@@ -115,7 +115,7 @@ def test_argparse_errors_exit_2(files: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("color", ["luminance", "histogram"])
-def test_color_and_step_options(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture,
+def test_color_and_step_options(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str],
                                 color: str) -> None:
     out, trace = tmp_path / "out.png", tmp_path / "trace.jsonl"
     argv = ["run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random",
@@ -128,7 +128,7 @@ def test_color_and_step_options(tmp_path: Path, files: dict[str, Path], capsys: 
 
 
 def test_weights_fetch_and_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                capsys: pytest.CaptureFixture) -> None:
+                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     f = build_features()
     random_init_(f, 1)
@@ -153,7 +153,7 @@ def test_cli_module_does_not_import_torch() -> None:
 
 
 def test_mask_style_loss_and_adam_options(tmp_path: Path, files: dict[str, Path],
-                                          content: Image.Image, capsys: pytest.CaptureFixture) -> None:
+                                          content: Image.Image, capsys: pytest.CaptureFixture[str]) -> None:
     mask = Image.new("L", content.size, 0)
     mask.paste(255, (0, 0, content.width // 2, content.height))
     mask.save(tmp_path / "m.png")

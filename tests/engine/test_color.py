@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from PIL import Image
 
 from worker.engine import Checkpoint, EngineError, StyleTransfer, TransferConfig
 from worker.engine import pyramid as job_mod
@@ -16,15 +19,16 @@ from worker.engine.vgg import VGGFeatures
 from .conftest import small_config
 
 
-def test_luminance_mode_delivers_what_it_optimised(engine: StyleTransfer, content, style,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_luminance_mode_delivers_what_it_optimised(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Before, the iterate kept three free channels: the optimiser put colour in it, the VGG saw
     that colour, and the delivered image (its luminance with the content's chroma) scored 3.3x the
     loss of what was optimised; the previews showed the colour iterate."""
     fed: list[torch.Tensor] = []
     original = VGGFeatures.forward
 
-    def spy(self, x, wanted):
+    def spy(self: VGGFeatures, x: torch.Tensor, wanted: frozenset[int]) -> dict[int, torch.Tensor]:
         if x.requires_grad:  # an evaluation of the iterate, not a target pass
             fed.append(x.detach().clone())
         return original(self, x, wanted)
@@ -32,7 +36,7 @@ def test_luminance_mode_delivers_what_it_optimised(engine: StyleTransfer, conten
     fns: list[LossFn] = []
 
     class Recorded(LossFn):
-        def __init__(self, *args, **kw) -> None:
+        def __init__(self, *args: Any, **kw: Any) -> None:
             super().__init__(*args, **kw)
             fns.append(self)
 
@@ -55,7 +59,9 @@ def test_luminance_mode_delivers_what_it_optimised(engine: StyleTransfer, conten
     assert (rgb_to_yiq(r.tensor)[:, 1:] - rgb_to_yiq(ref)[:, 1:]).abs().mean() < 0.01  # its chroma
 
 
-def test_luminance_mode_resumes_bit_identically(engine: StyleTransfer, content, style) -> None:
+def test_luminance_mode_resumes_bit_identically(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     cfg = small_config(color="luminance", iterations=4, save_every=2)
     saved: list[bytes] = []
     r = engine.run(content, [style], cfg, on_checkpoint=lambda c: saved.append(c.to_bytes()))
@@ -77,7 +83,7 @@ def test_color_option_and_preserve_color_are_one_setting() -> None:
     assert TransferConfig().color == "none" and TransferConfig().preserve_color is False
     for bad in ({"color": "sepia"}, {"color": "histogram", "preserve_color": True}):
         with pytest.raises(EngineError) as e:
-            TransferConfig(**bad)  # type: ignore[arg-type]
+            TransferConfig(**bad)
         assert e.value.code == "invalid_config"
 
 
@@ -86,7 +92,9 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(dim=1), torch.cov(flat)
 
 
-def test_histogram_matching_gives_each_style_the_contents_colours(content, style, style2) -> None:
+def test_histogram_matching_gives_each_style_the_contents_colours(
+    content: Image.Image, style: Image.Image, style2: Image.Image,
+) -> None:
     c = pil_to_tensor(content)
     mu_c, cov_c = _moments(c)
     for s in (pil_to_tensor(style), pil_to_tensor(style2)):
@@ -101,7 +109,7 @@ def test_histogram_matching_gives_each_style_the_contents_colours(content, style
     assert torch.equal(item.content, c) and torch.equal(item.styles[0], match_color(pil_to_tensor(style), c))
 
 
-def test_histogram_run_is_in_colour(engine: StyleTransfer, content, style) -> None:
+def test_histogram_run_is_in_colour(engine: StyleTransfer, content: Image.Image, style: Image.Image) -> None:
     r = engine.run(content, [style], small_config(color="histogram", iterations=3))
     assert r.tensor is not None and r.tensor.shape == (1, 3, 32, 48)
     assert (r.tensor[:, 0] - r.tensor[:, 2]).abs().mean() > 0.01  # not grey

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from worker.engine import EngineError, Progress, StyleTransfer
+from worker.engine import losses as losses_mod
 from worker.engine import objective as objective_mod
 from worker.engine.optim import Stepper
 from worker.engine.schedule import MIN_SIDE, check_runnable, fit_long_edge, style_size
@@ -35,25 +37,33 @@ def _refused(engine: StyleTransfer, content: Image.Image, styles: list[Image.Ima
     return e.value
 
 
-def test_narrow_content_refused_before_any_iteration(engine, style, monkeypatch) -> None:
+def test_narrow_content_refused_before_any_iteration(
+    engine: StyleTransfer, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     err = _refused(engine, _noise(600, 16), [style], monkeypatch, size=64, min_size=32, scales=None)
     assert err.code == "image_too_narrow"
     assert "content image becomes 32x1 px at scale 1" in err.message and "16 px" in err.message
 
 
-def test_content_narrow_only_at_a_later_scale_refused_up_front(engine, style, monkeypatch) -> None:
+def test_content_narrow_only_at_a_later_scale_refused_up_front(
+    engine: StyleTransfer, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # fine at 96 (96x19), too narrow at the explicit later scale 32 (32x6): refused before scale 1
     err = _refused(engine, _noise(200, 40), [style], monkeypatch, size=96, scales=(96, 32))
     assert err.code == "image_too_narrow" and "32x6 px at scale 2" in err.message
 
 
-def test_narrow_style_refused_before_any_iteration(engine, content, monkeypatch) -> None:
+def test_narrow_style_refused_before_any_iteration(
+    engine: StyleTransfer, content: Image.Image, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     err = _refused(engine, content, [content, _noise(16, 400)], monkeypatch)
     assert err.code == "image_too_narrow"
     assert "style image 2 becomes 1x32 px at scale 1" in err.message  # 16x400 fitted to 32 px
 
 
-def test_small_style_scale_refused_before_any_iteration(engine, content, style, monkeypatch) -> None:
+def test_small_style_scale_refused_before_any_iteration(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     err = _refused(engine, content, [style], monkeypatch, style_scale=0.25)  # 8 px long edge
     assert err.code == "image_too_narrow" and "style image 1 becomes 8x5 px" in err.message
 
@@ -74,22 +84,25 @@ def test_narrow_rule_edges() -> None:
         check_runnable([(32, 48)], [(90, 30)], 0.9)  # 43 px long edge: 43x14
 
 
-def _nan_tv(monkeypatch: pytest.MonkeyPatch, bad: object) -> None:
+def _nan_tv(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> None:
     """tv_loss is NaN at the 1-based evaluations for which bad(n) is true."""
     calls = {"n": 0}
-    original = objective_mod.tv_loss
+    original = losses_mod.tv_loss  # the function objective calls (it imports the name)
 
     def flaky(x: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         out = original(x)
-        return out * math.nan if bad(calls["n"]) else out  # type: ignore[operator]
+        return out * math.nan if bad(calls["n"]) else out
 
     monkeypatch.setattr(objective_mod, "tv_loss", flaky)
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 @pytest.mark.parametrize("limit", [0, 2, 5])
-def test_persistent_nan_ends_as_diverged(engine, content, style, monkeypatch, optimizer, limit) -> None:
+def test_persistent_nan_ends_as_diverged(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    optimizer: str, limit: int,
+) -> None:
     _nan_tv(monkeypatch, lambda n: True)
     seen: list[Progress] = []
     with pytest.raises(EngineError) as e:
@@ -100,7 +113,9 @@ def test_persistent_nan_ends_as_diverged(engine, content, style, monkeypatch, op
     assert [p.recoveries for p in seen] == list(range(1, limit + 1))
 
 
-def test_streak_carries_across_scales(engine, content, style, monkeypatch) -> None:
+def test_streak_carries_across_scales(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _nan_tv(monkeypatch, lambda n: True)
     seen: list[Progress] = []
     with pytest.raises(EngineError) as e:  # 2 iterations a scale: 3 recoveries span both scales
@@ -108,7 +123,9 @@ def test_streak_carries_across_scales(engine, content, style, monkeypatch) -> No
     assert e.value.code == "diverged" and [p.scale for p in seen] == [0, 0, 1]
 
 
-def test_a_run_with_no_finite_step_is_diverged(engine, content, style, monkeypatch) -> None:
+def test_a_run_with_no_finite_step_is_diverged(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _nan_tv(monkeypatch, lambda n: True)  # 2 steps in all, fewer than max_recoveries
     with pytest.raises(EngineError) as e:
         engine.run(content, [style], small_config(iterations=1))
@@ -116,7 +133,10 @@ def test_a_run_with_no_finite_step_is_diverged(engine, content, style, monkeypat
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
-def test_count_resets_after_a_good_step(engine, content, style, monkeypatch, optimizer) -> None:
+def test_count_resets_after_a_good_step(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    optimizer: str,
+) -> None:
     _nan_tv(monkeypatch, lambda n: n % 2 == 0)  # every other evaluation is NaN
     seen: list[Progress] = []
     r = engine.run(content, [style], small_config(optimizer=optimizer, iterations=4, max_recoveries=1),

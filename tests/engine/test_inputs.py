@@ -6,9 +6,10 @@ import argparse
 
 import pytest
 import torch
+from PIL import Image
 
 from worker import run_cli
-from worker.engine import TransferConfig
+from worker.engine import StyleTransfer, TransferConfig
 from worker.engine.images import resize
 from worker.engine.inputs import shrink_inputs
 from worker.engine.items import prepare_item
@@ -26,13 +27,18 @@ def test_style_size_capped_at_native_unless_upscale() -> None:
     check_runnable([(32, 48)], [(16, 40)], 4.0, upscale=False)  # native 16 px side: runnable
 
 
-def _style_passes(engine, content, style, shapes, **kw) -> list[tuple[int, ...]]:
+def _style_passes(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, shapes: list[tuple[int, ...]],
+    **kw: object,
+) -> list[tuple[int, ...]]:
     shapes.clear()
     engine.run(content, [style], small_config(iterations=1, **kw))
     return [s for s in shapes if s not in {(21, 32), (32, 48)}]
 
 
-def test_job_never_upscales_a_small_style(engine, content, style, vgg_input_shapes) -> None:
+def test_job_never_upscales_a_small_style(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, vgg_input_shapes: list[tuple[int, ...]],
+) -> None:
     small = style.resize((40, 20))  # native long edge 40 < the 48 px scale
     capped = _style_passes(engine, content, small, vgg_input_shapes)
     assert max(max(s) for s in capped) == 40 and (20, 40) in capped
@@ -60,7 +66,7 @@ def test_shrink_inputs_once_to_largest_scale() -> None:
     assert same.content is item.content and same.styles[0] is item.styles[0]  # never enlarged
 
 
-def test_conv1_1_pads_by_replication(engine) -> None:
+def test_conv1_1_pads_by_replication(engine: StyleTransfer) -> None:
     cpu, first = torch.device("cpu"), LAYER_INDEX["conv1_1"]
     model = engine.model("random", cpu, "max", first)
     assert model.layers[0].padding_mode == "replicate"

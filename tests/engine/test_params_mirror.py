@@ -40,7 +40,7 @@ from worker.engine.schedule import (
     ],
 )
 def test_schedule_mirror(kw: dict[str, object]) -> None:
-    params = JobParams(**kw)  # type: ignore[arg-type]
+    params = JobParams(**kw)
     engine_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
     schedule = build_schedule((300, 451), **engine_kw)  # type: ignore[arg-type]
     assert [max(hw) for hw, _ in schedule] == params.long_edges()
@@ -85,7 +85,7 @@ def test_long_edges_mirror_hostile(factor: float) -> None:
 )
 def test_narrow_rule_mirror(kw: dict[str, object], style_scale: float) -> None:
     """The engine refuses (image_too_narrow) exactly the images the API's mirror refuses."""
-    job = JobParams(style_scale=style_scale, **kw)  # type: ignore[arg-type]
+    job = JobParams(style_scale=style_scale, **kw)
     engine_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
     outcomes = set()
     for cw, ch in ((600, 16), (200, 40), (96, 64), (16, 400), (48, 16), (47, 16), (46, 16)):

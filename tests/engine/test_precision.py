@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from PIL import Image
 
 from worker.engine import Checkpoint, StyleTransfer
 from worker.engine import transfer as transfer_mod
@@ -17,7 +19,7 @@ from .conftest import small_config
 _W = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def _fp16_loss(grad_size: float, w: torch.Tensor = _W):
+def _fp16_loss(grad_size: float, w: torch.Tensor = _W) -> Callable[[torch.Tensor], torch.Tensor]:
     """A loss whose gradient passes an fp16 tensor with entries w * grad_size, as the VGG backward
     does under fp16 autocast."""
 
@@ -95,7 +97,9 @@ def cpu_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transfer_mod, "resolve_precision", resolve)
 
 
-def test_fp16_job_is_loss_scaled_and_resumes(engine: StyleTransfer, content, style, cpu_fp16) -> None:
+def test_fp16_job_is_loss_scaled_and_resumes(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, cpu_fp16: None,
+) -> None:
     cfg = small_config(precision="fp16", iterations=4, save_every=2)
     saved: list[bytes] = []
     r = engine.run(content, [style], cfg, on_checkpoint=lambda c: saved.append(c.to_bytes()))

@@ -6,8 +6,9 @@ import contextlib
 
 import pytest
 import torch
+from PIL import Image
 
-from worker.engine import TransferConfig
+from worker.engine import StyleTransfer, TransferConfig
 from worker.engine.config import RAW_PRESETS, RELATIVE_PRESET
 from worker.engine.objective import LossFn
 from worker.engine.targets import StyleSpec, compute_targets
@@ -25,8 +26,11 @@ def _model(k: float) -> VGGFeatures:
     with torch.no_grad():
         for m in features.modules():
             if isinstance(m, torch.nn.Conv2d):
+                assert m.bias is not None  # VGG19's convolutions have biases
                 m.bias.zero_()
-        features[0].weight.mul_(k)
+        first = features[0]
+        assert isinstance(first, torch.nn.Conv2d)
+        first.weight.mul_(k)
     return VGGFeatures(features, LAYER_INDEX["relu4_2"], "imagenet")
 
 
@@ -68,7 +72,9 @@ def test_relative_default_preset_and_layer_weights() -> None:
     assert TransferConfig().digest() != raw.digest()  # a different job: checkpoints do not mix
 
 
-def test_relative_and_raw_runs_both_remove_the_style_term(engine, content, style) -> None:
+def test_relative_and_raw_runs_both_remove_the_style_term(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     from .conftest import small_config
 
     for terms in ("relative", "raw"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -36,7 +37,9 @@ def test_masked_gram_is_the_gram_of_the_region() -> None:
     assert torch.allclose(masked_gram(f, torch.ones(2, 1, 6, 8)), gram(f), atol=1e-6)
 
 
-def test_a_style_changes_only_its_region(engine: StyleTransfer, content, style) -> None:
+def test_a_style_changes_only_its_region(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     """One style masked to the left half: the left half moves away from the content, the right
     half (no style term there, content term only) stays much closer to it."""
     cfg = small_config(iterations=12)
@@ -51,7 +54,9 @@ def test_a_style_changes_only_its_region(engine: StyleTransfer, content, style) 
     assert plain.metadata["config_digest"] != r.metadata["config_digest"]  # masks enter the digest
 
 
-def test_two_styles_two_regions_and_a_mixed_batch(engine, content, style, style2) -> None:
+def test_two_styles_two_regions_and_a_mixed_batch(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, style2: Image.Image,
+) -> None:
     masks = [_half_mask(content.size, True), _half_mask(content.size, False)]
     cfg = small_config(optimizer="adam", lr=0.05, iterations=4)
     alone = engine.run(content, [style, style2], cfg, masks=masks)
@@ -66,7 +71,7 @@ def test_two_styles_two_regions_and_a_mixed_batch(engine, content, style, style2
     assert (batch.tensor[1:2] - single.tensor).abs().max() < 1e-3
 
 
-def test_masks_are_checked(engine: StyleTransfer, content, style) -> None:
+def test_masks_are_checked(engine: StyleTransfer, content: Image.Image, style: Image.Image) -> None:
     cfg = small_config(iterations=1)
     with pytest.raises(EngineError) as e:
         engine.run(content, [style], cfg, masks=[_half_mask(content.size, True)] * 2)
@@ -88,7 +93,7 @@ def test_adam_has_its_own_schedule() -> None:
     assert [n for _, n in build_schedule((64, 64), size=512)] == [317, 209, 138, 91, 60]
 
 
-def _noisy_quadratic(seed: int):  # noqa: ANN202
+def _noisy_quadratic(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """|x - (0.5 + noise)|^2 with fresh noise at every call: a stochastic objective whose minimum
     in expectation is 0.5 (the style loss is not noisy, but Adam's fixed lr jitters the same way)."""
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +120,9 @@ def test_adam_delivers_the_average_of_its_iterates() -> None:
     assert torch.equal(plain.result(), plain.x.detach())  # no EMA: the iterate
 
 
-def test_adam_checkpoint_keeps_the_iterate_and_the_average(engine, content, style) -> None:
+def test_adam_checkpoint_keeps_the_iterate_and_the_average(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     cfg = small_config(optimizer="adam", iterations=4, save_every=2)
     saved: list[Checkpoint] = []
     r = engine.run(content, [style], cfg, on_checkpoint=saved.append)
@@ -128,7 +135,9 @@ def test_adam_checkpoint_keeps_the_iterate_and_the_average(engine, content, styl
     assert not torch.equal(no_ema.tensor, r.tensor)  # type: ignore[arg-type]
 
 
-def test_w2_style_loss_runs_relative_and_masked(engine: StyleTransfer, content, style) -> None:
+def test_w2_style_loss_runs_relative_and_masked(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     """style_loss="w2": the style term (relative W2, target square roots cached per scale) falls at
     every scale, with and without a mask, and is a different job from the Gram loss."""
     cfg = small_config(style_loss="w2", iterations=6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from worker.engine import (
     TransferConfig,
     stylize,
 )
+from worker.engine import losses as losses_mod
 from worker.engine import objective as objective_mod
 from worker.engine.color import rgb_to_yiq
 from worker.engine.images import pil_to_tensor, resize
@@ -25,7 +27,7 @@ from .conftest import small_config
 
 
 def _run(engine: StyleTransfer, content: Image.Image, styles: list[Image.Image],
-         cfg: TransferConfig, **kw: object) -> tuple[torch.Tensor, list[Progress], dict]:
+         cfg: TransferConfig, **kw: object) -> tuple[torch.Tensor, list[Progress], dict[str, Any]]:
     seen: list[Progress] = []
     r = engine.run(content, styles, cfg, on_progress=seen.append, **kw)  # type: ignore[arg-type]
     assert r.tensor is not None
@@ -33,7 +35,9 @@ def _run(engine: StyleTransfer, content: Image.Image, styles: list[Image.Image],
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
-def test_loss_falls_at_every_scale(engine, content, style, optimizer) -> None:
+def test_loss_falls_at_every_scale(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, optimizer: str,
+) -> None:
     lr = 0.01 if optimizer == "adam" else None
     cfg = small_config(iterations=8, optimizer=optimizer, tv_weight=1e-2, lr=lr)
     _, seen, meta = _run(engine, content, [style], cfg)
@@ -45,8 +49,10 @@ def test_loss_falls_at_every_scale(engine, content, style, optimizer) -> None:
     assert meta["random_weights"] is True and meta["scales"] == [[21, 32], [32, 48]]
 
 
-def test_style_targets_computed_once_per_scale(engine, content, style, style2,
-                                               vgg_input_shapes) -> None:
+def test_style_targets_computed_once_per_scale(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, style2: Image.Image,
+    vgg_input_shapes: list[tuple[int, ...]],
+) -> None:
     shapes = vgg_input_shapes
     cfg = small_config(iterations=5, style_scale=1.25)  # style long edge 40 / 60, content 32 / 48
     _run(engine, content, [style, style2], cfg)
@@ -56,7 +62,9 @@ def test_style_targets_computed_once_per_scale(engine, content, style, style2,
     assert max(max(s) for s in style_passes) == 60
 
 
-def test_blend_one_zero_equals_single_style(engine, content, style, style2) -> None:
+def test_blend_one_zero_equals_single_style(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, style2: Image.Image,
+) -> None:
     single, _, _ = _run(engine, content, [style], small_config())
     blended, _, _ = _run(engine, content, [style, style2], small_config(style_blend_weights=(1, 0)))
     assert torch.equal(single, blended)
@@ -64,7 +72,9 @@ def test_blend_one_zero_equals_single_style(engine, content, style, style2) -> N
     assert not torch.equal(single, other)
 
 
-def test_preserve_color_keeps_content_chroma(engine, content, style) -> None:
+def test_preserve_color_keeps_content_chroma(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     cfg = small_config(preserve_color=True, optimizer="adam", lr=0.05, iterations=10)
     out, _, _ = _run(engine, content, [style], cfg)
     ref = resize(pil_to_tensor(content), tuple(out.shape[-2:]))  # type: ignore[arg-type]
@@ -74,7 +84,7 @@ def test_preserve_color_keeps_content_chroma(engine, content, style) -> None:
     assert (rgb_to_yiq(plain)[:, 1:] - chroma_ref).abs().mean() > 0.01  # it would have changed
 
 
-def test_same_seed_is_bit_identical(engine, content, style) -> None:
+def test_same_seed_is_bit_identical(engine: StyleTransfer, content: Image.Image, style: Image.Image) -> None:
     cfg = small_config(init="noise", seed=3)
     a, _, _ = _run(engine, content, [style], cfg)
     b, _, _ = _run(engine, content, [style], cfg)
@@ -85,11 +95,14 @@ def test_same_seed_is_bit_identical(engine, content, style) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
-def test_nan_is_recovered(engine, content, style, optimizer, monkeypatch) -> None:
+def test_nan_is_recovered(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, optimizer: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls = {"n": 0}
-    original = objective_mod.tv_loss
+    original = losses_mod.tv_loss  # the function objective calls (it imports the name)
 
-    def flaky(x):
+    def flaky(x: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         out = original(x)
         return out * math.nan if calls["n"] == 3 else out
@@ -103,7 +116,9 @@ def test_nan_is_recovered(engine, content, style, optimizer, monkeypatch) -> Non
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
-def test_resume_mid_run_is_bit_identical(engine, content, style, optimizer) -> None:
+def test_resume_mid_run_is_bit_identical(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, optimizer: str,
+) -> None:
     cfg = small_config(optimizer=optimizer, iterations=6, save_every=2)
     saved: list[bytes] = []
     r = engine.run(content, [style], cfg, on_checkpoint=lambda c: saved.append(c.to_bytes()))
@@ -121,7 +136,10 @@ def test_resume_mid_run_is_bit_identical(engine, content, style, optimizer) -> N
     assert e.value.code == "checkpoint_mismatch"
 
 
-def test_batch_of_two_equals_single_runs(engine, content, content2, style, style2) -> None:
+def test_batch_of_two_equals_single_runs(
+    engine: StyleTransfer, content: Image.Image, content2: Image.Image, style: Image.Image,
+    style2: Image.Image,
+) -> None:
     cfg = small_config(optimizer="adam")
     items = [BatchItem(content, [style]), BatchItem(content2, [style, style2], (1, 2), style_weight=5e5)]
     seen: list[Progress] = []
@@ -136,14 +154,16 @@ def test_batch_of_two_equals_single_runs(engine, content, content2, style, style
         assert (got - want).abs().max() < 1e-3 and (got - want).abs().mean() < 1e-5
 
 
-def test_batch_needs_same_shape(engine, content, style) -> None:
+def test_batch_needs_same_shape(engine: StyleTransfer, content: Image.Image, style: Image.Image) -> None:
     tall = content.transpose(Image.Transpose.ROTATE_90)
     with pytest.raises(EngineError) as e:
         engine.run_batch([BatchItem(content, [style]), BatchItem(tall, [style])], small_config())
     assert e.value.code == "batch_shape_mismatch"
 
 
-def test_callback_exceptions_propagate(engine, content, style) -> None:
+def test_callback_exceptions_propagate(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     class Cancelled(Exception):
         pass
 
@@ -155,7 +175,9 @@ def test_callback_exceptions_propagate(engine, content, style) -> None:
         engine.run(content, [style], small_config(), on_progress=cancel)
 
 
-def test_progress_callback_can_ask_for_a_checkpoint_now(engine, content, style) -> None:
+def test_progress_callback_can_ask_for_a_checkpoint_now(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     from worker.engine import CHECKPOINT_NOW
 
     saved: list[tuple[int, bool]] = []
@@ -166,7 +188,9 @@ def test_progress_callback_can_ask_for_a_checkpoint_now(engine, content, style) 
     assert all(end for step, end in saved if step != 3)  # otherwise only at scale ends
 
 
-def test_bf16_on_cpu_and_config_errors(engine, content, style) -> None:
+def test_bf16_on_cpu_and_config_errors(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+) -> None:
     out, _, meta = _run(engine, content, [style], small_config(precision="bf16", iterations=2))
     assert meta["precision"] == "bfloat16" and torch.isfinite(out).all()
     with pytest.raises(EngineError):

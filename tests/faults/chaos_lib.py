@@ -279,7 +279,7 @@ class Event:
 
 
 def parse_event(line: str, source: str = "") -> Event | None:
-    """A ``job_event k=v ...`` line (workers: job_id, attempt, event first; the reconciler differs)."""
+    """A ``job_event k=v ...`` line (one shape everywhere: job_id, attempt, event first; shared.logs)."""
     m = EVENT_RE.search(line)
     if not m:
         return None

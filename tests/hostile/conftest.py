@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REDIS_HOST, REDIS_PORT, port_open, require
+from tests.conftest import REDIS_HOST, REDIS_PORT, require
 from tests.hostile.live import LiveApi, running_api
+from tests.net import port_open
 from tests.pgdb import temporary_database
 
 _LIVE: list[LiveApi] = []

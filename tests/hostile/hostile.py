@@ -164,7 +164,7 @@ def _obj(items: list[tuple[str, str]]) -> str:
 
 
 @st.composite
-def params_text(draw: Callable[..., Any]) -> str:
+def params_text(draw: st.DrawFn) -> str:
     """The text of a ``params`` JSON object (or of something that is not one)."""
     kind = draw(st.sampled_from(["one_bad", "one_bad", "random", "whole"]))
     if kind == "one_bad":  # valid except one or two fields: reaches the limits and the database

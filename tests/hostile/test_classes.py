@@ -314,7 +314,7 @@ def test_bomb_batch_is_decoded_off_the_event_loop(live_api: LiveApi) -> None:
 
     sender = threading.Thread(target=send)
     sender.start()
-    health = []
+    health: list[int] = []
     with live_api.client(None, timeout=5) as c:
         while sender.is_alive() or not health:
             health.append(c.get("/healthz").status_code)

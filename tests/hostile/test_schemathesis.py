@@ -9,6 +9,8 @@ minute on a 2-core machine). A failure carries the exception classes the API log
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error
@@ -58,7 +60,7 @@ def _nodeid_for_schemathesis(request: pytest.FixtureRequest) -> None:
 
 @pytest.mark.slow
 @schema.parametrize()
-def test_openapi_operations(case: schemathesis.Case, live_api: LiveApi) -> None:
+def test_openapi_operations(case: schemathesis.Case[Any], live_api: LiveApi) -> None:
     mark = live_api.log_size()
     try:
         case.call_and_validate(checks=CHECKS)

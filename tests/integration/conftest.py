@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -54,7 +54,10 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 stop = stop_process  # SIGTERM, wait, then SIGKILL the process group
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+_T = TypeVar("_T")
+
+
+def wait_for(cond: Callable[[], _T | None], timeout: float, what: str, interval: float = 0.05) -> _T:
     deadline = time.monotonic() + timeout
     while True:
         value = cond()

@@ -119,7 +119,7 @@ def cancel_queued_and_running(stack: Stack, images: dict[str, bytes], slots: int
         wait_status(stack, job_id, {"canceled"}, timeout=10)
     # The canceled queued job's message reaches a worker, which drops it.
     wait_for(
-        lambda: f"job_id={queued} attempt=None event=dropped reason=terminal" in stack.worker_log.read_text(),
+        lambda: f"job_id={queued} attempt=- event=dropped reason=terminal" in stack.worker_log.read_text(),
         30,
         "the queued job's delivery to be dropped",
     )
@@ -134,7 +134,7 @@ def duplicate_delivery_dropped(stack: Stack, images: dict[str, bytes], reason: s
     job = wait_status(stack, job_id, {"succeeded", "failed", "canceled"})
     assert job["status"] == "succeeded"
     wait_for(
-        lambda: f"job_id={job_id} attempt=None event=dropped reason={reason}" in stack.worker_log.read_text(),
+        lambda: f"job_id={job_id} attempt=- event=dropped reason={reason}" in stack.worker_log.read_text(),
         30,
         f"the duplicate to be dropped ({reason})",
     )

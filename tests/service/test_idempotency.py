@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import InvalidInput
 from shared.idempotency import (
@@ -26,7 +27,7 @@ def test_fingerprint_separates_parts() -> None:
     assert fingerprint(["x", b"y"]) == fingerprint([b"x", "y"])
 
 
-def test_replay_conflict_and_tenant_scope(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_replay_conflict_and_tenant_scope(sessions: sessionmaker[Session]) -> None:
     first = StoredResponse(202, {"id": "job-1"})
     with sessions() as s:
         assert lookup(s, "t1", "k", "h1") is None
@@ -40,7 +41,7 @@ def test_replay_conflict_and_tenant_scope(sessions) -> None:  # type: ignore[no-
         assert lookup(s, "t2", "k", "h2") is None  # keys are per tenant
 
 
-def test_concurrent_second_insert_loses(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_second_insert_loses(sessions: sessionmaker[Session]) -> None:
     with sessions() as a, sessions() as b:
         remember(a, "t1", "race", "h", StoredResponse(202, {"n": 1}))
         a.commit()
@@ -51,7 +52,7 @@ def test_concurrent_second_insert_loses(sessions) -> None:  # type: ignore[no-un
         assert lookup(b, "t1", "race", "h") == StoredResponse(202, {"n": 1})
 
 
-def test_expired_keys_are_reusable_and_pruned(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_expired_keys_are_reusable_and_pruned(sessions: sessionmaker[Session]) -> None:
     with sessions() as s:
         s.add(IdempotencyKey(tenant_id="t1", key="old", request_hash="h", status_code=202,
                              response={}, created_at=utcnow() - RETENTION - timedelta(hours=1)))

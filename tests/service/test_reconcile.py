@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import delete
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.jobs import JobStatus
 from shared.models import Job, StoredImage, utcnow
@@ -14,7 +16,7 @@ from shared.reconcile import reconcile_once
 
 
 @pytest.fixture
-def sessions(sessions):  # type: ignore[no-untyped-def]
+def sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
     """The folder's empty database, plus one stored image for the jobs to name."""
     with sessions() as s:
         s.add(StoredImage(id="a" * 64, format="PNG", width=32, height=32, bytes=10,
@@ -23,7 +25,7 @@ def sessions(sessions):  # type: ignore[no-untyped-def]
     return sessions
 
 
-def add_job(sessions, **fields) -> str:  # type: ignore[no-untyped-def]
+def add_job(sessions: sessionmaker[Session], **fields: Any) -> str:
     job = Job(tenant_id="t1", content_image_id="a" * 64, style_image_ids=["a" * 64], **fields)
     with sessions() as s:
         s.add(job)
@@ -31,14 +33,14 @@ def add_job(sessions, **fields) -> str:  # type: ignore[no-untyped-def]
         return job.id
 
 
-def status_of(sessions, job_id: str) -> Job:  # type: ignore[no-untyped-def]
+def status_of(sessions: sessionmaker[Session], job_id: str) -> Job:
     with sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None
         return job
 
 
-def test_lost_and_unpublished_messages_are_republished(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_lost_and_unpublished_messages_are_republished(sessions: sessionmaker[Session]) -> None:
     old = utcnow() - timedelta(hours=1)
     never = add_job(sessions, published_at=None, updated_at=old)  # API died before publishing
     publishing = add_job(sessions, published_at=None)  # the API is publishing it right now
@@ -55,7 +57,7 @@ def test_lost_and_unpublished_messages_are_republished(sessions) -> None:  # typ
     assert again == []
 
 
-def test_expired_lease_requeues_then_fails_after_max_attempts(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_expired_lease_requeues_then_fails_after_max_attempts(sessions: sessionmaker[Session]) -> None:
     stale = utcnow() - timedelta(minutes=10)
     dead = add_job(sessions, status="running", attempt=1, max_attempts=3, heartbeat_at=stale)
     spent = add_job(sessions, status="running", attempt=3, max_attempts=3, heartbeat_at=stale)
@@ -70,7 +72,7 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(sessions) -> None:
     assert status_of(sessions, alive).status == "running"
 
 
-def test_publish_failure_leaves_job_for_next_pass(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_publish_failure_leaves_job_for_next_pass(sessions: sessionmaker[Session]) -> None:
     job_id = add_job(sessions, published_at=utcnow() - timedelta(hours=1))
 
     def broken(_: str) -> None:
@@ -84,7 +86,7 @@ def test_publish_failure_leaves_job_for_next_pass(sessions) -> None:  # type: ig
     assert published == [job_id]
 
 
-def test_concurrent_reconcilers_publish_each_job_once(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_reconcilers_publish_each_job_once(sessions: sessionmaker[Session]) -> None:
     ids = {add_job(sessions, published_at=utcnow() - timedelta(hours=1)) for _ in range(20)}
     published: list[str] = []
     lock = threading.Lock()
@@ -105,7 +107,7 @@ def test_concurrent_reconcilers_publish_each_job_once(sessions) -> None:  # type
     assert sorted(published) == sorted(ids)  # every job once, none twice
 
 
-def test_reconcile_prunes_expired_idempotency_keys(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_prunes_expired_idempotency_keys(sessions: sessionmaker[Session]) -> None:
     from shared.idempotency import RETENTION
     from shared.models import IdempotencyKey
 

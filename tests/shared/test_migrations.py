@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -12,7 +13,8 @@ from sqlalchemy import create_engine, text
 from shared.migrate import upgrade
 
 NOW = "2026-01-01 00:00:00+00:00"
-JOBS = {  # id: (status, params before) -> loss_terms after (None: the field stays absent)
+# id: (status, params before) -> loss_terms after (None: the field stays absent)
+JOBS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "queued_raw": ("queued", {"style_weight": 1e6}, "raw"),
     "running": ("running", {}, "raw"),
     "explicit": ("queued", {"loss_terms": "relative"}, "relative"),
@@ -48,7 +50,7 @@ def test_unfinished_jobs_get_raw_loss_terms(old_db: str) -> None:
                 {"id": job_id, "s": status, "p": json.dumps(params), "n": NOW})
     upgrade(old_db)
     with engine.connect() as conn:
-        rows = dict(conn.execute(text("SELECT id, params FROM jobs")).all())
+        rows: dict[str, Any] = dict(conn.execute(text("SELECT id, params FROM jobs")).all())
     engine.dispose()
     for job_id, (_, before, after) in JOBS.items():
         params = rows[job_id] if isinstance(rows[job_id], dict) else json.loads(rows[job_id])

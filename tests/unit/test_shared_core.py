@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from operator import attrgetter
+from typing import TYPE_CHECKING
+
 import pytest
 from pydantic import ValidationError
 
 from shared.jobs import TERMINAL, InvalidTransition, JobStatus, check_transition, sources_for
 from shared.params import JobParams
 
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
-@pytest.mark.parametrize("terminal", sorted(TERMINAL, key=lambda s: s.value))
+
+@pytest.mark.parametrize("terminal", sorted(TERMINAL, key=attrgetter("value")))
 def test_terminal_states_never_change(terminal: JobStatus) -> None:
     for new in JobStatus:
         with pytest.raises(InvalidTransition):
@@ -58,7 +65,7 @@ def test_params_rejects(bad: dict[str, object]) -> None:
         JobParams(**bad)
 
 
-def test_settings_embedded_default(settings_factory) -> None:  # type: ignore[no-untyped-def]
+def test_settings_embedded_default(settings_factory: Callable[..., Settings]) -> None:
     s = settings_factory()
     assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("stylequeue.db")
     assert s.broker_url.startswith("sqla+sqlite:///") and s.embedded
@@ -66,7 +73,7 @@ def test_settings_embedded_default(settings_factory) -> None:  # type: ignore[no
     assert s.auth == "on"  # never off by default
 
 
-def test_settings_production(settings_factory) -> None:  # type: ignore[no-untyped-def]
+def test_settings_production(settings_factory: Callable[..., Settings]) -> None:
     s = settings_factory(
         database_url="postgresql+psycopg://u@db/x", broker_url="redis://r:6379/0",
         storage_url="s3://bucket/p",
@@ -104,7 +111,7 @@ def test_fidelity_params_reach_the_engine_and_are_bounded() -> None:
     assert (default.loss_terms, default.style_loss, default.ema_decay) == ("relative", "gram", 0.99)
     for bad in ({"ema_decay": 1}, {"ema_decay": -0.1}, {"style_loss": "l2"}, {"loss_terms": "energy"}):
         with pytest.raises(ValidationError):
-            JobParams(**bad)  # type: ignore[arg-type]
+            JobParams(**bad)
     # Adam's own schedule, and W2's per-iteration cost, count in the job's work
     adam = JobParams(optimizer="adam")
     assert adam.iterations_per_scale() == [1000, 500, 500, 500, 500]

@@ -127,11 +127,11 @@ def test_a_failing_delete_does_not_fail_the_job(
 ) -> None:
     engine.scales, engine.iterations = 3, 2
     spies: list[SpyStorage] = []
-    real_open = runner.open_storage
+    real_open = open_storage  # what the runner calls (shared.storage's)
 
     def open_failing(s: Settings) -> Storage:
         spies.append(SpyStorage(real_open(s), fail_deletes=True))
-        return spies[-1]  # type: ignore[return-value]
+        return spies[-1]
 
     monkeypatch.setattr(runner, "open_storage", open_failing)
     job_id = make_job()

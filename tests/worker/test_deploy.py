@@ -346,7 +346,7 @@ def _policy_file(compose: dict[str, Any]) -> Path:
     for vol in init.get("volumes") or []:
         src, dst = (vol["source"], vol["target"]) if isinstance(vol, dict) else vol.split(":")[:2]
         if dst == created[1]:
-            path = (DEPLOY / src).resolve()
+            path: Path = (DEPLOY / src).resolve()
             assert path.is_file(), path
             return path
     raise AssertionError(f"{created[1]} is not mounted into {INIT}")

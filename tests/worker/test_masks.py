@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ STYLE2, MASK_A, MASK_B = "2" * 64, "a" * 64, "b" * 64
 
 def levels(im: Image.Image) -> tuple[int, int]:
     """(min, max) luminance of a mask as the engine got it."""
-    lo, hi = im.convert("L").getextrema()
+    lo, hi = cast("tuple[int, int]", im.convert("L").getextrema())  # one band: (min, max)
     return int(lo), int(hi)
 
 

@@ -18,7 +18,7 @@ from shared.storage import StorageUnavailable, open_storage
 from tests.worker.conftest import CONTENT, NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
 from worker import jobstore, runner, watcher
-from worker.engine import ImageError
+from worker.engine import ImageError, Progress
 
 
 def test_success_stores_result_and_every_checkpoint(
@@ -186,6 +186,33 @@ def test_shutdown_hands_job_back_and_republishes(
     assert (job.status, job.attempt, job.max_attempts) == ("queued", 1, 4)
 
 
+def test_shutdown_checkpoints_the_current_iteration_before_handing_back(
+    settings: Settings,
+    engine: FakeEngine,
+    make_job: MakeJob,
+    load_job: LoadJob,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watcher's ``on_progress`` answers a shutdown with ``CHECKPOINT_NOW``; the engine (the fake
+    keeps the real one's contract) checkpoints that iteration, mid-scale, before the job goes back."""
+    monkeypatch.setattr(runner, "publish_job", lambda _app, _job_id: None)
+    monkeypatch.setattr(runner, "get_celery", lambda: None)
+    engine.iterations, engine.delay_s = 200, 0.02
+    job_id = make_job()
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
+    thread.start()
+    _wait(lambda: bool(load_job(job_id).progress))
+    watcher.SHUTDOWN.set()
+    try:
+        thread.join(timeout=10)
+    finally:
+        watcher.SHUTDOWN.clear()
+    assert outcome == ["handed_back"]
+    last = load_job(job_id).checkpoints[-1]
+    assert last["end_of_scale"] is False and 0 < last["step"] < 200
+
+
 def test_progress_is_written_while_running(
     settings: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob
 ) -> None:
@@ -211,12 +238,15 @@ def test_progress_is_written_while_running(
 
 
 def test_progress_dict_eta() -> None:
-    class P:
-        scale, scales, iteration, iterations, step, total_steps, loss = 0, 2, 5, 10, 5, 20, 2.0
-
     started = time.monotonic() - 10  # 5 steps in 10 s -> 15 steps left = 30 s
-    d = watcher.progress_dict(P(), started, 0)
+    d = watcher.progress_dict(_progress(), started, 0)
     assert d["fraction"] == 0.25 and 29 <= d["eta_seconds"] <= 31
+
+
+def _progress() -> Progress:
+    """Iteration 5 of 10 of the first of two scales (step 5 of 20)."""
+    return Progress(scale=0, scales=2, size=(16, 16), iteration=5, iterations=10, step=5, total_steps=20,
+                    loss=2.0, content_loss=0, style_loss=0, tv_loss=0, elapsed=0, lr=1, recoveries=0)
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 10) -> None:
@@ -231,10 +261,7 @@ def test_worker_identity_names_node_and_pid() -> None:
 
 
 def test_progress_eta_weights_later_scales_by_pixels() -> None:
-    class P:
-        scale, scales, iteration, iterations, step, total_steps, loss = 0, 2, 5, 10, 5, 20, 2.0
-
     now = time.monotonic()
     # 5 iterations of a 64 px scale in 5 s: 5 more there (5 s), then 10 at 128 px (4x: 40 s).
-    d = watcher.progress_dict(P(), now - 5, 0, pace=(now - 5, 0), edges=[64, 128])
+    d = watcher.progress_dict(_progress(), now - 5, 0, pace=(now - 5, 0), edges=[64, 128])
     assert 44 <= d["eta_seconds"] <= 46
