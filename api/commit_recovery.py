@@ -108,7 +108,7 @@ class InDoubt:
                 try:
                     with self._sessions() as session:
                         undo(session, sub)
-                except Exception as exc:  # still down: try again later
+                except Exception as exc:  # noqa: BLE001 - still down, whatever the error: try again later
                     logs.event(logger, 'in_doubt_retry', error=type(exc).__name__)
                     break
                 with self._lock:

@@ -52,7 +52,7 @@ class CeleryPublisher:
                     publish_job(app, job_id, producer=producer, retry=True,
                                 retry_policy=_RETRY_POLICY)
                     done.append(job_id)
-        except Exception as exc:  # broker down, timeouts...: the reconciler republishes later
+        except Exception as exc:  # noqa: BLE001 - broker down, timeouts...: the reconciler republishes later
             missed = job_ids[len(done)] if len(done) < len(job_ids) else "-"
             logs.event(logger, 'publish_failed', job_id=missed, level=logging.ERROR, published=len(done),
                        unpublished=len(job_ids) - len(done), error=repr(exc))

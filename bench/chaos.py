@@ -213,15 +213,9 @@ class Chaos:
         return False
 
 
-def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
-            job_ids: list[str]) -> dict[str, int]:
-    rows = {r.id: r for r in chaos.rows()}
-    events = chaos_lib.job_events([chaos.log(n) for n in WORKERS])
-    by_job: dict[str, list[chaos_lib.Event]] = {}
-    for e in events:
-        by_job.setdefault(e.job_id, []).append(e)
-    # Per job: result objects still visible (the latest version of a key that is not deleted), and
-    # the most times one result key was written (an overwrite is a second, different result).
+def _result_versions(s3: Any, bucket: str, prefix: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Per job: result objects still visible (the latest version of a key that is not deleted), and
+    the most times one result key was written (an overwrite is a second, different result)."""
     live: dict[str, int] = {}
     writes: dict[str, dict[str, int]] = {}
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=f"{prefix}/jobs/"):
@@ -232,46 +226,55 @@ def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
                 per_key = writes.setdefault(job_id, {})
                 per_key[v["Key"]] = per_key.get(v["Key"], 0) + 1
     versions = {j: max(live.get(j, 0), max(k.values(), default=0)) for j, k in writes.items()}
+    return live, versions
+
+
+def _attempts(evs: list[chaos_lib.Event], killed: dict[tuple[str, int], int], job_id: str,
+              total_steps: int) -> tuple[dict[int, int], dict[int, int]]:
+    """Per attempt of one job: the step it resumed from, and the last step it is known to have done."""
+    resume: dict[int, int] = {}
+    last: dict[int, int] = {}
+    done_at = {"checkpoint": "step", "handed_back": "checkpoint_step"}
+    for e in evs:
+        if e.attempt is None:
+            continue
+        if e.event == "started":
+            resume[e.attempt] = e.int("resume_step") or 0
+        elif e.event in done_at:
+            last[e.attempt] = max(last.get(e.attempt, 0), e.int(done_at[e.event]) or 0)
+        elif e.event == "succeeded":
+            last[e.attempt] = total_steps
+    for (jid, attempt), step in killed.items():
+        if jid == job_id:
+            last[attempt] = max(last.get(attempt, 0), step)
+    return resume, last
+
+
+def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
+            job_ids: list[str]) -> dict[str, int]:
+    rows = {r.id: r for r in chaos.rows()}
+    by_job: dict[str, list[chaos_lib.Event]] = {}
+    for e in chaos_lib.job_events([chaos.log(n) for n in WORKERS]):
+        by_job.setdefault(e.job_id, []).append(e)
+    live, versions = _result_versions(s3, bucket, prefix)
     killed: dict[tuple[str, int], int] = {}
     for k in chaos.killed:
         killed[(k.job_id, k.attempt)] = max(killed.get((k.job_id, k.attempt), 0), k.step)
-
     succeeded = failed = lost = duplicates = resumed = recomputed = 0
     for job_id in job_ids:
-        row = rows[job_id]
-        evs = by_job.get(job_id, [])
-        n_succeeded = chaos_lib.count(evs, "succeeded")
+        row, evs = rows[job_id], by_job.get(job_id, [])
         if row.status == "succeeded":
             succeeded += 1
-            if live.get(job_id, 0) == 0:
-                lost += 1
+            lost += int(live.get(job_id, 0) == 0)
         elif row.status in TERMINAL:
             failed += 1
         else:
             lost += 1
-        if versions.get(job_id, 0) > 1 or n_succeeded > 1:
-            duplicates += 1
-        resume: dict[int, int] = {}
-        last: dict[int, int] = {}
-        for e in evs:
-            if e.attempt is None:
-                continue
-            if e.event == "started":
-                resume[e.attempt] = e.int("resume_step") or 0
-            elif e.event == "checkpoint":
-                last[e.attempt] = max(last.get(e.attempt, 0), e.int("step") or 0)
-            elif e.event == "handed_back":
-                last[e.attempt] = max(last.get(e.attempt, 0), e.int("checkpoint_step") or 0)
-            elif e.event == "succeeded":
-                last[e.attempt] = total_steps
-        for (jid, attempt), step in killed.items():
-            if jid == job_id:
-                last[attempt] = max(last.get(attempt, 0), step)
-        if resume.get(row.attempt, 0) > 0:
-            resumed += 1
-        for attempt, done in last.items():
-            if attempt + 1 in resume:
-                recomputed += max(0, done - resume[attempt + 1])
+        duplicates += int(versions.get(job_id, 0) > 1 or chaos_lib.count(evs, "succeeded") > 1)
+        resume, last = _attempts(evs, killed, job_id, total_steps)
+        resumed += int(resume.get(row.attempt, 0) > 0)
+        recomputed += sum(max(0, done - resume[attempt + 1])
+                          for attempt, done in last.items() if attempt + 1 in resume)
     return dict(jobs=len(job_ids), succeeded=succeeded, failed=failed, lost=lost,
                 duplicates=duplicates, kills=chaos.kills, resumed=resumed,
                 recomputed_iterations=recomputed)

@@ -133,7 +133,7 @@ def _publish_claimed(
     """Publish a job whose published_at this reconciler set to ``now``; undo that if it fails."""
     try:
         publish(job_id)
-    except Exception:
+    except Exception:  # noqa: BLE001 - logged with its traceback; the job is left for the next pass
         logs.event(logger, 'republish_failed', job_id=job_id, level=logging.ERROR, exc_info=True)
         with sessions() as session:  # leave the job for the next pass
             jobstore.unclaim_publish(session, job_id, now, previous)

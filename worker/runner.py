@@ -83,7 +83,7 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
         return _fail(settings, got, exc.code, exc.message, exc.retryable)
     except EngineError as exc:
         return _engine_failed(settings, got, exc)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any crash fails the job with a code; logged in full
         # Never the exception's text (torch internals, paths, SQL): a generic message with a code,
         # and the whole exception in the log under the job's id.
         code, message, retryable = _classify_crash(exc)
@@ -244,7 +244,7 @@ class CheckpointSaver:
             try:
                 self.storage.delete(key)
                 deleted += 1
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - pruning is best effort; the next prune retries
                 log_event(self.claim.job_id, self.claim.attempt, "checkpoint_delete_failed",
                           logging.WARNING, key=key, error=type(exc).__name__,
                           detail=repr(str(exc)[:200]))
@@ -308,6 +308,6 @@ def _classify_crash(exc: Exception) -> tuple[str, str, bool]:
 def _best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> None:
     try:
         action()
-    except Exception as exc:  # the database may be the thing that is down
+    except Exception as exc:  # noqa: BLE001 - the database may be the thing that is down
         log_event(job_id, attempt, "cleanup_failed", logging.WARNING, error=type(exc).__name__,
                   detail=repr(str(exc)[:200]))

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from shared import logs
 from shared.settings import Settings, get_settings
 from worker.watcher import SHUTDOWN
 
@@ -40,8 +41,9 @@ def get_engine(settings: Settings) -> StyleTransfer:
             started = time.monotonic()
             _engine = StyleTransfer(weights=settings.weights, device=settings.device, seed=0)
             _key = key
-            logger.info("engine_loaded weights=%s device=%s seconds=%.2f", settings.weights,
-                        getattr(_engine, "device", settings.device), time.monotonic() - started)
+            logs.event(logger, "engine_loaded", kind="worker", weights=settings.weights,
+                       device=getattr(_engine, "device", settings.device),
+                       seconds=f"{time.monotonic() - started:.2f}")
         return _engine
 
 
@@ -63,8 +65,8 @@ def preload() -> None:
     def load() -> None:
         try:
             warm(get_settings())
-        except Exception as exc:
-            logger.warning("engine_preload_failed error=%s", exc)
+        except Exception as exc:  # noqa: BLE001 - preloading is an optimisation; the first job loads it
+            logs.event(logger, "engine_preload_failed", kind="worker", level=logging.WARNING, error=exc)
 
     threading.Thread(target=load, name="engine-preload", daemon=True).start()
 

@@ -40,7 +40,7 @@ class JobTask(Task):
             if jobstore.fail_released(get_settings().database_url, job_id, "unavailable", message):
                 runner.log_event(job_id, None, "failed", logging.ERROR, code="unavailable",
                                  error=type(exc).__name__, detail=repr(str(exc)[:200]))
-        except Exception:
+        except Exception:  # noqa: BLE001 - logged; the reconciler fails the job when its lease ends
             logs.event(logger, 'fail_after_retries_failed', job_id=job_id, level=logging.ERROR, exc_info=True)
 
 

@@ -193,7 +193,7 @@ class Watcher:
                 elif now - last_beat >= self.heartbeat_s:
                     self._note(jobstore.heartbeat(self.url, self.job_id, self.attempt))
                     last_beat = now
-            except Exception:  # the database may blip; the lease covers a few missed beats
+            except Exception:  # noqa: BLE001 - the database may blip; the lease covers a few missed beats
                 logs.event(logger, 'watch_error', job_id=self.job_id, attempt=self.attempt,
                            level=logging.WARNING)
 

@@ -28,7 +28,7 @@ async def healthz() -> dict[str, str]:  # on the event loop itself: it measures 
 def _probe(name: str, fn: Callable[[], object]) -> str:
     try:
         fn()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of a probe means that dependency is down
         logs.event(logger, 'down', kind="ready", level=logging.WARNING, dependency=name, error=repr(exc))
         return f"down: {type(exc).__name__}"
     return "ok"

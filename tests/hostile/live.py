@@ -322,7 +322,7 @@ def _forget_queue(broker_url: str, queue: str) -> None:
         if keys:
             client.delete(*keys)
         client.close()
-    except Exception:  # cleanup only; Redis may be gone
+    except Exception:  # noqa: BLE001 - cleanup only; Redis may be gone
         pass
 
 

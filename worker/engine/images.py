@@ -129,7 +129,7 @@ def _unidentified(name: str, data: bytes) -> ImageError:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fmt = Image.open(io.BytesIO(data)).format
-    except Exception:
+    except Exception:  # noqa: BLE001 - only naming the format for the message; unknown is fine
         fmt = None
     if fmt:
         return ImageError(
@@ -151,7 +151,7 @@ def _to_srgb(im: Image.Image) -> Image.Image:
         mode = "RGBA" if im.mode == "RGBA" else "RGB"
         out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode=mode)
         return out if out is not None else im
-    except Exception as e:  # a broken profile should not fail the job
+    except Exception as e:  # noqa: BLE001 - a broken profile should not fail the job
         logger.warning("ignoring an ICC profile that could not be applied: %s", e)
         return im
 
