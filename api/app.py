@@ -57,12 +57,21 @@ def create_app(
     for module in (health, images, jobs, results, batches):
         app.include_router(module.router)
     if settings.auth == "off":
-        logs.event(logger, 'auth_off', kind="api", level=logging.WARNING,
-                   warning="AUTHENTICATION IS OFF: every caller acts as the local tenant; "
-                   "serve only on loopback")
-    logs.event(logger, 'app_created', kind="api", auth=settings.auth,
-               database=settings.database_url.split(":", 1)[0],
-               storage=settings.storage_url.split(":", 1)[0])
+        logs.event(
+            logger,
+            "auth_off",
+            kind="api",
+            level=logging.WARNING,
+            warning="AUTHENTICATION IS OFF: every caller acts as the local tenant; serve only on loopback",
+        )
+    logs.event(
+        logger,
+        "app_created",
+        kind="api",
+        auth=settings.auth,
+        database=settings.database_url.split(":", 1)[0],
+        storage=settings.storage_url.split(":", 1)[0],
+    )
     return app
 
 

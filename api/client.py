@@ -19,12 +19,17 @@ class ApiError(Exception):
 
 
 class StyleQueueClient:
-    def __init__(self, url: str, key: str | None = None, *, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         kwargs: dict[str, Any] = {"transport": transport} if transport else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
-                                 **kwargs)
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, **kwargs)
 
     def close(self) -> None:
         self.http.close()
@@ -57,27 +62,35 @@ class StyleQueueClient:
     def upload_path(self, path: Path) -> str:
         return str(self.upload_image(path.read_bytes(), path.name)["id"])
 
-    def submit_batch(self, contents: list[str], styles: list[str], *, mode: str = "product",
-                     pairs: list[list[Any]] | None = None,
-                     params: dict[str, Any] | None = None,
-                     masks: list[str] | None = None) -> dict[str, Any]:
+    def submit_batch(
+        self,
+        contents: list[str],
+        styles: list[str],
+        *,
+        mode: str = "product",
+        pairs: list[list[Any]] | None = None,
+        params: dict[str, Any] | None = None,
+        masks: list[str] | None = None,
+    ) -> dict[str, Any]:
         """``masks``: mask image ids, named by index as a pair's third element."""
-        body: dict[str, Any] = {"contents": contents, "styles": styles, "mode": mode,
-                                "params": params or {}}
+        body: dict[str, Any] = {"contents": contents, "styles": styles, "mode": mode, "params": params or {}}
         if pairs is not None:
             body["pairs"] = pairs
         if masks:
             body["masks"] = masks
         return dict(self._json(self.http.post("/v1/batches", json=body)))
 
-    def submit_job(self, content_id: str, style_ids: list[str],
-                   params: dict[str, Any] | None = None,
-                   mask_ids: list[str] | None = None) -> dict[str, Any]:
+    def submit_job(
+        self,
+        content_id: str,
+        style_ids: list[str],
+        params: dict[str, Any] | None = None,
+        mask_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
         """``mask_ids``: none, or one content mask per style (same order)."""
         import json
 
-        data = {"content_id": content_id, "style_id": style_ids,
-                "params": json.dumps(params or {})}
+        data = {"content_id": content_id, "style_id": style_ids, "params": json.dumps(params or {})}
         if mask_ids:
             data["mask_id"] = mask_ids
         return dict(self._json(self.http.post("/v1/jobs", data=data)))

@@ -41,10 +41,19 @@ def _add_submit(sub: Any) -> None:
     p = sub.add_parser("submit", help=SUMMARY["submit"])
     p.add_argument("contents", nargs="+", metavar="CONTENT", help="content image files")
     p.add_argument("--style", action="append", required=True, help="style image (repeatable)")
-    p.add_argument("--param", action="append", default=[], metavar="K=V",
-                   help="engine parameter, V parsed as JSON when it can be (repeatable)")
-    p.add_argument("--mode", choices=["product", "pairs"], default="product",
-                   help="product: every content x every style; pairs: content i with style i")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="engine parameter, V parsed as JSON when it can be (repeatable)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["product", "pairs"],
+        default="product",
+        help="product: every content x every style; pairs: content i with style i",
+    )
     p.add_argument("--wait", action="store_true", help="show progress, then download results")
     p.add_argument("-o", "--output", default="stylequeue-out", help="folder for results")
     _client_args(p)
@@ -59,10 +68,14 @@ def _add_status(sub: Any) -> None:
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("STYLEQUEUE_URL", "http://127.0.0.1:8000"),
-                   help="API base URL (env STYLEQUEUE_URL)")
-    p.add_argument("--key", default=os.environ.get("STYLEQUEUE_API_KEY"),
-                   help="API key (env STYLEQUEUE_API_KEY)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("STYLEQUEUE_URL", "http://127.0.0.1:8000"),
+        help="API base URL (env STYLEQUEUE_URL)",
+    )
+    p.add_argument(
+        "--key", default=os.environ.get("STYLEQUEUE_API_KEY"), help="API key (env STYLEQUEUE_API_KEY)"
+    )
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -108,8 +121,13 @@ def submit(args: argparse.Namespace, params: dict[str, Any]) -> int:
         try:
             ids = {p: client.upload_path(p) for p in dict.fromkeys(contents + styles)}
             pairs = [[i, i] for i in range(len(contents))] if args.mode == "pairs" else None
-            batch = client.submit_batch([ids[p] for p in contents], [ids[p] for p in styles],
-                                        mode=args.mode, pairs=pairs, params=params)
+            batch = client.submit_batch(
+                [ids[p] for p in contents],
+                [ids[p] for p in styles],
+                mode=args.mode,
+                pairs=pairs,
+                params=params,
+            )
         except ApiError as exc:
             print(f"rejected: {exc}", file=sys.stderr)
             return 1
@@ -129,9 +147,16 @@ def wait(client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> list
 
     per_job = len(names) <= MAX_JOB_BARS
     bars = (
-        {jid: tqdm(total=100, desc=names[jid][:30], position=i, leave=True,
-                   bar_format="{desc:<30} {percentage:3.0f}%|{bar}| {postfix}")
-         for i, jid in enumerate(names)}
+        {
+            jid: tqdm(
+                total=100,
+                desc=names[jid][:30],
+                position=i,
+                leave=True,
+                bar_format="{desc:<30} {percentage:3.0f}%|{bar}| {postfix}",
+            )
+            for i, jid in enumerate(names)
+        }
         if per_job
         else {"all": tqdm(total=len(names), desc="jobs finished")}
     )
@@ -157,15 +182,16 @@ def wait(client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> list
             bar.close()
 
 
-def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[str, str],
-             out: Path) -> int:
+def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[str, str], out: Path) -> int:
     failed = 0
     for job in jobs:
         if job["status"] != JobStatus.SUCCEEDED:
             failed += 1
             err = job.get("error") or {}
-            print(f"{job['id']} {names.get(job['id'], '')}: {job['status']} "
-                  f"{err.get('code', '')} {err.get('message', '')}".rstrip())
+            print(
+                f"{job['id']} {names.get(job['id'], '')}: {job['status']} "
+                f"{err.get('code', '')} {err.get('message', '')}".rstrip()
+            )
             continue
         ext = result_extension(str(job["params"].get("output_format", "png")))
         path = client.download_result(job["id"], out / f"{names.get(job['id'], job['id'])}.{ext}")
@@ -186,8 +212,10 @@ def status(args: argparse.Namespace) -> int:
             job = None
         if job is not None:
             prog = job["progress"]
-            print(f"job {job['id']}: {job['status']} {100 * (prog.get('fraction') or 0):.0f}%"
-                  f" attempts={job['attempts']}")
+            print(
+                f"job {job['id']}: {job['status']} {100 * (prog.get('fraction') or 0):.0f}%"
+                f" attempts={job['attempts']}"
+            )
             if job["error"]:
                 print(f"  error {job['error']['code']}: {job['error']['message']}")
             if job["result_url"]:
@@ -199,6 +227,7 @@ def status(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         counts = " ".join(f"{k}={v}" for k, v in batch["counts"].items() if v)
-        print(f"batch {batch['id']}: {batch['job_count']} job(s), "
-              f"{100 * batch['progress']:.0f}% done; {counts}")
+        print(
+            f"batch {batch['id']}: {batch['job_count']} job(s), {100 * batch['progress']:.0f}% done; {counts}"
+        )
         return 0

@@ -54,13 +54,11 @@ def undo(session: Session, sub: Submission) -> bool:
     left = session.scalar(select(Job.id).where(Job.id.in_(ids)).limit(1))
     if left is not None:
         session.rollback()
-        logs.event(logger, 'in_doubt_kept', job_id=left, level=logging.WARNING, reason='already_published')
+        logs.event(logger, "in_doubt_kept", job_id=left, level=logging.WARNING, reason="already_published")
         return False
     if sub.batch_id is not None:
         session.execute(
-            delete(Batch).where(
-                Batch.id == sub.batch_id, ~exists().where(Job.batch_id == sub.batch_id)
-            )
+            delete(Batch).where(Batch.id == sub.batch_id, ~exists().where(Job.batch_id == sub.batch_id))
         )
     if sub.key is not None:
         row = session.scalar(
@@ -71,8 +69,14 @@ def undo(session: Session, sub: Submission) -> bool:
         if row is not None and _key_row_is_ours(row, ids):
             session.delete(row)
     session.commit()
-    logs.event(logger, 'in_doubt_resolved', job_id=ids[0] if ids else "-", level=logging.WARNING,
-               committed=count > 0, deleted=count)
+    logs.event(
+        logger,
+        "in_doubt_resolved",
+        job_id=ids[0] if ids else "-",
+        level=logging.WARNING,
+        committed=count > 0,
+        deleted=count,
+    )
     return True
 
 
@@ -87,8 +91,13 @@ class InDoubt:
         self._thread: threading.Thread | None = None
 
     def add(self, sub: Submission) -> None:
-        logs.event(logger, 'commit_in_doubt', job_id=sub.job_ids[0] if sub.job_ids else "-",
-                   level=logging.ERROR, jobs=len(sub.job_ids))
+        logs.event(
+            logger,
+            "commit_in_doubt",
+            job_id=sub.job_ids[0] if sub.job_ids else "-",
+            level=logging.ERROR,
+            jobs=len(sub.job_ids),
+        )
         with self._lock:
             self._pending.append(sub)
             if self._thread is None:
@@ -109,7 +118,7 @@ class InDoubt:
                     with self._sessions() as session:
                         undo(session, sub)
                 except Exception as exc:  # noqa: BLE001 - still down, whatever the error: try again later
-                    logs.event(logger, 'in_doubt_retry', error=type(exc).__name__)
+                    logs.event(logger, "in_doubt_retry", error=type(exc).__name__)
                     break
                 with self._lock:
                     self._pending.remove(sub)

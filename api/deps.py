@@ -54,8 +54,9 @@ def _close_quietly(session: Session) -> None:
     except Exception as exc:
         if not is_db_outage(exc):
             raise
-        logs.event(logger, 'session_close_failed', kind="request", level=logging.WARNING,
-                   error=type(exc).__name__)
+        logs.event(
+            logger, "session_close_failed", kind="request", level=logging.WARNING, error=type(exc).__name__
+        )
 
 
 def get_storage(request: Request) -> Storage:
@@ -90,12 +91,14 @@ def _refuse_remote_when_open(request: Request, settings: Settings) -> None:
     except ValueError:
         remote = True  # "unknown", an obfuscated forwarded-for: not provably local
     if remote and not settings.auth_off_allow_remote:
-        raise Unauthorized("auth_off_remote",
-                           "this API runs with STYLEQUEUE_AUTH=off and serves loopback clients only")
+        raise Unauthorized(
+            "auth_off_remote", "this API runs with STYLEQUEUE_AUTH=off and serves loopback clients only"
+        )
 
 
-def current_tenant(request: Request, session: SessionDep, settings: SettingsDep,
-                   credentials: BearerDep) -> TenantCtx:
+def current_tenant(
+    request: Request, session: SessionDep, settings: SettingsDep, credentials: BearerDep
+) -> TenantCtx:
     if settings.auth == "off":
         _refuse_remote_when_open(request, settings)
         cached: TenantCtx | None = getattr(request.app.state, "local_tenant", None)
@@ -129,10 +132,18 @@ class SubmitCtx:
     idem: IdemRequest | None = None  # set once the request is fingerprinted (api.submission)
 
 
-async def submit_ctx(request: Request, settings: SettingsDep, tenant: TenantDep,
-                     storage: StorageDep, publisher: PublisherDep) -> SubmitCtx:
-    return SubmitCtx(settings, get_sessionmaker(settings.database_url), storage, publisher, tenant,
-                     Linker(request, settings, storage), request.app.state.indoubt)
+async def submit_ctx(
+    request: Request, settings: SettingsDep, tenant: TenantDep, storage: StorageDep, publisher: PublisherDep
+) -> SubmitCtx:
+    return SubmitCtx(
+        settings,
+        get_sessionmaker(settings.database_url),
+        storage,
+        publisher,
+        tenant,
+        Linker(request, settings, storage),
+        request.app.state.indoubt,
+    )
 
 
 SubmitCtxDep = Annotated[SubmitCtx, Depends(submit_ctx)]

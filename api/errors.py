@@ -74,8 +74,14 @@ async def _db_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _db_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    logs.event(logger, 'db_unavailable', kind="request", level=logging.ERROR, path=request.url.path,
-               error=type(exc).__name__)
+    logs.event(
+        logger,
+        "db_unavailable",
+        kind="request",
+        level=logging.ERROR,
+        path=request.url.path,
+        error=type(exc).__name__,
+    )
     return JSONResponse(
         error_body("database_unavailable", "the database is unreachable; retry shortly"),
         503,
@@ -84,8 +90,15 @@ async def _db_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logs.event(logger, 'unhandled_error', kind="request", level=logging.ERROR, exc_info=True,
-               path=request.url.path, error=type(exc).__name__)
+    logs.event(
+        logger,
+        "unhandled_error",
+        kind="request",
+        level=logging.ERROR,
+        exc_info=True,
+        path=request.url.path,
+        error=type(exc).__name__,
+    )
     return JSONResponse(error_body("internal_error", "unexpected server error"), 500)
 
 

@@ -36,26 +36,30 @@ class _TextBudgetParser(MultiPartParser):
             self.text_seen += end - start
             if self.text_seen > MAX_FORM_TEXT:
                 raise MultiPartException(
-                    f"the form's text fields exceed {MAX_FORM_TEXT:,} bytes (files do not count)")
+                    f"the form's text fields exceed {MAX_FORM_TEXT:,} bytes (files do not count)"
+                )
         super().on_part_data(data, start, end)
 
 
 async def _parse(request: Request, ctype: str, max_files: int) -> FormData:
     if ctype.startswith("multipart/form-data"):
-        parser = _TextBudgetParser(request.headers, request.stream(), max_files=max_files,
-                                   max_fields=max_files + 4096, max_part_size=MAX_FIELD_BYTES)
+        parser = _TextBudgetParser(
+            request.headers,
+            request.stream(),
+            max_files=max_files,
+            max_fields=max_files + 4096,
+            max_part_size=MAX_FIELD_BYTES,
+        )
         return await parser.parse()
     # urlencoded: text only, and its body limit is MAX_FORM_TEXT (api.limits)
-    return await request.form(max_files=max_files, max_fields=max_files + 4096,
-                              max_part_size=MAX_FIELD_BYTES)
+    return await request.form(max_files=max_files, max_fields=max_files + 4096, max_part_size=MAX_FIELD_BYTES)
 
 
 def _form_error(message: str) -> InvalidInput:
     if "text fields exceed" in message:
         return PayloadTooLarge("request_too_large", message)
     if "files" in message:
-        return InvalidInput("too_many_files", f"the form could not be read: {message}",
-                            malformed=True)
+        return InvalidInput("too_many_files", f"the form could not be read: {message}", malformed=True)
     return InvalidInput("malformed_form", f"the form could not be read: {message}", malformed=True)
 
 
@@ -73,8 +77,9 @@ async def read_form(request: Request, *, max_files: int, timeout_s: float) -> Fo
         with anyio.fail_after(timeout_s):
             form = await _parse(request, ctype, max_files)
     except TimeoutError:
-        raise RequestTimeout("request_timeout",
-                             f"the request body was not received within {timeout_s:g} s") from None
+        raise RequestTimeout(
+            "request_timeout", f"the request body was not received within {timeout_s:g} s"
+        ) from None
     except ClientDisconnect:
         raise _disconnected() from None
     except HTTPException as exc:  # Starlette's wrapping of its multipart errors
@@ -82,8 +87,7 @@ async def read_form(request: Request, *, max_files: int, timeout_s: float) -> Fo
     except MultiPartException as exc:
         raise _form_error(exc.message) from None
     except (ValueError, KeyError) as exc:
-        raise InvalidInput("malformed_form", f"the form could not be read: {exc}",
-                           malformed=True) from None
+        raise InvalidInput("malformed_form", f"the form could not be read: {exc}", malformed=True) from None
     try:
         for name, value in form.multi_items():
             check_text(name, "a form field's name")
@@ -101,14 +105,15 @@ async def read_body(request: Request, *, timeout_s: float) -> bytes:
         with anyio.fail_after(timeout_s):
             return await request.body()
     except TimeoutError:
-        raise RequestTimeout("request_timeout",
-                             f"the request body was not received within {timeout_s:g} s") from None
+        raise RequestTimeout(
+            "request_timeout", f"the request body was not received within {timeout_s:g} s"
+        ) from None
     except ClientDisconnect:
         raise _disconnected() from None
 
 
 def _disconnected() -> InvalidInput:
-    logs.event(logger, 'client_disconnected', kind="request")
+    logs.event(logger, "client_disconnected", kind="request")
     return InvalidInput("client_disconnected", "the client went away mid-request", malformed=True)
 
 
@@ -118,8 +123,9 @@ def check_fields(form: FormData, spec: FormSpec) -> None:
     if not unknown:
         return
     if spec.name_fields_in_errors:
-        raise InvalidInput("unknown_field",
-                           f"unknown form field {unknown[0]!r}; use {', '.join(spec.names())}")
+        raise InvalidInput(
+            "unknown_field", f"unknown form field {unknown[0]!r}; use {', '.join(spec.names())}"
+        )
     raise InvalidInput("unknown_field", f"unknown form field {unknown[0][:80]!r}")
 
 
@@ -150,8 +156,9 @@ async def read_upload(upload: UploadFile, settings: Settings, field: str) -> byt
     return data
 
 
-async def read_items(items: list[UploadFile | str], settings: Settings,
-                     names: list[str]) -> list[tuple[str, bytes] | str]:
+async def read_items(
+    items: list[UploadFile | str], settings: Settings, names: list[str]
+) -> list[tuple[str, bytes] | str]:
     """Uploads read into memory as (field name, bytes), within the per-file limit; ids as they are."""
     out: list[tuple[str, bytes] | str] = []
     for item, name in zip(items, names, strict=True):
@@ -166,5 +173,16 @@ def json_field(raw: str | None, name: str) -> Any:
     return loads(raw, what=name, max_bytes=MAX_FIELD_BYTES)
 
 
-__all__ = ["MAX_FIELD_BYTES", "MAX_FORM_TEXT", "check_fields", "files", "json_field", "read_body",
-           "read_form", "read_items", "read_upload", "text", "texts"]
+__all__ = [
+    "MAX_FIELD_BYTES",
+    "MAX_FORM_TEXT",
+    "check_fields",
+    "files",
+    "json_field",
+    "read_body",
+    "read_form",
+    "read_items",
+    "read_upload",
+    "text",
+    "texts",
+]

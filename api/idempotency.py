@@ -75,8 +75,9 @@ async def form_request(request: Request, form: FormData, key: str | None) -> Ide
     """The key and the fingerprint of a multipart request (files hashed off the event loop)."""
     if key is None:
         return None
-    return IdemRequest(key, await off_loop(request, _form_fingerprint, request.method,
-                                            request.url.path, form))
+    return IdemRequest(
+        key, await off_loop(request, _form_fingerprint, request.method, request.url.path, form)
+    )
 
 
 def json_request(method: str, path: str, body: Any, key: str | None) -> IdemRequest | None:
@@ -88,8 +89,9 @@ def json_request(method: str, path: str, body: Any, key: str | None) -> IdemRequ
     return IdemRequest(key, fingerprint([method, path, "json", canonical]))
 
 
-def find_stored(sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: str,
-                idem: IdemRequest) -> StoredResponse | None:
+def find_stored(
+    sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: str, idem: IdemRequest
+) -> StoredResponse | None:
     """The first answer for this key (422 if it came with another body), None if the key is new."""
     if indoubt.pending():
         indoubt.resolve()  # an in-doubt commit of this key must not be replayed as a success
@@ -99,7 +101,7 @@ def find_stored(sessions: sessionmaker[Session], indoubt: InDoubt, tenant_id: st
         stored = lookup(session, tenant_id, idem.key, idem.request_hash, drop_expired=False)
         session.rollback()
     if stored is not None:
-        logs.event(logger, 'idempotent_replay', kind="request", tenant_id=tenant_id)
+        logs.event(logger, "idempotent_replay", kind="request", tenant_id=tenant_id)
     return stored
 
 
@@ -108,8 +110,7 @@ async def replay(ctx: SubmitCtx) -> JSONResponse | None:
     there is no key or it is new."""
     if ctx.idem is None:
         return None
-    stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt, ctx.tenant.id,
-                                     ctx.idem)
+    stored = await run_in_threadpool(find_stored, ctx.sessions, ctx.indoubt, ctx.tenant.id, ctx.idem)
     return None if stored is None else respond(stored, replayed=True)
 
 
@@ -118,8 +119,9 @@ def respond(stored: StoredResponse, *, replayed: bool) -> JSONResponse:
     return JSONResponse(stored.body, stored.status_code, headers=headers)
 
 
-def commit_submission(session: Session, sub: Submission, idem: IdemRequest | None,
-                      response: StoredResponse, indoubt: InDoubt) -> StoredResponse | None:
+def commit_submission(
+    session: Session, sub: Submission, idem: IdemRequest | None, response: StoredResponse, indoubt: InDoubt
+) -> StoredResponse | None:
     """Commit the submission's rows together with its key row.
 
     Returns None when committed, or the winner's answer when a concurrent request with the same key
@@ -138,7 +140,7 @@ def commit_submission(session: Session, sub: Submission, idem: IdemRequest | Non
         session.rollback()
         if stored is None:
             raise
-        logs.event(logger, 'idempotent_race_lost', kind="request", tenant_id=sub.tenant_id)
+        logs.event(logger, "idempotent_race_lost", kind="request", tenant_id=sub.tenant_id)
         return stored
     try:
         session.commit()
@@ -149,5 +151,15 @@ def commit_submission(session: Session, sub: Submission, idem: IdemRequest | Non
     return None
 
 
-__all__ = ["KEY_HEADER", "REPLAYED_HEADER", "IdemRequest", "commit_submission", "find_stored",
-           "form_request", "header_key", "json_request", "replay", "respond"]
+__all__ = [
+    "KEY_HEADER",
+    "REPLAYED_HEADER",
+    "IdemRequest",
+    "commit_submission",
+    "find_stored",
+    "form_request",
+    "header_key",
+    "json_request",
+    "replay",
+    "respond",
+]

@@ -101,22 +101,25 @@ def _named(field: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
 
 
-def check_owned(session: Session, tenant_id: str,
-                image_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+def check_owned(session: Session, tenant_id: str, image_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
     """The (width, height) of each id; ``unknown_image`` unless the tenant has uploaded every id
     (others' ids, and strings that cannot be an image id, are unknown without a query)."""
     wanted = set(image_ids)
     if not wanted:
         return {}
     valid = {i for i in wanted if is_image_id(i)}
-    found = {
-        row.id: (row.width, row.height)
-        for row in session.execute(
-            select(StoredImage.id, StoredImage.width, StoredImage.height)
-            .join(TenantImage, TenantImage.image_id == StoredImage.id)
-            .where(TenantImage.tenant_id == tenant_id, StoredImage.id.in_(valid))
-        )
-    } if valid else {}
+    found = (
+        {
+            row.id: (row.width, row.height)
+            for row in session.execute(
+                select(StoredImage.id, StoredImage.width, StoredImage.height)
+                .join(TenantImage, TenantImage.image_id == StoredImage.id)
+                .where(TenantImage.tenant_id == tenant_id, StoredImage.id.in_(valid))
+            )
+        }
+        if valid
+        else {}
+    )
     missing = sorted(wanted - set(found))
     if missing:
         raise InvalidInput(
@@ -144,8 +147,9 @@ def insert_ignore(session: Session, model: Any, rows: Sequence[dict[str, Any]]) 
     session.execute(stmt, list(rows))
 
 
-def persist_images(session: Session, storage: Storage, tenant_id: str,
-                   images: Sequence[PendingImage]) -> set[str]:
+def persist_images(
+    session: Session, storage: Storage, tenant_id: str, images: Sequence[PendingImage]
+) -> set[str]:
     """Store new objects, add image rows and ownership; return ids new to this tenant.
 
     The caller commits. An object already stored (same sha256) is not written again.
@@ -169,9 +173,15 @@ def persist_images(session: Session, storage: Storage, tenant_id: str,
         if not storage.exists(img.key):
             storage.put_bytes(img.key, img.data, content_type=img.info.content_type)
         new_rows.append(
-            {"id": img.id, "format": img.info.format, "width": img.info.width,
-             "height": img.info.height, "bytes": len(img.data), "storage_key": img.key,
-             "created_at": now}
+            {
+                "id": img.id,
+                "format": img.info.format,
+                "width": img.info.width,
+                "height": img.info.height,
+                "bytes": len(img.data),
+                "storage_key": img.key,
+                "created_at": now,
+            }
         )
     insert_ignore(session, StoredImage, new_rows)
     fresh = set(unique) - owned
@@ -181,9 +191,20 @@ def persist_images(session: Session, storage: Storage, tenant_id: str,
         [{"tenant_id": tenant_id, "image_id": i, "created_at": now} for i in sorted(fresh)],
     )
     for image_id in sorted(fresh):
-        logs.event(logger, 'owned', kind="image", image_id=image_id, tenant_id=tenant_id)
+        logs.event(logger, "owned", kind="image", image_id=image_id, tenant_id=tenant_id)
     return fresh
 
 
-__all__ = ["Item", "PendingImage", "Raw", "check_owned", "image_dims", "insert_ignore", "is_image_id",
-           "item_id", "persist_images", "resolve_items", "validate_uploads"]
+__all__ = [
+    "Item",
+    "PendingImage",
+    "Raw",
+    "check_owned",
+    "image_dims",
+    "insert_ignore",
+    "is_image_id",
+    "item_id",
+    "persist_images",
+    "resolve_items",
+    "validate_uploads",
+]

@@ -55,8 +55,9 @@ class BodyLimitMiddleware:
             return
         ctypes = [v for k, v in scope["headers"] if k == b"content-type"]
         if len(ctypes) > 1:  # the limit and the route must read the same one
-            await self._reject(send, InvalidInput(
-                "malformed_request", "send one Content-Type header", malformed=True))
+            await self._reject(
+                send, InvalidInput("malformed_request", "send one Content-Type header", malformed=True)
+            )
             return
         ctype = ctypes[0].decode("latin-1").lower() if ctypes else ""
         limit = body_limit(self.settings, scope["path"], ctype)
@@ -82,8 +83,11 @@ class BodyLimitMiddleware:
 
         status, payload, extra = render(exc)
         body = json.dumps(payload).encode()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                   *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"connection", b"close"),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

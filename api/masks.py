@@ -45,8 +45,9 @@ def check_mask_shapes(content: Size, masks: Sequence[tuple[str, Size]]) -> None:
     for label, size in masks:
         w, h = size
         if min(w, h) < MASK_MIN_SIDE:
-            raise InvalidInput("too_small", f"{label} is {w}x{h}; a mask needs at least "
-                               f"{MASK_MIN_SIDE} px on each side")
+            raise InvalidInput(
+                "too_small", f"{label} is {w}x{h}; a mask needs at least {MASK_MIN_SIDE} px on each side"
+            )
         if not aspect_matches(size, content):
             raise InvalidInput(
                 "mask_shape_mismatch",
@@ -69,12 +70,14 @@ def pair_masks(pair: Sequence[Any], n_styles: int, n_masks: int) -> MaskPlan:
     masks = tuple(pair[2])
     shown = f"[{pair[0]}, {pair[1]}, {list(masks)}]"[:200]
     if not masks:
-        raise InvalidInput("mask_count_mismatch", f"pair {shown} has an empty mask list: give "
-                           "one mask index per style, or leave the third element out")
+        raise InvalidInput(
+            "mask_count_mismatch",
+            f"pair {shown} has an empty mask list: give "
+            "one mask index per style, or leave the third element out",
+        )
     check_mask_count(len(masks), n_styles, f"pair {shown}")
     if any(not 0 <= m < n_masks for m in masks):
-        raise InvalidInput("invalid_pairs",
-                           f"pair {shown}: a mask index is out of range: {n_masks} masks")
+        raise InvalidInput("invalid_pairs", f"pair {shown}: a mask index is out of range: {n_masks} masks")
     return masks
 
 
@@ -83,25 +86,44 @@ def check_masks_used(n_masks: int, mode: str, plans: Sequence[MaskPlan]) -> None
     if not n_masks:
         return
     if mode != "pairs":
-        raise InvalidInput("masks_need_pairs", "masks are given per pair: use mode 'pairs' and "
-                           "give each pair's mask indexes as its third element")
+        raise InvalidInput(
+            "masks_need_pairs",
+            "masks are given per pair: use mode 'pairs' and "
+            "give each pair's mask indexes as its third element",
+        )
     if all(p is None for p in plans):
-        raise InvalidInput("masks_need_pairs", f"{n_masks} mask(s) but no pair names one: give "
-                           "each pair's mask indexes as its third element, [content, styles, "
-                           "masks]")
+        raise InvalidInput(
+            "masks_need_pairs",
+            f"{n_masks} mask(s) but no pair names one: give "
+            "each pair's mask indexes as its third element, [content, styles, "
+            "masks]",
+        )
 
 
-def check_batch_masks(dims: Mapping[str, Size], content_ids: Sequence[str],
-                      mask_ids: Sequence[str],
-                      plan: Sequence[tuple[int, tuple[int, ...], MaskPlan]]) -> None:
+def check_batch_masks(
+    dims: Mapping[str, Size],
+    content_ids: Sequence[str],
+    mask_ids: Sequence[str],
+    plan: Sequence[tuple[int, tuple[int, ...], MaskPlan]],
+) -> None:
     """Every masked job of a batch: each of its masks against its content."""
     for j, (c, _, masks) in enumerate(plan):
         if masks is not None:
-            check_mask_shapes(dims[content_ids[c]], [
-                (f"masks[{m}] (pair {j}, style {k})", dims[mask_ids[m]])
-                for k, m in enumerate(masks)])
+            check_mask_shapes(
+                dims[content_ids[c]],
+                [(f"masks[{m}] (pair {j}, style {k})", dims[mask_ids[m]]) for k, m in enumerate(masks)],
+            )
 
 
-__all__ = ["MASK_ASPECT_TOLERANCE", "MASK_MIN_SIDE", "MaskPlan", "aspect_matches",
-           "check_batch_masks", "check_job_masks", "check_mask_count", "check_mask_shapes",
-           "check_masks_used", "pair_masks"]
+__all__ = [
+    "MASK_ASPECT_TOLERANCE",
+    "MASK_MIN_SIDE",
+    "MaskPlan",
+    "aspect_matches",
+    "check_batch_masks",
+    "check_job_masks",
+    "check_mask_count",
+    "check_mask_shapes",
+    "check_masks_used",
+    "pair_masks",
+]

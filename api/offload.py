@@ -26,8 +26,9 @@ T = TypeVar("T")
 
 def cpu_pool(settings: Settings) -> ThreadPoolExecutor:
     """The app's pool (``app.state.cpu_pool``); a plain executor works from any event loop."""
-    return ThreadPoolExecutor(max_workers=max(1, settings.decode_threads),
-                              thread_name_prefix="stylequeue-cpu")
+    return ThreadPoolExecutor(
+        max_workers=max(1, settings.decode_threads), thread_name_prefix="stylequeue-cpu"
+    )
 
 
 class Admission:
@@ -44,8 +45,10 @@ class Admission:
         with self._lock:
             if self.active >= self.limit:
                 raise ServiceUnavailable(
-                    "busy", f"{self.limit} uploads are being inspected; retry in a few seconds",
-                    retry_after_s=2)
+                    "busy",
+                    f"{self.limit} uploads are being inspected; retry in a few seconds",
+                    retry_after_s=2,
+                )
             self.active += 1
 
     def leave(self) -> None:

@@ -57,14 +57,12 @@ def job_out(job: Job, linker: Linker) -> JobOut:
             iteration=cp.get("iteration"),
             step=cp.get("step"),
             url=linker.link(cp.get("key"), f"{path}/checkpoints/{cp.get('seq', i)}"),
-            preview_url=linker.link(cp.get("preview_key"),
-                                    f"{path}/checkpoints/{cp.get('seq', i)}/preview"),
+            preview_url=linker.link(cp.get("preview_key"), f"{path}/checkpoints/{cp.get('seq', i)}/preview"),
         )
         for i, cp in enumerate(job.checkpoints or [])
     ]
     error = (
-        JobErrorOut(code=job.error_code, message=job.error_message or "",
-                    retryable=job.error_retryable)
+        JobErrorOut(code=job.error_code, message=job.error_message or "", retryable=job.error_retryable)
         if job.error_code
         else None
     )

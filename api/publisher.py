@@ -49,13 +49,19 @@ class CeleryPublisher:
         try:
             with app.producer_or_acquire() as producer:
                 for job_id in job_ids:
-                    publish_job(app, job_id, producer=producer, retry=True,
-                                retry_policy=_RETRY_POLICY)
+                    publish_job(app, job_id, producer=producer, retry=True, retry_policy=_RETRY_POLICY)
                     done.append(job_id)
         except Exception as exc:  # noqa: BLE001 - broker down, timeouts...: the reconciler republishes later
             missed = job_ids[len(done)] if len(done) < len(job_ids) else "-"
-            logs.event(logger, 'publish_failed', job_id=missed, level=logging.ERROR, published=len(done),
-                       unpublished=len(job_ids) - len(done), error=repr(exc))
+            logs.event(
+                logger,
+                "publish_failed",
+                job_id=missed,
+                level=logging.ERROR,
+                published=len(done),
+                unpublished=len(job_ids) - len(done),
+                error=repr(exc),
+            )
         return done
 
     def check(self) -> None:

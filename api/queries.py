@@ -38,16 +38,22 @@ def _shown(value: str) -> str:
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = (session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
-           if is_row_id(job_id) else None)
+    job = (
+        session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+        if is_row_id(job_id)
+        else None
+    )
     if job is None:
         raise NotFound("job_not_found", f"no job {_shown(job_id)}")
     return job
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
-    batch = (session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id))
-             if is_row_id(batch_id) else None)
+    batch = (
+        session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id))
+        if is_row_id(batch_id)
+        else None
+    )
     if batch is None:
         raise NotFound("batch_not_found", f"no batch {_shown(batch_id)}")
     return batch
@@ -83,8 +89,15 @@ def _status(raw: str | None) -> JobStatus | None:
         raise InvalidInput("invalid_status", f"status must be one of: {allowed}") from None
 
 
-def list_jobs(session: Session, tenant_id: str, *, status: str | None, batch_id: str | None,
-              limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    status: str | None,
+    batch_id: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Job], str | None]:
     """Newest first, by (created_at, id): stable under concurrent inserts, no duplicates."""
     wanted = _status(status)
     if batch_id and not is_row_id(batch_id):
@@ -96,12 +109,8 @@ def list_jobs(session: Session, tenant_id: str, *, status: str | None, batch_id:
         query = query.where(Job.batch_id == batch_id)
     if cursor:
         at, last_id = decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id))
-        )
-    rows = list(
-        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
+        query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None
@@ -136,5 +145,13 @@ def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
     }
 
 
-__all__ = ["MAX_PAGE", "batch_summary", "is_row_id", "decode_cursor", "encode_cursor", "get_batch", "get_job",
-           "list_jobs"]
+__all__ = [
+    "MAX_PAGE",
+    "batch_summary",
+    "is_row_id",
+    "decode_cursor",
+    "encode_cursor",
+    "get_batch",
+    "get_job",
+    "list_jobs",
+]

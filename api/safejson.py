@@ -54,8 +54,7 @@ def _check_tree(value: Any, max_depth: int) -> None:
         item, depth = stack.pop()
         if isinstance(item, str):
             if _BAD_TEXT.search(item):
-                raise _Refused("invalid_text",
-                               "strings must not contain NUL characters or lone surrogates")
+                raise _Refused("invalid_text", "strings must not contain NUL characters or lone surrogates")
         elif isinstance(item, (dict, list)):
             if depth >= max_depth:
                 raise _Refused("too_deep", f"nested more than {max_depth} levels deep")
@@ -71,8 +70,9 @@ def loads(raw: bytes | str, *, what: str, max_bytes: int, max_depth: int = MAX_D
     ``too_deep``, and ``request_too_large``."""
     syntax_code = "malformed_json" if what == "the body" else f"malformed_{what}"
     if len(raw) > max_bytes:
-        raise PayloadTooLarge("request_too_large",
-                              f"{what} is {len(raw):,} bytes; the limit is {max_bytes:,}")
+        raise PayloadTooLarge(
+            "request_too_large", f"{what} is {len(raw):,} bytes; the limit is {max_bytes:,}"
+        )
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -81,17 +81,20 @@ def loads(raw: bytes | str, *, what: str, max_bytes: int, max_depth: int = MAX_D
     try:
         # json's C scanner is linear in the text and stops at Python's recursion limit (~1,000
         # levels) with a RecursionError; the walk then enforces the real limit.
-        value = json.loads(raw, parse_constant=_refuse_constant, parse_int=_bounded_int,
-                           parse_float=_finite_float)
+        value = json.loads(
+            raw, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float
+        )
         _check_tree(value, max_depth)
     except RecursionError:
-        raise InvalidInput("too_deep", f"{what} is nested more than {max_depth} levels deep",
-                           malformed=True) from None
+        raise InvalidInput(
+            "too_deep", f"{what} is nested more than {max_depth} levels deep", malformed=True
+        ) from None
     except _Refused as exc:
         raise InvalidInput(exc.code, f"{what}: {exc}", malformed=True) from None
     except json.JSONDecodeError as exc:
-        raise InvalidInput(syntax_code, f"{what} is not valid JSON ({exc.msg} at char {exc.pos})",
-                           malformed=True) from None
+        raise InvalidInput(
+            syntax_code, f"{what} is not valid JSON ({exc.msg} at char {exc.pos})", malformed=True
+        ) from None
     except ValueError:
         raise InvalidInput(syntax_code, f"{what} is not valid JSON", malformed=True) from None
     return value
@@ -101,9 +104,9 @@ def check_text(value: str, what: str) -> str:
     """A form field's name or value free of NUL (400 ``invalid_text``). Decoded form text cannot
     hold a lone surrogate, so a plain substring test is enough (and fast on the event loop)."""
     if "\x00" in value:
-        raise InvalidInput("invalid_text",
-                           f"{what} must not contain NUL characters or lone surrogates",
-                           malformed=True)
+        raise InvalidInput(
+            "invalid_text", f"{what} must not contain NUL characters or lone surrogates", malformed=True
+        )
     return value
 
 

@@ -18,8 +18,10 @@ ImageId = Annotated[str, Field(max_length=64, description="an uploaded image's i
 MAX_IDS = 10_000  # a hard ceiling; the configured max_batch_jobs (1,000) is checked in the route
 # A batch pair: [content index, style index or list of style indexes] and, optionally, a list of
 # indexes into the batch's masks, one per style of the pair (spatial control).
-Pair = (tuple[StrictInt, StrictInt | list[StrictInt]]
-        | tuple[StrictInt, StrictInt | list[StrictInt], list[StrictInt]])
+Pair = (
+    tuple[StrictInt, StrictInt | list[StrictInt]]
+    | tuple[StrictInt, StrictInt | list[StrictInt], list[StrictInt]]
+)
 
 
 class ErrorDetail(BaseModel):
@@ -70,7 +72,8 @@ class JobOut(BaseModel):
     content_id: str
     style_ids: list[str]
     mask_ids: list[str] | None = Field(
-        None, description="one content mask per style (same order), or null: no spatial control")
+        None, description="one content mask per style (same order), or null: no spatial control"
+    )
     params: dict[str, Any]
     progress: ProgressOut
     attempts: int
@@ -113,15 +116,20 @@ class BatchRequest(BaseModel):
     contents: list[ImageId] = Field(min_length=1, max_length=MAX_IDS)
     styles: list[ImageId] = Field(min_length=1, max_length=MAX_IDS)
     mode: Literal["product", "pairs"] = Field(
-        "product", description="product: every content with every style; pairs: as listed")
+        "product", description="product: every content with every style; pairs: as listed"
+    )
     masks: list[ImageId] = Field(
-        default_factory=list, max_length=MAX_IDS,
+        default_factory=list,
+        max_length=MAX_IDS,
         description="content masks (greyscale: white = the style applies, black = not), used "
-                    "by index in pairs; each must have its content's aspect ratio")
+        "by index in pairs; each must have its content's aspect ratio",
+    )
     pairs: list[Pair] | None = Field(
-        None, max_length=MAX_IDS,
+        None,
+        max_length=MAX_IDS,
         description="mode pairs: [content index, style index or list of style indexes] or "
-                    "[content, style(s), [mask index per style]] (indexes into masks)")
+        "[content, style(s), [mask index per style]] (indexes into masks)",
+    )
     params: ParamsDict = Field(default_factory=dict)
 
 
@@ -152,9 +160,13 @@ class ImageField:
 
     def properties(self) -> dict[str, Any]:
         rule = f": {self.rule}" if self.rule else ""
-        return {self.name: {**_FILES, "description": f"{self.what}, uploaded{rule}"},
-                self.id_name: {**_IDS, "description": f"{self.what}, by image id (after the "
-                                                      f"{self.name} files){rule}"}}
+        return {
+            self.name: {**_FILES, "description": f"{self.what}, uploaded{rule}"},
+            self.id_name: {
+                **_IDS,
+                "description": f"{self.what}, by image id (after the {self.name} files){rule}",
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -180,15 +192,13 @@ class FormSpec:
         return self.content, self.style, self.mask
 
     def names(self) -> list[str]:
-        return sorted([*(n for f in self.images for n in (f.name, f.id_name)),
-                       *(t.name for t in self.texts)])
+        return sorted([*(n for f in self.images for n in (f.name, f.id_name)), *(t.name for t in self.texts)])
 
     def schema(self) -> dict[str, Any]:
         properties: dict[str, Any] = {}
         for image in self.images:
             properties.update(image.properties())
-        return {"type": "object", "properties": {
-            **properties, **{t.name: t.schema for t in self.texts}}}
+        return {"type": "object", "properties": {**properties, **{t.name: t.schema for t in self.texts}}}
 
 
 def request_body(form: FormSpec, json_model: type[BaseModel] | None = None) -> dict[str, Any]:
@@ -200,24 +210,39 @@ def request_body(form: FormSpec, json_model: type[BaseModel] | None = None) -> d
 
 
 _JSON = {"type": "string", "contentMediaType": "application/json"}
-PARAMS_FIELD = TextField("params", {**_JSON, "contentSchema": PARAMS_SCHEMA,
-                                    "description": "JSON object (JobParams)"})
-_JOB_MASKS = ("none, or one per style: mask i (files first, then ids) applies to style i "
-              "(style files first, then style ids); greyscale, white = the style applies here, "
-              "black = not; the content's aspect ratio")
-_BATCH_MASKS = ("the batch's masks list (files first, then ids), named by index in pairs")
-JOB_FORM = FormSpec(ImageField("content", "the content image (one)", single=True),
-                    ImageField("style", "the style images"),
-                    ImageField("mask", "content masks", _JOB_MASKS), (PARAMS_FIELD,),
-                    name_fields_in_errors=True)
-BATCH_FORM = FormSpec(ImageField("content", "the content images"),
-                      ImageField("style", "the style images"),
-                      ImageField("mask", "content masks", _BATCH_MASKS), (
-    PARAMS_FIELD,
-    TextField("mode", {"type": "string", "enum": ["product", "pairs"]}),
-    TextField("pairs", {**_JSON, "description": "JSON list of [content index, style index(es)] "
-                                                "or [content, style(s), [mask index per style]]"}),
-))
+PARAMS_FIELD = TextField(
+    "params", {**_JSON, "contentSchema": PARAMS_SCHEMA, "description": "JSON object (JobParams)"}
+)
+_JOB_MASKS = (
+    "none, or one per style: mask i (files first, then ids) applies to style i "
+    "(style files first, then style ids); greyscale, white = the style applies here, "
+    "black = not; the content's aspect ratio"
+)
+_BATCH_MASKS = "the batch's masks list (files first, then ids), named by index in pairs"
+JOB_FORM = FormSpec(
+    ImageField("content", "the content image (one)", single=True),
+    ImageField("style", "the style images"),
+    ImageField("mask", "content masks", _JOB_MASKS),
+    (PARAMS_FIELD,),
+    name_fields_in_errors=True,
+)
+BATCH_FORM = FormSpec(
+    ImageField("content", "the content images"),
+    ImageField("style", "the style images"),
+    ImageField("mask", "content masks", _BATCH_MASKS),
+    (
+        PARAMS_FIELD,
+        TextField("mode", {"type": "string", "enum": ["product", "pairs"]}),
+        TextField(
+            "pairs",
+            {
+                **_JSON,
+                "description": "JSON list of [content index, style index(es)] "
+                "or [content, style(s), [mask index per style]]",
+            },
+        ),
+    ),
+)
 JOB_FORM_DOC = request_body(JOB_FORM)
 BATCH_DOC = request_body(BATCH_FORM, BatchRequest)
 # The error answers every route may give (400 malformed, 401, 404, 409, 413, 422 invalid, 503).

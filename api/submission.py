@@ -54,8 +54,9 @@ D = TypeVar("D")
 
 Plan = list[tuple[int, tuple[int, ...], MaskPlan]]  # (content, style indexes, mask indexes) per job
 _PAIRS = TypeAdapter(list[Pair])  # strict: no true/0.0 indexes
-PAIRS_SHAPE = ("pairs must be a list of [content, style(s)] or [content, style(s), [mask per "
-               "style]] (integer indexes)")
+PAIRS_SHAPE = (
+    "pairs must be a list of [content, style(s)] or [content, style(s), [mask per style]] (integer indexes)"
+)
 
 
 def one_job(n_styles: int, n_masks: int) -> Plan:
@@ -63,8 +64,7 @@ def one_job(n_styles: int, n_masks: int) -> Plan:
     return [(0, tuple(range(n_styles)), tuple(range(n_masks)) if n_masks else None)]
 
 
-def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: int,
-              n_masks: int = 0) -> Plan:
+def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: int, n_masks: int = 0) -> Plan:
     """The jobs of a batch: every content with every style (``product``) or as ``pairs`` list."""
     if mode not in ("product", "pairs"):
         raise InvalidInput("invalid_mode", "mode must be 'product' or 'pairs'")
@@ -129,16 +129,23 @@ class ValidSubmission:
     batch: bool  # a batch row, answered BatchCreated; else one job, answered JobOut
 
 
-def validated(contents: list[Raw], styles: list[Raw], masks: list[Raw], plan: Plan,
-              raw_params: dict[str, Any], settings: Settings, *, batch: bool) -> ValidSubmission:
+def validated(
+    contents: list[Raw],
+    styles: list[Raw],
+    masks: list[Raw],
+    plan: Plan,
+    raw_params: dict[str, Any],
+    settings: Settings,
+    *,
+    batch: bool,
+) -> ValidSubmission:
     """The params for the plan's jobs, then every image (decoded once). CPU-bound: off the loop."""
     # a masked job has one style region per style: W2 pays its eigendecompositions once per region
     regions = max((len(ss) if ms is not None else 1 for _, ss, ms in plan), default=1)
     params = validate_params(raw_params, settings, [len(ss) for _, ss, _ in plan], regions)
     items = resolve_items([*contents, *styles, *masks], settings)  # one pixel budget for all
     n_c, n_s = len(contents), len(styles)
-    return ValidSubmission(items[:n_c], items[n_c:n_c + n_s], items[n_c + n_s:], plan, params,
-                           batch)
+    return ValidSubmission(items[:n_c], items[n_c : n_c + n_s], items[n_c + n_s :], plan, params, batch)
 
 
 @dataclass(frozen=True)
@@ -159,8 +166,7 @@ async def submit(request: Request, ctx: SubmitCtx, route: SubmitRoute) -> Respon
     if route.validate_json is not None and json_body:
         return await _submit_json(request, ctx, key, route.validate_json)
     settings = ctx.settings
-    form = await read_form(request, max_files=route.max_files(settings),
-                           timeout_s=settings.body_timeout_s)
+    form = await read_form(request, max_files=route.max_files(settings), timeout_s=settings.body_timeout_s)
     try:  # the form is on disk; reading its files into memory takes one of the upload slots
         async with admitted(request):
             ctx = replace(ctx, idem=await form_request(request, form, key))
@@ -174,25 +180,26 @@ async def submit(request: Request, ctx: SubmitCtx, route: SubmitRoute) -> Respon
         await form.close()
 
 
-async def _submit_json(request: Request, ctx: SubmitCtx, key: str | None,
-                       validate: Callable[[Any, Settings], ValidSubmission]) -> Response:
+async def _submit_json(
+    request: Request, ctx: SubmitCtx, key: str | None, validate: Callable[[Any, Settings], ValidSubmission]
+) -> Response:
     settings = ctx.settings
     raw = await read_body(request, timeout_s=settings.body_timeout_s)  # <= max_json_bytes
-    body, idem = await off_loop(request, _json_body, raw, request.method, request.url.path, key,
-                                settings)
+    body, idem = await off_loop(request, _json_body, raw, request.method, request.url.path, key, settings)
     ctx = replace(ctx, idem=idem)
     return await replay(ctx) or await _validate_and_create(request, ctx, validate, body)
 
 
-def _json_body(raw: bytes, method: str, path: str, key: str | None,
-               settings: Settings) -> tuple[Any, IdemRequest | None]:
+def _json_body(
+    raw: bytes, method: str, path: str, key: str | None, settings: Settings
+) -> tuple[Any, IdemRequest | None]:
     body = loads(raw, what="the body", max_bytes=settings.max_json_bytes)
     return body, json_request(method, path, body, key)
 
 
-async def _validate_and_create(request: Request, ctx: SubmitCtx,
-                               validate: Callable[[D, Settings], ValidSubmission],
-                               draft: D) -> Response:
+async def _validate_and_create(
+    request: Request, ctx: SubmitCtx, validate: Callable[[D, Settings], ValidSubmission], draft: D
+) -> Response:
     sub = await off_loop(request, validate, draft, ctx.settings)
     answer, replayed = await run_in_threadpool(create, ctx, sub)
     return respond(answer, replayed=replayed)
@@ -213,10 +220,12 @@ async def read_draft(form: FormData, route: SubmitRoute, settings: Settings) -> 
     check_fields(form, spec)
     contents, styles, masks = (_slot(form, field) for field in spec.images)
     route.check_counts(len(contents), len(styles), len(masks), settings)
-    return Draft(await _read(contents, spec.content, settings),
-                 await _read(styles, spec.style, settings),
-                 await _read(masks, spec.mask, settings),
-                 {t.name: text(form, t.name) for t in spec.texts})
+    return Draft(
+        await _read(contents, spec.content, settings),
+        await _read(styles, spec.style, settings),
+        await _read(masks, spec.mask, settings),
+        {t.name: text(form, t.name) for t in spec.texts},
+    )
 
 
 def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
@@ -230,15 +239,21 @@ def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
         _check_images(sub, image_dims(session, tenant_id, items))
         persist_images(session, ctx.storage, tenant_id, [i for i in items if not isinstance(i, str)])
         batch_id = _add_batch(session, tenant_id, sub.params, len(specs)) if sub.batch else None
-        job_ids = insert_jobs(session, tenant_id=tenant_id, batch_id=batch_id, specs=specs,
-                              params=sub.params, settings=ctx.settings)
+        job_ids = insert_jobs(
+            session,
+            tenant_id=tenant_id,
+            batch_id=batch_id,
+            specs=specs,
+            params=sub.params,
+            settings=ctx.settings,
+        )
         answer = _answer(session, ctx, job_ids, batch_id)
         record = Submission(tenant_id, tuple(job_ids), batch_id, ctx.idem.key if ctx.idem else None)
         winner = commit_submission(session, record, ctx.idem, answer, ctx.indoubt)
     if winner is not None:
         return winner, True
     if batch_id is not None:
-        logs.event(logger, 'batch_created', job_id=job_ids[0], batch_id=batch_id, jobs=len(job_ids))
+        logs.event(logger, "batch_created", job_id=job_ids[0], batch_id=batch_id, jobs=len(job_ids))
     publish_and_mark(ctx.sessions, ctx.publisher, job_ids)
     return answer, False
 
@@ -255,20 +270,26 @@ def _check_images(sub: ValidSubmission, dims: Mapping[str, tuple[int, int]]) -> 
 
 def _specs(sub: ValidSubmission) -> list[JobSpec]:
     c, s, m = ([item_id(i) for i in items] for items in (sub.contents, sub.styles, sub.masks))
-    return [JobSpec(c[ci], tuple(s[x] for x in ss), None if ms is None else tuple(m[x] for x in ms))
-            for ci, ss, ms in sub.plan]
+    return [
+        JobSpec(c[ci], tuple(s[x] for x in ss), None if ms is None else tuple(m[x] for x in ms))
+        for ci, ss, ms in sub.plan
+    ]
 
 
 def _add_batch(session: Session, tenant_id: str, params: JobParams, job_count: int) -> str:
-    batch = Batch(id=new_id(), tenant_id=tenant_id, params=params.model_dump(mode="json"),
-                  job_count=job_count, created_at=utcnow())
+    batch = Batch(
+        id=new_id(),
+        tenant_id=tenant_id,
+        params=params.model_dump(mode="json"),
+        job_count=job_count,
+        created_at=utcnow(),
+    )
     session.add(batch)
     session.flush()
     return batch.id
 
 
-def _answer(session: Session, ctx: SubmitCtx, job_ids: list[str],
-            batch_id: str | None) -> StoredResponse:
+def _answer(session: Session, ctx: SubmitCtx, job_ids: list[str], batch_id: str | None) -> StoredResponse:
     """The 202 answer, stored with the key: the batch's job ids, or the job as GET shows it."""
     if batch_id is not None:
         created = BatchCreated(id=batch_id, job_count=len(job_ids), job_ids=job_ids)
@@ -277,5 +298,16 @@ def _answer(session: Session, ctx: SubmitCtx, job_ids: list[str],
     return StoredResponse(202, job.model_dump(mode="json"))
 
 
-__all__ = ["PAIRS_SHAPE", "Draft", "Plan", "SubmitRoute", "ValidSubmission", "create", "one_job",
-           "plan_jobs", "read_draft", "submit", "validated"]
+__all__ = [
+    "PAIRS_SHAPE",
+    "Draft",
+    "Plan",
+    "SubmitRoute",
+    "ValidSubmission",
+    "create",
+    "one_job",
+    "plan_jobs",
+    "read_draft",
+    "submit",
+    "validated",
+]

@@ -50,8 +50,9 @@ def params_error(exc: ValidationError) -> InvalidInput:
     return InvalidInput(code, f"{where}: {err.get('msg')}", parameter=loc or None)
 
 
-def validate_params(raw: dict[str, Any], settings: Settings,
-                    style_counts: Sequence[int], regions: int = 1) -> JobParams:
+def validate_params(
+    raw: dict[str, Any], settings: Settings, style_counts: Sequence[int], regions: int = 1
+) -> JobParams:
     """Validate ``params`` and the configured limits for jobs with these numbers of styles
     (``regions``: the most style regions a job has, its styles when masked; JobParams.work)."""
     try:
@@ -72,9 +73,11 @@ def validate_params(raw: dict[str, Any], settings: Settings,
         )
     scales = params.scale_count()
     if scales > settings.max_scales:
-        raise InvalidInput("too_many_scales",
-                           f"{scales} scales; the maximum is {settings.max_scales}: "
-                           "raise scale_factor or min_size, or list fewer scales")
+        raise InvalidInput(
+            "too_many_scales",
+            f"{scales} scales; the maximum is {settings.max_scales}: "
+            "raise scale_factor or min_size, or list fewer scales",
+        )
     total = params.total_iterations()
     if total > settings.max_iterations:
         raise InvalidInput(
@@ -91,9 +94,7 @@ def validate_params(raw: dict[str, Any], settings: Settings,
         )
     for count in sorted(set(style_counts)):
         if count > settings.max_styles:
-            raise InvalidInput(
-                "too_many_styles", f"{count} styles; the maximum is {settings.max_styles}"
-            )
+            raise InvalidInput("too_many_styles", f"{count} styles; the maximum is {settings.max_styles}")
         if params.style_weights is not None and len(params.style_weights) != count:
             raise InvalidInput(
                 "style_weights_mismatch",
@@ -102,21 +103,33 @@ def validate_params(raw: dict[str, Any], settings: Settings,
     return params
 
 
-def check_runnable(params: JobParams, contents_wh: Sequence[tuple[int, int]],
-                   styles_wh: Sequence[tuple[int, int]]) -> None:
+def check_runnable(
+    params: JobParams, contents_wh: Sequence[tuple[int, int]], styles_wh: Sequence[tuple[int, int]]
+) -> None:
     """Refuse images the engine could not run at some scale (a side under 16 px), up front."""
     why = params.narrow_reason(contents_wh, styles_wh)
     if why is not None:
-        raise InvalidInput("image_too_narrow",
-                           f"{why}: use a less extreme aspect ratio or a larger min_size")
+        raise InvalidInput("image_too_narrow", f"{why}: use a less extreme aspect ratio or a larger min_size")
 
 
-def insert_jobs(session: Session, *, tenant_id: str, batch_id: str | None,
-                specs: Sequence[JobSpec], params: JobParams, settings: Settings) -> list[str]:
+def insert_jobs(
+    session: Session,
+    *,
+    tenant_id: str,
+    batch_id: str | None,
+    specs: Sequence[JobSpec],
+    params: JobParams,
+    settings: Settings,
+) -> list[str]:
     """Bulk-insert queued jobs (one statement); the caller commits. Returns their ids in order."""
-    return jobstore.insert_queued(session, tenant_id=tenant_id, batch_id=batch_id, specs=specs,
-                                  params=params.model_dump(mode="json"),
-                                  max_attempts=settings.max_attempts)
+    return jobstore.insert_queued(
+        session,
+        tenant_id=tenant_id,
+        batch_id=batch_id,
+        specs=specs,
+        params=params.model_dump(mode="json"),
+        max_attempts=settings.max_attempts,
+    )
 
 
 def _mark_published(factory: sessionmaker[Session], job_ids: Sequence[str]) -> None:
@@ -125,8 +138,9 @@ def _mark_published(factory: sessionmaker[Session], job_ids: Sequence[str]) -> N
         session.commit()
 
 
-def publish_and_mark(factory: sessionmaker[Session], publisher: Publisher,
-                     job_ids: Sequence[str]) -> list[str]:
+def publish_and_mark(
+    factory: sessionmaker[Session], publisher: Publisher, job_ids: Sequence[str]
+) -> list[str]:
     """Publish committed jobs, then set ``published_at`` on those the broker accepted.
 
     The jobs are committed: a database outage now must not turn the answer into an error. Their
@@ -140,12 +154,30 @@ def publish_and_mark(factory: sessionmaker[Session], publisher: Publisher,
         except Exception as exc:
             if not is_db_outage(exc):
                 raise
-            logs.event(logger, 'mark_published_failed', job_id=published[0], level=logging.ERROR,
-                       jobs=len(published), error=type(exc).__name__)
-    logs.event(logger, 'submitted', job_id=job_ids[0] if job_ids else "-", jobs=len(job_ids),
-               published=len(published))
+            logs.event(
+                logger,
+                "mark_published_failed",
+                job_id=published[0],
+                level=logging.ERROR,
+                jobs=len(published),
+                error=type(exc).__name__,
+            )
+    logs.event(
+        logger,
+        "submitted",
+        job_id=job_ids[0] if job_ids else "-",
+        jobs=len(job_ids),
+        published=len(published),
+    )
     return published
 
 
-__all__ = ["JobSpec", "check_runnable", "insert_jobs", "params_error", "parse_params_json",
-           "publish_and_mark", "validate_params"]
+__all__ = [
+    "JobSpec",
+    "check_runnable",
+    "insert_jobs",
+    "params_error",
+    "parse_params_json",
+    "publish_and_mark",
+    "validate_params",
+]

@@ -78,24 +78,41 @@ def float_list(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--weights", default="imagenet", help="imagenet (default), a file, or random")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--size", type=int, default=512, help="output long edge (default 512)")
-    p.add_argument("--iterations", type=int, default=None,
-                   help=f"per scale (default: the engine's auto; {RANDOM_ITERATIONS} with random weights)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"per scale (default: the engine's auto; {RANDOM_ITERATIONS} with random weights)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--content", type=Path, default=CONTENT)
     p.add_argument("--style", type=Path, default=STYLE)
-    p.add_argument("--terms", choices=list(GRIDS), default="relative",
-                   help="relative (the engine's default) or raw loss terms")
-    p.add_argument("--ratios", type=float_list, default=None,
-                   help="style weights with content weight 1 (default: relative "
-                        f"{GRIDS['relative'][0]}; raw {GRIDS['raw'][0]})")
+    p.add_argument(
+        "--terms",
+        choices=list(GRIDS),
+        default="relative",
+        help="relative (the engine's default) or raw loss terms",
+    )
+    p.add_argument(
+        "--ratios",
+        type=float_list,
+        default=None,
+        help="style weights with content weight 1 (default: relative "
+        f"{GRIDS['relative'][0]}; raw {GRIDS['raw'][0]})",
+    )
     p.add_argument("--layer-weights", choices=["equal", "decaying", "both"], default="both")
-    p.add_argument("--tv", type=float_list, default=None,
-                   help=f"TV weights (default: relative {GRIDS['relative'][1]}; raw {GRIDS['raw'][1]})")
+    p.add_argument(
+        "--tv",
+        type=float_list,
+        default=None,
+        help=f"TV weights (default: relative {GRIDS['relative'][1]}; raw {GRIDS['raw'][1]})",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "calibrate")
     args = p.parse_args(argv)
     ratios, tvs = GRIDS[args.terms]
@@ -112,8 +129,7 @@ def fmt(v: float | None) -> str:
         return "-"
     if v == 0:
         return "0"
-    return f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-") if abs(v) >= 1e3 or abs(v) < 1e-2 \
-        else f"{v:g}"
+    return f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-") if abs(v) >= 1e3 or abs(v) < 1e-2 else f"{v:g}"
 
 
 def run_case(engine: StyleTransfer, args: argparse.Namespace, case: Case) -> None:
@@ -123,9 +139,15 @@ def run_case(engine: StyleTransfer, args: argparse.Namespace, case: Case) -> Non
         last[:] = [p]
 
     config = TransferConfig(
-        size=args.size, min_size=min(128, args.size), iterations=args.iterations, seed=args.seed,
-        content_weight=1.0, style_weight=case.style_weight, tv_weight=case.tv_weight,
-        style_layer_weights=LAYER_WEIGHTS[case.layer_weights], loss_terms=args.terms,
+        size=args.size,
+        min_size=min(128, args.size),
+        iterations=args.iterations,
+        seed=args.seed,
+        content_weight=1.0,
+        style_weight=case.style_weight,
+        tv_weight=case.tv_weight,
+        style_layer_weights=LAYER_WEIGHTS[case.layer_weights],
+        loss_terms=args.terms,
     )
     result = engine.run(str(args.content), [str(args.style)], config, on_progress=on_progress)
     case.name = f"sw{fmt(case.style_weight)}_{case.layer_weights}_tv{fmt(case.tv_weight)}"
@@ -136,13 +158,18 @@ def run_case(engine: StyleTransfer, args: argparse.Namespace, case: Case) -> Non
     removed = [r.get("loss") if r else None for r in meta["loss_removed"]]
     case.metadata = meta
     case.row = {
-        "name": case.name, "style_weight": case.style_weight, "layer_weights": case.layer_weights,
-        "tv_weight": case.tv_weight, "seconds": meta["seconds"], "steps": meta["steps"],
+        "name": case.name,
+        "style_weight": case.style_weight,
+        "layer_weights": case.layer_weights,
+        "tv_weight": case.tv_weight,
+        "seconds": meta["seconds"],
+        "steps": meta["steps"],
         "final_loss": final.loss if final else None,
         "content_loss": final.content_loss if final else None,
         "style_loss": final.style_loss if final else None,
         "tv_loss": final.tv_loss if final else None,
-        "loss_removed": removed, "image": case.image.name,
+        "loss_removed": removed,
+        "image": case.image.name,
     }
 
 
@@ -153,8 +180,9 @@ def contact_sheet(cases: list[Case], ratios: list[float], rows: list[tuple[str, 
     cw = max(MIN_CELL, *(im.width for im in images.values()))
     ch = max(im.height * cw // im.width for im in images.values())
     label_h, pad = 26, 4
-    sheet = Image.new("RGB", (len(ratios) * (cw + pad) + pad, len(rows) * (ch + label_h + pad) + pad),
-                      "white")
+    sheet = Image.new(
+        "RGB", (len(ratios) * (cw + pad) + pad, len(rows) * (ch + label_h + pad) + pad), "white"
+    )
     draw = ImageDraw.Draw(sheet)
     for r, (lw, tv) in enumerate(rows):
         for c, sw in enumerate(ratios):
@@ -162,26 +190,49 @@ def contact_sheet(cases: list[Case], ratios: list[float], rows: list[tuple[str, 
             im = images.get((lw, tv, sw))
             if im is None:
                 continue
-            im = im.convert("RGB").resize((cw, im.height * cw // im.width), Image.Resampling.NEAREST
-                                          if im.width < cw else Image.Resampling.LANCZOS)
+            im = im.convert("RGB").resize(
+                (cw, im.height * cw // im.width),
+                Image.Resampling.NEAREST if im.width < cw else Image.Resampling.LANCZOS,
+            )
             sheet.paste(im, (x, y))
             case = next(k for k in cases if (k.layer_weights, k.tv_weight, k.style_weight) == (lw, tv, sw))
             loss = case.row.get("final_loss")
             draw.text((x + 2, y + ch + 1), f"style {fmt(sw)}  {lw}  tv {fmt(tv)}", fill="black", font=font)
-            draw.text((x + 2, y + ch + 13), f"loss {loss:.3g}  {case.row['seconds']:.1f}s"
-                      if loss is not None else "", fill="dimgray", font=font)
+            draw.text(
+                (x + 2, y + ch + 13),
+                f"loss {loss:.3g}  {case.row['seconds']:.1f}s" if loss is not None else "",
+                fill="dimgray",
+                font=font,
+            )
     sheet.save(path)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = ["style_w", "layers", "tv_w", "seconds", "final_loss", "content", "style", "tv",
-            "loss_removed per scale"]
-    table = [head] + [[
-        fmt(r["style_weight"]), r["layer_weights"], fmt(r["tv_weight"]), f"{r['seconds']:.1f}",
-        *(f"{r[k]:.4g}" if r[k] is not None else "-" for k in
-          ("final_loss", "content_loss", "style_loss", "tv_loss")),
-        " ".join(f"{v:.3f}" if v is not None else "-" for v in r["loss_removed"]),
-    ] for r in rows]
+    head = [
+        "style_w",
+        "layers",
+        "tv_w",
+        "seconds",
+        "final_loss",
+        "content",
+        "style",
+        "tv",
+        "loss_removed per scale",
+    ]
+    table = [head] + [
+        [
+            fmt(r["style_weight"]),
+            r["layer_weights"],
+            fmt(r["tv_weight"]),
+            f"{r['seconds']:.1f}",
+            *(
+                f"{r[k]:.4g}" if r[k] is not None else "-"
+                for k in ("final_loss", "content_loss", "style_loss", "tv_loss")
+            ),
+            " ".join(f"{v:.3f}" if v is not None else "-" for v in r["loss_removed"]),
+        ]
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in table) for i in range(len(head))]
     for n, line in enumerate(table):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -203,20 +254,30 @@ def main(argv: list[str] | None = None) -> int:
         args.iterations = RANDOM_ITERATIONS
         print(f"random weights: {RANDOM_ITERATIONS} iterations per scale (give --iterations to change)")
     preset = TransferConfig(loss_terms=args.terms).loss_weights(kind)
-    print(f"weights {args.weights} ({kind}); {args.terms} terms, preset {preset}; content weight 1; "
-          f"{len(cases)} jobs at "
-          f"{args.size} px -> {args.out}")
+    print(
+        f"weights {args.weights} ({kind}); {args.terms} terms, preset {preset}; content weight 1; "
+        f"{len(cases)} jobs at "
+        f"{args.size} px -> {args.out}"
+    )
     t0 = time.perf_counter()
     for i, case in enumerate(cases, 1):
         run_case(engine, args, case)
-        print(f"[{i}/{len(cases)}] {case.name}: {case.row['seconds']:.1f}s, "
-              f"final loss {case.row['final_loss']:.4g}", flush=True)
+        print(
+            f"[{i}/{len(cases)}] {case.name}: {case.row['seconds']:.1f}s, "
+            f"final loss {case.row['final_loss']:.4g}",
+            flush=True,
+        )
     sheet = args.out / "contact_sheet.png"
     contact_sheet(cases, args.ratios, rows, sheet)
     summary = {
-        "weights": args.weights, "weights_kind": kind, "device": cases[0].metadata.get("device"),
-        "size": args.size, "content": str(args.content), "style": str(args.style),
-        "content_weight": 1.0, "terms": args.terms,
+        "weights": args.weights,
+        "weights_kind": kind,
+        "device": cases[0].metadata.get("device"),
+        "size": args.size,
+        "content": str(args.content),
+        "style": str(args.style),
+        "content_weight": 1.0,
+        "terms": args.terms,
         "layer_weights": {k: LAYER_WEIGHTS[k] for k in layer_choices},
         "seconds_total": round(time.perf_counter() - t0, 3),
         "jobs": [{**c.row, "metadata": c.metadata} for c in cases],
@@ -226,8 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(cases[0].row))
         writer.writeheader()
         for c in cases:
-            writer.writerow({**c.row, "loss_removed": " ".join(
-                f"{v:.4f}" if v is not None else "" for v in c.row["loss_removed"])})
+            writer.writerow(
+                {
+                    **c.row,
+                    "loss_removed": " ".join(
+                        f"{v:.4f}" if v is not None else "" for v in c.row["loss_removed"]
+                    ),
+                }
+            )
     print_table([c.row for c in cases])
     print(f"contact sheet {sheet}; summary {args.out / 'summary.json'}, {args.out / 'summary.csv'}")
     if kind == "random":

@@ -106,8 +106,11 @@ def moto_s3() -> Iterator[tuple[str, Any, str]]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(name, value)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -174,8 +177,19 @@ class Chaos:
         from shared.models import Job
 
         with get_sessionmaker(self.database_url)() as s:
-            return list(s.execute(select(Job.id, Job.status, Job.attempt, Job.worker, Job.progress,
-                                         Job.started_at, Job.finished_at)).all())
+            return list(
+                s.execute(
+                    select(
+                        Job.id,
+                        Job.status,
+                        Job.attempt,
+                        Job.worker,
+                        Job.progress,
+                        Job.started_at,
+                        Job.finished_at,
+                    )
+                ).all()
+            )
 
     def owner(self, pid: int | None) -> str | None:
         for name in WORKERS:
@@ -193,8 +207,9 @@ class Chaos:
             name = self.owner(pid)
             if name is None or pid is None:
                 continue  # a dead holder not yet requeued, or a worker restarting
-            victims = [r for r in running if self.owner(chaos_lib.holder_pid(r.worker)) == name] \
-                if whole else [row]
+            victims = (
+                [r for r in running if self.owner(chaos_lib.holder_pid(r.worker)) == name] if whole else [row]
+            )
             if whole:
                 chaos_lib.kill_whole_worker(self.procs.pop(name))
             else:
@@ -205,8 +220,11 @@ class Chaos:
                 step = int((now.progress or {}).get("step") or 0)
                 self.killed.append(Killed(v.id, v.attempt, step))
             self.kills += 1
-            print(f"kill {self.kills}: {'whole worker ' + name if whole else f'pool process {pid}'} "
-                  f"(jobs {[v.id[:8] for v in victims]})", flush=True)
+            print(
+                f"kill {self.kills}: {'whole worker ' + name if whole else f'pool process {pid}'} "
+                f"(jobs {[v.id[:8] for v in victims]})",
+                flush=True,
+            )
             if whole:
                 self.start_worker(name)
             return True
@@ -229,8 +247,9 @@ def _result_versions(s3: Any, bucket: str, prefix: str) -> tuple[dict[str, int],
     return live, versions
 
 
-def _attempts(evs: list[chaos_lib.Event], killed: dict[tuple[str, int], int], job_id: str,
-              total_steps: int) -> tuple[dict[int, int], dict[int, int]]:
+def _attempts(
+    evs: list[chaos_lib.Event], killed: dict[tuple[str, int], int], job_id: str, total_steps: int
+) -> tuple[dict[int, int], dict[int, int]]:
     """Per attempt of one job: the step it resumed from, and the last step it is known to have done."""
     resume: dict[int, int] = {}
     last: dict[int, int] = {}
@@ -250,8 +269,9 @@ def _attempts(evs: list[chaos_lib.Event], killed: dict[tuple[str, int], int], jo
     return resume, last
 
 
-def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
-            job_ids: list[str]) -> dict[str, int]:
+def measure(
+    chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int, job_ids: list[str]
+) -> dict[str, int]:
     rows = {r.id: r for r in chaos.rows()}
     by_job: dict[str, list[chaos_lib.Event]] = {}
     for e in chaos_lib.job_events([chaos.log(n) for n in WORKERS]):
@@ -273,11 +293,19 @@ def measure(chaos: Chaos, s3: Any, bucket: str, prefix: str, total_steps: int,
         duplicates += int(versions.get(job_id, 0) > 1 or chaos_lib.count(evs, "succeeded") > 1)
         resume, last = _attempts(evs, killed, job_id, total_steps)
         resumed += int(resume.get(row.attempt, 0) > 0)
-        recomputed += sum(max(0, done - resume[attempt + 1])
-                          for attempt, done in last.items() if attempt + 1 in resume)
-    return dict(jobs=len(job_ids), succeeded=succeeded, failed=failed, lost=lost,
-                duplicates=duplicates, kills=chaos.kills, resumed=resumed,
-                recomputed_iterations=recomputed)
+        recomputed += sum(
+            max(0, done - resume[attempt + 1]) for attempt, done in last.items() if attempt + 1 in resume
+        )
+    return dict(
+        jobs=len(job_ids),
+        succeeded=succeeded,
+        failed=failed,
+        lost=lost,
+        duplicates=duplicates,
+        kills=chaos.kills,
+        resumed=resumed,
+        recomputed_iterations=recomputed,
+    )
 
 
 def main() -> int:
@@ -296,16 +324,37 @@ def main() -> int:
     params = {"size": 32, "min_size": 16, "scale_factor": 2, "iterations": args.iterations}
     total_steps = 2 * args.iterations
     t0 = time.monotonic()
-    with (temporary_database("sq_chaos") as db_url, broker(tmp) as broker_url,
-          moto_s3() as (s3_url, s3, bucket)):
+    with (
+        temporary_database("sq_chaos") as db_url,
+        broker(tmp) as broker_url,
+        moto_s3() as (s3_url, s3, bucket),
+    ):
         env = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
-        env.update({f"STYLEQUEUE_{k.upper()}": str(v) for k, v in dict(
-            database_url=db_url, broker_url=broker_url, storage_url=f"s3://{bucket}/sq",
-            s3_endpoint_url=s3_url, data_dir=tmp / "data", weights="random", device="cpu",
-            auth="on", progress_interval_s=0.1, heartbeat_s=0.3, lease_s=4, requeue_after_s=60,
-            reconcile_interval_s=1, checkpoint_every=10, max_attempts=3,
-            queue_name=f"chaos-{uuid.uuid4().hex[:6]}", retry_backoff_s=1, retry_backoff_max_s=3,
-        ).items()})
+        env.update(
+            {
+                f"STYLEQUEUE_{k.upper()}": str(v)
+                for k, v in dict(
+                    database_url=db_url,
+                    broker_url=broker_url,
+                    storage_url=f"s3://{bucket}/sq",
+                    s3_endpoint_url=s3_url,
+                    data_dir=tmp / "data",
+                    weights="random",
+                    device="cpu",
+                    auth="on",
+                    progress_interval_s=0.1,
+                    heartbeat_s=0.3,
+                    lease_s=4,
+                    requeue_after_s=60,
+                    reconcile_interval_s=1,
+                    checkpoint_every=10,
+                    max_attempts=3,
+                    queue_name=f"chaos-{uuid.uuid4().hex[:6]}",
+                    retry_backoff_s=1,
+                    retry_backoff_max_s=3,
+                ).items()
+            }
+        )
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
         chaos = Chaos(env, tmp, db_url, rng)
         try:
@@ -316,8 +365,12 @@ def main() -> int:
                 stop(proc)
     if figures["kills"] < args.kills:
         print(f"note: only {figures['kills']} of {args.kills} kills were made before every job ended")
-    print(f"logs: {tmp}" if args.keep else f"(logs removed; --keep keeps them) "
-          f"wall={time.monotonic() - t0:.0f}s", flush=True)
+    print(
+        f"logs: {tmp}"
+        if args.keep
+        else f"(logs removed; --keep keeps them) wall={time.monotonic() - t0:.0f}s",
+        flush=True,
+    )
     if not args.keep:
         import shutil
 
@@ -328,8 +381,15 @@ def main() -> int:
     return 0
 
 
-def run(chaos: Chaos, args: argparse.Namespace, params: dict[str, Any], total_steps: int,
-        s3: Any, bucket: str, t0: float) -> None:
+def run(
+    chaos: Chaos,
+    args: argparse.Namespace,
+    params: dict[str, Any],
+    total_steps: int,
+    s3: Any,
+    bucket: str,
+    t0: float,
+) -> None:
     import httpx
 
     from shared.db import get_sessionmaker
@@ -361,8 +421,7 @@ def run(chaos: Chaos, args: argparse.Namespace, params: dict[str, Any], total_st
         style = str(c.upload_image(png(10_000, 48), "style.png")["id"])
         batch = c.submit_batch(contents, [style], params=params)
         chaos.job_ids = [str(j["id"]) for j in c.list_jobs(batch_id=batch["id"])]
-    print(f"submitted {len(chaos.job_ids)} jobs in one batch after {time.monotonic() - t0:.0f}s",
-          flush=True)
+    print(f"submitted {len(chaos.job_ids)} jobs in one batch after {time.monotonic() - t0:.0f}s", flush=True)
     deadline = time.monotonic() + args.timeout
     whole = True
     while time.monotonic() < deadline:
@@ -372,8 +431,11 @@ def run(chaos: Chaos, args: argparse.Namespace, params: dict[str, Any], total_st
             break
         if chaos.kills < args.kills:
             done = [r for r in rows if r.status == "succeeded" and r.started_at and r.finished_at]
-            per_job = 3.0 if not done else sum(
-                (r.finished_at - r.started_at).total_seconds() for r in done) / len(done)
+            per_job = (
+                3.0
+                if not done
+                else sum((r.finished_at - r.started_at).total_seconds() for r in done) / len(done)
+            )
             # Spread the kills left over about the first half of the work left (a random gap with
             # this mean), so that they all land while many jobs are still in flight.
             gap = max(0.4, (len(left) * per_job / len(WORKERS)) / (args.kills - chaos.kills + 1))
@@ -382,8 +444,12 @@ def run(chaos: Chaos, args: argparse.Namespace, params: dict[str, Any], total_st
                 whole = not whole
         else:
             time.sleep(0.5)
-    print(f"all terminal after {time.monotonic() - t0:.0f}s" if time.monotonic() < deadline
-          else f"timeout after {args.timeout:.0f}s", flush=True)
+    print(
+        f"all terminal after {time.monotonic() - t0:.0f}s"
+        if time.monotonic() < deadline
+        else f"timeout after {args.timeout:.0f}s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -69,14 +69,20 @@ def case_engine(size: int, iterations: int, channels_last: bool) -> dict[str, An
     from worker.engine import StyleTransfer, TransferConfig
 
     stamps: list[float] = []
-    cfg = TransferConfig(size=size, scales=(size // 2, size), iterations=(2, iterations),
-                         weights="random", device="cpu", channels_last=channels_last)
+    cfg = TransferConfig(
+        size=size,
+        scales=(size // 2, size),
+        iterations=(2, iterations),
+        weights="random",
+        device="cpu",
+        channels_last=channels_last,
+    )
     StyleTransfer(weights="random", device="cpu").run(
         CONTENT, [STYLE], cfg, on_progress=lambda p: stamps.append(p.elapsed) if p.scale == 1 else None
     )
     deltas = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     # The later half, with some L-BFGS history built up, as in a real job's final scale.
-    return {"seconds": statistics.median(deltas[len(deltas) // 2:]), "peak_mb": _peak_mb()}
+    return {"seconds": statistics.median(deltas[len(deltas) // 2 :]), "peak_mb": _peak_mb()}
 
 
 def case_job(size: int, cached: bool, iterations: int | list[int] | None) -> dict[str, Any]:
@@ -84,13 +90,21 @@ def case_job(size: int, cached: bool, iterations: int | list[int] | None) -> dic
     from worker.engine import StyleTransfer, TransferConfig, pyramid
 
     pyramid._CACHE_STYLE_TARGETS = cached
-    cfg = TransferConfig(size=size, weights="random", device="cpu",
-                         iterations=tuple(iterations) if isinstance(iterations, list) else iterations)
+    cfg = TransferConfig(
+        size=size,
+        weights="random",
+        device="cpu",
+        iterations=tuple(iterations) if isinstance(iterations, list) else iterations,
+    )
     t0 = time.perf_counter()
     r = StyleTransfer(weights="random", device="cpu").run(CONTENT, [STYLE], cfg)
-    return {"seconds": time.perf_counter() - t0, "peak_mb": _peak_mb(),
-            "schedule": [f"{h}x{w}:{n}" for (h, w), n in zip(r.metadata["scales"],
-                                                          r.metadata["iterations"], strict=True)]}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_mb": _peak_mb(),
+        "schedule": [
+            f"{h}x{w}:{n}" for (h, w), n in zip(r.metadata["scales"], r.metadata["iterations"], strict=True)
+        ],
+    }
 
 
 def case_naive(size: int, iterations: int) -> dict[str, Any]:
@@ -132,7 +146,8 @@ def case_naive(size: int, iterations: int) -> dict[str, Any]:
         opt.zero_grad()
         fx = feats(x)
         loss = 1e3 * content_loss(fx[c_idx], c_t).sum() + 1e6 * sum(
-            style_layer_loss(gram(fx[i]), s_t[i]).sum() for i in s_idx)
+            style_layer_loss(gram(fx[i]), s_t[i]).sum() for i in s_idx
+        )
         loss.backward()
         opt.step()
     moved = ((x.detach() - norm[0]) * std).abs().max().item()  # in [0,1] pixel units
@@ -140,7 +155,10 @@ def case_naive(size: int, iterations: int) -> dict[str, Any]:
 
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {
-    "bare": case_bare, "engine": case_engine, "job": case_job, "naive": case_naive,
+    "bare": case_bare,
+    "engine": case_engine,
+    "job": case_job,
+    "naive": case_naive,
     "removed": engine_removed.case_removed,
 }
 
@@ -165,29 +183,38 @@ def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 only, short schedules")
     ap.add_argument("--parts", default="abcdef", help="which figures: any of a-f (abc go together)")
-    ap.add_argument("--size", type=int,
-                    help="long edge of the jobs in (d)-(f) (default 512; 256 with --quick)")
+    ap.add_argument(
+        "--size", type=int, help="long edge of the jobs in (d)-(f) (default 512; 256 with --quick)"
+    )
     ap.add_argument("--min-size", type=int, help="(f): first scale's long edge (default: TransferConfig's)")
-    ap.add_argument("--iterations", help="(d), (f): iterations per scale, N or N,N,... (default: auto; "
-                                          "20,10,5 with --quick)")
+    ap.add_argument(
+        "--iterations",
+        help="(d), (f): iterations per scale, N or N,N,... (default: auto; 20,10,5 with --quick)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
 def part_abc(sizes: list[int]) -> bool:
     """(a)-(c) at each size; False when (c) NHWC misses TARGET_C at 512."""
-    print("(a) bare VGG19 fwd+bwd s, (b) engine s/iteration at the final scale, (c) b/a in the same "
-          "memory layout;\n    NHWC = channels_last, the engine's default")
-    print(f"{'size':>5} {'(a) NCHW':>9} {'(a) NHWC':>9} {'(b) NCHW':>9} {'(b) NHWC':>9} "
-          f"{'(c) NCHW':>9} {'(c) NHWC':>9}")
+    print(
+        "(a) bare VGG19 fwd+bwd s, (b) engine s/iteration at the final scale, (c) b/a in the same "
+        "memory layout;\n    NHWC = channels_last, the engine's default"
+    )
+    print(
+        f"{'size':>5} {'(a) NCHW':>9} {'(a) NHWC':>9} {'(b) NCHW':>9} {'(b) NHWC':>9} "
+        f"{'(c) NCHW':>9} {'(c) NHWC':>9}"
+    )
     c_nhwc = {}
     for size in sizes:
         reps = 3 if size >= 512 else 5
         a = [child("bare", size=size, reps=reps, channels_last=cl)["seconds"] for cl in (False, True)]
         b = [child("engine", size=size, iterations=24, channels_last=cl)["seconds"] for cl in (False, True)]
         c_nhwc[size] = b[1] / a[1]
-        print(f"{size:>5} {a[0]:>9.3f} {a[1]:>9.3f} {b[0]:>9.3f} {b[1]:>9.3f} "
-              f"{b[0] / a[0]:>9.3f} {b[1] / a[1]:>9.3f}")
+        print(
+            f"{size:>5} {a[0]:>9.3f} {a[1]:>9.3f} {b[0]:>9.3f} {b[1]:>9.3f} "
+            f"{b[0] / a[0]:>9.3f} {b[1] / a[1]:>9.3f}"
+        )
     if 512 not in c_nhwc:
         print(f"  target (c) NHWC <= {TARGET_C:.2f} at 512: not measured (512 not run)")
         return True
@@ -201,19 +228,33 @@ def part_de(parts: str, job_size: int, its: int | list[int] | None, quick: bool)
         print(f"\n(d) coarse-to-fine job to {job_size} ({'short' if its else 'default'} schedule)")
     for cached in (True, False) if "d" in parts else ():
         r = child("job", size=job_size, cached=cached, iterations=its)
-        print(f"  style targets {'cached  ' if cached else 'uncached'}: {r['seconds']:8.1f} s  "
-              f"peak RSS {r['peak_mb']:7.0f} MB  schedule {' '.join(r['schedule'])}")
+        print(
+            f"  style targets {'cached  ' if cached else 'uncached'}: {r['seconds']:8.1f} s  "
+            f"peak RSS {r['peak_mb']:7.0f} MB  schedule {' '.join(r['schedule'])}"
+        )
     if "e" not in parts:
         return
     n = 30 if quick else 300
     r = child("naive", size=job_size, iterations=n)
-    print(f"\n(e) naive single-scale Adam lr 0.003, {n} it at {job_size}: {r['seconds']:.1f} s, "
-          f"peak RSS {r['peak_mb']:.0f} MB, max pixel change {r['max_pixel_change']:.3f}")
+    print(
+        f"\n(e) naive single-scale Adam lr 0.003, {n} it at {job_size}: {r['seconds']:.1f} s, "
+        f"peak RSS {r['peak_mb']:.0f} MB, max pixel change {r['max_pixel_change']:.3f}"
+    )
 
 
 def part_f(job_size: int, min_size: int | None, its: int | list[int] | None) -> bool:
-    runs = [child("removed", content=str(CONTENT), style=str(STYLE), size=job_size, min_size=min_size,
-                  iterations=its, factor=factor) for factor in (1.0, engine_removed.FACTOR)]
+    runs = [
+        child(
+            "removed",
+            content=str(CONTENT),
+            style=str(STYLE),
+            size=job_size,
+            min_size=min_size,
+            iterations=its,
+            factor=factor,
+        )
+        for factor in (1.0, engine_removed.FACTOR)
+    ]
     return engine_removed.report(runs[0], runs[1], job_size)
 
 
@@ -226,8 +267,10 @@ def main() -> int:
         name, kw = json.loads(args.child)
         print(json.dumps(CASES[name](**kw)))
         return 0
-    print(f"# python {' '.join(sys.argv)}   "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads, random weights)")
+    print(
+        f"# python {' '.join(sys.argv)}   "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, random weights)"
+    )
     ok = True
     if set("abc") & set(args.parts):
         ok &= part_abc([256] if args.quick else [256, 512])

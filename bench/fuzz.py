@@ -97,8 +97,9 @@ def operation_of(method: str, raw_path: str, table: list[tuple[str, re.Pattern[s
     return f"{method} {raw_path[:60]}"
 
 
-def run_schemathesis(api: LiveApi, out: Path, *, seed: int, examples: int, want: int,
-                     seconds: float) -> StResult:
+def run_schemathesis(
+    api: LiveApi, out: Path, *, seed: int, examples: int, want: int, seconds: float
+) -> StResult:
     """``st run`` rounds (one seed each) until ``want`` requests or ``seconds`` are spent."""
     result = StResult()
     table = templates(api)
@@ -111,13 +112,39 @@ def run_schemathesis(api: LiveApi, out: Path, *, seed: int, examples: int, want:
         report = out / f"st-round-{result.rounds}"
         mark = api.log_size()
         before = result.requests
-        cmd = [ST, "run", f"{api.base_url}/openapi.json", "-H", f"Authorization: Bearer {api.key_a}",
-               "--checks", ST_CHECKS, "-n", str(n), "--seed", str(seed + result.rounds),
-               "--workers", "1", "--phases", "examples,coverage,fuzzing,stateful",
-               "--generation-allow-x00", "true", "--generation-database", "none",
-               "--continue-on-failure",
-               "--suppress-health-check", "all", "--request-timeout", "10", "--no-color",
-               "--warnings", "off", "--report", "har,json", "--report-dir", str(report)]
+        cmd = [
+            ST,
+            "run",
+            f"{api.base_url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {api.key_a}",
+            "--checks",
+            ST_CHECKS,
+            "-n",
+            str(n),
+            "--seed",
+            str(seed + result.rounds),
+            "--workers",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            "--generation-allow-x00",
+            "true",
+            "--generation-database",
+            "none",
+            "--continue-on-failure",
+            "--suppress-health-check",
+            "all",
+            "--request-timeout",
+            "10",
+            "--no-color",
+            "--warnings",
+            "off",
+            "--report",
+            "har,json",
+            "--report-dir",
+            str(report),
+        ]
         try:
             proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=left)
             (report / "st-output.txt").write_text(proc.stdout + proc.stderr)
@@ -132,8 +159,9 @@ def run_schemathesis(api: LiveApi, out: Path, *, seed: int, examples: int, want:
     return result
 
 
-def _read_round(api: LiveApi, report: Path, mark: int, table: list[tuple[str, re.Pattern[str]]],
-                result: StResult) -> None:
+def _read_round(
+    api: LiveApi, report: Path, mark: int, table: list[tuple[str, re.Pattern[str]]], result: StResult
+) -> None:
     logged = [(m["path"], m["error"]) for m in _LOGGED.finditer(api.log_since(mark))]
     for har in report.glob("har-*.json"):
         entries = json.loads(har.read_text())["log"]["entries"]
@@ -146,15 +174,13 @@ def _read_round(api: LiveApi, report: Path, mark: int, table: list[tuple[str, re
             result.server_errors += 1
             raw_path = urlsplit(url).path
             error = _take_logged(logged, unquote(raw_path))  # uvicorn decodes the path the same way
-            result.add(operation_of(method, raw_path, table), str(status), error,
-                       f"{method} {url[:300]}")
+            result.add(operation_of(method, raw_path, table), str(status), error, f"{method} {url[:300]}")
     for js in report.glob("json-*.json"):
         for f in json.loads(js.read_text()).get("failures", []):
             if f.get("code") == "ST101":
                 continue  # server errors: counted per request from the HAR above
             for op in f.get("operations") or ["?"]:
-                result.add(op, str(f.get("code")), str(f.get("title")), f"see {js}",
-                           int(f.get("count", 1)))
+                result.add(op, str(f.get("code")), str(f.get("title")), f"see {js}", int(f.get("count", 1)))
 
 
 def _take_logged(logged: list[tuple[str, str]], path: str) -> str:
@@ -166,8 +192,9 @@ def _take_logged(logged: list[tuple[str, str]], path: str) -> str:
     return "(nothing logged)"
 
 
-def run_hostile(api: LiveApi, fuzzer: Fuzzer, *, seed: int, want: int, deadline: float,
-                chunk: int = 500) -> None:
+def run_hostile(
+    api: LiveApi, fuzzer: Fuzzer, *, seed: int, want: int, deadline: float, chunk: int = 500
+) -> None:
     """Hypothesis-drawn probes, ``chunk`` examples per seeded run, until ``want`` more were sent."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as with_seed
@@ -179,9 +206,15 @@ def run_hostile(api: LiveApi, fuzzer: Fuzzer, *, seed: int, want: int, deadline:
         n = min(chunk, goal - fuzzer.sent)
 
         @with_seed(seed * 100_003 + round_no)
-        @settings(max_examples=n, deadline=None, database=None, derandomize=False,
-                  phases=[Phase.generate], suppress_health_check=list(HealthCheck),
-                  verbosity=Verbosity.quiet)
+        @settings(
+            max_examples=n,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            verbosity=Verbosity.quiet,
+        )
         @given(strategy)
         def send(probe: Probe) -> None:
             if fuzzer.sent < goal and time.monotonic() < deadline:
@@ -196,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=10_000, help="requests to send in all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-seconds", type=float, default=1200.0, help="stop after this long anyway")
-    ap.add_argument("--st-share", type=float, default=0.3,
-                    help="share of the requests (and of the time) for schemathesis")
+    ap.add_argument(
+        "--st-share", type=float, default=0.3, help="share of the requests (and of the time) for schemathesis"
+    )
     ap.add_argument("--st-examples", type=int, default=50, help="schemathesis examples per operation")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per hostile request")
-    ap.add_argument("--app-dir", type=Path, default=None,
-                    help="source tree whose API runs (default: this checkout)")
+    ap.add_argument(
+        "--app-dir", type=Path, default=None, help="source tree whose API runs (default: this checkout)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (API log, reports)")
     args = ap.parse_args(argv)
 
@@ -214,10 +249,18 @@ def main(argv: list[str] | None = None) -> int:
             assert urlsplit(api.base_url).hostname == HOST
             print(f"API {api.base_url} (code: {api.app_dir}); log {api.log_path}", flush=True)
             st_result = run_schemathesis(
-                api, work, seed=args.seed, examples=args.st_examples,
-                want=int(args.requests * args.st_share), seconds=args.max_seconds * args.st_share)
-            print(f"schemathesis: {st_result.requests} requests in {st_result.seconds:.0f}s "
-                  f"({st_result.rounds} rounds), {st_result.server_errors} x 5xx", flush=True)
+                api,
+                work,
+                seed=args.seed,
+                examples=args.st_examples,
+                want=int(args.requests * args.st_share),
+                seconds=args.max_seconds * args.st_share,
+            )
+            print(
+                f"schemathesis: {st_result.requests} requests in {st_result.seconds:.0f}s "
+                f"({st_result.rounds} rounds), {st_result.server_errors} x 5xx",
+                flush=True,
+            )
 
             fuzzer = Fuzzer(api, timeout=args.timeout)
             t0 = time.monotonic()
@@ -225,19 +268,32 @@ def main(argv: list[str] | None = None) -> int:
                 with HealthWatch(api, timeout=5.0) as watch:
                     fuzzer.send(probe)
                 if watch.worst > 1.0:
-                    fuzzer.record(probe, "healthz", f"blocked the event loop ({probe.what})",
-                                  f"/healthz waited {watch.worst:.1f}s")
+                    fuzzer.record(
+                        probe,
+                        "healthz",
+                        f"blocked the event loop ({probe.what})",
+                        f"/healthz waited {watch.worst:.1f}s",
+                    )
                 api.ensure_alive()
             for probe in huge_list_probes(Ids.of(api)):
                 fuzzer.send(probe)
-            run_hostile(api, fuzzer, seed=args.seed,
-                        want=max(int(args.requests * (1 - args.st_share)),  # its share at least
-                                 args.requests - st_result.requests - fuzzer.sent),
-                        deadline=deadline)
+            run_hostile(
+                api,
+                fuzzer,
+                seed=args.seed,
+                want=max(
+                    int(args.requests * (1 - args.st_share)),  # its share at least
+                    args.requests - st_result.requests - fuzzer.sent,
+                ),
+                deadline=deadline,
+            )
             fuzzer.close()
-            print(f"hostile generator: {fuzzer.sent} requests in {time.monotonic() - t0:.0f}s, "
-                  f"{fuzzer.server_errors} x 5xx, {fuzzer.accepted} accepted, "
-                  f"{fuzzer.restarts} API restarts", flush=True)
+            print(
+                f"hostile generator: {fuzzer.sent} requests in {time.monotonic() - t0:.0f}s, "
+                f"{fuzzer.server_errors} x 5xx, {fuzzer.accepted} accepted, "
+                f"{fuzzer.restarts} API restarts",
+                flush=True,
+            )
             failed = _print_summary(st_result, fuzzer, time.monotonic() - started)
     finally:
         if failed or args.keep:
@@ -252,8 +308,9 @@ def _print_summary(st_result: StResult, fuzzer: Fuzzer, seconds: float) -> bool:
     five = st_result.server_errors + fuzzer.server_errors
     distinct = len(st_result.failures) + len(fuzzer.failures)
     print()
-    print(f"requests sent: {total} in {seconds:.0f}s "
-          f"(schemathesis {st_result.requests}, hostile {fuzzer.sent})")
+    print(
+        f"requests sent: {total} in {seconds:.0f}s (schemathesis {st_result.requests}, hostile {fuzzer.sent})"
+    )
     print(f"5xx: {five}")
     print(f"distinct failures: {distinct}")
     for f in sorted(st_result.failures.values(), key=lambda f: (f.operation, f.status, f.problem)):

@@ -71,7 +71,7 @@ def _scan_bomb(repeats: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (256, 256), (120, 30, 200)).save(buf, "JPEG", progressive=True)
     data = buf.getvalue()
-    return data[:-2] + data[data.rindex(b"\xff\xda"):-2] * repeats + b"\xff\xd9"
+    return data[:-2] + data[data.rindex(b"\xff\xda") : -2] * repeats + b"\xff\xd9"
 
 
 def attacks(bombs: int) -> dict[str, Callable[[httpx.Client, LiveApi], httpx.Response]]:
@@ -83,20 +83,20 @@ def attacks(bombs: int) -> dict[str, Callable[[httpx.Client, LiveApi], httpx.Res
     text_fields = [("style_id", (None, b"f" * 60_000))] * 17
     scan_bomb = _scan_bomb(2000)
     return {
-        f"batches of {bombs} PNG bombs (39.7 MP each)":
-            lambda c, a: c.post("/v1/batches", files=files),
-        "600 kB JSON of escaped quotes":
-            lambda c, a: c.post("/v1/batches", content=quotes,
-                                headers={"content-type": "application/json"}),
-        "1 MB forms of text fields":
-            lambda c, a: c.post("/v1/batches", files=text_fields),
-        "JPEG scan bombs (2,000 scans)":
-            lambda c, a: c.post("/v1/images", files={"file": ("b.jpg", scan_bomb)}),
+        f"batches of {bombs} PNG bombs (39.7 MP each)": lambda c, a: c.post("/v1/batches", files=files),
+        "600 kB JSON of escaped quotes": lambda c, a: c.post(
+            "/v1/batches", content=quotes, headers={"content-type": "application/json"}
+        ),
+        "1 MB forms of text fields": lambda c, a: c.post("/v1/batches", files=text_fields),
+        "JPEG scan bombs (2,000 scans)": lambda c, a: c.post(
+            "/v1/images", files={"file": ("b.jpg", scan_bomb)}
+        ),
     }
 
 
-def under_load(api: LiveApi, attack: Callable[[httpx.Client, LiveApi], httpx.Response],
-               seconds: float) -> tuple[list[float], list[int]]:
+def under_load(
+    api: LiveApi, attack: Callable[[httpx.Client, LiveApi], httpx.Response], seconds: float
+) -> tuple[list[float], list[int]]:
     """Latencies of /healthz while ``attack`` is sent back to back; the attack's statuses."""
     statuses: list[int] = []
     stop = threading.Event()
@@ -120,16 +120,24 @@ def scale_loop_ms(api: LiveApi, repeats: int = 20) -> list[float]:
     with api.client() as c:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            r = c.post("/v1/jobs", data={"content_id": api.content_id, "style_id": api.style_id,
-                                         "params": json.dumps(SCALE_LOOP)})
+            r = c.post(
+                "/v1/jobs",
+                data={
+                    "content_id": api.content_id,
+                    "style_id": api.style_id,
+                    "params": json.dumps(SCALE_LOOP),
+                },
+            )
             out.append((time.perf_counter() - t0) * 1000)
             assert r.status_code == 422, r.text
     return out
 
 
 def _summary(name: str, ms: list[float]) -> str:
-    return (f"{name:<58} n={len(ms):>4}  p50={statistics.median(ms):7.1f} ms  "
-            f"p99={_percentile(ms, 0.99):7.1f} ms  max={max(ms):7.1f} ms")
+    return (
+        f"{name:<58} n={len(ms):>4}  p50={statistics.median(ms):7.1f} ms  "
+        f"p99={_percentile(ms, 0.99):7.1f} ms  max={max(ms):7.1f} ms"
+    )
 
 
 def measure(label: str, app_dir: Path | None, args: argparse.Namespace, full: bool) -> bool:
@@ -141,8 +149,10 @@ def measure(label: str, app_dir: Path | None, args: argparse.Namespace, full: bo
         loads = attacks(args.bombs)
         for name, attack in loads.items() if full else list(loads.items())[:1]:
             latencies, statuses = under_load(api, attack, args.seconds)
-            print(_summary(f"/healthz under {name}", latencies)
-                  + f"  (attack answered {len(statuses)}x {sorted(set(statuses))})")
+            print(
+                _summary(f"/healthz under {name}", latencies)
+                + f"  (attack answered {len(statuses)}x {sorted(set(statuses))})"
+            )
             ok &= _percentile(latencies, 0.99) < TARGET_MS and all(s < 500 for s in statuses)
         if full:
             refusals = scale_loop_ms(api)
@@ -160,14 +170,20 @@ def main() -> int:
     ok = measure("this tree", None, args, full=True)
     if args.baseline:
         with tempfile.TemporaryDirectory() as wt:
-            subprocess.run(["git", "worktree", "add", "--detach", wt, args.baseline], cwd=REPO,
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", wt, args.baseline],
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+            )
             try:
                 measure(f"baseline {args.baseline}", Path(wt), args, full=False)
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=REPO, check=False)
-    print(f"targets (this tree: /healthz p99 and the refusal under {TARGET_MS:.0f} ms, no 5xx): "
-          f"{'met' if ok else 'MISSED'}")
+    print(
+        f"targets (this tree: /healthz p99 and the refusal under {TARGET_MS:.0f} ms, no 5xx): "
+        f"{'met' if ok else 'MISSED'}"
+    )
     return 0 if ok else 1
 
 

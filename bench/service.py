@@ -60,16 +60,32 @@ def postgres_db() -> contextlib.AbstractContextManager[str]:
 def api_server(env: dict[str, str]) -> Iterator[tuple[str, str]]:
     """Migrate, create a key, start uvicorn; yield (base URL, API key)."""
     full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=full_env, check=True,
-                   capture_output=True)
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "keys", "create", "--tenant",
-                          "bench"], env=full_env, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "shared.cli", "migrate"], env=full_env, check=True, capture_output=True
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "keys", "create", "--tenant", "bench"],
+        env=full_env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     key = out.stdout.strip().splitlines()[-1]
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--port", str(port),
-         "--log-level", "warning"],
-        env=full_env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.app:create_app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=full_env,
+        cwd=REPO,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -86,10 +102,8 @@ def api_server(env: dict[str, str]) -> Iterator[tuple[str, str]]:
 
 
 def measure(url: str, key: str, singles: int) -> dict[str, float]:
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=60) as http:
-        ids = [http.post("/v1/images", files={"file": ("i.png", png(i))}).json()["id"]
-               for i in range(65)]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        ids = [http.post("/v1/images", files={"file": ("i.png", png(i))}).json()["id"] for i in range(65)]
         form = {"content_id": ids[0], "style_id": ids[1]}
         for _ in range(5):  # warm up
             http.post("/v1/jobs", data=form).raise_for_status()
@@ -107,8 +121,10 @@ def measure(url: str, key: str, singles: int) -> dict[str, float]:
 
 
 def report(name: str, m: dict[str, float]) -> None:
-    print(f"{name:<28} single: {m['single_per_s']:7.1f} jobs/s   "
-          f"batch of 1000: {m['batch_s']:.3f} s = {m['batch_per_s']:8.0f} jobs/s")
+    print(
+        f"{name:<28} single: {m['single_per_s']:7.1f} jobs/s   "
+        f"batch of 1000: {m['batch_s']:.3f} s = {m['batch_per_s']:8.0f} jobs/s"
+    )
 
 
 def main() -> int:
@@ -120,8 +136,12 @@ def main() -> int:
         if not args.skip_pg:
             queue = f"stylequeue-bench-{uuid.uuid4().hex[:8]}"
             with postgres_db() as pg:
-                env = {"STYLEQUEUE_DATA_DIR": f"{tmp}/pg", "STYLEQUEUE_DATABASE_URL": pg,
-                       "STYLEQUEUE_BROKER_URL": REDIS, "STYLEQUEUE_QUEUE_NAME": queue}
+                env = {
+                    "STYLEQUEUE_DATA_DIR": f"{tmp}/pg",
+                    "STYLEQUEUE_DATABASE_URL": pg,
+                    "STYLEQUEUE_BROKER_URL": REDIS,
+                    "STYLEQUEUE_QUEUE_NAME": queue,
+                }
                 with api_server(env) as (url, key):
                     report("PostgreSQL + Redis", measure(url, key, args.singles))
             import redis

@@ -39,9 +39,14 @@ TINY = {"size": 32, "min_size": 32, "iterations": 1}
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     full = {**os.environ, **env, "STYLEQUEUE_WEIGHTS": "random", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--cpu"], env=full,
-                            cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "worker", "--cpu"],
+        env=full,
+        cwd=REPO,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 90
     while " ready." not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -60,8 +65,7 @@ def job_times(database_url: str, job_id: str) -> tuple[float, float]:
     with get_sessionmaker(database_url)() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.status == "succeeded", (job_id, job and job.status)
-        created, started, finished = (as_utc(job.created_at), as_utc(job.started_at),
-                                      as_utc(job.finished_at))
+        created, started, finished = (as_utc(job.created_at), as_utc(job.started_at), as_utc(job.finished_at))
         assert created and started and finished
         return (started - created).total_seconds(), (finished - started).total_seconds()
 
@@ -71,8 +75,7 @@ def run_one(http: httpx.Client, ids: list[str], params: dict[str, Any], poll_s: 
     slowly for long jobs so the API's work does not slow the worker down)."""
     import json
 
-    r = http.post("/v1/jobs", data={"content_id": ids[0], "style_id": ids[1],
-                                    "params": json.dumps(params)})
+    r = http.post("/v1/jobs", data={"content_id": ids[0], "style_id": ids[1], "params": json.dumps(params)})
     r.raise_for_status()
     job_id = str(r.json()["id"])
     while http.get(f"/v1/jobs/{job_id}").json()["status"] not in ("succeeded", "failed", "canceled"):
@@ -105,15 +108,18 @@ def measure(name: str, env: dict[str, str], tmp: Path, args: argparse.Namespace)
     with api_server(env) as (url, key):
         worker = start_worker(env, tmp / "worker.log")
         try:
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
-                              timeout=60) as http:
-                ids = [http.post("/v1/images", files={"file": (f"{i}.png", png(i))}).json()["id"]
-                       for i in (1, 2)]
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+                ids = [
+                    http.post("/v1/images", files={"file": (f"{i}.png", png(i))}).json()["id"] for i in (1, 2)
+                ]
                 run_one(http, ids, TINY)  # warm-up
-                delays = [job_times(database_url, run_one(http, ids, TINY))[0]
-                          for _ in range(args.jobs)]
-                big = {"size": args.size, "min_size": args.size // 2, "scale_factor": 2,
-                       "iterations": args.iterations}
+                delays = [job_times(database_url, run_one(http, ids, TINY))[0] for _ in range(args.jobs)]
+                big = {
+                    "size": args.size,
+                    "min_size": args.size // 2,
+                    "scale_factor": 2,
+                    "iterations": args.iterations,
+                }
                 # Alternate worker job / engine alone, so load from elsewhere hits both alike.
                 engine = Alone(png(1), png(2), big)
                 walls, alones = [], []
@@ -126,11 +132,14 @@ def measure(name: str, env: dict[str, str], tmp: Path, args: argparse.Namespace)
     delays.sort()
     p99 = delays[min(len(delays) - 1, round(0.99 * (len(delays) - 1)))]
     ratio = statistics.median(w / a for w, a in zip(walls, alones, strict=True))
-    print(f"{name:<28} start delay: median {1000 * statistics.median(delays):6.1f} ms, "
-          f"p99 {1000 * p99:6.1f} ms ({len(delays)} jobs)   overhead: worker "
-          f"{statistics.median(walls):.2f} s / engine alone {statistics.median(alones):.2f} s, "
-          f"median ratio {ratio:.3f} ({args.size} px, {args.iterations} it/scale, "
-          f"{args.repeats} pairs)", flush=True)
+    print(
+        f"{name:<28} start delay: median {1000 * statistics.median(delays):6.1f} ms, "
+        f"p99 {1000 * p99:6.1f} ms ({len(delays)} jobs)   overhead: worker "
+        f"{statistics.median(walls):.2f} s / engine alone {statistics.median(alones):.2f} s, "
+        f"median ratio {ratio:.3f} ({args.size} px, {args.iterations} it/scale, "
+        f"{args.repeats} pairs)",
+        flush=True,
+    )
 
 
 def worker_metrics(env: dict[str, str]) -> dict[str, float] | None:
@@ -150,8 +159,12 @@ def main() -> int:
         if not args.skip_pg:
             queue = f"sq-bench-{uuid.uuid4().hex[:8]}"
             with postgres_db() as pg:
-                env = {"STYLEQUEUE_DATA_DIR": f"{tmp}/pg", "STYLEQUEUE_DATABASE_URL": pg,
-                       "STYLEQUEUE_BROKER_URL": REDIS, "STYLEQUEUE_QUEUE_NAME": queue}
+                env = {
+                    "STYLEQUEUE_DATA_DIR": f"{tmp}/pg",
+                    "STYLEQUEUE_DATABASE_URL": pg,
+                    "STYLEQUEUE_BROKER_URL": REDIS,
+                    "STYLEQUEUE_QUEUE_NAME": queue,
+                }
                 Path(f"{tmp}/pg").mkdir()
                 measure("PostgreSQL + Redis", env, Path(f"{tmp}/pg"), args)
         Path(f"{tmp}/embedded").mkdir()

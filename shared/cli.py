@@ -62,8 +62,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _left_out(exc: ModuleNotFoundError, module_name: str) -> bool:
     """Whether the module that is missing is one this installation may lack."""
     missing = exc.name or ""
-    return (missing.split(".")[0] in OPTIONAL_PACKAGES or missing == module_name
-            or module_name.startswith(missing + "."))
+    return (
+        missing.split(".")[0] in OPTIONAL_PACKAGES
+        or missing == module_name
+        or module_name.startswith(missing + ".")
+    )
 
 
 def command_of(argv: Sequence[str]) -> str | None:

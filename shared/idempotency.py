@@ -54,8 +54,9 @@ def check_key(key: str) -> str:
     return key
 
 
-def lookup(session: Session, tenant_id: str, key: str, request_hash: str, *,
-           drop_expired: bool = True) -> StoredResponse | None:
+def lookup(
+    session: Session, tenant_id: str, key: str, request_hash: str, *, drop_expired: bool = True
+) -> StoredResponse | None:
     """The first response for this key, None if the key is new or expired (deleted then, unless
     ``drop_expired`` is False); 422 if it was used for another body."""
     row = session.execute(
@@ -81,14 +82,16 @@ def lookup(session: Session, tenant_id: str, key: str, request_hash: str, *,
     return StoredResponse(row.status_code, dict(row.response))
 
 
-def remember(
-    session: Session, tenant_id: str, key: str, request_hash: str, response: StoredResponse
-) -> None:
+def remember(session: Session, tenant_id: str, key: str, request_hash: str, response: StoredResponse) -> None:
     """Add the key row to the caller's transaction (committed together with the jobs), replacing
     an expired row of the same key in that transaction."""
-    session.execute(delete(IdempotencyKey).where(
-        IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key,
-        IdempotencyKey.created_at < utcnow() - RETENTION))
+    session.execute(
+        delete(IdempotencyKey).where(
+            IdempotencyKey.tenant_id == tenant_id,
+            IdempotencyKey.key == key,
+            IdempotencyKey.created_at < utcnow() - RETENTION,
+        )
+    )
     session.add(
         IdempotencyKey(
             tenant_id=tenant_id,

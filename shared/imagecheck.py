@@ -187,5 +187,14 @@ def _check_dimensions(info: ImageInfo, max_pixels: int) -> None:
         )
 
 
-__all__ = ["ALLOWED_FORMATS", "MAX_JPEG_SCANS", "MIN_SIDE", "ImageInfo", "ImageLimits",
-           "check_decodes", "image_limits", "inspect_image", "read_header"]
+__all__ = [
+    "ALLOWED_FORMATS",
+    "MAX_JPEG_SCANS",
+    "MIN_SIDE",
+    "ImageInfo",
+    "ImageLimits",
+    "check_decodes",
+    "image_limits",
+    "inspect_image",
+    "read_header",
+]

@@ -103,8 +103,13 @@ def _rows(session: Session, stmt: Executable) -> int:
     return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
-def _move(session: Session, new: JobStatus, where: Sequence[ColumnElement[bool]],
-          within: frozenset[JobStatus] | None = None, **values: Any) -> bool:
+def _move(
+    session: Session,
+    new: JobStatus,
+    where: Sequence[ColumnElement[bool]],
+    within: frozenset[JobStatus] | None = None,
+    **values: Any,
+) -> bool:
     """One row from an allowed source (and ``where``) to ``new``; True if it moved."""
     stmt = update(Job).where(_sources(new, within), *where).values(status=new, **values)
     return _rows(session, stmt) == 1
@@ -112,19 +117,35 @@ def _move(session: Session, new: JobStatus, where: Sequence[ColumnElement[bool]]
 
 # -- Submission (API) -------------------------------------------------------------------------------
 
-def insert_queued(session: Session, *, tenant_id: str, batch_id: str | None,
-                  specs: Sequence[JobSpec], params: dict[str, Any], max_attempts: int) -> list[str]:
+
+def insert_queued(
+    session: Session,
+    *,
+    tenant_id: str,
+    batch_id: str | None,
+    specs: Sequence[JobSpec],
+    params: dict[str, Any],
+    max_attempts: int,
+) -> list[str]:
     """Bulk-insert queued jobs (one statement). Returns their ids in order."""
     now = utcnow()  # + i microseconds: (created_at, id) order is the submission order
     rows: list[dict[str, Any]] = [
         {
-            "id": new_id(), "tenant_id": tenant_id, "batch_id": batch_id,
-            "status": INITIAL, "params": params,
-            "content_image_id": spec.content_id, "style_image_ids": list(spec.style_ids),
+            "id": new_id(),
+            "tenant_id": tenant_id,
+            "batch_id": batch_id,
+            "status": INITIAL,
+            "params": params,
+            "content_image_id": spec.content_id,
+            "style_image_ids": list(spec.style_ids),
             "mask_image_ids": None if spec.mask_ids is None else list(spec.mask_ids),
-            "progress": {}, "checkpoints": [], "attempt": 0,
-            "max_attempts": max_attempts, "cancel_requested": False,
-            "created_at": now + timedelta(microseconds=i), "updated_at": now,
+            "progress": {},
+            "checkpoints": [],
+            "attempt": 0,
+            "max_attempts": max_attempts,
+            "cancel_requested": False,
+            "created_at": now + timedelta(microseconds=i),
+            "updated_at": now,
         }
         for i, spec in enumerate(specs)
     ]
@@ -136,16 +157,18 @@ def insert_queued(session: Session, *, tenant_id: str, batch_id: str | None,
 def mark_published(session: Session, job_ids: Sequence[str]) -> int:
     """The broker accepted these jobs' messages: set ``published_at`` where it is still NULL (and
     the job not finished). Returns how many rows changed."""
-    stmt = (update(Job).where(Job.id.in_(job_ids), Job.published_at.is_(None), _live())
-            .values(published_at=utcnow()))
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.published_at.is_(None), _live())
+        .values(published_at=utcnow())
+    )
     return _rows(session, stmt)
 
 
 def delete_unpublished(session: Session, job_ids: Sequence[str]) -> int:
     """Delete those of these jobs that are still queued and were never published (an in-doubt
     submission undone); returns how many."""
-    stmt = delete(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED,
-                             Job.published_at.is_(None))
+    stmt = delete(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.published_at.is_(None))
     return _rows(session, stmt)
 
 
@@ -153,15 +176,26 @@ def request_cancel(session: Session, tenant_id: str, job_id: str) -> CancelResul
     """Cancel a queued job at once, or ask a running one to stop; None if it is in neither state."""
     now = utcnow()
     mine = (Job.id == job_id, Job.tenant_id == tenant_id)
-    if _move(session, JobStatus.CANCELED, mine, frozenset({JobStatus.QUEUED}),
-             cancel_requested=True, finished_at=now, updated_at=now):
+    if _move(
+        session,
+        JobStatus.CANCELED,
+        mine,
+        frozenset({JobStatus.QUEUED}),
+        cancel_requested=True,
+        finished_at=now,
+        updated_at=now,
+    ):
         return CancelResult.CANCELED
-    asked = (update(Job).where(_sources(JobStatus.CANCELED, frozenset({HELD})), *mine)
-             .values(cancel_requested=True, updated_at=now))
+    asked = (
+        update(Job)
+        .where(_sources(JobStatus.CANCELED, frozenset({HELD})), *mine)
+        .values(cancel_requested=True, updated_at=now)
+    )
     return CancelResult.REQUESTED if _rows(session, asked) else None
 
 
 # -- The worker: a claim, then fenced writes by the attempt it took ---------------------------------
+
 
 def claim(session: Session, job: Job, worker: str) -> int | None:
     """Take ``job`` (as read) for a new attempt: → running, ``attempt`` + 1, held by ``worker``.
@@ -178,15 +212,13 @@ def _held(job_id: str, attempt: int) -> list[ColumnElement[bool]]:
     return [Job.id == job_id, Job.attempt == attempt, Job.status == HELD]
 
 
-def _fenced_move(session: Session, job_id: str, attempt: int, new: JobStatus,
-                 **values: Any) -> bool:
+def _fenced_move(session: Session, job_id: str, attempt: int, new: JobStatus, **values: Any) -> bool:
     """A status change by the holder of ``attempt``: from running only."""
     mine = (Job.id == job_id, Job.attempt == attempt)
     return _move(session, new, mine, frozenset({HELD}), **values)
 
 
-def heartbeat(session: Session, job_id: str, attempt: int,
-              progress: dict[str, Any] | None = None) -> bool:
+def heartbeat(session: Session, job_id: str, attempt: int, progress: dict[str, Any] | None = None) -> bool:
     """The holder is alive (and, with ``progress``, this far); False when fenced out."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
@@ -194,25 +226,38 @@ def heartbeat(session: Session, job_id: str, attempt: int,
     return _rows(session, update(Job).where(*_held(job_id, attempt)).values(**values)) == 1
 
 
-def record_checkpoints(session: Session, job_id: str, attempt: int,
-                       refs: list[dict[str, Any]]) -> bool:
+def record_checkpoints(session: Session, job_id: str, attempt: int, refs: list[dict[str, Any]]) -> bool:
     """Store the holder's checkpoint list (with a heartbeat); False when fenced out."""
     stmt = update(Job).where(*_held(job_id, attempt)).values(checkpoints=refs, heartbeat_at=utcnow())
     return _rows(session, stmt) == 1
 
 
-def succeed(session: Session, job_id: str, attempt: int, result_key: str,
-            progress: dict[str, Any]) -> bool:
-    return _fenced_move(session, job_id, attempt, JobStatus.SUCCEEDED, result_key=result_key,
-                        progress=progress, finished_at=utcnow(), error_code=None,
-                        error_message=None, error_retryable=None)
+def succeed(session: Session, job_id: str, attempt: int, result_key: str, progress: dict[str, Any]) -> bool:
+    return _fenced_move(
+        session,
+        job_id,
+        attempt,
+        JobStatus.SUCCEEDED,
+        result_key=result_key,
+        progress=progress,
+        finished_at=utcnow(),
+        error_code=None,
+        error_message=None,
+        error_retryable=None,
+    )
 
 
-def fail(session: Session, job_id: str, attempt: int, code: str, message: str,
-         retryable: bool) -> bool:
-    return _fenced_move(session, job_id, attempt, JobStatus.FAILED, error_code=code,
-                        error_message=message[:MESSAGE_MAX], error_retryable=retryable,
-                        finished_at=utcnow())
+def fail(session: Session, job_id: str, attempt: int, code: str, message: str, retryable: bool) -> bool:
+    return _fenced_move(
+        session,
+        job_id,
+        attempt,
+        JobStatus.FAILED,
+        error_code=code,
+        error_message=message[:MESSAGE_MAX],
+        error_retryable=retryable,
+        finished_at=utcnow(),
+    )
 
 
 def cancel(session: Session, job_id: str, attempt: int) -> bool:
@@ -227,8 +272,11 @@ def release(session: Session, job_id: str, attempt: int, *, graceful: bool) -> b
     retries bounded by ``max_retries``) also raises ``max_attempts`` by one, so rolling restarts and
     outages never use up a job's attempts; only lost workers count.
     """
-    values: dict[str, Any] = {"worker": None, "heartbeat_at": None,
-                              "published_at": utcnow()}  # a message follows (retry or re-publish)
+    values: dict[str, Any] = {
+        "worker": None,
+        "heartbeat_at": None,
+        "published_at": utcnow(),
+    }  # a message follows (retry or re-publish)
     if graceful:
         values["max_attempts"] = Job.max_attempts + 1
     return _fenced_move(session, job_id, attempt, JobStatus.QUEUED, **values)
@@ -236,26 +284,41 @@ def release(session: Session, job_id: str, attempt: int, *, graceful: bool) -> b
 
 def fail_released(session: Session, job_id: str, code: str, message: str) -> bool:
     """Fail a job given back to the queue whose retries are spent (no attempt holds it)."""
-    return _move(session, JobStatus.FAILED, [Job.id == job_id], frozenset({JobStatus.QUEUED}),
-                 error_code=code, error_message=message[:MESSAGE_MAX], error_retryable=True,
-                 finished_at=utcnow())
+    return _move(
+        session,
+        JobStatus.FAILED,
+        [Job.id == job_id],
+        frozenset({JobStatus.QUEUED}),
+        error_code=code,
+        error_message=message[:MESSAGE_MAX],
+        error_retryable=True,
+        finished_at=utcnow(),
+    )
 
 
 # -- Jobs no live attempt holds: seen by a new delivery's claim or by the reconciler ---------------
+
 
 def cancel_unheld(session: Session, seen: Seen, now: datetime | None = None) -> bool:
     """A job whose cancel was requested and which no live worker runs ends canceled."""
     return _move(session, JobStatus.CANCELED, seen.guard(), finished_at=now or utcnow())
 
 
-def fail_lost(session: Session, seen: Seen, max_attempts: int,
-              now: datetime | None = None) -> bool:
+def fail_lost(session: Session, seen: Seen, max_attempts: int, now: datetime | None = None) -> bool:
     """A job whose worker was lost in every one of its attempts ends ``worker_lost``."""
-    message = (f"the worker running this job was lost {seen.attempt} times "
-               f"(max_attempts={max_attempts}); its checkpoints are kept")
-    return _move(session, JobStatus.FAILED, seen.guard(), finished_at=now or utcnow(),
-                 error_code=WORKER_LOST, error_message=message,
-                 error_retryable=WORKER_LOST_RETRYABLE)
+    message = (
+        f"the worker running this job was lost {seen.attempt} times "
+        f"(max_attempts={max_attempts}); its checkpoints are kept"
+    )
+    return _move(
+        session,
+        JobStatus.FAILED,
+        seen.guard(),
+        finished_at=now or utcnow(),
+        error_code=WORKER_LOST,
+        error_message=message,
+        error_retryable=WORKER_LOST_RETRYABLE,
+    )
 
 
 def requeue(session: Session, seen: Seen, now: datetime) -> bool:
@@ -268,21 +331,40 @@ def claim_publish(session: Session, job_id: str, previous: datetime | None, now:
     """Take a queued job's re-publishing (``published_at`` still ``previous`` → ``now``), so one
     reconciler of several publishes it."""
     seen = Job.published_at.is_(None) if previous is None else Job.published_at == previous
-    stmt = (update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, seen)
-            .values(published_at=now))
+    stmt = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, seen).values(published_at=now)
     return _rows(session, stmt) == 1
 
 
-def unclaim_publish(session: Session, job_id: str, now: datetime,
-                    previous: datetime | None) -> None:
+def unclaim_publish(session: Session, job_id: str, now: datetime, previous: datetime | None) -> None:
     """The publish after ``claim_publish`` failed: leave the job for the next pass."""
-    _rows(session, update(Job).where(Job.id == job_id, Job.published_at == now, _live())
-          .values(published_at=previous))
+    _rows(
+        session,
+        update(Job).where(Job.id == job_id, Job.published_at == now, _live()).values(published_at=previous),
+    )
 
 
 __all__ = [
-    "HELD", "WORKER_LOST", "CancelResult", "JobSpec", "Seen", "cancel", "cancel_unheld", "claim",
-    "claim_publish", "delete_unpublished", "fail", "fail_lost", "fail_released", "heartbeat",
-    "insert_queued", "lease_expired", "mark_published", "record_checkpoints", "release",
-    "request_cancel", "requeue", "succeed", "unclaim_publish",
+    "HELD",
+    "WORKER_LOST",
+    "CancelResult",
+    "JobSpec",
+    "Seen",
+    "cancel",
+    "cancel_unheld",
+    "claim",
+    "claim_publish",
+    "delete_unpublished",
+    "fail",
+    "fail_lost",
+    "fail_released",
+    "heartbeat",
+    "insert_queued",
+    "lease_expired",
+    "mark_published",
+    "record_checkpoints",
+    "release",
+    "request_cancel",
+    "requeue",
+    "succeed",
+    "unclaim_publish",
 ]

@@ -24,18 +24,40 @@ LOG_FORMAT_ENV = "STYLEQUEUE_LOG_FORMAT"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"
 
 
-def event(logger: logging.Logger, name: str, /, *, kind: str = "job", job_id: str | None = None,
-          attempt: int | None = None, level: int = logging.INFO, exc_info: bool = False,
-          **fields: Any) -> None:
+def event(
+    logger: logging.Logger,
+    name: str,
+    /,
+    *,
+    kind: str = "job",
+    job_id: str | None = None,
+    attempt: int | None = None,
+    level: int = logging.INFO,
+    exc_info: bool = False,
+    **fields: Any,
+) -> None:
     """Log one event in the shape above; ``fields`` also travel as structured data (JSON format)."""
     if not logger.isEnabledFor(level):
         return
     text = "".join(f" {k}={_text(v)}" for k, v in fields.items())
-    data = {"kind": kind, "job_id": job_id, "attempt": attempt, "event": name,
-            **{k: _plain(v) for k, v in fields.items()}}
-    logger.log(level, "%s_event job_id=%s attempt=%s event=%s%s", kind, job_id or "-",
-               "-" if attempt is None else attempt, name, text, exc_info=exc_info,
-               extra={"event_fields": data})
+    data = {
+        "kind": kind,
+        "job_id": job_id,
+        "attempt": attempt,
+        "event": name,
+        **{k: _plain(v) for k, v in fields.items()},
+    }
+    logger.log(
+        level,
+        "%s_event job_id=%s attempt=%s event=%s%s",
+        kind,
+        job_id or "-",
+        "-" if attempt is None else attempt,
+        name,
+        text,
+        exc_info=exc_info,
+        extra={"event_fields": data},
+    )
 
 
 def _text(value: Any) -> str:
@@ -54,7 +76,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname, "logger": record.name, "process": record.processName,
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.processName,
             "message": record.getMessage(),
         }
         fields = getattr(record, "event_fields", None)

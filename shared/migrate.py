@@ -54,8 +54,13 @@ def upgrade(database_url: str, revision: str = "head") -> None:
                     conn.commit()
     finally:
         engine.dispose()
-    logs.event(logger, 'upgraded', kind="migrate", revision=revision,
-               backend=make_url(database_url).get_backend_name())
+    logs.event(
+        logger,
+        "upgraded",
+        kind="migrate",
+        revision=revision,
+        backend=make_url(database_url).get_backend_name(),
+    )
 
 
 __all__ = ["MIGRATIONS_DIR", "alembic_config", "upgrade"]

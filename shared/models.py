@@ -73,9 +73,7 @@ class TenantImage(Base):
     """Which tenant may use which stored image (an id is only usable by tenants who uploaded it)."""
 
     __tablename__ = "tenant_images"
-    tenant_id: Mapped[str] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
-    )
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     image_id: Mapped[str] = mapped_column(ForeignKey("images.id"), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -101,8 +99,13 @@ class Job(Base):
     # The enum at the ORM level, stored as its plain strings in a VARCHAR(16): no native enum type
     # and no CHECK constraint, so the column is exactly the migrations' String(16).
     status: Mapped[JobStatus] = mapped_column(
-        Enum(JobStatus, native_enum=False, create_constraint=False, length=16,
-             values_callable=lambda e: [m.value for m in e]),
+        Enum(
+            JobStatus,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
         default=INITIAL,
     )
     # Validated engine controls (shared.params.JobParams.model_dump()).

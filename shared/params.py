@@ -42,8 +42,7 @@ def _too_many_scales(count: int, limit: int, how: str) -> PydanticCustomError:
     )
 
 
-def long_edges(size: int, min_size: int, scale_factor: float,
-               max_scales: int = HARD_MAX_SCALES) -> list[int]:
+def long_edges(size: int, min_size: int, scale_factor: float, max_scales: int = HARD_MAX_SCALES) -> list[int]:
     """The long edge of each scale, ``min_size`` up to ``size`` by ``scale_factor``: the same rule as
     ``worker.engine.schedule.long_edges``. The number of scales is computed in closed form first, so
     a factor near 1 is refused at once instead of looping ~1e16 times."""
@@ -51,7 +50,8 @@ def long_edges(size: int, min_size: int, scale_factor: float,
         return [size]
     if not MIN_SCALE_FACTOR <= scale_factor <= MAX_SCALE_FACTOR:
         raise PydanticCustomError(
-            "scale_factor_range", "scale_factor must be between {lo} and {hi}",
+            "scale_factor_range",
+            "scale_factor must be between {lo} and {hi}",
             {"lo": MIN_SCALE_FACTOR, "hi": MAX_SCALE_FACTOR},
         )
     target = size * (1 - 1e-6)
@@ -88,12 +88,18 @@ class JobParams(BaseModel):
 
     size: Edge = Field(512, description="long edge of the result in pixels")
     min_size: Edge = Field(128, description="long edge of the first (coarsest) scale")
-    scale_factor: float = Field(2**0.5, ge=MIN_SCALE_FACTOR, le=MAX_SCALE_FACTOR,
-                                description="ratio of consecutive scales' long edges")
-    scales: list[Edge] | None = Field(None, min_length=1, max_length=HARD_MAX_SCALES,
-                                      description="explicit long edges, smallest first")
+    scale_factor: float = Field(
+        2**0.5,
+        ge=MIN_SCALE_FACTOR,
+        le=MAX_SCALE_FACTOR,
+        description="ratio of consecutive scales' long edges",
+    )
+    scales: list[Edge] | None = Field(
+        None, min_length=1, max_length=HARD_MAX_SCALES, description="explicit long edges, smallest first"
+    )
     iterations: Iterations | list[Iterations] | None = Field(
-        None, description="per scale: one value for every scale, a list, or null for the default",
+        None,
+        description="per scale: one value for every scale, a list, or null for the default",
     )
     style_weights: list[Weight] | None = Field(
         None, max_length=64, description="blend weights, one per style"
@@ -102,23 +108,34 @@ class JobParams(BaseModel):
     style_weight: Weight | None = Field(None, description="default 10 (relative terms)")
     tv_weight: Weight | None = Field(None, description="default 0.01 (relative terms)")
     loss_terms: Literal["relative", "raw"] = Field(
-        "relative", description="relative: each loss term divided by its target's energy, so the "
-        "weights mean the same for every model; raw: the papers' unnormalised terms and recipes")
+        "relative",
+        description="relative: each loss term divided by its target's energy, so the "
+        "weights mean the same for every model; raw: the papers' unnormalised terms and recipes",
+    )
     style_loss: Literal["gram", "w2"] = Field(
-        "gram", description="gram: Gram-matrix MSE (Gatys); w2: Wasserstein-2 distance between "
-        "Gaussian fits of the features (slower per iteration, whatever the size)")
+        "gram",
+        description="gram: Gram-matrix MSE (Gatys); w2: Wasserstein-2 distance between "
+        "Gaussian fits of the features (slower per iteration, whatever the size)",
+    )
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
     ema_decay: float | None = Field(
-        None, ge=0, lt=1, description="adam: each scale delivers the average of its iterates with "
-        "this decay (engine default 0.99; 0: the last iterate)")
+        None,
+        ge=0,
+        lt=1,
+        description="adam: each scale delivers the average of its iterates with "
+        "this decay (engine default 0.99; 0: the last iterate)",
+    )
     lr: float | None = Field(None, gt=0, le=10)
     lbfgs_max_step: float | None = Field(
-        None, gt=0, le=1, description="L-BFGS: the most any pixel moves in one step (engine default 0.25)")
+        None, gt=0, le=1, description="L-BFGS: the most any pixel moves in one step (engine default 0.25)"
+    )
     init: Literal["content", "noise", "gray"] = "content"
     preserve_color: bool = False
     color: Literal["none", "luminance", "histogram"] | None = Field(
-        None, description="none; luminance (the style's colours are not transferred, the content's "
-        "are kept: same as preserve_color); histogram (styles recoloured to the content's colours)")
+        None,
+        description="none; luminance (the style's colours are not transferred, the content's "
+        "are kept: same as preserve_color); histogram (styles recoloured to the content's colours)",
+    )
     style_scale: float = Field(1.0, gt=0.05, le=4.0)
     style_upscale: bool = Field(False, description="resize a small style past its native size")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -131,8 +148,9 @@ class JobParams(BaseModel):
     @classmethod
     def _iterations_list_bounded(cls, v: object) -> object:
         if isinstance(v, list) and len(v) > HARD_MAX_SCALES:
-            raise PydanticCustomError("too_many_scales", "iterations lists more than {n} scales",
-                                      {"n": HARD_MAX_SCALES})
+            raise PydanticCustomError(
+                "too_many_scales", "iterations lists more than {n} scales", {"n": HARD_MAX_SCALES}
+            )
         return v
 
     @field_validator("scales")
@@ -157,9 +175,7 @@ class JobParams(BaseModel):
             raise ValueError('preserve_color means color "luminance"; it cannot be "histogram"')
         edges = self.long_edges()  # closed form: refuses too many scales before anything is built
         if isinstance(self.iterations, list) and len(self.iterations) != len(edges):
-            raise ValueError(
-                f"iterations lists {len(self.iterations)} values for {len(edges)} scales"
-            )
+            raise ValueError(f"iterations lists {len(self.iterations)} values for {len(edges)} scales")
         return self
 
     def long_edges(self) -> list[int]:
@@ -179,8 +195,10 @@ class JobParams(BaseModel):
         edges = self.long_edges()
         if self.iterations is None:
             if self.optimizer == "adam":  # crowsonkb's 1000 then 500 per scale, fewer above 512 px
-                return [ADAM_FIRST if i == 0 else round(ADAM_LATER * min(1.0, ADAM_EDGE / e))
-                        for i, e in enumerate(edges)]
+                return [
+                    ADAM_FIRST if i == 0 else round(ADAM_LATER * min(1.0, ADAM_EDGE / e))
+                    for i, e in enumerate(edges)
+                ]
             return [auto_iterations(e) for e in edges]
         if isinstance(self.iterations, int):
             return [self.iterations] * len(edges)
@@ -195,24 +213,27 @@ class JobParams(BaseModel):
         W2_WORK_PER_ITERATION per iteration and style region (one, or one per style when masked),
         whatever the size."""
         extra = W2_WORK_PER_ITERATION * max(1, regions) if self.style_loss == "w2" else 0
-        return sum((e * e + extra) * n for e, n in zip(self.long_edges(), self.iterations_per_scale(),
-                                                        strict=True))
+        return sum(
+            (e * e + extra) * n for e, n in zip(self.long_edges(), self.iterations_per_scale(), strict=True)
+        )
 
-    def narrow_reason(self, contents_wh: Sequence[tuple[int, int]],
-                      styles_wh: Sequence[tuple[int, int]]) -> str | None:
+    def narrow_reason(
+        self, contents_wh: Sequence[tuple[int, int]], styles_wh: Sequence[tuple[int, int]]
+    ) -> str | None:
         """Why these images cannot run at some scale (a side under MIN_SIDE px), or None.
 
         The engine's rule: at each scale a content is fitted to the scale's long edge, and each
         style to ``style_scale`` x that long edge (``worker.engine``), whatever the content."""
         for edge in self.long_edges():
             style_edge = max(1, round(self.style_scale * edge))
-            for role, images, long_edge in (("content", contents_wh, edge),
-                                            ("style", styles_wh, style_edge)):
+            for role, images, long_edge in (("content", contents_wh, edge), ("style", styles_wh, style_edge)):
                 for i, wh in enumerate(images):
                     w, h = fit_long_edge(wh, long_edge)
                     if min(w, h) < MIN_SIDE:
-                        return (f"{role} image {i} ({wh[0]}x{wh[1]}) becomes {w}x{h} px at the "
-                                f"{edge} px scale; both sides must be at least {MIN_SIDE} px")
+                        return (
+                            f"{role} image {i} ({wh[0]}x{wh[1]}) becomes {w}x{h} px at the "
+                            f"{edge} px scale; both sides must be at least {MIN_SIDE} px"
+                        )
         return None
 
 

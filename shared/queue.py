@@ -66,5 +66,4 @@ def get_celery() -> Celery:
 def publish_job(app: Celery, job_id: str, **options: object) -> None:
     """Publish one job after its row is committed. The task id is the job id. ``options`` go to
     ``send_task`` (e.g. a shared ``producer`` for a batch, a ``retry_policy``)."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue,
-                  **options)
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue, **options)

@@ -80,17 +80,21 @@ def _expired_leases(
                 # A dead worker's job that was being canceled ends canceled; one out of attempts
                 # ends failed (worker_lost).
                 ended = JobStatus.CANCELED if cancel else JobStatus.FAILED
-                done = (jobstore.cancel_unheld(session, seen, now) if cancel
-                        else jobstore.fail_lost(session, seen, max_attempts, now))
+                done = (
+                    jobstore.cancel_unheld(session, seen, now)
+                    if cancel
+                    else jobstore.fail_lost(session, seen, max_attempts, now)
+                )
                 if done:
                     report.failed.append(job_id)
-                    logs.event(logger, f"reconciled_{ended}", job_id=job_id, attempt=attempt,
-                               level=logging.WARNING)
+                    logs.event(
+                        logger, f"reconciled_{ended}", job_id=job_id, attempt=attempt, level=logging.WARNING
+                    )
                 continue
             # Back to queued; published_at is set when the message goes out (below).
             if jobstore.requeue(session, seen, now):
                 report.requeued.append(job_id)
-                logs.event(logger, 'lease_expired', job_id=job_id, attempt=attempt, level=logging.WARNING)
+                logs.event(logger, "lease_expired", job_id=job_id, attempt=attempt, level=logging.WARNING)
         session.commit()
 
 
@@ -134,13 +138,13 @@ def _publish_claimed(
     try:
         publish(job_id)
     except Exception:  # noqa: BLE001 - logged with its traceback; the job is left for the next pass
-        logs.event(logger, 'republish_failed', job_id=job_id, level=logging.ERROR, exc_info=True)
+        logs.event(logger, "republish_failed", job_id=job_id, level=logging.ERROR, exc_info=True)
         with sessions() as session:  # leave the job for the next pass
             jobstore.unclaim_publish(session, job_id, now, previous)
             session.commit()
         return
     report.republished.append(job_id)
-    logs.event(logger, 'republished', job_id=job_id)
+    logs.event(logger, "republished", job_id=job_id)
 
 
 def run_forever(
@@ -155,13 +159,13 @@ def run_forever(
     """Reconcile every ``interval_s`` until ``stop()``; a failing pass is logged and retried."""
     while not stop():
         try:
-            report = reconcile_once(
-                sessions, publish, requeue_after_s=requeue_after_s, lease_s=lease_s
-            )
+            report = reconcile_once(sessions, publish, requeue_after_s=requeue_after_s, lease_s=lease_s)
             if report.republished or report.requeued or report.failed:
                 logger.info(
                     "reconcile republished=%d requeued=%d failed=%d",
-                    len(report.republished), len(report.requeued), len(report.failed),
+                    len(report.republished),
+                    len(report.requeued),
+                    len(report.failed),
                 )
         except Exception:
             logger.exception("reconcile pass failed; retrying in %.0fs", interval_s)

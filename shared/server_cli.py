@@ -30,8 +30,13 @@ SUMMARY = {
 
 def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
     """Add the server commands (or those in ``names``) to an argparse subparsers object."""
-    adders = {"api": _add_api, "migrate": _add_migrate, "keys": _add_keys, "worker": _add_worker,
-              "reconcile": _add_reconcile}
+    adders = {
+        "api": _add_api,
+        "migrate": _add_migrate,
+        "keys": _add_keys,
+        "worker": _add_worker,
+        "reconcile": _add_reconcile,
+    }
     for name in SUMMARY if names is None else names:
         adders[name](subparsers)
 
@@ -68,11 +73,19 @@ def _add_worker(sub: Any) -> None:
 def _add_reconcile(sub: Any) -> None:
     r = sub.add_parser("reconcile", help=SUMMARY["reconcile"])
     r.add_argument("--once", action="store_true", help="one pass, then exit")
-    r.add_argument("--interval", type=float, default=None,
-                   help="seconds between passes (default STYLEQUEUE_RECONCILE_INTERVAL_S)")
-    r.add_argument("--requeue-after", type=float, default=None,
-                   help="re-publish a queued job not picked up for this many seconds "
-                        "(default STYLEQUEUE_REQUEUE_AFTER_S)")
+    r.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        help="seconds between passes (default STYLEQUEUE_RECONCILE_INTERVAL_S)",
+    )
+    r.add_argument(
+        "--requeue-after",
+        type=float,
+        default=None,
+        help="re-publish a queued job not picked up for this many seconds "
+        "(default STYLEQUEUE_REQUEUE_AFTER_S)",
+    )
     r.set_defaults(func=cmd_reconcile)
 
 
@@ -173,16 +186,24 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         publish_job(app, job_id)
 
     if args.once:
-        report = reconcile_once(sessions, publish, requeue_after_s=requeue_after,
-                                lease_s=settings.lease_s)
-        print(f"republished={len(report.republished)} requeued={len(report.requeued)} "
-              f"failed={len(report.failed)}")
+        report = reconcile_once(sessions, publish, requeue_after_s=requeue_after, lease_s=settings.lease_s)
+        print(
+            f"republished={len(report.republished)} requeued={len(report.requeued)} "
+            f"failed={len(report.failed)}"
+        )
         return 0
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
-    logger.info("reconciler: every %.0fs, requeue after %.0fs, lease %.0fs", interval,
-                requeue_after, settings.lease_s)
-    run_forever(sessions, publish, interval_s=interval, requeue_after_s=requeue_after,
-                lease_s=settings.lease_s, stop=lambda: bool(stopping))
+    logger.info(
+        "reconciler: every %.0fs, requeue after %.0fs, lease %.0fs", interval, requeue_after, settings.lease_s
+    )
+    run_forever(
+        sessions,
+        publish,
+        interval_s=interval,
+        requeue_after_s=requeue_after,
+        lease_s=settings.lease_s,
+        stop=lambda: bool(stopping),
+    )
     return 0

@@ -22,7 +22,9 @@ class Settings(BaseSettings):
 
     # --- where things live (empty = embedded default under data_dir) ---
     data_dir: Path = Path(".stylequeue")
-    database_url: str = ""  # e.g. postgresql+psycopg://user@host/db; default sqlite:///<data_dir>/stylequeue.db
+    database_url: str = (
+        ""  # e.g. postgresql+psycopg://user@host/db; default sqlite:///<data_dir>/stylequeue.db
+    )
     broker_url: str = ""  # e.g. redis://host:6379/0; default sqla+sqlite:///<data_dir>/broker.db
     storage_url: str = ""  # file:///path or s3://bucket/prefix; default file://<data_dir>/storage
     s3_endpoint_url: str | None = None  # MinIO, Ceph, R2, moto...

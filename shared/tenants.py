@@ -38,7 +38,7 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
         tenant = Tenant(name=name)
         session.add(tenant)
         session.flush()
-        logs.event(logger, 'created', kind="tenant", tenant_id=tenant.id, name=name)
+        logs.event(logger, "created", kind="tenant", tenant_id=tenant.id, name=name)
     return tenant
 
 
@@ -49,7 +49,7 @@ def create_key(session: Session, tenant_name: str) -> NewKey:
     prefix = key[:10]
     session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=prefix))
     session.flush()
-    logs.event(logger, 'key_created', kind="tenant", tenant_id=tenant.id, prefix=prefix)
+    logs.event(logger, "key_created", kind="tenant", tenant_id=tenant.id, prefix=prefix)
     return NewKey(tenant_id=tenant.id, tenant_name=tenant.name, key=key, prefix=prefix)
 
 

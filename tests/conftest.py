@@ -95,16 +95,12 @@ def s3(_moto_server: str) -> S3Endpoint:
     import boto3
 
     bucket = f"sq-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=_moto_server, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
+    boto3.client("s3", endpoint_url=_moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return S3Endpoint(endpoint_url=_moto_server, bucket=bucket)
 
 
 @pytest.fixture
-def settings_factory(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[Callable[..., Settings]]:
+def settings_factory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[..., Settings]]:
     """Build Settings from STYLEQUEUE_* env overrides; ``get_settings()`` then returns the same."""
 
     def make(**overrides: Any) -> Settings:

@@ -128,8 +128,15 @@ def claim(url: str, job_id: str, me: str, lease_s: float) -> Claim | Drop:
         if attempt is None:
             return Drop.LOST_RACE
         masks = None if job.mask_image_ids is None else list(job.mask_image_ids)
-        return Claim(job_id, attempt, dict(job.params or {}), job.content_image_id,
-                     list(job.style_image_ids or []), list(job.checkpoints or []), masks)
+        return Claim(
+            job_id,
+            attempt,
+            dict(job.params or {}),
+            job.content_image_id,
+            list(job.style_image_ids or []),
+            list(job.checkpoints or []),
+            masks,
+        )
 
 
 def heartbeat(url: str, job_id: str, attempt: int, progress: dict[str, Any] | None = None) -> bool:
@@ -139,9 +146,7 @@ def heartbeat(url: str, job_id: str, attempt: int, progress: dict[str, Any] | No
 
 def snapshot(url: str, job_id: str) -> Snapshot | None:
     with session_scope(url) as s:
-        row = s.execute(
-            select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == job_id)
-        ).first()
+        row = s.execute(select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == job_id)).first()
     return None if row is None else Snapshot(row[0], row[1], bool(row[2]))
 
 
@@ -153,8 +158,9 @@ class Recorded:
     garbage: list[str]
 
 
-def retain(current: list[dict[str, Any]], ref: dict[str, Any], keep: int
-           ) -> tuple[list[dict[str, Any]], list[str]]:
+def retain(
+    current: list[dict[str, Any]], ref: dict[str, Any], keep: int
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The refs to store after recording ``ref`` (the latest ``keep``, at least one) and the keys to delete.
 
     Every ref gets a stable ``seq``: one more than the largest before it (a ref stored without one
@@ -164,15 +170,18 @@ def retain(current: list[dict[str, Any]], ref: dict[str, Any], keep: int
     numbered = [c if "seq" in c else {**c, "seq": i} for i, c in enumerate(current)]
     seq = max((int(c["seq"]) for c in numbered), default=-1) + 1
     refs = [c for c in numbered if c.get("key") != ref["key"]] + [{**ref, "seq": seq}]
-    kept, dropped = refs[-max(keep, 1):], refs[:-max(keep, 1)]
+    kept, dropped = refs[-max(keep, 1) :], refs[: -max(keep, 1)]
     live = {c.get(f) for c in kept for f in ("key", "preview_key")}
-    garbage = [k for c in dropped for f in ("key", "preview_key")
-               if isinstance(k := c.get(f), str) and k and k not in live]
+    garbage = [
+        k
+        for c in dropped
+        for f in ("key", "preview_key")
+        if isinstance(k := c.get(f), str) and k and k not in live
+    ]
     return kept, list(dict.fromkeys(garbage))
 
 
-def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any],
-                      keep: int) -> Recorded | None:
+def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any], keep: int) -> Recorded | None:
     """Record an uploaded checkpoint, keeping the latest ``keep``; ``None`` when fenced out.
 
     Only the attempt holder writes the list, so read-then-write is safe. The caller deletes

@@ -45,7 +45,8 @@ def _add_run(sub: Any) -> None:
     engine_options = run_options.engine_options()
     quality = inspect.signature(save_image).parameters["quality"].default
     p = sub.add_parser(
-        "run", help=SUMMARY["run"],
+        "run",
+        help=SUMMARY["run"],
         description="Gatys-style neural style transfer on VGG19, coarse to fine. Unset options use "
         "the engine's defaults (see README).",
     )
@@ -53,8 +54,13 @@ def _add_run(sub: Any) -> None:
     p.add_argument("styles", nargs="+", metavar="STYLE", help="one or more style images")
     p.add_argument("-o", "--output", required=True, help="output file: .png, .jpg or .webp")
     a = p.add_argument
-    a("--mask", action="append", metavar="MASK", dest="masks",
-      help="one per style, in order: a greyscale image over the content (white: that style here)")
+    a(
+        "--mask",
+        action="append",
+        metavar="MASK",
+        dest="masks",
+        help="one per style, in order: a greyscale image over the content (white: that style here)",
+    )
     a("--checkpoint-dir", type=Path, help="write ckpt-s{scale}-i{iter}.pt and a PNG preview here")
     a("--resume", type=Path, metavar="CHECKPOINT_FILE", help="continue from a checkpoint")
     a("--quality", type=int, default=quality, help=f"JPEG/WebP quality (default {quality})")
@@ -120,15 +126,25 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     engine = StyleTransfer(weights=args.weights, device=config.device or "auto", seed=config.seed)
     with _Reporter(args) as reporter:
-        result = engine.run(content, styles, config, masks=masks, on_progress=reporter.progress,
-                            on_checkpoint=reporter.checkpoint, resume=resume)
+        result = engine.run(
+            content,
+            styles,
+            config,
+            masks=masks,
+            on_progress=reporter.progress,
+            on_checkpoint=reporter.checkpoint,
+            resume=resume,
+        )
     save_image(result.image, out, quality=args.quality)
     meta = result.metadata
-    fell = " ".join("-" if r is None or r["loss"] is None else f"{100 * r['loss']:.0f}%"
-                    for r in meta["loss_removed"])
-    print(f"wrote {out} ({result.image.width}x{result.image.height}, {meta['steps']} steps, "
-          f"{meta['seconds']:.1f} s, weights {meta['weights_kind']}; loss removed per scale: {fell})",
-          file=sys.stderr)
+    fell = " ".join(
+        "-" if r is None or r["loss"] is None else f"{100 * r['loss']:.0f}%" for r in meta["loss_removed"]
+    )
+    print(
+        f"wrote {out} ({result.image.width}x{result.image.height}, {meta['steps']} steps, "
+        f"{meta['seconds']:.1f} s, weights {meta['weights_kind']}; loss removed per scale: {fell})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -153,14 +169,28 @@ class _Reporter:
 
     def progress(self, p: Any) -> None:
         if self.trace is not None:
-            self.trace.write(json.dumps({
-                "scale": p.scale, "size": list(p.size), "iteration": p.iteration, "step": p.step,
-                "loss": p.loss, "content_loss": p.content_loss, "style_loss": p.style_loss,
-                "tv_loss": p.tv_loss, "seconds": round(p.elapsed, 4), "lr": p.lr,
-                "recoveries": p.recoveries, "loss_removed": p.loss_removed,
-                "content_removed": p.content_removed, "style_removed": p.style_removed,
-                "tv_removed": p.tv_removed,
-            }) + "\n")
+            self.trace.write(
+                json.dumps(
+                    {
+                        "scale": p.scale,
+                        "size": list(p.size),
+                        "iteration": p.iteration,
+                        "step": p.step,
+                        "loss": p.loss,
+                        "content_loss": p.content_loss,
+                        "style_loss": p.style_loss,
+                        "tv_loss": p.tv_loss,
+                        "seconds": round(p.elapsed, 4),
+                        "lr": p.lr,
+                        "recoveries": p.recoveries,
+                        "loss_removed": p.loss_removed,
+                        "content_removed": p.content_removed,
+                        "style_removed": p.style_removed,
+                        "tv_removed": p.tv_removed,
+                    }
+                )
+                + "\n"
+            )
         if self.args.no_progress:
             return
         if self.bar is None:

@@ -91,6 +91,7 @@ def _list(kind: Callable[[str], _T], name: str) -> Callable[[str], tuple[_T, ...
         if not values:
             raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
         return values
+
     return parse
 
 
@@ -157,8 +158,11 @@ def engine_fields() -> list[EngineField]:
     from worker.engine import TransferConfig
 
     hints = typing.get_type_hints(TransferConfig)
-    return [EngineField(f.name, f.default, *_members(hints[f.name]))
-            for f in dataclasses.fields(TransferConfig) if f.name not in EXCLUDED]
+    return [
+        EngineField(f.name, f.default, *_members(hints[f.name]))
+        for f in dataclasses.fields(TransferConfig)
+        if f.name not in EXCLUDED
+    ]
 
 
 def option_default(name: str) -> Any:
@@ -198,8 +202,10 @@ def engine_options() -> list[tuple[str, dict[str, Any]]]:
 
 def _parser(f: EngineField) -> Any:
     if f.members not in _PARSERS:
-        raise TypeError(f"TransferConfig.{f.name}: no option type for {f.members}; add one to "
-                        "run_options._PARSERS, or the field to EXCLUDED")
+        raise TypeError(
+            f"TransferConfig.{f.name}: no option type for {f.members}; add one to "
+            "run_options._PARSERS, or the field to EXCLUDED"
+        )
     return _PARSERS[f.members]
 
 
@@ -218,8 +224,10 @@ def default_text(f: EngineField) -> str:
         value = getattr(base.loss_weights("torchvision"), f.name.removesuffix("_weight"))
         return f"the preset: {shown(value)} with {base.loss_terms} terms"
     if f.name == "lr":
-        return ", ".join(f"{shown(dataclasses.replace(base, optimizer=o).resolved_lr())} for {o}"
-                         for o in _CHOICES["optimizer"])
+        return ", ".join(
+            f"{shown(dataclasses.replace(base, optimizer=o).resolved_lr())} for {o}"
+            for o in _CHOICES["optimizer"]
+        )
     return _fill(UNSET[f.name])
 
 
@@ -228,15 +236,16 @@ def _fill(text: str) -> str:
     from worker.engine.config import LAYER_DECAY
     from worker.engine.schedule import MAX_SCALE_FACTOR, MIN_SCALE_FACTOR
 
-    return text.format(min_scale_factor=MIN_SCALE_FACTOR, max_scale_factor=MAX_SCALE_FACTOR,
-                       layer_decay=LAYER_DECAY)
+    return text.format(
+        min_scale_factor=MIN_SCALE_FACTOR, max_scale_factor=MAX_SCALE_FACTOR, layer_decay=LAYER_DECAY
+    )
 
 
-def add_engine_options(parser: argparse.ArgumentParser,
-                       options: list[tuple[str, dict[str, Any]]]) -> None:
+def add_engine_options(parser: argparse.ArgumentParser, options: list[tuple[str, dict[str, Any]]]) -> None:
     group = parser.add_argument_group(
-        "engine options", "the fields of the engine's TransferConfig; an option left out keeps the "
-        "engine's default")
+        "engine options",
+        "the fields of the engine's TransferConfig; an option left out keeps the engine's default",
+    )
     for flag, kwargs in options:
         group.add_argument(flag, **kwargs)
 

@@ -46,8 +46,7 @@ logger = logging.getLogger(__name__)
 TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalError, ConnectionError)
 
 
-def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO,
-              **fields: Any) -> None:
+def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """One worker event in the service's log shape (shared.logs)."""
     logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
 
@@ -71,13 +70,18 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
     try:
         return _execute(got, settings)
     except TRANSIENT as exc:
-        log_event(job_id, got.attempt, "transient_error", logging.WARNING,
-                  error=type(exc).__name__, detail=str(exc)[:200])
+        log_event(
+            job_id,
+            got.attempt,
+            "transient_error",
+            logging.WARNING,
+            error=type(exc).__name__,
+            detail=str(exc)[:200],
+        )
         # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
         # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
         # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
-        _best_effort(job_id, got.attempt,
-                     lambda: jobstore.release(url, job_id, got.attempt, graceful=True))
+        _best_effort(job_id, got.attempt, lambda: jobstore.release(url, job_id, got.attempt, graceful=True))
         raise
     except Failure as exc:
         return _fail(settings, got, exc.code, exc.message, exc.retryable)
@@ -87,8 +91,16 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
         # Never the exception's text (torch internals, paths, SQL): a generic message with a code,
         # and the whole exception in the log under the job's id.
         code, message, retryable = _classify_crash(exc)
-        logs.event(logger, 'crash', job_id=job_id, attempt=got.attempt, level=logging.ERROR, exc_info=True,
-                   code=code, error=type(exc).__name__)
+        logs.event(
+            logger,
+            "crash",
+            job_id=job_id,
+            attempt=got.attempt,
+            level=logging.ERROR,
+            exc_info=True,
+            code=code,
+            error=type(exc).__name__,
+        )
         return _fail(settings, got, code, message, retryable)
 
 
@@ -104,8 +116,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     engine = get_engine(settings)
     edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
     with Watcher(settings, claim.job_id, claim.attempt, start_step, list(edges)) as watcher:
-        saver = CheckpointSaver(storage, settings.database_url, claim, watcher,
-                                settings.checkpoints_keep)
+        saver = CheckpointSaver(storage, settings.database_url, claim, watcher, settings.checkpoints_keep)
         log_event(claim.job_id, claim.attempt, "started", resume_step=start_step)
         try:
             result = _run_engine(engine, content, styles, config, watcher, saver, resume, inputs)
@@ -129,16 +140,20 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
         log_event(claim.job_id, claim.attempt, "fenced", stage="result")
         return "fenced"
     for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
-        _best_effort(claim.job_id, claim.attempt, lambda a=earlier: storage.delete(
-            storage_keys.result_key(claim.job_id, a, params.output_format)))
+        _best_effort(
+            claim.job_id,
+            claim.attempt,
+            lambda a=earlier: storage.delete(storage_keys.result_key(claim.job_id, a, params.output_format)),
+        )
     log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
     return "succeeded"
 
 
 def _problems(exc: ValidationError) -> str:
     """Which fields are wrong and why, without pydantic's echo of the input or its links."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
-                     for e in exc.errors()[:5])
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()[:5]
+    )
 
 
 class EngineInputs(TypedDict, total=False):
@@ -147,25 +162,46 @@ class EngineInputs(TypedDict, total=False):
     masks: list[Image.Image]
 
 
-def _run_engine(engine: EnginePort, content: Image.Image, styles: list[Image.Image],
-                config: TransferConfig, watcher: Watcher, saver: CheckpointSaver,
-                resume: Checkpoint | None, inputs: EngineInputs) -> EngineResult:
+def _run_engine(
+    engine: EnginePort,
+    content: Image.Image,
+    styles: list[Image.Image],
+    config: TransferConfig,
+    watcher: Watcher,
+    saver: CheckpointSaver,
+    resume: Checkpoint | None,
+    inputs: EngineInputs,
+) -> EngineResult:
     """``engine.run`` (+ ``inputs``); a checkpoint it will not resume from is skipped (start afresh)."""
     try:
-        return engine.run(content, styles, config, on_progress=watcher.on_progress,
-                          on_checkpoint=saver, resume=resume, **inputs)
+        return engine.run(
+            content,
+            styles,
+            config,
+            on_progress=watcher.on_progress,
+            on_checkpoint=saver,
+            resume=resume,
+            **inputs,
+        )
     except EngineError as exc:
         if resume is None or exc.code not in ("checkpoint_mismatch", "checkpoint_invalid"):
             raise
-        log_event(saver.claim.job_id, saver.claim.attempt, "resume_skipped", logging.WARNING,
-                  error=exc.code)
+        log_event(saver.claim.job_id, saver.claim.attempt, "resume_skipped", logging.WARNING, error=exc.code)
         watcher.start_step = 0
-        return engine.run(content, styles, config, on_progress=watcher.on_progress,
-                          on_checkpoint=saver, resume=None, **inputs)
+        return engine.run(
+            content,
+            styles,
+            config,
+            on_progress=watcher.on_progress,
+            on_checkpoint=saver,
+            resume=None,
+            **inputs,
+        )
 
 
-def _load_inputs(storage: Storage, claim: jobstore.Claim,
-                 settings: Settings) -> tuple[Image.Image, list[Image.Image], EngineInputs]:
+def _load_inputs(
+    storage: Storage, claim: jobstore.Claim, settings: Settings
+) -> tuple[Image.Image, list[Image.Image], EngineInputs]:
     """The content, the styles and the masks, decoded under the service's limits (as the API
     inspected them); ``masks`` (one per style; the engine reads their luminance) only when the job
     has masks (so an engine without the keyword still runs every other job)."""
@@ -176,8 +212,7 @@ def _load_inputs(storage: Storage, claim: jobstore.Claim,
     masks = claim.mask_image_ids
     if not masks:
         return content, styles, {}
-    return content, styles, {"masks": [load_input_image(_input_bytes(storage, m), settings)
-                                       for m in masks]}
+    return content, styles, {"masks": [load_input_image(_input_bytes(storage, m), settings) for m in masks]}
 
 
 def _input_bytes(storage: Storage, image_id: str) -> bytes:
@@ -205,8 +240,9 @@ class CheckpointSaver:
     """``on_checkpoint``: upload ``<step>.pt`` and a ``<step>.png`` preview, record the reference, then
     delete the objects of refs beyond the latest ``keep`` (``settings.checkpoints_keep``)."""
 
-    def __init__(self, storage: Storage, url: str, claim: jobstore.Claim, watcher: Watcher,
-                 keep: int) -> None:
+    def __init__(
+        self, storage: Storage, url: str, claim: jobstore.Claim, watcher: Watcher, keep: int
+    ) -> None:
         self.storage, self.url, self.claim, self.watcher = storage, url, claim, watcher
         self.keep = keep
         self.last_step: int | None = None  # the latest checkpoint this attempt recorded
@@ -221,9 +257,15 @@ class CheckpointSaver:
         preview = io.BytesIO()
         tensor_to_pil(ckpt.image).save(preview, format="PNG")
         self.storage.put_bytes(preview_at, preview.getvalue(), storage_keys.PREVIEW_MEDIA_TYPE)
-        ref = {"key": key, "preview_key": preview_at, "scale": int(ckpt.scale),
-               "iteration": int(ckpt.iteration), "step": step,
-               "end_of_scale": bool(ckpt.end_of_scale), "at": utcnow().isoformat()}
+        ref = {
+            "key": key,
+            "preview_key": preview_at,
+            "scale": int(ckpt.scale),
+            "iteration": int(ckpt.iteration),
+            "step": step,
+            "end_of_scale": bool(ckpt.end_of_scale),
+            "at": utcnow().isoformat(),
+        }
         recorded = jobstore.append_checkpoint(self.url, job_id, attempt, ref, self.keep)
         fields: dict[str, Any] = {"step": step, "scale": ref["scale"]}
         if recorded is None:  # fenced out: a newer attempt owns the list, delete nothing
@@ -245,14 +287,21 @@ class CheckpointSaver:
                 self.storage.delete(key)
                 deleted += 1
             except Exception as exc:  # noqa: BLE001 - pruning is best effort; the next prune retries
-                log_event(self.claim.job_id, self.claim.attempt, "checkpoint_delete_failed",
-                          logging.WARNING, key=key, error=type(exc).__name__,
-                          detail=repr(str(exc)[:200]))
+                log_event(
+                    self.claim.job_id,
+                    self.claim.attempt,
+                    "checkpoint_delete_failed",
+                    logging.WARNING,
+                    key=key,
+                    error=type(exc).__name__,
+                    detail=repr(str(exc)[:200]),
+                )
         return deleted
 
 
-def _stopped(settings: Settings, claim: jobstore.Claim, reason: StopReason,
-             checkpoint_step: int | None = None) -> str:
+def _stopped(
+    settings: Settings, claim: jobstore.Claim, reason: StopReason, checkpoint_step: int | None = None
+) -> str:
     url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
     if reason is StopReason.CANCELED:
         jobstore.cancel(url, job_id, attempt)  # no row changed: the API marked it canceled already
@@ -267,12 +316,16 @@ def _stopped(settings: Settings, claim: jobstore.Claim, reason: StopReason,
     return "fenced"
 
 
-def _fail(settings: Settings, claim: jobstore.Claim, code: str, message: str,
-          retryable: bool) -> str:
-    wrote = jobstore.fail(settings.database_url, claim.job_id, claim.attempt, code, message,
-                          retryable)
-    log_event(claim.job_id, claim.attempt, "failed" if wrote else "fenced", logging.WARNING,
-              code=code, message=repr(message[:200]))
+def _fail(settings: Settings, claim: jobstore.Claim, code: str, message: str, retryable: bool) -> str:
+    wrote = jobstore.fail(settings.database_url, claim.job_id, claim.attempt, code, message, retryable)
+    log_event(
+        claim.job_id,
+        claim.attempt,
+        "failed" if wrote else "fenced",
+        logging.WARNING,
+        code=code,
+        message=repr(message[:200]),
+    )
     return "failed" if wrote else "fenced"
 
 
@@ -282,26 +335,42 @@ def _engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) 
     (server paths, remedies for the operator) logged; retryable once the operator fixed it."""
     if exc.code not in WORKER_SETUP_CODES:
         return _fail(settings, claim, exc.code, exc.message or exc.code, False)
-    log_event(claim.job_id, claim.attempt, "worker_setup_error", logging.ERROR, code=exc.code,
-              detail=repr(exc.message[:500]))
+    log_event(
+        claim.job_id,
+        claim.attempt,
+        "worker_setup_error",
+        logging.ERROR,
+        code=exc.code,
+        detail=repr(exc.message[:500]),
+    )
     return _fail(settings, claim, exc.code, WORKER_SETUP_ERROR, True)
 
 
 WORKER_SETUP_CODES = frozenset({"weights_unavailable", "weights_invalid", "device_unavailable"})
-WORKER_SETUP_ERROR = ("the worker is not set up to run jobs (model weights or device); the error was "
-                      "logged with this job's id. Submit the job again later")
-INTERNAL_ERROR = ("the worker failed unexpectedly; the error was logged with this job's id "
-                  "(quote it when reporting the problem)")
+WORKER_SETUP_ERROR = (
+    "the worker is not set up to run jobs (model weights or device); the error was "
+    "logged with this job's id. Submit the job again later"
+)
+INTERNAL_ERROR = (
+    "the worker failed unexpectedly; the error was logged with this job's id "
+    "(quote it when reporting the problem)"
+)
 
 
 def _classify_crash(exc: Exception) -> tuple[str, str, bool]:
     """(code, tenant-visible message, retryable) for an exception nothing else handled."""
     if isinstance(exc, SoftTimeLimitExceeded):
-        return ("time_limit", "the job ran past the worker's time limit; ask for a smaller size or "
-                "fewer iterations", False)
+        return (
+            "time_limit",
+            "the job ran past the worker's time limit; ask for a smaller size or fewer iterations",
+            False,
+        )
     if isinstance(exc, torch.OutOfMemoryError):
-        return ("out_of_memory", "the worker ran out of memory on this job; ask for a smaller size "
-                "or fewer style images", False)
+        return (
+            "out_of_memory",
+            "the worker ran out of memory on this job; ask for a smaller size or fewer style images",
+            False,
+        )
     return "internal_error", INTERNAL_ERROR, True
 
 
@@ -309,5 +378,11 @@ def _best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> No
     try:
         action()
     except Exception as exc:  # noqa: BLE001 - the database may be the thing that is down
-        log_event(job_id, attempt, "cleanup_failed", logging.WARNING, error=type(exc).__name__,
-                  detail=repr(str(exc)[:200]))
+        log_event(
+            job_id,
+            attempt,
+            "cleanup_failed",
+            logging.WARNING,
+            error=type(exc).__name__,
+            detail=repr(str(exc)[:200]),
+        )

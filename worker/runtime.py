@@ -41,9 +41,14 @@ def get_engine(settings: Settings) -> StyleTransfer:
             started = time.monotonic()
             _engine = StyleTransfer(weights=settings.weights, device=settings.device, seed=0)
             _key = key
-            logs.event(logger, "engine_loaded", kind="worker", weights=settings.weights,
-                       device=getattr(_engine, "device", settings.device),
-                       seconds=f"{time.monotonic() - started:.2f}")
+            logs.event(
+                logger,
+                "engine_loaded",
+                kind="worker",
+                weights=settings.weights,
+                device=getattr(_engine, "device", settings.device),
+                seconds=f"{time.monotonic() - started:.2f}",
+            )
         return _engine
 
 

@@ -53,10 +53,26 @@ def detect_gpus() -> list[str]:
 
 def celery_command(node: str, args: argparse.Namespace, settings: Settings) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
-        "-P", "prefork", "-c", str(max(1, args.concurrency)), "-O", "fair",
-        "-n", node, "-Q", settings.queue_name, "--loglevel", args.loglevel,
-        "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.tasks",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        str(max(1, args.concurrency)),
+        "-O",
+        "fair",
+        "-n",
+        node,
+        "-Q",
+        settings.queue_name,
+        "--loglevel",
+        args.loglevel,
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 
@@ -80,8 +96,11 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
     for node, extra in plan(args, settings):
         env = {**os.environ, **extra}
         logger.info("starting worker %s (CUDA_VISIBLE_DEVICES=%r)", node, extra["CUDA_VISIBLE_DEVICES"])
-        children.append(subprocess.Popen(celery_command(node, args, settings), env=env,
-                                         preexec_fn=_own_group_dies_with_parent))
+        children.append(
+            subprocess.Popen(
+                celery_command(node, args, settings), env=env, preexec_fn=_own_group_dies_with_parent
+            )
+        )
     return supervise(children)
 
 

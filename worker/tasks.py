@@ -34,20 +34,34 @@ class JobTask(Task):
         """Retries spent on a transient error: fail the job if no attempt holds it."""
         job_id = args[0] if args else task_id
         # The exception's text (endpoints, paths, SQL) is for the log, never for the tenant.
-        message = (f"storage or the database stayed unreachable; gave up after {self.max_retries} "
-                   "retries. Submit the job again later")
+        message = (
+            f"storage or the database stayed unreachable; gave up after {self.max_retries} "
+            "retries. Submit the job again later"
+        )
         try:
             if jobstore.fail_released(get_settings().database_url, job_id, "unavailable", message):
-                runner.log_event(job_id, None, "failed", logging.ERROR, code="unavailable",
-                                 error=type(exc).__name__, detail=repr(str(exc)[:200]))
+                runner.log_event(
+                    job_id,
+                    None,
+                    "failed",
+                    logging.ERROR,
+                    code="unavailable",
+                    error=type(exc).__name__,
+                    detail=repr(str(exc)[:200]),
+                )
         except Exception:  # noqa: BLE001 - logged; the reconciler fails the job when its lease ends
-            logs.event(logger, 'fail_after_retries_failed', job_id=job_id, level=logging.ERROR, exc_info=True)
+            logs.event(logger, "fail_after_retries_failed", job_id=job_id, level=logging.ERROR, exc_info=True)
 
 
 @app.task(
-    name=RUN_JOB_TASK, bind=True, base=JobTask, acks_late=True,
-    autoretry_for=runner.TRANSIENT, retry_backoff=max(1, _settings.retry_backoff_s),
-    retry_backoff_max=max(1, _settings.retry_backoff_max_s), retry_jitter=True,
+    name=RUN_JOB_TASK,
+    bind=True,
+    base=JobTask,
+    acks_late=True,
+    autoretry_for=runner.TRANSIENT,
+    retry_backoff=max(1, _settings.retry_backoff_s),
+    retry_backoff_max=max(1, _settings.retry_backoff_max_s),
+    retry_jitter=True,
     max_retries=_settings.max_retries,
     # A little before the hard limit (which kills the pool process): the job fails as time_limit.
     soft_time_limit=max(1, _settings.task_time_limit_s - 30),

@@ -70,8 +70,13 @@ class ShutdownFlag:
 SHUTDOWN = ShutdownFlag()
 
 
-def progress_dict(p: Progress, started: float, start_step: int,
-                  pace: tuple[float, int] | None = None, edges: list[int] | None = None) -> dict[str, Any]:
+def progress_dict(
+    p: Progress,
+    started: float,
+    start_step: int,
+    pace: tuple[float, int] | None = None,
+    edges: list[int] | None = None,
+) -> dict[str, Any]:
     """``job.progress`` from an engine ``Progress``.
 
     ETA: with ``pace`` (when this scale started, iterations done before that) and the scales' long
@@ -85,17 +90,22 @@ def progress_dict(p: Progress, started: float, start_step: int,
     if eta is None and step > start_step:
         eta = (total - step) * (now - started) / (step - start_step)
     return {
-        "scale": int(p.scale), "scales": int(p.scales),
-        "iteration": int(p.iteration), "iterations": int(p.iterations),
-        "step": step, "total_steps": total, "fraction": round(step / total, 4),
+        "scale": int(p.scale),
+        "scales": int(p.scales),
+        "iteration": int(p.iteration),
+        "iterations": int(p.iterations),
+        "step": step,
+        "total_steps": total,
+        "fraction": round(step / total, 4),
         # PostgreSQL's JSON cannot hold NaN: a non-finite loss (a step the NaN guard undoes) is null
         "loss": float(p.loss) if p.loss is not None and math.isfinite(p.loss) else None,
         "eta_seconds": round(eta, 1) if eta is not None else None,
     }
 
 
-def _paced_eta(p: Progress, step: int, total: int, now: float, pace: tuple[float, int] | None,
-               edges: list[int] | None) -> float | None:
+def _paced_eta(
+    p: Progress, step: int, total: int, now: float, pace: tuple[float, int] | None, edges: list[int] | None
+) -> float | None:
     if pace is None or not edges or len(edges) != int(p.scales):
         return None
     scale_t0, done_before = pace
@@ -104,7 +114,7 @@ def _paced_eta(p: Progress, step: int, total: int, now: float, pace: tuple[float
         return None
     per_it = (now - scale_t0) / done_here
     left_here = int(p.iterations) - int(p.iteration)
-    later = edges[int(p.scale) + 1:]
+    later = edges[int(p.scale) + 1 :]
     left_later = max(total - step - left_here, 0)
     cost = sum((e / edges[int(p.scale)]) ** 2 for e in later) / len(later) if later else 0.0
     return per_it * (left_here + left_later * cost)
@@ -113,8 +123,14 @@ def _paced_eta(p: Progress, step: int, total: int, now: float, pace: tuple[float
 class Watcher:
     """Heartbeat and control thread for one claimed job (use as a context manager)."""
 
-    def __init__(self, settings: Settings, job_id: str, attempt: int, start_step: int = 0,
-                 edges: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: str,
+        attempt: int,
+        start_step: int = 0,
+        edges: list[int] | None = None,
+    ) -> None:
         self.url = settings.database_url
         self.job_id, self.attempt = job_id, attempt
         self.progress_s = max(settings.progress_interval_s, 0.05)
@@ -194,8 +210,9 @@ class Watcher:
                     self._note(jobstore.heartbeat(self.url, self.job_id, self.attempt))
                     last_beat = now
             except Exception:  # noqa: BLE001 - the database may blip; the lease covers a few missed beats
-                logs.event(logger, 'watch_error', job_id=self.job_id, attempt=self.attempt,
-                           level=logging.WARNING)
+                logs.event(
+                    logger, "watch_error", job_id=self.job_id, attempt=self.attempt, level=logging.WARNING
+                )
 
     def _check(self) -> None:
         if self.stop is not None:

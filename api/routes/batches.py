@@ -38,24 +38,34 @@ def _from_json(body: Any, settings: Settings) -> Parsed:
             raise InvalidInput("invalid_pairs", f"pairs.{where[1]}: {PAIRS_SHAPE}") from None
         loc = ".".join(str(x) for x in where)[:100]
         code = {"extra_forbidden": "unknown_field", "too_long": "batch_too_large"}.get(
-            str(err.get("type")), "invalid_request")
+            str(err.get("type")), "invalid_request"
+        )
         raise InvalidInput(code, f"{loc}: {err.get('msg')}") from None
     for name, ids in (("contents", req.contents), ("styles", req.styles), ("masks", req.masks)):
         if len(ids) > settings.max_batch_jobs:
-            raise InvalidInput("batch_too_large", f"{len(ids)} {name}; the maximum is "
-                               f"{settings.max_batch_jobs} (a batch has at most that many jobs)")
+            raise InvalidInput(
+                "batch_too_large",
+                f"{len(ids)} {name}; the maximum is "
+                f"{settings.max_batch_jobs} (a batch has at most that many jobs)",
+            )
     return list(req.contents), list(req.styles), list(req.masks), req.mode, req.pairs, req.params
 
 
 def _check_counts(n_contents: int, n_styles: int, n_masks: int, settings: Settings) -> None:
     for name, count in (("contents", n_contents), ("styles", n_styles), ("masks", n_masks)):
         if count > settings.max_batch_jobs:
-            raise InvalidInput("batch_too_large",
-                               f"{count} {name}; the maximum is {settings.max_batch_jobs}")
+            raise InvalidInput("batch_too_large", f"{count} {name}; the maximum is {settings.max_batch_jobs}")
 
 
-def _planned(contents: list[Raw], styles: list[Raw], masks: list[Raw], mode: str, pairs: Any,
-             raw_params: dict[str, Any], settings: Settings) -> ValidSubmission:
+def _planned(
+    contents: list[Raw],
+    styles: list[Raw],
+    masks: list[Raw],
+    mode: str,
+    pairs: Any,
+    raw_params: dict[str, Any],
+    settings: Settings,
+) -> ValidSubmission:
     """The plan, the params, then every image (decoded once)."""
     plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs, len(masks))
     return validated(contents, styles, masks, plan, raw_params, settings, batch=True)
@@ -64,8 +74,15 @@ def _planned(contents: list[Raw], styles: list[Raw], masks: list[Raw], mode: str
 def _validate_form(draft: Draft, settings: Settings) -> ValidSubmission:
     pairs = json_field(draft.texts["pairs"], "pairs")
     raw_params = parse_params_json(draft.texts["params"])
-    return _planned(draft.contents, draft.styles, draft.masks, draft.texts["mode"] or "product",
-                    pairs, raw_params, settings)
+    return _planned(
+        draft.contents,
+        draft.styles,
+        draft.masks,
+        draft.texts["mode"] or "product",
+        pairs,
+        raw_params,
+        settings,
+    )
 
 
 def _validate_json(body: Any, settings: Settings) -> ValidSubmission:
@@ -81,9 +98,14 @@ SUBMIT_BATCH = SubmitRoute(
 )
 
 
-@router.post("", status_code=202, response_model=BatchCreated, responses=ERRORS,
-             openapi_extra=BATCH_DOC,
-             summary="Submit many jobs: JSON naming image ids, or multipart files")
+@router.post(
+    "",
+    status_code=202,
+    response_model=BatchCreated,
+    responses=ERRORS,
+    openapi_extra=BATCH_DOC,
+    summary="Submit many jobs: JSON naming image ids, or multipart files",
+)
 async def submit_batch(request: Request, ctx: SubmitCtxDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
     response (header ``Idempotent-Replayed: true``) and creates nothing."""

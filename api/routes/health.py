@@ -29,7 +29,7 @@ def _probe(name: str, fn: Callable[[], object]) -> str:
     try:
         fn()
     except Exception as exc:  # noqa: BLE001 - any failure of a probe means that dependency is down
-        logs.event(logger, 'down', kind="ready", level=logging.WARNING, dependency=name, error=repr(exc))
+        logs.event(logger, "down", kind="ready", level=logging.WARNING, dependency=name, error=repr(exc))
         return f"down: {type(exc).__name__}"
     return "ok"
 
@@ -39,8 +39,12 @@ def _db_ping(url: str) -> None:
         conn.execute(text("SELECT 1"))
 
 
-@router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}},
-            summary="Database, broker and storage reachable (200) or not (503)")
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut}},
+    summary="Database, broker and storage reachable (200) or not (503)",
+)
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     checks = {

@@ -36,8 +36,9 @@ _FORM_DOC = {
 
 
 def _image_out(img: PendingImage) -> ImageOut:
-    return ImageOut(id=img.id, format=img.info.format, width=img.info.width,
-                    height=img.info.height, bytes=len(img.data))
+    return ImageOut(
+        id=img.id, format=img.info.format, width=img.info.width, height=img.info.height, bytes=len(img.data)
+    )
 
 
 def _store(settings: Settings, storage: Storage, tenant: TenantCtx, img: PendingImage) -> bool:
@@ -47,12 +48,17 @@ def _store(settings: Settings, storage: Storage, tenant: TenantCtx, img: Pending
     return bool(fresh)
 
 
-@router.post("", response_model=ImageOut, status_code=201,
-             responses={**ERRORS, 200: {"model": ImageOut, "description": "already uploaded"}},
-             openapi_extra=_FORM_DOC,
-             summary="Upload one image (field 'file'): 201 the first time, 200 after")
-async def upload_image(request: Request, response: Response, settings: SettingsDep,
-                       storage: StorageDep, tenant: TenantDep) -> ImageOut:
+@router.post(
+    "",
+    response_model=ImageOut,
+    status_code=201,
+    responses={**ERRORS, 200: {"model": ImageOut, "description": "already uploaded"}},
+    openapi_extra=_FORM_DOC,
+    summary="Upload one image (field 'file'): 201 the first time, 200 after",
+)
+async def upload_image(
+    request: Request, response: Response, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
+) -> ImageOut:
     form = await read_form(request, max_files=1, timeout_s=settings.body_timeout_s)
     try:
         uploads = [*files(form, "file"), *files(form, "image"), *files(form, "content")]
@@ -80,5 +86,4 @@ def read_image(image_id: str, session: SessionDep, tenant: TenantDep) -> ImageOu
     )
     if img is None:
         raise NotFound("unknown_image", f"no image {image_id!r}")
-    return ImageOut(id=img.id, format=img.format, width=img.width, height=img.height,
-                    bytes=img.bytes)
+    return ImageOut(id=img.id, format=img.format, width=img.width, height=img.height, bytes=img.bytes)

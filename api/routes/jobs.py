@@ -30,16 +30,22 @@ def _check_counts(n_contents: int, n_styles: int, n_masks: int, settings: Settin
     if not n_styles:
         raise InvalidInput("missing_style", "send at least one style image (style or style_id)")
     if n_styles > settings.max_styles:
-        raise InvalidInput("too_many_styles",
-                           f"{n_styles} styles; the maximum is {settings.max_styles}")
+        raise InvalidInput("too_many_styles", f"{n_styles} styles; the maximum is {settings.max_styles}")
     check_mask_count(n_masks, n_styles)
 
 
 def _validate(draft: Draft, settings: Settings) -> ValidSubmission:
     """Params, then every image (decoded once)."""
     plan = one_job(len(draft.styles), len(draft.masks))
-    return validated(draft.contents, draft.styles, draft.masks, plan,
-                     parse_params_json(draft.texts["params"]), settings, batch=False)
+    return validated(
+        draft.contents,
+        draft.styles,
+        draft.masks,
+        plan,
+        parse_params_json(draft.texts["params"]),
+        settings,
+        batch=False,
+    )
 
 
 SUBMIT_JOB = SubmitRoute(
@@ -50,8 +56,14 @@ SUBMIT_JOB = SubmitRoute(
 )
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=ERRORS,
-             openapi_extra=JOB_FORM_DOC, summary="Submit one job (multipart)")
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses=ERRORS,
+    openapi_extra=JOB_FORM_DOC,
+    summary="Submit one job (multipart)",
+)
 async def submit_job(request: Request, ctx: SubmitCtxDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
     response (header ``Idempotent-Replayed: true``) and creates nothing."""
@@ -60,22 +72,32 @@ async def submit_job(request: Request, ctx: SubmitCtxDep) -> Response:
 
 @router.get("", response_model=JobList, responses=ERRORS, summary="List own jobs, newest first")
 def list_own_jobs(
-    request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
     tenant: TenantDep,
     status: str | None = None,
     batch_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: str | None = None,
 ) -> JobList:
-    jobs, next_cursor = list_jobs(session, tenant.id, status=status, batch_id=batch_id,
-                                  limit=limit, cursor=cursor)
+    jobs, next_cursor = list_jobs(
+        session, tenant.id, status=status, batch_id=batch_id, limit=limit, cursor=cursor
+    )
     linker = Linker(request, settings, storage)
     return JobList(items=[job_out(j, linker) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
-def read_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep,
-             storage: StorageDep, tenant: TenantDep) -> JobOut:
+def read_job(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+) -> JobOut:
     return job_out(get_job(session, tenant.id, job_id), Linker(request, settings, storage))
 
 
@@ -89,11 +111,21 @@ def _try_cancel(session: SessionDep, tenant_id: str, job_id: str) -> int | None:
     return None if result is None else _CANCEL_CODES[result]
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut,
-             responses={**ERRORS, 202: {"model": JobOut, "description": "stop requested"}},
-             summary="Cancel: a queued job at once (200), a running one on request (202)")
-def cancel_job(job_id: str, request: Request, response: Response, session: SessionDep,
-               settings: SettingsDep, storage: StorageDep, tenant: TenantDep) -> JobOut:
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses={**ERRORS, 202: {"model": JobOut, "description": "stop requested"}},
+    summary="Cancel: a queued job at once (200), a running one on request (202)",
+)
+def cancel_job(
+    job_id: str,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+) -> JobOut:
     """A finished job answers 409 with its status. A running job keeps ``running`` (with
     ``cancel_requested``) until its worker stops, within about 2 s."""
     job = get_job(session, tenant.id, job_id)  # 404 for unknown or another tenant's job

@@ -46,23 +46,29 @@ def _serve(storage: Storage, key: str, expires_s: int) -> Response:
     return Response(
         data,
         media_type=media_type(key),
-        headers={"Content-Disposition": f'attachment; filename="{filename}"',
-                 "X-Content-Type-Options": "nosniff"},
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 
-@router.get("/{job_id}/result", responses=RESULT_DOC, response_class=Response,
-            summary="The result image (409 until the job succeeded)")
-def job_result(job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep,
-               tenant: TenantDep) -> Response:
+@router.get(
+    "/{job_id}/result",
+    responses=RESULT_DOC,
+    response_class=Response,
+    summary="The result image (409 until the job succeeded)",
+)
+def job_result(
+    job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
+) -> Response:
     job = get_job(session, tenant.id, job_id)
     if job.status != JobStatus.SUCCEEDED or not job.result_key:
         raise Conflict("not_finished", f"the job is {job.status}; no result", status=job.status)
     return _serve(storage, job.result_key, settings.presign_expiry_s)
 
 
-def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, index: int,
-                    field: str) -> str:
+def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, index: int, field: str) -> str:
     """The object of checkpoint number ``index`` (its ``seq``: stable while older ones are pruned;
     rows written before seq existed count by position)."""
     job = get_job(session, tenant_id, job_id)
@@ -72,17 +78,37 @@ def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, index: int
     raise NotFound("checkpoint_not_found", f"job {job_id} has no checkpoint {index}")
 
 
-@router.get("/{job_id}/checkpoints/{index}", responses=CHECKPOINT_DOC, response_class=Response,
-            summary="A checkpoint (.pt)")
-def job_checkpoint(job_id: str, index: CheckpointIndex, session: SessionDep, settings: SettingsDep,
-                   storage: StorageDep, tenant: TenantDep) -> Response:
+@router.get(
+    "/{job_id}/checkpoints/{index}",
+    responses=CHECKPOINT_DOC,
+    response_class=Response,
+    summary="A checkpoint (.pt)",
+)
+def job_checkpoint(
+    job_id: str,
+    index: CheckpointIndex,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+) -> Response:
     key = _checkpoint_key(session, tenant.id, job_id, index, "key")
     return _serve(storage, key, settings.presign_expiry_s)
 
 
-@router.get("/{job_id}/checkpoints/{index}/preview", responses=PREVIEW_DOC,
-            response_class=Response, summary="A checkpoint's preview image (.png)")
-def job_checkpoint_preview(job_id: str, index: CheckpointIndex, session: SessionDep, settings: SettingsDep,
-                           storage: StorageDep, tenant: TenantDep) -> Response:
+@router.get(
+    "/{job_id}/checkpoints/{index}/preview",
+    responses=PREVIEW_DOC,
+    response_class=Response,
+    summary="A checkpoint's preview image (.png)",
+)
+def job_checkpoint_preview(
+    job_id: str,
+    index: CheckpointIndex,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+) -> Response:
     key = _checkpoint_key(session, tenant.id, job_id, index, "preview_key")
     return _serve(storage, key, settings.presign_expiry_s)

@@ -119,8 +119,14 @@ def any_api(request: pytest.FixtureRequest) -> Api:
     return chosen
 
 
-def submit(client: TestClient, *, content: bytes | None = None, styles: Sequence[bytes] = (),
-           params: Any = None, data: dict[str, Any] | None = None) -> Any:
+def submit(
+    client: TestClient,
+    *,
+    content: bytes | None = None,
+    styles: Sequence[bytes] = (),
+    params: Any = None,
+    data: dict[str, Any] | None = None,
+) -> Any:
     files: list[tuple[str, tuple[str, bytes, str]]] = []
     if content is not None:
         files.append(("content", ("content.png", content, "image/png")))

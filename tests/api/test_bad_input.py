@@ -25,78 +25,140 @@ def _huge_header_png() -> bytes:
 
 CASES: dict[str, tuple[Callable[[TestClient], Any], int, str]] = {
     "not an image": (lambda c: submit(c, content=b"hello" * 50, styles=[PNG]), 422, "not_an_image"),
-    "truncated": (lambda c: submit(c, content=image_bytes(300, 300)[:200], styles=[PNG]), 422,
-                  "truncated"),
-    "too small": (lambda c: submit(c, content=image_bytes(10, 10), styles=[PNG]), 422,
-                  "too_small"),
-    "too many pixels": (lambda c: submit(c, content=_huge_header_png(), styles=[PNG]), 422,
-                        "too_many_pixels"),
-    "too many bytes": (lambda c: submit(c, content=PNG + b"\0" * 300_000, styles=[PNG]), 413,
-                       "too_many_bytes"),
-    "style not an image": (lambda c: submit(c, content=PNG, styles=[PNG, b"x" * 99]), 422,
-                           "not_an_image"),
-    "unsupported format": (lambda c: submit(c, content=image_bytes(32, 32, "ICO"), styles=[PNG]),
-                           422, "unsupported_format"),
-    "unknown parameter": (lambda c: submit(c, content=PNG, styles=[PNG], params={"sise": 5}), 422,
-                          "unknown_parameter"),
-    "value out of range": (lambda c: submit(c, content=PNG, styles=[PNG], params={"size": 3}),
-                           422, "invalid_parameter"),
-    "bad value type": (lambda c: submit(c, content=PNG, styles=[PNG],
-                                        params={"optimizer": "sgd"}), 422, "invalid_parameter"),
-    "size above max": (lambda c: submit(c, content=PNG, styles=[PNG], params={"size": 4096}),
-                       422, "size_too_large"),
-    "too many iterations": (lambda c: submit(c, content=PNG, styles=[PNG],
-                                             params={"iterations": 5000}), 422,
-                            "too_many_iterations"),
-    "malformed params": (lambda c: submit(c, content=PNG, styles=[PNG], params="{size: 1"), 400,
-                         "malformed_params"),
-    "params not an object": (lambda c: submit(c, content=PNG, styles=[PNG], params="[1]"), 400,
-                             "malformed_params"),
+    "truncated": (lambda c: submit(c, content=image_bytes(300, 300)[:200], styles=[PNG]), 422, "truncated"),
+    "too small": (lambda c: submit(c, content=image_bytes(10, 10), styles=[PNG]), 422, "too_small"),
+    "too many pixels": (
+        lambda c: submit(c, content=_huge_header_png(), styles=[PNG]),
+        422,
+        "too_many_pixels",
+    ),
+    "too many bytes": (
+        lambda c: submit(c, content=PNG + b"\0" * 300_000, styles=[PNG]),
+        413,
+        "too_many_bytes",
+    ),
+    "style not an image": (lambda c: submit(c, content=PNG, styles=[PNG, b"x" * 99]), 422, "not_an_image"),
+    "unsupported format": (
+        lambda c: submit(c, content=image_bytes(32, 32, "ICO"), styles=[PNG]),
+        422,
+        "unsupported_format",
+    ),
+    "unknown parameter": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params={"sise": 5}),
+        422,
+        "unknown_parameter",
+    ),
+    "value out of range": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params={"size": 3}),
+        422,
+        "invalid_parameter",
+    ),
+    "bad value type": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params={"optimizer": "sgd"}),
+        422,
+        "invalid_parameter",
+    ),
+    "size above max": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params={"size": 4096}),
+        422,
+        "size_too_large",
+    ),
+    "too many iterations": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params={"iterations": 5000}),
+        422,
+        "too_many_iterations",
+    ),
+    "malformed params": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params="{size: 1"),
+        400,
+        "malformed_params",
+    ),
+    "params not an object": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params="[1]"),
+        400,
+        "malformed_params",
+    ),
     "missing content": (lambda c: submit(c, styles=[PNG]), 422, "missing_content"),
     "missing style": (lambda c: submit(c, content=PNG), 422, "missing_style"),
-    "too many styles": (lambda c: submit(c, content=PNG, styles=[PNG] * 4), 422,
-                        "too_many_styles"),
-    "style_weights mismatch": (lambda c: submit(c, content=PNG, styles=[PNG],
-                                                params={"style_weights": [1, 1]}), 422,
-                               "style_weights_mismatch"),
-    "unknown image id": (lambda c: submit(c, data={"content_id": "f" * 64, "style_id": "e" * 64}),
-                         422, "unknown_image"),
-    "unknown form field": (lambda c: submit(c, content=PNG, styles=[PNG], data={"styles": "x"}),
-                           422, "unknown_field"),
-    "not multipart": (lambda c: c.post("/v1/jobs", json={"content": "x"}), 400,
-                      "unsupported_media_type"),
-    "batch too large": (lambda c: c.post("/v1/batches", files=[("content", ("a.png", PNG)),
-                                                              ("style", ("b.png", PNG))],
-                                         data={"mode": "pairs", "pairs": json.dumps([[0, 0]] * 9)}),
-                        422, "batch_too_large"),
-    "batch pair out of range": (lambda c: c.post(
-        "/v1/batches", files=[("content", ("a.png", PNG)), ("style", ("b.png", PNG))],
-        data={"mode": "pairs", "pairs": "[[0, 1]]"}), 422, "invalid_pairs"),
-    "batch malformed json": (lambda c: c.post("/v1/batches", content=b"{nope",
-                                              headers={"content-type": "application/json"}),
-                             400, "malformed_json"),
-    "batch unknown field": (lambda c: c.post("/v1/batches", json={"contents": ["a"],
-                                                                  "styles": ["b"], "x": 1}),
-                            422, "unknown_field"),
-    "batch unknown image": (lambda c: c.post("/v1/batches", json={"contents": ["a" * 64],
-                                                                  "styles": ["b" * 64]}),
-                            422, "unknown_image"),
-    "batch bad image": (lambda c: c.post("/v1/batches", files=[("content", ("a.png", PNG)),
-                                                              ("content", ("b.png", b"zz" * 50)),
-                                                              ("style", ("c.png", PNG))]),
-                        422, "not_an_image"),
-    "batch bad params": (lambda c: c.post("/v1/batches", json={
-        "contents": ["a"], "styles": ["b"], "params": {"lr": -1}}), 422, "invalid_parameter"),
+    "too many styles": (lambda c: submit(c, content=PNG, styles=[PNG] * 4), 422, "too_many_styles"),
+    "style_weights mismatch": (
+        lambda c: submit(c, content=PNG, styles=[PNG], params={"style_weights": [1, 1]}),
+        422,
+        "style_weights_mismatch",
+    ),
+    "unknown image id": (
+        lambda c: submit(c, data={"content_id": "f" * 64, "style_id": "e" * 64}),
+        422,
+        "unknown_image",
+    ),
+    "unknown form field": (
+        lambda c: submit(c, content=PNG, styles=[PNG], data={"styles": "x"}),
+        422,
+        "unknown_field",
+    ),
+    "not multipart": (lambda c: c.post("/v1/jobs", json={"content": "x"}), 400, "unsupported_media_type"),
+    "batch too large": (
+        lambda c: c.post(
+            "/v1/batches",
+            files=[("content", ("a.png", PNG)), ("style", ("b.png", PNG))],
+            data={"mode": "pairs", "pairs": json.dumps([[0, 0]] * 9)},
+        ),
+        422,
+        "batch_too_large",
+    ),
+    "batch pair out of range": (
+        lambda c: c.post(
+            "/v1/batches",
+            files=[("content", ("a.png", PNG)), ("style", ("b.png", PNG))],
+            data={"mode": "pairs", "pairs": "[[0, 1]]"},
+        ),
+        422,
+        "invalid_pairs",
+    ),
+    "batch malformed json": (
+        lambda c: c.post("/v1/batches", content=b"{nope", headers={"content-type": "application/json"}),
+        400,
+        "malformed_json",
+    ),
+    "batch unknown field": (
+        lambda c: c.post("/v1/batches", json={"contents": ["a"], "styles": ["b"], "x": 1}),
+        422,
+        "unknown_field",
+    ),
+    "batch unknown image": (
+        lambda c: c.post("/v1/batches", json={"contents": ["a" * 64], "styles": ["b" * 64]}),
+        422,
+        "unknown_image",
+    ),
+    "batch bad image": (
+        lambda c: c.post(
+            "/v1/batches",
+            files=[
+                ("content", ("a.png", PNG)),
+                ("content", ("b.png", b"zz" * 50)),
+                ("style", ("c.png", PNG)),
+            ],
+        ),
+        422,
+        "not_an_image",
+    ),
+    "batch bad params": (
+        lambda c: c.post("/v1/batches", json={"contents": ["a"], "styles": ["b"], "params": {"lr": -1}}),
+        422,
+        "invalid_parameter",
+    ),
     "upload not an image": (lambda c: upload(c, b"GIF89a-but-not-really"), 422, "not_an_image"),
-    "upload nothing": (lambda c: c.post("/v1/images", files={"other": ("x", PNG)}), 422,
-                       "missing_file"),
+    "upload nothing": (lambda c: c.post("/v1/images", files={"other": ("x", PNG)}), 422, "missing_file"),
 }
 
 
 @pytest.fixture
 def small_api(settings_factory: Callable[..., Settings]) -> Api:
-    return build_api(settings_factory(max_upload_bytes=200_000, max_styles=3, max_batch_jobs=4,
-                                      max_image_pixels=40_000_000))
+    return build_api(
+        settings_factory(
+            max_upload_bytes=200_000, max_styles=3, max_batch_jobs=4, max_image_pixels=40_000_000
+        )
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -124,8 +186,9 @@ def test_streamed_body_over_the_limit_is_cut(small_api: Api) -> None:
         for _ in range(40):
             yield b"\0" * 100_000  # no Content-Length: counted while streaming
 
-    r = small_api.client.post("/v1/images", content=chunks(),
-                              headers={"content-type": "multipart/form-data; boundary=xyz"})
+    r = small_api.client.post(
+        "/v1/images", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
     assert r.status_code == 413
 
 

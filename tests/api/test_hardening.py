@@ -16,17 +16,20 @@ from shared.params import JobParams, long_edges
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize(("raw", "code"), [
-    ("[" * 20 + "]" * 20, "too_deep"),
-    ('{"a": NaN}', "invalid_number"),
-    ('{"a": -Infinity}', "invalid_number"),
-    ('{"a": 1e400}', "invalid_number"),
-    ('{"a": 12345678901234567890}', "invalid_number"),
-    ('{"a\\u0000": 1}', "invalid_text"),
-    ('["\\udfff"]', "invalid_text"),
-    (b'["\xff"]', "malformed_x"),
-    ("{nope", "malformed_x"),
-])
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("[" * 20 + "]" * 20, "too_deep"),
+        ('{"a": NaN}', "invalid_number"),
+        ('{"a": -Infinity}', "invalid_number"),
+        ('{"a": 1e400}', "invalid_number"),
+        ('{"a": 12345678901234567890}', "invalid_number"),
+        ('{"a\\u0000": 1}', "invalid_text"),
+        ('["\\udfff"]', "invalid_text"),
+        (b'["\xff"]', "malformed_x"),
+        ("{nope", "malformed_x"),
+    ],
+)
 def test_loads_refuses(raw: Any, code: str) -> None:
     with pytest.raises(InvalidInput) as err:
         loads(raw, what="x", max_bytes=1000)
@@ -61,8 +64,14 @@ def test_work_bounds_pixels_times_iterations() -> None:
 
 def test_auth_off_refuses_a_public_bind(tmp_path: Any) -> None:
     env = {"STYLEQUEUE_AUTH": "off", "STYLEQUEUE_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "api", "--host", "0.0.0.0"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "api", "--host", "0.0.0.0"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "refusing to serve 0.0.0.0 with STYLEQUEUE_AUTH=off" in proc.stderr
 

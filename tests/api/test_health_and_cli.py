@@ -33,9 +33,11 @@ def test_healthz_and_readyz(api: Api) -> None:
 
 def test_readyz_with_broken_broker_and_storage(settings_factory: Callable[..., Settings]) -> None:
     port = free_port()
-    settings = settings_factory(broker_url=f"redis://127.0.0.1:{port}/0",
-                                storage_url="s3://missing/p",
-                                s3_endpoint_url=f"http://127.0.0.1:{port}")
+    settings = settings_factory(
+        broker_url=f"redis://127.0.0.1:{port}/0",
+        storage_url="s3://missing/p",
+        s3_endpoint_url=f"http://127.0.0.1:{port}",
+    )
     api = build_api(settings, CeleryPublisher(settings))
     r = api.client.get("/readyz")
     assert r.status_code == 503 and r.headers["retry-after"]
@@ -66,8 +68,11 @@ def test_database_down_is_503(api: Api, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("which", ["sqlite", "postgresql"])
 def test_migrations_match_the_models(which: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    url = (f"sqlite:///{tmp_path / 'new' / 'dir' / 'x.db'}" if which == "sqlite"
-           else request.getfixturevalue("pg_url"))
+    url = (
+        f"sqlite:///{tmp_path / 'new' / 'dir' / 'x.db'}"
+        if which == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
     upgrade(url)
     upgrade(url)  # safe to run at every start
     engine = create_engine(url)
@@ -80,8 +85,7 @@ def test_migrations_match_the_models(which: str, tmp_path: Path, request: pytest
 def live(settings_factory: Callable[..., Settings]) -> Iterator[tuple[str, Api]]:
     api = build_api(settings_factory())
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api.client.app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(api.client.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -92,7 +96,9 @@ def live(settings_factory: Callable[..., Settings]) -> Iterator[tuple[str, Api]]
 
 
 def test_cli_keys_submit_status_and_download(
-    live: tuple[str, Api], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    live: tuple[str, Api],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, api = live
     assert main(["keys", "create", "--tenant", "carol"]) == 0
@@ -103,8 +109,23 @@ def test_cli_keys_submit_status_and_download(
         path = tmp_path / f"{name}.png"
         path.write_bytes(image_bytes())
         files.append(str(path))
-    code = main(["submit", files[0], files[1], "--style", files[2], "--param", "size=128",
-                 "--param", "iterations=5", "--url", url, "--key", key])
+    code = main(
+        [
+            "submit",
+            files[0],
+            files[1],
+            "--style",
+            files[2],
+            "--param",
+            "size=128",
+            "--param",
+            "iterations=5",
+            "--url",
+            url,
+            "--key",
+            key,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     batch_id = out.split()[1].rstrip(":")
@@ -116,8 +137,11 @@ def test_cli_keys_submit_status_and_download(
         key_name = f"jobs/{job_id}/result.png"
         api.storage.put_bytes(key_name, image_bytes())
         with session_scope(api.settings.database_url) as session:
-            session.execute(update(Job).where(Job.id == job_id).values(
-                status="succeeded", result_key=key_name, progress={"fraction": 1.0}))
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(status="succeeded", result_key=key_name, progress={"fraction": 1.0})
+            )
     from api.client import StyleQueueClient
     from api.client_cli import download, wait
 
@@ -140,9 +164,12 @@ def test_the_api_never_imports_torch_or_the_worker() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, api.app, api.client_cli, shared.server_cli; "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('worker')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, api.app, api.client_cli, shared.server_cli; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('worker')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -19,8 +19,9 @@ from tests.api.conftest import Api, image_bytes, submit, upload
 KEY = {"Idempotency-Key": "order-42"}
 
 
-def _post_job(api: Api, content: bytes, style: bytes, key: dict[str, str] | None = None,
-              params: str = '{"size": 128}') -> Any:
+def _post_job(
+    api: Api, content: bytes, style: bytes, key: dict[str, str] | None = None, params: str = '{"size": 128}'
+) -> Any:
     return api.client.post(
         "/v1/jobs",
         files=[("content", ("c.png", content, "image/png")), ("style", ("s.png", style, "image/png"))],
@@ -57,8 +58,9 @@ def test_same_key_other_body_is_422_and_creates_nothing(any_api: Api) -> None:
     for other in (
         _post_job(any_api, c, image_bytes(), KEY),  # another file
         _post_job(any_api, c, s, KEY, params='{"size": 256}'),  # another field value
-        any_api.client.post("/v1/batches", json={"contents": ["x"], "styles": ["y"]},
-                            headers=KEY),  # another endpoint
+        any_api.client.post(
+            "/v1/batches", json={"contents": ["x"], "styles": ["y"]}, headers=KEY
+        ),  # another endpoint
     ):
         assert other.status_code == 422, other.text
         assert other.json()["error"]["code"] == "idempotency_key_reused"
@@ -69,9 +71,12 @@ def test_keys_are_per_tenant(any_api: Api) -> None:
     c, s = image_bytes(), image_bytes()
     mine = _post_job(any_api, c, s, KEY)
     bob = any_api.as_tenant("bob")
-    theirs = bob.post("/v1/jobs", headers=KEY, data={"params": "{}"}, files=[
-        ("content", ("c.png", image_bytes(), "image/png")),
-        ("style", ("s.png", s, "image/png"))])
+    theirs = bob.post(
+        "/v1/jobs",
+        headers=KEY,
+        data={"params": "{}"},
+        files=[("content", ("c.png", image_bytes(), "image/png")), ("style", ("s.png", s, "image/png"))],
+    )
     assert mine.status_code == theirs.status_code == 202, theirs.text
     assert mine.json()["id"] != theirs.json()["id"]
     assert "idempotent-replayed" not in theirs.headers
@@ -118,7 +123,8 @@ def test_concurrent_duplicates_create_one_job(any_api: Api) -> None:
 
 
 def test_losing_the_race_rolls_back_and_replays_the_winner(
-    any_api: Api, monkeypatch: pytest.MonkeyPatch,
+    any_api: Api,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Both requests pass the early lookup (as under a real race); the second's flush hits the
     unique key and everything it did is rolled back."""
@@ -136,8 +142,11 @@ def test_batch_replay_json_and_multipart(any_api: Api) -> None:
     body = {"contents": ids[:2], "styles": ids[2:], "params": {"size": 128, "iterations": 10}}
     first = any_api.client.post("/v1/batches", json=body, headers=KEY)
     assert first.status_code == 202, first.text
-    reordered = {"params": {"iterations": 10, "size": 128}, "styles": ids[2:],
-                 "contents": ids[:2]}  # the same JSON, keys in another order
+    reordered = {
+        "params": {"iterations": 10, "size": 128},
+        "styles": ids[2:],
+        "contents": ids[:2],
+    }  # the same JSON, keys in another order
     again = any_api.client.post("/v1/batches", json=reordered, headers=KEY)
     assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
     assert any_api.counts()["jobs"] == 2 and any_api.counts()["batches"] == 1
@@ -151,7 +160,9 @@ def test_batch_replay_json_and_multipart(any_api: Api) -> None:
 
 
 def test_commit_lost_in_flight_is_undone(
-    any_api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    any_api: Api,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The COMMIT reaches the database but its answer is lost: the client gets 503, and the API
     deletes what was committed, so a retry with the same key creates the job afresh."""
@@ -197,8 +208,7 @@ def test_an_expired_key_survives_a_rejected_request_and_is_replaced_by_a_new_job
 
     assert _post_job(any_api, image_bytes(), image_bytes(), KEY).status_code == 202
     with session_scope(any_api.settings.database_url) as session:
-        session.execute(update(IdempotencyKey).values(
-            created_at=utcnow() - RETENTION - timedelta(hours=1)))
+        session.execute(update(IdempotencyKey).values(created_at=utcnow() - RETENTION - timedelta(hours=1)))
     before = any_api.counts()
     rejected = _post_job(any_api, image_bytes(), image_bytes(), KEY, params='{"size": 1}')
     assert rejected.status_code == 422 and _keys(any_api) == 1 and any_api.counts() == before

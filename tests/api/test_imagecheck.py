@@ -52,10 +52,10 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
     assert _code(buf.getvalue(), max_pixels=40_000_000) == "too_many_pixels"
 
 
-@pytest.mark.parametrize("orientation, upright", [(1, (96, 64)), (3, (96, 64)), (6, (64, 96)),
-                                                  (8, (64, 96))])
+@pytest.mark.parametrize("orientation, upright", [(1, (96, 64)), (3, (96, 64)), (6, (64, 96)), (8, (64, 96))])
 def test_exif_rotated_photo_reports_its_upright_size_like_the_engine(
-        orientation: int, upright: tuple[int, int]) -> None:
+    orientation: int, upright: tuple[int, int]
+) -> None:
     """A phone photo stored sideways (EXIF Orientation 5-8): the API reports (and checks masks
     and narrow scales against) the size the engine uses after applying the orientation."""
     from api.masks import aspect_matches

@@ -19,8 +19,12 @@ def _set(api: Api, job_id: str, **values: object) -> None:
 
 
 def test_submit_and_read_a_job(any_api: Api) -> None:
-    r = submit(any_api.client, content=image_bytes(), styles=[image_bytes(), image_bytes()],
-               params={"size": 256, "style_weights": [1, 2]})
+    r = submit(
+        any_api.client,
+        content=image_bytes(),
+        styles=[image_bytes(), image_bytes()],
+        params={"size": 256, "style_weights": [1, 2]},
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] == "queued" and job["attempts"] == 0 and job["error"] is None
@@ -43,8 +47,17 @@ def test_submit_by_image_ids(api: Api) -> None:
 
 def test_progress_checkpoints_and_result_links_on_folder_storage(api: Api) -> None:
     job = submit(api.client, content=image_bytes(), styles=[image_bytes()]).json()
-    progress = {"scale": 2, "scales": 5, "iteration": 40, "iterations": 200, "fraction": 0.31,
-                "loss": 12.5, "eta_seconds": 33.0, "step": 9, "total_steps": 99}
+    progress = {
+        "scale": 2,
+        "scales": 5,
+        "iteration": 40,
+        "iterations": 200,
+        "fraction": 0.31,
+        "loss": 12.5,
+        "eta_seconds": 33.0,
+        "step": 9,
+        "total_steps": 99,
+    }
     key, preview = f"jobs/{job['id']}/checkpoints/3.pt", f"jobs/{job['id']}/checkpoints/3.png"
     api.storage.put_bytes(key, b"torch-bytes")
     api.storage.put_bytes(preview, image_bytes())
@@ -69,7 +82,8 @@ def test_progress_checkpoints_and_result_links_on_folder_storage(api: Api) -> No
 
 
 def test_result_redirects_to_presigned_url_on_s3(
-    settings_factory: Callable[..., Settings], s3: S3Endpoint,
+    settings_factory: Callable[..., Settings],
+    s3: S3Endpoint,
 ) -> None:
     from tests.api.conftest import build_api
 
@@ -136,8 +150,12 @@ def test_tenant_isolation(any_api: Api) -> None:
     job = submit(any_api.client, data={"content_id": img, "style_id": img}).json()["id"]
     batch = any_api.client.post("/v1/batches", json={"contents": [img], "styles": [img]}).json()
     bob = any_api.as_tenant("bob")
-    for path in (f"/v1/jobs/{job}", f"/v1/batches/{batch['id']}", f"/v1/images/{img}",
-                 f"/v1/jobs/{job}/result"):
+    for path in (
+        f"/v1/jobs/{job}",
+        f"/v1/batches/{batch['id']}",
+        f"/v1/images/{img}",
+        f"/v1/jobs/{job}/result",
+    ):
         r = bob.get(path)
         assert r.status_code == 404, path
         assert set(r.json()["error"]) >= {"code", "message"}
@@ -181,8 +199,13 @@ def test_image_upload_is_idempotent(api: Api) -> None:
     data = image_bytes(80, 60, "JPEG")
     first = upload(api.client, data)
     assert first.status_code == 201
-    assert first.json() | {"id": "-"} == {"id": "-", "format": "JPEG", "width": 80, "height": 60,
-                                          "bytes": len(data)}
+    assert first.json() | {"id": "-"} == {
+        "id": "-",
+        "format": "JPEG",
+        "width": 80,
+        "height": 60,
+        "bytes": len(data),
+    }
     counts = api.counts()
     again = upload(api.client, data)
     assert again.status_code == 200 and again.json() == first.json()

@@ -41,14 +41,22 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def post_job(client: Any, content: bytes | str, styles: Sequence[bytes | str],
-             masks: Sequence[bytes | str], headers: dict[str, str] | None = None) -> Any:
+def post_job(
+    client: Any,
+    content: bytes | str,
+    styles: Sequence[bytes | str],
+    masks: Sequence[bytes | str],
+    headers: dict[str, str] | None = None,
+) -> Any:
     """Files for bytes, ``*_id`` fields for ids (files first, then ids, as the API orders them)."""
     files: list[tuple[str, Any]] = []
     for name, values in (("content", [content]), ("style", styles), ("mask", masks)):
         for i, v in enumerate(values):
-            field = (name, (f"{name}{i}.png", v, "image/png")) if isinstance(v, bytes) \
+            field = (
+                (name, (f"{name}{i}.png", v, "image/png"))
+                if isinstance(v, bytes)
                 else (f"{name}_id", (None, v.encode()))
+            )
             files.append(field)
     files.append(("params", (None, b'{"size": 64, "min_size": 32}')))
     return client.post("/v1/jobs", files=files, headers=headers or {})
@@ -87,8 +95,7 @@ def test_job_without_masks_has_null_mask_ids(any_api: Api) -> None:
     listed = any_api.client.get("/v1/jobs").json()["items"]
     assert [j["mask_ids"] for j in listed] == [None]
     with session_scope(any_api.settings.database_url) as session:  # SQL NULL, not JSON null
-        assert session.execute(text("SELECT count(*) FROM jobs WHERE mask_image_ids IS NULL")
-                               ).scalar() == 1
+        assert session.execute(text("SELECT count(*) FROM jobs WHERE mask_image_ids IS NULL")).scalar() == 1
 
 
 def test_one_style_with_a_mask_is_allowed(api: Api) -> None:
@@ -100,8 +107,7 @@ def test_one_style_with_a_mask_is_allowed(api: Api) -> None:
 def test_a_mask_for_each_of_the_most_styles(api: Api) -> None:
     """max_styles styles and as many masks: more files than a job form used to take."""
     n = api.settings.max_styles
-    r = post_job(api.client, image_bytes(), [image_bytes() for _ in range(n)],
-                 [mask_png() for _ in range(n)])
+    r = post_job(api.client, image_bytes(), [image_bytes() for _ in range(n)], [mask_png() for _ in range(n)])
     assert r.status_code == 202, r.text
     assert len(r.json()["mask_ids"]) == n == 8
 
@@ -114,23 +120,35 @@ def _refused(api: Api, r: Any, code: str) -> str:
 
 def test_mask_count_must_match_the_styles(any_api: Api) -> None:
     before = any_api.counts()
-    message = _refused(any_api, post_job(any_api.client, image_bytes(),
-                                         [image_bytes(), image_bytes()], [mask_png()]),
-                       "mask_count_mismatch")
+    message = _refused(
+        any_api,
+        post_job(any_api.client, image_bytes(), [image_bytes(), image_bytes()], [mask_png()]),
+        "mask_count_mismatch",
+    )
     assert "2 style(s) and 1 mask(s)" in message
-    _refused(any_api, post_job(any_api.client, image_bytes(), [image_bytes()],
-                               [mask_png(), mask_png()]), "mask_count_mismatch")
+    _refused(
+        any_api,
+        post_job(any_api.client, image_bytes(), [image_bytes()], [mask_png(), mask_png()]),
+        "mask_count_mismatch",
+    )
     assert any_api.counts() == before and any_api.publisher.published == []
 
 
 def test_mask_aspect_must_match_the_content(any_api: Api) -> None:
     before = any_api.counts()
-    r = post_job(any_api.client, image_bytes(64, 48), [image_bytes(), image_bytes()],
-                 [mask_png(64, 48), mask_png(48, 64)])
+    r = post_job(
+        any_api.client,
+        image_bytes(64, 48),
+        [image_bytes(), image_bytes()],
+        [mask_png(64, 48), mask_png(48, 64)],
+    )
     message = _refused(any_api, r, "mask_shape_mismatch")
     assert "mask[1]" in message and "48x64" in message and "64x48" in message
-    _refused(any_api, post_job(any_api.client, image_bytes(64, 48), [image_bytes()],
-                               [mask_png(66, 48)]), "mask_shape_mismatch")  # 3.1 % off
+    _refused(
+        any_api,
+        post_job(any_api.client, image_bytes(64, 48), [image_bytes()], [mask_png(66, 48)]),
+        "mask_shape_mismatch",
+    )  # 3.1 % off
     assert any_api.counts() == before and any_api.publisher.published == []
 
 
@@ -138,8 +156,7 @@ def test_mask_aspect_from_a_stored_image(api: Api) -> None:
     content_id = upload(api.client, image_bytes(64, 48)).json()["id"]
     tall = upload(api.client, mask_png(48, 64)).json()["id"]
     before = api.counts()
-    message = _refused(api, post_job(api.client, content_id, [image_bytes()], [tall]),
-                       "mask_shape_mismatch")
+    message = _refused(api, post_job(api.client, content_id, [image_bytes()], [tall]), "mask_shape_mismatch")
     assert "mask[0] is 48x64" in message
     assert api.counts() == before
 
@@ -148,8 +165,9 @@ def test_unknown_or_foreign_mask_id_is_unknown_image(any_api: Api) -> None:
     theirs = upload(any_api.as_tenant("bob"), mask_png()).json()["id"]
     before = any_api.counts()
     for mask_id in ("f" * 64, theirs, "not-an-id"):
-        _refused(any_api, post_job(any_api.client, image_bytes(), [image_bytes()], [mask_id]),
-                 "unknown_image")
+        _refused(
+            any_api, post_job(any_api.client, image_bytes(), [image_bytes()], [mask_id]), "unknown_image"
+        )
     assert any_api.counts() == before
 
 
@@ -171,24 +189,40 @@ def test_json_batch_with_masks_in_pairs(any_api: Api) -> None:
     c = _ids(any_api, image_bytes(64, 48), image_bytes(48, 64))
     s = _ids(any_api, image_bytes(), image_bytes())
     m = _ids(any_api, mask_png(64, 48), mask_png(48, 64), mask_png(128, 96))
-    r = any_api.client.post("/v1/batches", json={
-        "contents": c, "styles": s, "masks": m, "mode": "pairs",
-        "pairs": [[0, [0, 1], [2, 0]], [1, 0, [1]], [0, 1]],
-        "params": {"size": 64, "min_size": 32}})
+    r = any_api.client.post(
+        "/v1/batches",
+        json={
+            "contents": c,
+            "styles": s,
+            "masks": m,
+            "mode": "pairs",
+            "pairs": [[0, [0, 1], [2, 0]], [1, 0, [1]], [0, 1]],
+            "params": {"size": 64, "min_size": 32},
+        },
+    )
     assert r.status_code == 202, r.text
     jobs = [any_api.client.get(f"/v1/jobs/{j}").json() for j in r.json()["job_ids"]]
     assert [(j["content_id"], j["style_ids"], j["mask_ids"]) for j in jobs] == [
-        (c[0], [s[0], s[1]], [m[2], m[0]]), (c[1], [s[0]], [m[1]]), (c[0], [s[1]], None)]
+        (c[0], [s[0], s[1]], [m[2], m[0]]),
+        (c[1], [s[0]], [m[1]]),
+        (c[0], [s[1]], None),
+    ]
 
 
 def test_multipart_batch_with_masks(any_api: Api) -> None:
     mask_files, stored = [mask_png(), mask_png()], _ids(any_api, mask_png())
-    files = [("content", ("c.png", image_bytes(64, 48))), ("style", ("s0.png", image_bytes())),
-             ("style", ("s1.png", image_bytes()))]
+    files = [
+        ("content", ("c.png", image_bytes(64, 48))),
+        ("style", ("s0.png", image_bytes())),
+        ("style", ("s1.png", image_bytes())),
+    ]
     files += [("mask", (f"m{i}.png", m)) for i, m in enumerate(mask_files)]
     before = any_api.counts()
-    r = any_api.client.post("/v1/batches", files=files, data={
-        "mask_id": stored, "mode": "pairs", "pairs": json.dumps([[0, [0, 1], [2, 1]], [0, 0, [0]]])})
+    r = any_api.client.post(
+        "/v1/batches",
+        files=files,
+        data={"mask_id": stored, "mode": "pairs", "pairs": json.dumps([[0, [0, 1], [2, 1]], [0, 0, [0]]])},
+    )
     assert r.status_code == 202, r.text
     jobs = [any_api.client.get(f"/v1/jobs/{j}").json() for j in r.json()["job_ids"]]
     masks = [sha(m) for m in mask_files] + stored  # uploaded files first, then mask_id values
@@ -196,13 +230,17 @@ def test_multipart_batch_with_masks(any_api: Api) -> None:
     assert any_api.counts()["images"] - before["images"] == 5  # content, 2 styles, 2 masks
 
 
-def _batch(api: Api, masks: list[str], pairs: Any, mode: str = "pairs",
-           contents: list[str] | None = None) -> Any:
+def _batch(
+    api: Api, masks: list[str], pairs: Any, mode: str = "pairs", contents: list[str] | None = None
+) -> Any:
     """A JSON batch; its images are uploaded first, so ``counts()`` is taken after this returns
     a sender (``send()``)."""
-    body: dict[str, Any] = {"contents": contents or _ids(api, image_bytes(64, 48)),
-                            "styles": _ids(api, image_bytes(), image_bytes()), "masks": masks,
-                            "mode": mode}
+    body: dict[str, Any] = {
+        "contents": contents or _ids(api, image_bytes(64, 48)),
+        "styles": _ids(api, image_bytes(), image_bytes()),
+        "masks": masks,
+        "mode": mode,
+    }
     if pairs is not None:
         body["pairs"] = pairs
     return lambda: api.client.post("/v1/batches", json=body)
@@ -217,15 +255,18 @@ def test_batch_masks_need_pairs(api: Api, mode: str, pairs: Any) -> None:
     assert api.counts() == before
 
 
-@pytest.mark.parametrize("pairs, code, words", [
-    ([[0, 0, [1]]], "invalid_pairs", "out of range"),
-    ([[0, 0, [-1]]], "invalid_pairs", "out of range"),
-    ([[0, [0, 1], [0]]], "mask_count_mismatch", "2 style(s) and 1 mask(s)"),
-    ([[0, 0, []]], "mask_count_mismatch", "empty mask list"),
-    ([[0, 0, 0]], "invalid_pairs", "[content, style(s), [mask per style]]"),
-    ([[0, 0, [True]]], "invalid_pairs", "pairs must be"),
-    ([[0, 0, [0], [0]]], "invalid_pairs", "pairs must be"),
-])
+@pytest.mark.parametrize(
+    "pairs, code, words",
+    [
+        ([[0, 0, [1]]], "invalid_pairs", "out of range"),
+        ([[0, 0, [-1]]], "invalid_pairs", "out of range"),
+        ([[0, [0, 1], [0]]], "mask_count_mismatch", "2 style(s) and 1 mask(s)"),
+        ([[0, 0, []]], "mask_count_mismatch", "empty mask list"),
+        ([[0, 0, 0]], "invalid_pairs", "[content, style(s), [mask per style]]"),
+        ([[0, 0, [True]]], "invalid_pairs", "pairs must be"),
+        ([[0, 0, [0], [0]]], "invalid_pairs", "pairs must be"),
+    ],
+)
 def test_bad_mask_indexes_are_refused(api: Api, pairs: Any, code: str, words: str) -> None:
     m = _ids(api, mask_png())
     send = _batch(api, m, pairs)
@@ -247,11 +288,20 @@ def test_batch_mask_aspect_mismatch_names_the_mask(any_api: Api) -> None:
 @pytest.mark.parametrize("case", ["aspect", "index", "count", "unknown", "no_pairs"])
 def test_rejected_multipart_batch_stores_no_image(any_api: Api, case: str) -> None:
     """Every upload of the request is valid on its own: nothing of it may be stored."""
-    pairs = {"aspect": [[0, 0, [1]]], "index": [[0, 0, [2]]], "count": [[0, [0, 1], [0]]],
-             "unknown": [[0, 0, [2]]], "no_pairs": None}[case]
-    files = [("content", ("c.png", image_bytes(64, 48))), ("style", ("s0.png", image_bytes())),
-             ("style", ("s1.png", image_bytes())), ("mask", ("m0.png", mask_png(64, 48))),
-             ("mask", ("m1.png", mask_png(48, 64)))]
+    pairs = {
+        "aspect": [[0, 0, [1]]],
+        "index": [[0, 0, [2]]],
+        "count": [[0, [0, 1], [0]]],
+        "unknown": [[0, 0, [2]]],
+        "no_pairs": None,
+    }[case]
+    files = [
+        ("content", ("c.png", image_bytes(64, 48))),
+        ("style", ("s0.png", image_bytes())),
+        ("style", ("s1.png", image_bytes())),
+        ("mask", ("m0.png", mask_png(64, 48))),
+        ("mask", ("m1.png", mask_png(48, 64))),
+    ]
     data: dict[str, Any] = {"mode": "pairs" if pairs else "product"}
     if pairs:
         data["pairs"] = json.dumps(pairs)
@@ -259,9 +309,16 @@ def test_rejected_multipart_batch_stores_no_image(any_api: Api, case: str) -> No
         data["mask_id"] = "e" * 64
     before = any_api.counts()
     code, _ = error(any_api.client.post("/v1/batches", files=files, data=data))
-    assert code == {"aspect": "mask_shape_mismatch", "index": "invalid_pairs",
-                    "count": "mask_count_mismatch", "unknown": "unknown_image",
-                    "no_pairs": "masks_need_pairs"}[case]
+    assert (
+        code
+        == {
+            "aspect": "mask_shape_mismatch",
+            "index": "invalid_pairs",
+            "count": "mask_count_mismatch",
+            "unknown": "unknown_image",
+            "no_pairs": "masks_need_pairs",
+        }[case]
+    )
     assert any_api.counts() == before and any_api.publisher.published == []
 
 
@@ -270,8 +327,10 @@ def test_batch_with_too_many_masks(settings_factory: Any) -> None:
 
     api = build_api(settings_factory(max_batch_jobs=2))
     c, s = _ids(api, image_bytes()), _ids(api, image_bytes())
-    r = api.client.post("/v1/batches", json={"contents": c, "styles": s, "masks": ["a" * 64] * 3,
-                                             "mode": "pairs", "pairs": [[0, 0, [0]]]})
+    r = api.client.post(
+        "/v1/batches",
+        json={"contents": c, "styles": s, "masks": ["a" * 64] * 3, "mode": "pairs", "pairs": [[0, 0, [0]]]},
+    )
     assert error(r)[0] == "batch_too_large"
 
 
@@ -300,8 +359,7 @@ def test_idempotent_batch_with_other_masks_is_refused(api: Api) -> None:
     assert api.client.post("/v1/batches", json=body, headers=KEY).json() == first.json()
     before = api.counts()
     for other in ({**body, "pairs": [[0, 0, [1]]]}, {**body, "masks": [m[1], m[0]]}):
-        assert error(api.client.post("/v1/batches", json=other, headers=KEY))[0] == \
-            "idempotency_key_reused"
+        assert error(api.client.post("/v1/batches", json=other, headers=KEY))[0] == "idempotency_key_reused"
     assert api.counts() == before
 
 
@@ -312,8 +370,7 @@ def test_aspect_rule() -> None:
     assert MASK_ASPECT_TOLERANCE == 0.02
     assert aspect_matches((64, 48), (640, 480)) and aspect_matches((65, 48), (64, 48))
     assert not aspect_matches((66, 48), (64, 48)) and not aspect_matches((48, 64), (64, 48))
-    assert aspect_matches((1000, 1000), (1019, 1000)) and not aspect_matches((1000, 1000),
-                                                                             (1021, 1000))
+    assert aspect_matches((1000, 1000), (1019, 1000)) and not aspect_matches((1000, 1000), (1021, 1000))
 
 
 def test_openapi_documents_masks(api: Api) -> None:
@@ -324,8 +381,7 @@ def test_openapi_documents_masks(api: Api) -> None:
     assert {"mask", "mask_id"} <= set(batch["multipart/form-data"]["schema"]["properties"])
     props = batch["application/json"]["schema"]["properties"]
     assert "masks" in props
-    assert max(len(v.get("prefixItems", [])) for v in props["pairs"]["anyOf"][0]["items"]["anyOf"]
-               ) == 3
+    assert max(len(v.get("prefixItems", [])) for v in props["pairs"]["anyOf"][0]["items"]["anyOf"]) == 3
     job_out = spec["components"]["schemas"]["JobOut"]["properties"]
     assert "mask_ids" in job_out
 
@@ -349,15 +405,17 @@ def _migrate_from_0001(url: str) -> None:
     engine = create_engine(url)
     now = "2026-01-01 00:00:00+00:00"
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"),
-                     {"n": now})
-        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"),
-                     {"n": now})
-        conn.execute(text(
-            "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
-            "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
-            "updated_at) VALUES ('j', 't', 'queued', '{}', 'i', '[\"i\"]', '{}', 0, 3, false, "
-            "'[]', :n, :n)"), {"n": now})
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": now})
+        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": now})
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
+                "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
+                "updated_at) VALUES ('j', 't', 'queued', '{}', 'i', '[\"i\"]', '{}', 0, 3, false, "
+                "'[]', :n, :n)"
+            ),
+            {"n": now},
+        )
     upgrade(url, "0002")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"

@@ -56,7 +56,9 @@ def test_publish_failure_still_answers_202_and_leaves_published_at_null(
 
 
 def test_messages_land_in_the_redis_queue(
-    settings_factory: Callable[..., Settings], redis_url: str, pg_url: str,
+    settings_factory: Callable[..., Settings],
+    redis_url: str,
+    pg_url: str,
 ) -> None:
     settings = settings_factory(database_url=pg_url, broker_url=redis_url)
     api = build_api(settings, CeleryPublisher(settings))

@@ -54,8 +54,7 @@ def test_open_storage_picks_the_backend(tmp_path: Path) -> None:
 
 
 def _s3(s3: S3Endpoint, tmp_path: Path) -> S3Storage:
-    settings = Settings(data_dir=tmp_path, storage_url=s3.storage_url,
-                        s3_endpoint_url=s3.endpoint_url)
+    settings = Settings(data_dir=tmp_path, storage_url=s3.storage_url, s3_endpoint_url=s3.endpoint_url)
     store = open_storage(settings)
     assert isinstance(store, S3Storage)
     return store
@@ -89,14 +88,14 @@ def test_s3_presigned_url_over_real_http(s3: S3Endpoint, tmp_path: Path) -> None
     assert resp.headers["content-type"] == "image/png"
 
 
-def test_s3_unreachable_is_storage_unavailable(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_unreachable_is_storage_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.net import free_port
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    settings = Settings(data_dir=tmp_path, storage_url="s3://nope/p",
-                        s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    settings = Settings(
+        data_dir=tmp_path, storage_url="s3://nope/p", s3_endpoint_url=f"http://127.0.0.1:{free_port()}"
+    )
     store = open_storage(settings)
     with pytest.raises(StorageUnavailable):
         store.check()
@@ -105,7 +104,8 @@ def test_s3_unreachable_is_storage_unavailable(tmp_path: Path,
 
 
 def test_s3_missing_bucket_is_unavailable(s3: S3Endpoint, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, storage_url="s3://no-such-bucket/p",
-                        s3_endpoint_url=s3.endpoint_url)
+    settings = Settings(
+        data_dir=tmp_path, storage_url="s3://no-such-bucket/p", s3_endpoint_url=s3.endpoint_url
+    )
     with pytest.raises(StorageUnavailable):
         open_storage(settings).check()

@@ -52,8 +52,13 @@ def engine() -> StyleTransfer:
 
 def small_config(**kw: object) -> TransferConfig:
     """A 32 -> 48 px, 2-scale job: fast enough for unit tests."""
-    base: dict[str, object] = {"size": 48, "scales": (32, 48), "iterations": 4, "weights": "random",
-                               "device": "cpu"}
+    base: dict[str, object] = {
+        "size": 48,
+        "scales": (32, 48),
+        "iterations": 4,
+        "weights": "random",
+        "device": "cpu",
+    }
     base.update(kw)
     return TransferConfig(**base)  # type: ignore[arg-type]
 

@@ -11,9 +11,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_removed_fractions_part_runs_on_a_tiny_pyramid() -> None:
     proc = subprocess.run(
-        [sys.executable, "bench/engine.py", "--parts", "f", "--size", "48", "--min-size", "24",
-         "--iterations", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "bench/engine.py",
+            "--parts",
+            "f",
+            "--size",
+            "48",
+            "--min-size",
+            "24",
+            "--iterations",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     # 1 is a missed target (a measurement at this toy size), not a crash
     assert proc.returncode in (0, 1), proc.stderr[-2000:]

@@ -15,10 +15,30 @@ REPO = Path(__file__).resolve().parents[2]
 def test_calibration_sweep_runs_on_random_weights(tmp_path: Path) -> None:
     out = tmp_path / "calib"
     proc = subprocess.run(
-        [sys.executable, "bench/calibrate.py", "--weights", "random", "--device", "cpu",
-         "--size", "32", "--ratios", "3,10", "--layer-weights", "both", "--tv", "0",
-         "--iterations", "2", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "bench/calibrate.py",
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--size",
+            "32",
+            "--ratios",
+            "3,10",
+            "--layer-weights",
+            "both",
+            "--tv",
+            "0",
+            "--iterations",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "figures are for the real weights" in proc.stdout

@@ -20,7 +20,10 @@ from .conftest import small_config
 
 
 def test_luminance_mode_delivers_what_it_optimised(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Before, the iterate kept three free channels: the optimiser put colour in it, the VGG saw
     that colour, and the delivered image (its luminance with the content's chroma) scored 3.3x the
@@ -60,7 +63,9 @@ def test_luminance_mode_delivers_what_it_optimised(
 
 
 def test_luminance_mode_resumes_bit_identically(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     cfg = small_config(color="luminance", iterations=4, save_every=2)
     saved: list[bytes] = []
@@ -93,7 +98,9 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_histogram_matching_gives_each_style_the_contents_colours(
-    content: Image.Image, style: Image.Image, style2: Image.Image,
+    content: Image.Image,
+    style: Image.Image,
+    style2: Image.Image,
 ) -> None:
     c = pil_to_tensor(content)
     mu_c, cov_c = _moments(c)

@@ -52,8 +52,10 @@ def test_too_many_scales() -> None:
     assert e.value.code == "too_many_scales"
     assert "maximum is 16" in e.value.message and "raise scale_factor or min_size" in e.value.message
     assert _code(build_schedule, (64, 96), size=4096, min_size=16, scale_factor=1.1) == "too_many_scales"
-    assert _code(build_schedule, (64, 96), size=130, min_size=32, scale_factor=1.1,
-                 max_scales=15) == "too_many_scales"
+    assert (
+        _code(build_schedule, (64, 96), size=130, min_size=32, scale_factor=1.1, max_scales=15)
+        == "too_many_scales"
+    )
 
 
 def test_explicit_scales_limit() -> None:
@@ -70,8 +72,12 @@ def test_explicit_scales_limit() -> None:
 def test_sixteen_scales_run(engine: StyleTransfer, content: Image.Image, style: Image.Image) -> None:
     scales = tuple(range(24, 56, 2))  # 96x64 content: 24 px long edge is 16 px short side
     steps: list[int] = []
-    r = engine.run(content, [style], small_config(size=54, scales=scales, iterations=1),
-                   on_progress=lambda p: steps.append(p.step))
+    r = engine.run(
+        content,
+        [style],
+        small_config(size=54, scales=scales, iterations=1),
+        on_progress=lambda p: steps.append(p.step),
+    )
     assert steps == list(range(1, 17)) and r.image.size == (54, 36)
 
 
@@ -107,12 +113,25 @@ def test_blend_normalises() -> None:
     assert _code(normalise_blend, (1.0, 3.0), 3) == "invalid_config"
 
 
-@pytest.mark.parametrize("kw", [
-    {"lr": math.nan}, {"lr": math.inf}, {"lr": 0.0}, {"lr": -0.1},
-    {"style_scale": math.nan}, {"style_scale": math.inf}, {"style_scale": 0.0}, {"style_scale": -1.0},
-    {"betas": (math.nan, 0.99)}, {"betas": (0.9, math.inf)}, {"betas": (0.9, 1.0)},
-    {"betas": (-0.1, 0.99)}, {"betas": (0.9,)}, {"max_recoveries": -1},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"lr": math.nan},
+        {"lr": math.inf},
+        {"lr": 0.0},
+        {"lr": -0.1},
+        {"style_scale": math.nan},
+        {"style_scale": math.inf},
+        {"style_scale": 0.0},
+        {"style_scale": -1.0},
+        {"betas": (math.nan, 0.99)},
+        {"betas": (0.9, math.inf)},
+        {"betas": (0.9, 1.0)},
+        {"betas": (-0.1, 0.99)},
+        {"betas": (0.9,)},
+        {"max_recoveries": -1},
+    ],
+)
 def test_bad_numbers_refused(kw: dict[str, object]) -> None:
     assert _code(TransferConfig, **kw) == "invalid_config"
 
@@ -122,8 +141,9 @@ def test_good_numbers_accepted() -> None:
     assert cfg.betas == (0.0, 0.999) and cfg.resolved_lr() == 0.5
 
 
-def test_mutated_batch_item_refused_at_run(engine: StyleTransfer, content: Image.Image,
-                                           style: Image.Image) -> None:
+def test_mutated_batch_item_refused_at_run(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image
+) -> None:
     item = BatchItem(content, [style], style_weight=1.0)
     item.style_weight = math.nan  # a BatchItem is mutable: the run checks again
     assert _code(engine.run_batch, [item], small_config()) == "invalid_config"

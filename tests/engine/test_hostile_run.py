@@ -25,8 +25,13 @@ def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
 
 
-def _refused(engine: StyleTransfer, content: Image.Image, styles: list[Image.Image],
-             monkeypatch: pytest.MonkeyPatch, **kw: object) -> EngineError:
+def _refused(
+    engine: StyleTransfer,
+    content: Image.Image,
+    styles: list[Image.Image],
+    monkeypatch: pytest.MonkeyPatch,
+    **kw: object,
+) -> EngineError:
     """Run and expect EngineError with no iteration and no VGG pass at all."""
     passes: list[object] = []
     monkeypatch.setattr(VGGFeatures, "forward", lambda self, x, wanted: passes.append(x))
@@ -38,7 +43,9 @@ def _refused(engine: StyleTransfer, content: Image.Image, styles: list[Image.Ima
 
 
 def test_narrow_content_refused_before_any_iteration(
-    engine: StyleTransfer, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     err = _refused(engine, _noise(600, 16), [style], monkeypatch, size=64, min_size=32, scales=None)
     assert err.code == "image_too_narrow"
@@ -46,7 +53,9 @@ def test_narrow_content_refused_before_any_iteration(
 
 
 def test_content_narrow_only_at_a_later_scale_refused_up_front(
-    engine: StyleTransfer, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # fine at 96 (96x19), too narrow at the explicit later scale 32 (32x6): refused before scale 1
     err = _refused(engine, _noise(200, 40), [style], monkeypatch, size=96, scales=(96, 32))
@@ -54,7 +63,9 @@ def test_content_narrow_only_at_a_later_scale_refused_up_front(
 
 
 def test_narrow_style_refused_before_any_iteration(
-    engine: StyleTransfer, content: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    content: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     err = _refused(engine, content, [content, _noise(16, 400)], monkeypatch)
     assert err.code == "image_too_narrow"
@@ -62,7 +73,10 @@ def test_narrow_style_refused_before_any_iteration(
 
 
 def test_small_style_scale_refused_before_any_iteration(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     err = _refused(engine, content, [style], monkeypatch, style_scale=0.25)  # 8 px long edge
     assert err.code == "image_too_narrow" and "style image 1 becomes 8x5 px" in err.message
@@ -100,21 +114,32 @@ def _nan_tv(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> None
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 @pytest.mark.parametrize("limit", [0, 2, 5])
 def test_persistent_nan_ends_as_diverged(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
-    optimizer: str, limit: int,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
+    optimizer: str,
+    limit: int,
 ) -> None:
     _nan_tv(monkeypatch, lambda n: True)
     seen: list[Progress] = []
     with pytest.raises(EngineError) as e:
-        engine.run(content, [style], small_config(optimizer=optimizer, iterations=4, max_recoveries=limit),
-                   on_progress=seen.append)
+        engine.run(
+            content,
+            [style],
+            small_config(optimizer=optimizer, iterations=4, max_recoveries=limit),
+            on_progress=seen.append,
+        )
     assert e.value.code == "diverged" and "lower lr" in e.value.message
     assert len(seen) == limit  # limit recoveries reported, the next non-finite step gave up
     assert [p.recoveries for p in seen] == list(range(1, limit + 1))
 
 
 def test_streak_carries_across_scales(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _nan_tv(monkeypatch, lambda n: True)
     seen: list[Progress] = []
@@ -124,7 +149,10 @@ def test_streak_carries_across_scales(
 
 
 def test_a_run_with_no_finite_step_is_diverged(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _nan_tv(monkeypatch, lambda n: True)  # 2 steps in all, fewer than max_recoveries
     with pytest.raises(EngineError) as e:
@@ -134,13 +162,20 @@ def test_a_run_with_no_finite_step_is_diverged(
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_count_resets_after_a_good_step(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
     optimizer: str,
 ) -> None:
     _nan_tv(monkeypatch, lambda n: n % 2 == 0)  # every other evaluation is NaN
     seen: list[Progress] = []
-    r = engine.run(content, [style], small_config(optimizer=optimizer, iterations=4, max_recoveries=1),
-                   on_progress=seen.append)
+    r = engine.run(
+        content,
+        [style],
+        small_config(optimizer=optimizer, iterations=4, max_recoveries=1),
+        on_progress=seen.append,
+    )
     assert r.metadata["nan_recoveries"] == seen[-1].recoveries >= 3 and len(seen) == 8
     assert r.tensor is not None and torch.isfinite(r.tensor).all()
 

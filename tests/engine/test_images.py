@@ -22,11 +22,17 @@ def _png(im: Image.Image) -> bytes:
 
 def _png_header(w: int, h: int) -> bytes:
     """A PNG whose IHDR claims w x h pixels, with almost no data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) \
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
         + chunk(b"IEND", b"")
+    )
 
 
 def _code(source: object, **kw: int) -> str:

@@ -28,7 +28,10 @@ def test_style_size_capped_at_native_unless_upscale() -> None:
 
 
 def _style_passes(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, shapes: list[tuple[int, ...]],
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    shapes: list[tuple[int, ...]],
     **kw: object,
 ) -> list[tuple[int, ...]]:
     shapes.clear()
@@ -37,7 +40,10 @@ def _style_passes(
 
 
 def test_job_never_upscales_a_small_style(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, vgg_input_shapes: list[tuple[int, ...]],
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    vgg_input_shapes: list[tuple[int, ...]],
 ) -> None:
     small = style.resize((40, 20))  # native long edge 40 < the 48 px scale
     capped = _style_passes(engine, content, small, vgg_input_shapes)

@@ -71,12 +71,17 @@ def test_conv_and_relu_names_mean_what_they_say() -> None:
 def test_schedule_is_plain_data() -> None:
     assert long_edges(512, 128, 2**0.5) == [128, 181, 256, 362, 512]
     sched = build_schedule((300, 451), size=512)
-    assert sched == [((85, 128), 317), ((120, 181), 209), ((170, 256), 138), ((241, 362), 91),
-                     ((341, 512), 60)]
-    assert build_schedule((100, 50), scales=(64, 96), iterations=(5, 3)) == [
-        ((64, 32), 5), ((96, 48), 3)]
+    assert sched == [
+        ((85, 128), 317),
+        ((120, 181), 209),
+        ((170, 256), 138),
+        ((241, 362), 91),
+        ((341, 512), 60),
+    ]
+    assert build_schedule((100, 50), scales=(64, 96), iterations=(5, 3)) == [((64, 32), 5), ((96, 48), 3)]
     assert build_schedule((64, 64), size=64, min_size=128, iterations=7) == [((64, 64), 7)]
     assert [n for _, n in build_schedule((10, 10), size=512, min_size=128)] == [
-        auto_iterations(e) for e in (128, 181, 256, 362, 512)]
+        auto_iterations(e) for e in (128, 181, 256, 362, 512)
+    ]
     with pytest.raises(EngineError):
         build_schedule((64, 64), scales=(32, 64), iterations=(1, 2, 3))

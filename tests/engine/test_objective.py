@@ -22,15 +22,18 @@ from worker.engine.vgg import LAYER_INDEX, VGGFeatures, build_features, random_i
 from .conftest import small_config
 
 
-def _run(engine: StyleTransfer, content: Image.Image, style: Image.Image,
-         cfg: TransferConfig) -> tuple[list[Progress], dict[str, Any]]:
+def _run(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image, cfg: TransferConfig
+) -> tuple[list[Progress], dict[str, Any]]:
     seen: list[Progress] = []
     r = engine.run(content, [style], cfg, on_progress=seen.append)
     return seen, r.metadata
 
 
 def test_progress_does_not_depend_on_the_weights_scale(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     """All weights x k: the same problem. Before the normalisation L-BFGS kept no curvature pair
     below k ~ 1e-2 and the loss did not move (the job still "succeeded")."""
@@ -45,12 +48,16 @@ def test_progress_does_not_depend_on_the_weights_scale(
 
 
 def test_default_weights_loss_falls_at_every_scale(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     """The preset's weights, three scales: before, L-BFGS removed 4-8 % per scale here."""
     seen, meta = _run(engine, content, style, small_config(size=64, scales=(32, 48, 64), iterations=10))
     assert [round(s["loss"], 3) for s in meta["loss_removed"]] == [
-        round(p.loss_removed, 3) for p in seen if p.iteration == p.iterations  # type: ignore[arg-type]
+        round(p.loss_removed, 3)  # type: ignore[arg-type]
+        for p in seen
+        if p.iteration == p.iterations
     ]
     for s in range(3):
         here = [p for p in seen if p.scale == s]
@@ -69,8 +76,9 @@ def _loss_fn(x: torch.Tensor, weights: torch.Tensor) -> LossFn:
     relu1, relu2 = LAYER_INDEX["relu1_1"], LAYER_INDEX["relu2_1"]
     model = VGGFeatures(features, relu2, "imagenet")
     with torch.no_grad():
-        feats = model(torch.rand(x.shape, generator=torch.Generator().manual_seed(1)),
-                      frozenset({relu1, relu2}))
+        feats = model(
+            torch.rand(x.shape, generator=torch.Generator().manual_seed(1)), frozenset({relu1, relu2})
+        )
     b = x.shape[0]
     region = Region(None, torch.ones(b), {relu1: losses_mod.gram(feats[relu1])}, {relu1: torch.ones(b)})
     targets = Targets({relu2: feats[relu2]}, [region], weights)
@@ -96,7 +104,10 @@ def test_objective_is_each_items_total_over_its_start() -> None:
 
 
 def test_non_finite_first_evaluation_does_not_poison_the_divisor(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, monkeypatch: pytest.MonkeyPatch,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = {"n": 0}
     original = losses_mod.tv_loss  # the function objective calls (it imports the name)
@@ -116,8 +127,7 @@ def test_lbfgs_step_is_capped(engine: StyleTransfer, content: Image.Image, style
     """Uncapped, one ill-conditioned curvature pair here moves pixels by ~30 and the loss jumps
     ~77x; with the cap every step moves no pixel by more than lbfgs_max_step."""
     cfg = small_config(scales=(48,), iterations=12)
-    uncapped, _ = _run(engine, content, style, small_config(scales=(48,), iterations=12,
-                                                               lbfgs_max_step=1e9))
+    uncapped, _ = _run(engine, content, style, small_config(scales=(48,), iterations=12, lbfgs_max_step=1e9))
     assert max(p.loss for p in uncapped) > 10 * uncapped[0].loss  # what the cap is for
     capped, _ = _run(engine, content, style, cfg)
     assert max(p.loss for p in capped) <= capped[0].loss

@@ -47,8 +47,23 @@ def test_schedule_mirror(kw: dict[str, object]) -> None:
     assert [n for _, n in schedule] == params.iterations_per_scale()
 
 
-FACTORS = [1 + 2**-52, 1.000001, 1.05, 1.0999, 1.1, 1.25, 2**0.5, 2.0, 3.999, 4.0, 4.0001, 4.5, 0.5,
-           math.nan, math.inf]
+FACTORS = [
+    1 + 2**-52,
+    1.000001,
+    1.05,
+    1.0999,
+    1.1,
+    1.25,
+    2**0.5,
+    2.0,
+    3.999,
+    4.0,
+    4.0001,
+    4.5,
+    0.5,
+    math.nan,
+    math.inf,
+]
 
 
 def _engine_edges(size: int, min_size: int, factor: float) -> list[int] | str:

@@ -26,8 +26,9 @@ def _terms(model: VGGFeatures, content: torch.Tensor, style: torch.Tensor) -> di
 
 
 @pytest.mark.parametrize("pair", [("content", "style"), ("content2", "style2")])
-def test_avg_pooling_keeps_the_terms_magnitudes(engine: StyleTransfer, request: pytest.FixtureRequest,
-                                                pair: tuple[str, str]) -> None:
+def test_avg_pooling_keeps_the_terms_magnitudes(
+    engine: StyleTransfer, request: pytest.FixtureRequest, pair: tuple[str, str]
+) -> None:
     content_im: Image.Image = request.getfixturevalue(pair[0])
     c = pil_to_tensor(content_im)
     s = resize(pil_to_tensor(request.getfixturevalue(pair[1])), (c.shape[-2], c.shape[-1]))

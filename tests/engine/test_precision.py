@@ -98,7 +98,10 @@ def cpu_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_fp16_job_is_loss_scaled_and_resumes(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, cpu_fp16: None,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    cpu_fp16: None,
 ) -> None:
     cfg = small_config(precision="fp16", iterations=4, save_every=2)
     saved: list[bytes] = []

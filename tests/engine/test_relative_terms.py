@@ -39,9 +39,16 @@ def _terms(k: float, relative: bool) -> torch.Tensor:
     content, style = torch.rand(1, 3, 48, 48, generator=g), torch.rand(1, 3, 48, 48, generator=g)
     model = _model(k)
     c_idx, s_idx = [LAYER_INDEX[n] for n in CONTENT], [LAYER_INDEX[n] for n in STYLES]
-    targets = compute_targets(model, content, [[(style, 1.0)]], c_idx, s_idx,
-                              torch.tensor([[1.0, 1.0, 1.0]]), contextlib.nullcontext,
-                              spec=StyleSpec("gram", relative))
+    targets = compute_targets(
+        model,
+        content,
+        [[(style, 1.0)]],
+        c_idx,
+        s_idx,
+        torch.tensor([[1.0, 1.0, 1.0]]),
+        contextlib.nullcontext,
+        spec=StyleSpec("gram", relative),
+    )
     fn = LossFn(model, targets, dict.fromkeys(s_idx, 1.0), contextlib.nullcontext)
     x = (content * 0.7 + style * 0.3).requires_grad_(True)  # somewhere between the two
     return fn(x)[2:4].detach()  # content, style
@@ -73,7 +80,9 @@ def test_relative_default_preset_and_layer_weights() -> None:
 
 
 def test_relative_and_raw_runs_both_remove_the_style_term(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     from .conftest import small_config
 

@@ -42,7 +42,8 @@ def test_every_config_field_but_the_excluded_has_an_option(run: argparse.Argumen
 
 
 def test_option_defaults_are_none_and_the_help_shows_the_dataclass_default(
-        run: argparse.ArgumentParser) -> None:
+    run: argparse.ArgumentParser,
+) -> None:
     actions, hints = _actions(run), typing.get_type_hints(TransferConfig)
     for f in dataclasses.fields(TransferConfig):
         if f.name in run_options.EXCLUDED:
@@ -50,8 +51,9 @@ def test_option_defaults_are_none_and_the_help_shows_the_dataclass_default(
         action = actions[f.name]
         assert action.default == NOT_NONE.get(f.name), f"--{f.name} must default to None"
         if hints[f.name] is bool:  # a flag that turns the default over
-            assert isinstance(action, argparse._StoreTrueAction if f.default is False
-                              else argparse._StoreFalseAction)
+            assert isinstance(
+                action, argparse._StoreTrueAction if f.default is False else argparse._StoreFalseAction
+            )
             assert action.option_strings[0].startswith("--no-") is f.default
             continue
         assert action.help
@@ -69,8 +71,21 @@ def test_option_defaults_are_none_and_the_help_shows_the_dataclass_default(
 def test_no_option_given_leaves_every_engine_default(run: argparse.ArgumentParser) -> None:
     args = run.parse_args(["c.png", "s.png", "-o", "o.png"])
     assert run_options.config_kwargs(args) == NOT_NONE
-    args = run.parse_args(["c.png", "s.png", "-o", "o.png", "--channels-last", "off",
-                           "--style-weights", "2,1", "--no-carry-optimizer-state", "--iterations", "7"])
+    args = run.parse_args(
+        [
+            "c.png",
+            "s.png",
+            "-o",
+            "o.png",
+            "--channels-last",
+            "off",
+            "--style-weights",
+            "2,1",
+            "--no-carry-optimizer-state",
+            "--iterations",
+            "7",
+        ]
+    )
     config = TransferConfig(**run_options.config_kwargs(args))
     assert config.channels_last is False and config.style_blend_weights == (2.0, 1.0)
     assert config.carry_optimizer_state is False and config.iterations == 7

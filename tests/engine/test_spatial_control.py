@@ -38,7 +38,9 @@ def test_masked_gram_is_the_gram_of_the_region() -> None:
 
 
 def test_a_style_changes_only_its_region(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     """One style masked to the left half: the left half moves away from the content, the right
     half (no style term there, content term only) stays much closer to it."""
@@ -55,7 +57,10 @@ def test_a_style_changes_only_its_region(
 
 
 def test_two_styles_two_regions_and_a_mixed_batch(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, style2: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    style2: Image.Image,
 ) -> None:
     masks = [_half_mask(content.size, True), _half_mask(content.size, False)]
     cfg = small_config(optimizer="adam", lr=0.05, iterations=4)
@@ -63,8 +68,9 @@ def test_two_styles_two_regions_and_a_mixed_batch(
     assert alone.metadata["loss_removed"][-1]["style"] > 0
     # a batch mixing a masked item (2 regions) and an unmasked one (1 region, padded): each item
     # is the same as its own run (Adam is per element)
-    batch = engine.run_batch([BatchItem(content, [style, style2], masks=masks),
-                              BatchItem(content, [style])], cfg)
+    batch = engine.run_batch(
+        [BatchItem(content, [style, style2], masks=masks), BatchItem(content, [style])], cfg
+    )
     single = engine.run(content, [style], cfg)
     assert batch.tensor is not None and alone.tensor is not None and single.tensor is not None
     assert (batch.tensor[0:1] - alone.tensor).abs().max() < 1e-3
@@ -101,6 +107,7 @@ def _noisy_quadratic(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(x: torch.Tensor) -> torch.Tensor:
         loss = (x - 0.5 - 0.1 * torch.randn(x.shape, generator=g)).pow(2).sum()
         return torch.stack([loss, loss, loss, loss * 0, loss * 0])
+
     return fn
 
 
@@ -121,7 +128,9 @@ def test_adam_delivers_the_average_of_its_iterates() -> None:
 
 
 def test_adam_checkpoint_keeps_the_iterate_and_the_average(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     cfg = small_config(optimizer="adam", iterations=4, save_every=2)
     saved: list[Checkpoint] = []
@@ -136,7 +145,9 @@ def test_adam_checkpoint_keeps_the_iterate_and_the_average(
 
 
 def test_w2_style_loss_runs_relative_and_masked(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     """style_loss="w2": the style term (relative W2, target square roots cached per scale) falls at
     every scale, with and without a mask, and is a different job from the Gram loss."""

@@ -26,8 +26,9 @@ from worker.engine.images import pil_to_tensor, resize
 from .conftest import small_config
 
 
-def _run(engine: StyleTransfer, content: Image.Image, styles: list[Image.Image],
-         cfg: TransferConfig, **kw: object) -> tuple[torch.Tensor, list[Progress], dict[str, Any]]:
+def _run(
+    engine: StyleTransfer, content: Image.Image, styles: list[Image.Image], cfg: TransferConfig, **kw: object
+) -> tuple[torch.Tensor, list[Progress], dict[str, Any]]:
     seen: list[Progress] = []
     r = engine.run(content, styles, cfg, on_progress=seen.append, **kw)  # type: ignore[arg-type]
     assert r.tensor is not None
@@ -36,7 +37,10 @@ def _run(engine: StyleTransfer, content: Image.Image, styles: list[Image.Image],
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_loss_falls_at_every_scale(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, optimizer: str,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    optimizer: str,
 ) -> None:
     lr = 0.01 if optimizer == "adam" else None
     cfg = small_config(iterations=8, optimizer=optimizer, tv_weight=1e-2, lr=lr)
@@ -50,7 +54,10 @@ def test_loss_falls_at_every_scale(
 
 
 def test_style_targets_computed_once_per_scale(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, style2: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    style2: Image.Image,
     vgg_input_shapes: list[tuple[int, ...]],
 ) -> None:
     shapes = vgg_input_shapes
@@ -63,7 +70,10 @@ def test_style_targets_computed_once_per_scale(
 
 
 def test_blend_one_zero_equals_single_style(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, style2: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    style2: Image.Image,
 ) -> None:
     single, _, _ = _run(engine, content, [style], small_config())
     blended, _, _ = _run(engine, content, [style, style2], small_config(style_blend_weights=(1, 0)))
@@ -73,7 +83,9 @@ def test_blend_one_zero_equals_single_style(
 
 
 def test_preserve_color_keeps_content_chroma(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     cfg = small_config(preserve_color=True, optimizer="adam", lr=0.05, iterations=10)
     out, _, _ = _run(engine, content, [style], cfg)
@@ -96,7 +108,10 @@ def test_same_seed_is_bit_identical(engine: StyleTransfer, content: Image.Image,
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_nan_is_recovered(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, optimizer: str,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    optimizer: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = {"n": 0}
@@ -117,14 +132,23 @@ def test_nan_is_recovered(
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_resume_mid_run_is_bit_identical(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image, optimizer: str,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
+    optimizer: str,
 ) -> None:
     cfg = small_config(optimizer=optimizer, iterations=6, save_every=2)
     saved: list[bytes] = []
     r = engine.run(content, [style], cfg, on_checkpoint=lambda c: saved.append(c.to_bytes()))
     ckpts = [Checkpoint.from_bytes(b) for b in saved]
     assert [(c.scale, c.iteration, c.end_of_scale) for c in ckpts] == [
-        (0, 2, False), (0, 4, False), (0, 6, True), (1, 2, False), (1, 4, False), (1, 6, True)]
+        (0, 2, False),
+        (0, 4, False),
+        (0, 6, True),
+        (1, 2, False),
+        (1, 4, False),
+        (1, 6, True),
+    ]
     assert all(c.optimizer_state is not None for c in ckpts)
     for mid in (ckpts[3], ckpts[2]):  # mid-scale, and a scale end
         resumed = engine.run(content, [style], cfg, resume=mid)
@@ -137,7 +161,10 @@ def test_resume_mid_run_is_bit_identical(
 
 
 def test_batch_of_two_equals_single_runs(
-    engine: StyleTransfer, content: Image.Image, content2: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    content2: Image.Image,
+    style: Image.Image,
     style2: Image.Image,
 ) -> None:
     cfg = small_config(optimizer="adam")
@@ -146,8 +173,12 @@ def test_batch_of_two_equals_single_runs(
     batch = engine.run_batch(items, cfg, on_progress=seen.append)
     assert len(batch.images) == 2 and batch.tensor is not None
     a, _, _ = _run(engine, content, [style], cfg)
-    b, _, _ = _run(engine, content2, [style, style2], small_config(
-        optimizer="adam", style_blend_weights=(1, 2), style_weight=5e5))
+    b, _, _ = _run(
+        engine,
+        content2,
+        [style, style2],
+        small_config(optimizer="adam", style_blend_weights=(1, 2), style_weight=5e5),
+    )
     # Mathematically independent; numerically, batched conv kernels round differently and Adam's
     # normalisation amplifies that where the gradient is ~0, so compare with a tolerance.
     for got, want in ((batch.tensor[0:1], a), (batch.tensor[1:2], b)):
@@ -162,7 +193,9 @@ def test_batch_needs_same_shape(engine: StyleTransfer, content: Image.Image, sty
 
 
 def test_callback_exceptions_propagate(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     class Cancelled(Exception):
         pass
@@ -176,20 +209,28 @@ def test_callback_exceptions_propagate(
 
 
 def test_progress_callback_can_ask_for_a_checkpoint_now(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     from worker.engine import CHECKPOINT_NOW
 
     saved: list[tuple[int, bool]] = []
-    engine.run(content, [style], small_config(),
-               on_progress=lambda p: CHECKPOINT_NOW if p.step == 3 else None,
-               on_checkpoint=lambda c: saved.append((c.step, c.end_of_scale)))
+    engine.run(
+        content,
+        [style],
+        small_config(),
+        on_progress=lambda p: CHECKPOINT_NOW if p.step == 3 else None,
+        on_checkpoint=lambda c: saved.append((c.step, c.end_of_scale)),
+    )
     assert (3, False) in saved  # mid-scale, at the iteration the callback was told about
     assert all(end for step, end in saved if step != 3)  # otherwise only at scale ends
 
 
 def test_bf16_on_cpu_and_config_errors(
-    engine: StyleTransfer, content: Image.Image, style: Image.Image,
+    engine: StyleTransfer,
+    content: Image.Image,
+    style: Image.Image,
 ) -> None:
     out, _, meta = _run(engine, content, [style], small_config(precision="bf16", iterations=2))
     assert meta["precision"] == "bfloat16" and torch.isfinite(out).all()

@@ -85,8 +85,13 @@ def test_imagenet_offline_fails_fast(torch_home: Path, monkeypatch: pytest.Monke
     assert time.perf_counter() - t0 < 2
     assert e.value.code == "weights_unavailable"
     msg = str(e.value)
-    for remedy in ("stylequeue weights fetch", "--weights PATH", "--weights caffe:PATH",
-                   "--weights random", str(torch_home / w.FEATURES_FILE)):
+    for remedy in (
+        "stylequeue weights fetch",
+        "--weights PATH",
+        "--weights caffe:PATH",
+        "--weights random",
+        str(torch_home / w.FEATURES_FILE),
+    ):
         assert remedy in msg
 
 

@@ -127,9 +127,22 @@ class PrivateRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 10
         while not _port_open(self.port):
@@ -305,8 +318,12 @@ def job_events(logs: Iterable[Path], job_id: str | None = None) -> list[Event]:
 
 
 def count(events: list[Event], event: str, job_id: str | None = None, attempt: int | None = None) -> int:
-    return sum(e.event == event and (job_id is None or e.job_id == job_id)
-               and (attempt is None or e.attempt == attempt) for e in events)
+    return sum(
+        e.event == event
+        and (job_id is None or e.job_id == job_id)
+        and (attempt is None or e.attempt == attempt)
+        for e in events
+    )
 
 
 # --- S3 ----------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ from tests.net import free_port
 
 
 def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     if found and Path(found[-1]).with_name("initdb").exists():
         return Path(found[-1]).parent
     on_path = shutil.which("pg_ctl")
@@ -53,13 +55,27 @@ class PgCluster:
         subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
 
     def init(self) -> None:
-        cmd = [*self.run_as, str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust",
-               "-U", "postgres", "-E", "UTF8", "--no-sync", "--no-instructions"]
+        cmd = [
+            *self.run_as,
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ]
         subprocess.run(cmd, check=True, capture_output=True, timeout=60)
 
     def start(self) -> None:
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
-                "-c full_page_writes=off -c max_connections=60")
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
+            "-c full_page_writes=off -c max_connections=60"
+        )
         self._ctl("-l", str(self.root / "postgres.log"), "-w", "-t", "30", "-o", opts, "start")
 
     def stop(self, mode: str = "immediate") -> None:
@@ -84,8 +100,10 @@ def private_pg() -> Iterator[PgCluster]:
             user = pwd.getpwnam("postgres")
         except KeyError:
             user = None
-        require(runuser is not None and user is not None,
-                "running as root needs runuser and a 'postgres' OS user for initdb")
+        require(
+            runuser is not None and user is not None,
+            "running as root needs runuser and a 'postgres' OS user for initdb",
+        )
         assert user is not None and runuser is not None
         os.chown(root, user.pw_uid, user.pw_gid)
         run_as = [runuser, "-u", "postgres", "--"]

@@ -51,8 +51,7 @@ class Live:
     url: str
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base, timeout=20,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        return httpx.Client(base_url=self.base, timeout=20, headers={"Authorization": f"Bearer {self.key}"})
 
 
 @pytest.fixture
@@ -98,10 +97,13 @@ class Submitter(threading.Thread):
         style = image_bytes()
         with self.live.client() as client:
             while not self.stop.is_set():
-                files = [("content", ("c.png", image_bytes(), "image/png")),
-                         ("style", ("s.png", style, "image/png"))]
-                self.answers.append(timed(partial(
-                    client.post, "/v1/jobs", files=files, data={"params": '{"size": 128}'})))
+                files = [
+                    ("content", ("c.png", image_bytes(), "image/png")),
+                    ("style", ("s.png", style, "image/png")),
+                ]
+                self.answers.append(
+                    timed(partial(client.post, "/v1/jobs", files=files, data={"params": '{"size": 128}'}))
+                )
 
     def count(self, status: int) -> int:
         return sum(a.status == status for a in list(self.answers))
@@ -130,8 +132,11 @@ def check_endpoints_while_down(client: httpx.Client, job_id: str) -> list[Answer
         "cancel": lambda: client.post(f"/v1/jobs/{job_id}/cancel"),
         "batch": lambda: client.post("/v1/batches", json={"contents": ["a"], "styles": ["b"]}),
         "upload": lambda: client.post("/v1/images", files={"file": ("x.png", img, "image/png")}),
-        "keyed": lambda: client.post("/v1/jobs", headers={"Idempotency-Key": "k1"}, files=[
-            ("content", ("c.png", img, "image/png")), ("style", ("s.png", img, "image/png"))]),
+        "keyed": lambda: client.post(
+            "/v1/jobs",
+            headers={"Idempotency-Key": "k1"},
+            files=[("content", ("c.png", img, "image/png")), ("style", ("s.png", img, "image/png"))],
+        ),
         "bad_key": lambda: client.get("/v1/jobs", headers={"Authorization": "Bearer sq_nope"}),
     }
     answers = []
@@ -208,10 +213,12 @@ def test_database_outage_under_load(live: Live, private_pg: PgCluster) -> None:
     assert stored - accepted == set(), "a failed submission left a job behind"
 
     down = [a.seconds for a in answers if a.status == 503] + [a.seconds for a in others]
-    print(f"\nsubmissions={len(answers)} accepted={len(accepted)} "
-          f"refused={sum(a.status == 503 for a in answers)} "
-          f"503 latency median={statistics.median(down) * 1000:.1f}ms "
-          f"max={max(down) * 1000:.1f}ms readyz_down={ready.seconds * 1000:.1f}ms")
+    print(
+        f"\nsubmissions={len(answers)} accepted={len(accepted)} "
+        f"refused={sum(a.status == 503 for a in answers)} "
+        f"503 latency median={statistics.median(down) * 1000:.1f}ms "
+        f"max={max(down) * 1000:.1f}ms readyz_down={ready.seconds * 1000:.1f}ms"
+    )
 
 
 def test_unresponsive_database_answers_503_within_the_connect_timeout(
@@ -231,8 +238,7 @@ def test_unresponsive_database_answers_503_within_the_connect_timeout(
         silent.listen(16)  # the kernel completes handshakes; nobody ever answers
         port = silent.getsockname()[1]
         url = f"postgresql+psycopg://x@127.0.0.1:{port}/x"
-        app = create_app(settings_factory(database_url=url), publisher=FakePublisher(),
-                         migrate=False)
+        app = create_app(settings_factory(database_url=url), publisher=FakePublisher(), migrate=False)
         client = TestClient(app, raise_server_exceptions=False)
         answer = timed(lambda: client.get("/v1/jobs", headers={"Authorization": "Bearer sq_x"}))
         get_engine(url).dispose()

@@ -56,8 +56,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 JOB = {"size": 48, "min_size": 24, "scale_factor": 2, "iterations": 50}
 TOTAL_STEPS = 100
 FAST = dict(
-    heartbeat_s=0.3, lease_s=4, requeue_after_s=4, reconcile_interval_s=1, progress_interval_s=0.2,
-    checkpoint_every=10, max_attempts=3,
+    heartbeat_s=0.3,
+    lease_s=4,
+    requeue_after_s=4,
+    reconcile_interval_s=1,
+    progress_interval_s=0.2,
+    checkpoint_every=10,
+    max_attempts=3,
 )
 # Transient errors: retried after a random 0..min(3, 2**n) s (8 retries: ~10 s of outage covered).
 RETRY_ENV = {"STYLEQUEUE_RETRY_BACKOFF_S": "1", "STYLEQUEUE_RETRY_BACKOFF_MAX_S": "3"}
@@ -99,8 +104,9 @@ class FaultStack:
                 self.stack.start_worker(name=name, env={**self.stack.env, **RETRY_ENV})
         reconciler = self.stack.procs.get("reconcile")
         if reconciler is None or reconciler.poll() is not None:
-            self.stack.procs["reconcile"] = start(["reconcile", "--interval", "1"], self.stack.env,
-                                                  self.stack.log_of("reconcile"))
+            self.stack.procs["reconcile"] = start(
+                ["reconcile", "--interval", "1"], self.stack.env, self.stack.log_of("reconcile")
+            )
 
     def worker_of(self, job_id: str) -> str:
         """The worker whose pool process holds the job now."""
@@ -124,23 +130,27 @@ class FaultStack:
         return pid
 
     # --- jobs ---
-    def submit(self, images: dict[str, bytes], n: int = 1, params: dict[str, Any] | None = None
-               ) -> list[str]:
+    def submit(self, images: dict[str, bytes], n: int = 1, params: dict[str, Any] | None = None) -> list[str]:
         contents = ("content_astronaut", "content_chelsea_cat")
         ids: list[str] = []
         while len(ids) < n:
             ids += scenarios.submit(self.stack, images, params or JOB, contents[: min(2, n - len(ids))])
         return ids
 
-    def wait_checkpoint(self, job_id: str, attempt: int | None = None, after_step: int = 0,
-                        timeout: float = 60) -> Job:
+    def wait_checkpoint(
+        self, job_id: str, attempt: int | None = None, after_step: int = 0, timeout: float = 60
+    ) -> Job:
         """Until the job runs (under ``attempt``) with a checkpoint past ``after_step``."""
+
         def ready() -> Job | None:
             job = self.stack.job(job_id)
             assert job.status not in TERMINAL, (job.status, job.error_code, self.tails())
-            ok = (job.status == "running" and job.checkpoints
-                  and job.checkpoints[-1]["step"] > after_step
-                  and (attempt is None or job.attempt == attempt))
+            ok = (
+                job.status == "running"
+                and job.checkpoints
+                and job.checkpoints[-1]["step"] > after_step
+                and (attempt is None or job.attempt == attempt)
+            )
             return job if ok else None
 
         return wait_for(ready, timeout, f"job {job_id} to run past a checkpoint", interval=0.02)
@@ -152,7 +162,10 @@ class FaultStack:
         time.sleep(self.rng.uniform(0.0, 0.3))  # well before the end, even on a loaded machine
         job = self.stack.job(job_id)
         assert job.status == "running" and job.progress.get("step", 0) < TOTAL_STEPS, (
-            "the job ended before the kill: make it longer", job.status, job.progress)
+            "the job ended before the kill: make it longer",
+            job.status,
+            job.progress,
+        )
         return job
 
     def last_checkpoint(self, job_id: str) -> int:
@@ -174,8 +187,10 @@ class FaultStack:
         return chaos_lib.job_events(self.logs(), job_id)
 
     def tails(self) -> str:
-        return "\n".join(f"--- {n} (seed {SEED}) ---\n{self.stack.log_tail(30, name=n)}"
-                         for n in (*self.workers, "reconcile"))
+        return "\n".join(
+            f"--- {n} (seed {SEED}) ---\n{self.stack.log_tail(30, name=n)}"
+            for n in (*self.workers, "reconcile")
+        )
 
     def result_versions(self, result_key: str) -> int:
         return chaos_lib.versions(self.s3, self.bucket, f"{self.prefix}/{result_key}")
@@ -186,8 +201,12 @@ class FaultStack:
         # The worker logs "succeeded" just after the row's commit: on a loaded machine the line may
         # not be in its log yet when the status is read, so wait for the event, not for time.
         with contextlib.suppress(AssertionError):  # the assertions below report it with the logs
-            wait_for(lambda: chaos_lib.count(self.events(job_id), "succeeded") >= 1, 30,
-                     f"the succeeded event of {job_id} in the worker logs", interval=0.1)
+            wait_for(
+                lambda: chaos_lib.count(self.events(job_id), "succeeded") >= 1,
+                30,
+                f"the succeeded event of {job_id} in the worker logs",
+                interval=0.1,
+            )
         events = self.events(job_id)
         context = f"seed={SEED} kills={self.kills}\n{self.tails()}"
         assert job.status == "succeeded", (job.status, job.error_code, job.error_message, context)
@@ -227,8 +246,14 @@ def fault_stack(_moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
     s3.create_bucket(Bucket=bucket)
     chaos_lib.enable_versioning(s3, bucket)
     with fresh_pg_database() as db_url:
-        env = _env(tmp, database_url=db_url, broker_url=redis.url(), storage_url=f"s3://{bucket}/sq",
-                   s3_endpoint_url=proxy.url, **FAST)
+        env = _env(
+            tmp,
+            database_url=db_url,
+            broker_url=redis.url(),
+            storage_url=f"s3://{bucket}/sq",
+            s3_endpoint_url=proxy.url,
+            **FAST,
+        )
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             env[name] = os.environ[name]
         stack = Stack("faults", env, _settings(env), tmp)
@@ -327,7 +352,8 @@ def test_redis_restarted_empty_with_jobs_queued_and_running_all_complete(
         text = fs.stack.log_of(name).read_text()
         lost = text.rfind("Connection to broker lost")
         assert lost >= 0 and f"127.0.0.1:{fs.redis.port}/0" in text[lost:].split("Connected to", 1)[1], (
-            fs.tails())
+            fs.tails()
+        )
 
 
 # 4 -------------------------------------------------------------------------------------------
@@ -408,8 +434,11 @@ def test_sigterm_writes_a_checkpoint_and_another_worker_finishes(
     assert fs.stack.stop_worker(owner) == 0  # SIGTERM to `stylequeue worker`
     events = fs.events(job_id)
     steps = [e.int("step") for e in events if e.event == "checkpoint" and e.attempt == 1]
-    shutdown_ckpt = [e.int("step") for e in events if e.event == "checkpoint" and e.attempt == 1
-                     and e.fields.get("reason") == "shutdown"]
+    shutdown_ckpt = [
+        e.int("step")
+        for e in events
+        if e.event == "checkpoint" and e.attempt == 1 and e.fields.get("reason") == "shutdown"
+    ]
     handed = [e for e in events if e.event == "handed_back" and e.attempt == 1]
     assert steps and len(handed) == 1, fs.tails()
     # Handed back at its latest checkpoint: the one written for the shutdown, or, when SIGTERM
@@ -483,4 +512,3 @@ def test_embedded_default_whole_worker_killed_mid_job_completes(
     fs.wait_terminal([job_id], timeout=90)
     fs.assert_succeeded_once(job_id, attempt=2, resumed_from=resumed_from)
     assert len(list(fs.stack.storage().list_keys(f"jobs/{job_id}/result"))) == 1  # type: ignore[attr-defined]
-

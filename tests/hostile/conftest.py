@@ -41,9 +41,10 @@ _LIVE: list[LiveApi] = []
 def live_api(tmp_path_factory: pytest.TempPathFactory, _redis_db: int) -> Iterator[LiveApi]:
     require(port_open("127.0.0.1", 5432), "PostgreSQL is not reachable on 127.0.0.1:5432")
     tmp = tmp_path_factory.mktemp("hostile-api")
-    with temporary_database("sq_hostile") as url, running_api(
-        tmp, url, f"redis://{REDIS_HOST}:{REDIS_PORT}/{_redis_db}"
-    ) as api:
+    with (
+        temporary_database("sq_hostile") as url,
+        running_api(tmp, url, f"redis://{REDIS_HOST}:{REDIS_PORT}/{_redis_db}") as api,
+    ):
         _LIVE.append(api)
         try:
             yield api

@@ -37,31 +37,124 @@ from tests.hostile.live import LiveApi
 
 # --- JSON text of hostile values --------------------------------------------------------------
 
-NASTY_CHARS = ["\x00", "\ud800", "\udfff", "\udc80", "\ufffe", "\uffff", "\u202e", "\U0010ffff",
-               "\x7f", "\n", "%", "/", "\\", '"', "'"]
-NASTY_STRINGS = ["", " ", "\x00", "a\x00b", "\ud800", "x\udfffy", "\x00" * 64, "../../etc/passwd",
-                 "%00", "null", "NaN", "1e400", "🎨" * 50, "A" * 10_000]
-NASTY_NUMBERS = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e308", "-1e308",
-                 "1.7976931348623157e308", "5e-324", "-0.0", "0", "-1", "1e-400",
-                 str(2**31), str(2**31 - 1), str(2**63), str(2**64), str(10**309), str(-(10**309)),
-                 str(10**400), "1" + "0" * 4300, "1" + "0" * 5000, "-" + "9" * 5000, "1." + "0" * 5000]
+NASTY_CHARS = [
+    "\x00",
+    "\ud800",
+    "\udfff",
+    "\udc80",
+    "\ufffe",
+    "\uffff",
+    "\u202e",
+    "\U0010ffff",
+    "\x7f",
+    "\n",
+    "%",
+    "/",
+    "\\",
+    '"',
+    "'",
+]
+NASTY_STRINGS = [
+    "",
+    " ",
+    "\x00",
+    "a\x00b",
+    "\ud800",
+    "x\udfffy",
+    "\x00" * 64,
+    "../../etc/passwd",
+    "%00",
+    "null",
+    "NaN",
+    "1e400",
+    "🎨" * 50,
+    "A" * 10_000,
+]
+NASTY_NUMBERS = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    "1e308",
+    "-1e308",
+    "1.7976931348623157e308",
+    "5e-324",
+    "-0.0",
+    "0",
+    "-1",
+    "1e-400",
+    str(2**31),
+    str(2**31 - 1),
+    str(2**63),
+    str(2**64),
+    str(10**309),
+    str(-(10**309)),
+    str(10**400),
+    "1" + "0" * 4300,
+    "1" + "0" * 5000,
+    "-" + "9" * 5000,
+    "1." + "0" * 5000,
+]
 DEPTHS = [2, 10, 100, 500, 998, 999, 1000, 1001, 1500, 2000]
 # What a typed field gets most often: the values JSON parsers and databases disagree on.
-SPECIAL_FLOATS = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e308", "-1e308", "5e-324",
-                  "-0.0", "0.0", "1e-400"]
-SPECIAL_INTS = ["0", "-1", str(2**31), str(2**63), str(2**64), str(10**309), str(-(10**309)),
-                str(10**400), "1" + "0" * 4300, "1" + "0" * 5000]
+SPECIAL_FLOATS = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    "1e308",
+    "-1e308",
+    "5e-324",
+    "-0.0",
+    "0.0",
+    "1e-400",
+]
+SPECIAL_INTS = [
+    "0",
+    "-1",
+    str(2**31),
+    str(2**63),
+    str(2**64),
+    str(10**309),
+    str(-(10**309)),
+    str(10**400),
+    "1" + "0" * 4300,
+    "1" + "0" * 5000,
+]
 
-PARAM_KEYS = ["size", "min_size", "scale_factor", "scales", "iterations", "style_weights",
-              "content_weight", "style_weight", "tv_weight", "optimizer", "lr", "init",
-              "preserve_color", "style_scale", "seed", "pooling", "precision", "output_format",
-              "quality"]
+PARAM_KEYS = [
+    "size",
+    "min_size",
+    "scale_factor",
+    "scales",
+    "iterations",
+    "style_weights",
+    "content_weight",
+    "style_weight",
+    "tv_weight",
+    "optimizer",
+    "lr",
+    "init",
+    "preserve_color",
+    "style_scale",
+    "seed",
+    "pooling",
+    "precision",
+    "output_format",
+    "quality",
+]
 FLOAT_KEYS = ["scale_factor", "content_weight", "style_weight", "tv_weight", "lr", "style_scale"]
 INT_KEYS = ["size", "min_size", "seed", "quality"]
 LIST_KEYS = ["scales", "iterations", "style_weights"]
-CHOICE_KEYS = {"optimizer": ["lbfgs", "adam"], "init": ["content", "noise", "gray"],
-               "pooling": ["max", "avg"], "precision": ["auto", "fp32", "bf16", "fp16"],
-               "output_format": ["png", "jpeg", "webp"]}
+CHOICE_KEYS = {
+    "optimizer": ["lbfgs", "adam"],
+    "init": ["content", "noise", "gray"],
+    "pooling": ["max", "avg"],
+    "precision": ["auto", "fp32", "bf16", "fp16"],
+    "output_format": ["png", "jpeg", "webp"],
+}
 # A valid, cheap job the "one bad field" strategies start from: one 32 px scale, one iteration.
 BASE_PARAMS: dict[str, Any] = {"size": 32, "min_size": 32, "iterations": 1}
 # scale_factor in (1, SAFE_SCALE_FACTOR) made the unfixed API loop for ever (security review,
@@ -88,6 +181,7 @@ def jfloat(x: float) -> str:
 
 def pick(values: list[str]) -> st.SearchStrategy[str]:
     """``sampled_from`` without a 30 kB repr (some values are 5000 characters long)."""
+
     def nth(i: int) -> str:
         return values[i]
 
@@ -112,8 +206,9 @@ def _nest(core: str, depth: int, kind: str) -> str:
     return '{"a":' * depth + core + "}" * depth
 
 
-j_deep = st.builds(_nest, j_scalar, st.sampled_from(DEPTHS) | st.integers(1, 2000),
-                   st.sampled_from(["list", "object"]))
+j_deep = st.builds(
+    _nest, j_scalar, st.sampled_from(DEPTHS) | st.integers(1, 2000), st.sampled_from(["list", "object"])
+)
 j_value = st.recursive(
     st.one_of(j_scalar, j_deep),
     lambda inner: st.one_of(
@@ -182,6 +277,7 @@ def params_text(draw: st.DrawFn) -> str:
 
 # --- probes -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Ids:
     """What a probe may name: A's objects and one image of B's."""
@@ -234,7 +330,7 @@ def multipart(fields: list[tuple[str, str | bytes]]) -> tuple[bytes, str]:
     out = bytearray()
     for name, value in fields:
         data = value if isinstance(value, bytes) else enc(value)
-        out += f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n".encode()
+        out += f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
         out += data + b"\r\n"
     out += f"--{BOUNDARY}--\r\n".encode()
     return bytes(out), f"multipart/form-data; boundary={BOUNDARY}"
@@ -269,15 +365,28 @@ def params_probes(ids: Ids) -> st.SearchStrategy[Probe]:
         what = f"params={_clip(text, 120)}"
         if route == "jobs":
             body, ctype = multipart([("content_id", c), ("style_id", s), ("params", raw)])
-            return Probe("POST /v1/jobs", "POST", "/v1/jobs", what, body, ctype,
-                         part="params (form)")
+            return Probe("POST /v1/jobs", "POST", "/v1/jobs", what, body, ctype, part="params (form)")
         if route == "batch-form":
             body, ctype = multipart([("content_id", c), ("style_id", s), ("params", raw)])
-            return Probe("POST /v1/batches", "POST", "/v1/batches", "multipart " + what, body, ctype,
-                         part="params (form)")
+            return Probe(
+                "POST /v1/batches",
+                "POST",
+                "/v1/batches",
+                "multipart " + what,
+                body,
+                ctype,
+                part="params (form)",
+            )
         body = b'{"contents":[' + enc(jstr(c)) + b'],"styles":[' + enc(jstr(s)) + b'],"params":'
-        return Probe("POST /v1/batches", "POST", "/v1/batches", "json " + what,
-                     body + raw + b"}", "application/json", part="params (json)")
+        return Probe(
+            "POST /v1/batches",
+            "POST",
+            "/v1/batches",
+            "json " + what,
+            body + raw + b"}",
+            "application/json",
+            part="params (json)",
+        )
 
     return build()
 
@@ -298,11 +407,29 @@ def params_seed_probes(ids: Ids) -> list[Probe]:
     out = []
     for text in REVIEW_PARAMS:
         body, ctype = multipart([("content_id", c), ("style_id", s), ("params", text)])
-        out.append(Probe("POST /v1/jobs", "POST", "/v1/jobs", f"params={_clip(text, 120)}", body,
-                         ctype, part="params (form)"))
+        out.append(
+            Probe(
+                "POST /v1/jobs",
+                "POST",
+                "/v1/jobs",
+                f"params={_clip(text, 120)}",
+                body,
+                ctype,
+                part="params (form)",
+            )
+        )
         head = b'{"contents":[' + enc(jstr(c)) + b'],"styles":[' + enc(jstr(s)) + b'],"params":'
-        out.append(Probe("POST /v1/batches", "POST", "/v1/batches", f"json params={_clip(text, 120)}",
-                         head + enc(text) + b"}", "application/json", part="params (json)"))
+        out.append(
+            Probe(
+                "POST /v1/batches",
+                "POST",
+                "/v1/batches",
+                f"json params={_clip(text, 120)}",
+                head + enc(text) + b"}",
+                "application/json",
+                part="params (json)",
+            )
+        )
     return out
 
 
@@ -321,9 +448,16 @@ def batch_json_probes(ids: Ids) -> st.SearchStrategy[Probe]:
     def build(draw: Callable[..., Any]) -> Probe:
         if draw(st.integers(0, 7)) == 0:  # the whole body
             body = draw(st.one_of(j_value, j_deep, st.sampled_from(["", "{", "[]", "nul", "{}"])))
-            return Probe("POST /v1/batches", "POST", "/v1/batches",
-                         f"body={_clip(body, 120)}", enc(body), "application/json", must_reject=True,
-                         part="whole json body")
+            return Probe(
+                "POST /v1/batches",
+                "POST",
+                "/v1/batches",
+                f"body={_clip(body, 120)}",
+                enc(body),
+                "application/json",
+                must_reject=True,
+                part="whole json body",
+            )
         clean = draw(st.booleans())  # only A's own ids: reaches the checks after ownership
         contents, bad_c = id_list(draw, clean)
         styles, bad_s = id_list(draw, clean)
@@ -336,20 +470,33 @@ def batch_json_probes(ids: Ids) -> st.SearchStrategy[Probe]:
             pair = st.one_of(
                 st.lists(pair_item, min_size=2, max_size=2).map(lambda p: "[" + ",".join(p) + "]"),
                 st.tuples(pair_item, st.lists(pair_item, max_size=9)).map(
-                    lambda p: f"[{p[0]},[{','.join(p[1])}]]"),
+                    lambda p: f"[{p[0]},[{','.join(p[1])}]]"
+                ),
                 j_value,
             )
-            items.append(("pairs", draw(st.one_of(
-                st.lists(pair, max_size=5).map(lambda ps: "[" + ",".join(ps) + "]"), j_deep))))
+            items.append(
+                (
+                    "pairs",
+                    draw(
+                        st.one_of(st.lists(pair, max_size=5).map(lambda ps: "[" + ",".join(ps) + "]"), j_deep)
+                    ),
+                )
+            )
         if draw(st.booleans()):
-            items.append(("params", draw(st.sampled_from([json.dumps(BASE_PARAMS), "{}"])
-                                         | params_text())))
+            items.append(("params", draw(st.sampled_from([json.dumps(BASE_PARAMS), "{}"]) | params_text())))
         if draw(st.integers(0, 9)) == 0:
             items.append((draw(hostile_str), draw(j_value)))
         body = _obj(items)
-        return Probe("POST /v1/batches", "POST", "/v1/batches", f"json={_clip(body, 160)}",
-                     enc(body), "application/json", must_reject=bad_c or bad_s,
-                     part="json batch fields")
+        return Probe(
+            "POST /v1/batches",
+            "POST",
+            "/v1/batches",
+            f"json={_clip(body, 160)}",
+            enc(body),
+            "application/json",
+            must_reject=bad_c or bad_s,
+            part="json batch fields",
+        )
 
     return build()
 
@@ -372,14 +519,31 @@ def batch_form_probes(ids: Ids) -> st.SearchStrategy[Probe]:
             if draw(st.booleans()):
                 fields.append(("mode", draw(st.sampled_from(["product", "pairs"]) | hostile_str)))
             if draw(st.booleans()):
-                fields.append(("pairs", draw(st.one_of(
-                    st.sampled_from(["[[0,0]]", "[[0,[0,1]]]", "[[-1,0]]", "[[0,99]]"]),
-                    j_value, j_deep))))
+                fields.append(
+                    (
+                        "pairs",
+                        draw(
+                            st.one_of(
+                                st.sampled_from(["[[0,0]]", "[[0,[0,1]]]", "[[-1,0]]", "[[0,99]]"]),
+                                j_value,
+                                j_deep,
+                            )
+                        ),
+                    )
+                )
         fields.append(("params", json.dumps(BASE_PARAMS)))
         body, ctype = multipart(fields)
         what = " ".join(f"{n}={_clip(ascii(v), 60)}" for n, v in fields)
-        return Probe(f"POST /v1/{route}", "POST", f"/v1/{route}", what, body, ctype, must_reject=bad,
-                     part="form fields")
+        return Probe(
+            f"POST /v1/{route}",
+            "POST",
+            f"/v1/{route}",
+            what,
+            body,
+            ctype,
+            must_reject=bad,
+            part="form fields",
+        )
 
     return build()
 
@@ -397,8 +561,7 @@ PATH_OPS = [
     ("GET /v1/jobs/{job_id}", "GET", "/v1/jobs/{x}"),
     ("GET /v1/jobs/{job_id}/result", "GET", "/v1/jobs/{x}/result"),
     ("GET /v1/jobs/{job_id}/checkpoints/{index}", "GET", "/v1/jobs/{x}/checkpoints/{i}"),
-    ("GET /v1/jobs/{job_id}/checkpoints/{index}/preview", "GET",
-     "/v1/jobs/{x}/checkpoints/{i}/preview"),
+    ("GET /v1/jobs/{job_id}/checkpoints/{index}/preview", "GET", "/v1/jobs/{x}/checkpoints/{i}/preview"),
     ("POST /v1/jobs/{job_id}/cancel", "POST", "/v1/jobs/{x}/cancel"),
     ("GET /v1/images/{image_id}", "GET", "/v1/images/{x}"),
     ("GET /v1/batches/{batch_id}", "GET", "/v1/batches/{x}"),
@@ -418,11 +581,20 @@ def path_probes(ids: Ids) -> st.SearchStrategy[Probe]:
         key = draw(st.sampled_from(["a", "a", "a", "b"]))
         own = {ids.job_id, ids.batch_id, *ids.own_images}
         target = template.format(x=quote(enc(x), safe=""), i=quote(enc(index), safe=""))
-        what = f"id={_clip(ascii(x), 80)}" + (f" index={_clip(ascii(index), 40)}"
-                                             if "{i}" in template else "")
-        return Probe(op, method, target, what,
-                     b"" if method == "POST" else None, None, key=key,
-                     foreign_read=key == "b" and x in own, part="path")
+        what = f"id={_clip(ascii(x), 80)}" + (
+            f" index={_clip(ascii(index), 40)}" if "{i}" in template else ""
+        )
+        return Probe(
+            op,
+            method,
+            target,
+            what,
+            b"" if method == "POST" else None,
+            None,
+            key=key,
+            foreign_read=key == "b" and x in own,
+            part="path",
+        )
 
     return build()
 
@@ -438,17 +610,23 @@ BAD_STAMPS = ["2024-13-45T99:99:99", "+275760-09-13", "2024-01-01T00:00:00\x00",
 def cursor_value() -> st.SearchStrategy[str]:
     """``?cursor=``: base64url of ``[created_at, job_id]`` with a hostile part, or anything else."""
     stamp = st.sampled_from(STAMPS)
-    hostile_id = st.one_of(st.sampled_from(["\x00", "\ud800", "a\x00b", "\udfff"]),
-                           st.sampled_from(NASTY_CHARS), hostile_str).map(jstr)
+    hostile_id = st.one_of(
+        st.sampled_from(["\x00", "\ud800", "a\x00b", "\udfff"]), st.sampled_from(NASTY_CHARS), hostile_str
+    ).map(jstr)
     with_id = st.builds(lambda s, j: _b64(enc(f"[{jstr(s)},{j}]")), stamp, hostile_id)
     return st.one_of(
         with_id,
         with_id,
         st.builds(lambda s, j: _b64(enc(f"[{jstr(s)},{j}]")), stamp, j_value),
-        st.builds(lambda s: _b64(enc(f"[{jstr(s)},{jstr(str(uuid.UUID(int=1)))}]")),
-                  st.sampled_from(BAD_STAMPS) | hostile_str),
-        st.builds(lambda d, closed: _b64(enc("[" * d + ("]" * d if closed else ""))),
-                  st.sampled_from(DEPTHS) | st.integers(1, 6000), st.booleans()),
+        st.builds(
+            lambda s: _b64(enc(f"[{jstr(s)},{jstr(str(uuid.UUID(int=1)))}]")),
+            st.sampled_from(BAD_STAMPS) | hostile_str,
+        ),
+        st.builds(
+            lambda d, closed: _b64(enc("[" * d + ("]" * d if closed else ""))),
+            st.sampled_from(DEPTHS) | st.integers(1, 6000),
+            st.booleans(),
+        ),
         st.builds(lambda v: _b64(enc(v)), j_value | j_deep),
         st.binary(max_size=64).map(_b64),
         hostile_str,
@@ -488,8 +666,13 @@ def query_probes(ids: Ids) -> st.SearchStrategy[Probe]:
 
 
 def all_probes(ids: Ids) -> st.SearchStrategy[Probe]:
-    return st.one_of(params_probes(ids), batch_json_probes(ids), batch_form_probes(ids),
-                     path_probes(ids), query_probes(ids))
+    return st.one_of(
+        params_probes(ids),
+        batch_json_probes(ids),
+        batch_form_probes(ids),
+        path_probes(ids),
+        query_probes(ids),
+    )
 
 
 def scale_factor_probes(ids: Ids) -> list[Probe]:
@@ -497,10 +680,14 @@ def scale_factor_probes(ids: Ids) -> list[Probe]:
     out = []
     for factor in ("1.0000000000000002", "1.000001", "1.000002", "1.001"):
         text = f'{{"size":2048,"min_size":16,"scale_factor":{factor},"iterations":1}}'
-        body, ctype = multipart([("content_id", ids.own_images[0]),
-                                 ("style_id", ids.own_images[1]), ("params", text)])
-        out.append(Probe("POST /v1/jobs", "POST", "/v1/jobs", f"params={text}", body, ctype,
-                         part="params.scale_factor"))
+        body, ctype = multipart(
+            [("content_id", ids.own_images[0]), ("style_id", ids.own_images[1]), ("params", text)]
+        )
+        out.append(
+            Probe(
+                "POST /v1/jobs", "POST", "/v1/jobs", f"params={text}", body, ctype, part="params.scale_factor"
+            )
+        )
     return out
 
 
@@ -508,13 +695,30 @@ def huge_list_probes(ids: Ids, n: int = 70_000) -> list[Probe]:
     """A JSON batch naming ``n`` distinct ids for one job (review finding 6g: past psycopg's 65,535
     bound parameters the unfixed API answered a false 503 ``database_unavailable``)."""
     fake = [f"{i:064x}" for i in range(n)]
-    body = json.dumps({"contents": [ids.own_images[0], *fake], "styles": [ids.own_images[1]],
-                       "mode": "pairs", "pairs": [[0, 0]]}).encode()
-    return [Probe("POST /v1/batches", "POST", "/v1/batches", f"json with {n + 2} ids, pairs [[0,0]]",
-                  body, "application/json", must_reject=True, part="id list length")]
+    body = json.dumps(
+        {
+            "contents": [ids.own_images[0], *fake],
+            "styles": [ids.own_images[1]],
+            "mode": "pairs",
+            "pairs": [[0, 0]],
+        }
+    ).encode()
+    return [
+        Probe(
+            "POST /v1/batches",
+            "POST",
+            "/v1/batches",
+            f"json with {n + 2} ids, pairs [[0,0]]",
+            body,
+            "application/json",
+            must_reject=True,
+            part="id list length",
+        )
+    ]
 
 
 # --- sending and judging ----------------------------------------------------------------------
+
 
 class HealthWatch:
     """Polls ``/healthz`` from a thread while a request is in flight: ``worst`` is the longest
@@ -599,28 +803,38 @@ class Fuzzer:
         headers = {"content-type": probe.content_type} if probe.content_type else {}
         start = time.monotonic()
         try:
-            r = self.client(probe.key).request(probe.method, probe.target, content=probe.content,
-                                               headers=headers)
+            r = self.client(probe.key).request(
+                probe.method, probe.target, content=probe.content, headers=headers
+            )
         except httpx.TimeoutException:
             self.sent += 1
             restarted = self.api.ensure_alive()
             self.restarts += restarted
-            self.record(probe, "timeout", "froze the API" if restarted else "slow answer",
-                       f"no answer in {self.timeout:.0f}s; "
-                       f"{'API killed and restarted' if restarted else '/healthz still answered'}")
+            self.record(
+                probe,
+                "timeout",
+                "froze the API" if restarted else "slow answer",
+                f"no answer in {self.timeout:.0f}s; "
+                f"{'API killed and restarted' if restarted else '/healthz still answered'}",
+            )
             return None
         except httpx.TransportError as exc:
             self.sent += 1
             restarted = self.api.ensure_alive()
             self.restarts += restarted
-            self.record(probe, "connection", type(exc).__name__,
-                       f"{exc!r}; errors logged: {self.api.errors_since(mark)}"
-                       + ("; API restarted" if restarted else ""))
+            self.record(
+                probe,
+                "connection",
+                type(exc).__name__,
+                f"{exc!r}; errors logged: {self.api.errors_since(mark)}"
+                + ("; API restarted" if restarted else ""),
+            )
             return None
         elapsed = time.monotonic() - start
         self.sent += 1
-        self.slowest = sorted([*self.slowest, (elapsed, probe.operation + " " + probe.what[:80])],
-                              reverse=True)[:5]
+        self.slowest = sorted(
+            [*self.slowest, (elapsed, probe.operation + " " + probe.what[:80])], reverse=True
+        )[:5]
         self._judge(probe, r, before, mark)
         return r
 
@@ -629,17 +843,29 @@ class Fuzzer:
         if status >= 500:
             self.server_errors += 1
             errors = self.api.errors_since(mark)
-            self.record(probe, str(status), ", ".join(sorted(set(errors))) or "(nothing logged)",
-                       f"response: {r.text[:200]}")
+            self.record(
+                probe,
+                str(status),
+                ", ".join(sorted(set(errors))) or "(nothing logged)",
+                f"response: {r.text[:200]}",
+            )
         elif 400 <= status < 500 and not _error_shape_ok(r):
-            self.record(probe, str(status), "bad error body",
-                       f"content-type {r.headers.get('content-type')}: {r.text[:200]}")
+            self.record(
+                probe,
+                str(status),
+                "bad error body",
+                f"content-type {r.headers.get('content-type')}: {r.text[:200]}",
+            )
         if status >= 400:
             after = self.api.counts()
             if after != before:
                 diff = {k: after[k] - before[k] for k in after if after[k] != before[k]}
-                self.record(probe, str(status), "rejected but created " + ",".join(sorted(diff)),
-                           f"count changes {diff}")
+                self.record(
+                    probe,
+                    str(status),
+                    "rejected but created " + ",".join(sorted(diff)),
+                    f"count changes {diff}",
+                )
         elif 200 <= status < 300:
             self.accepted += 1
             if probe.must_reject and probe.method == "POST":
@@ -648,8 +874,10 @@ class Fuzzer:
                 self.record(probe, str(status), "tenant B read A's object", r.text[:300])
 
     def report(self, title: str = "hostile probes") -> str:
-        lines = [f"{title}: {self.sent} requests, {self.server_errors} x 5xx, {self.accepted} accepted,"
-                 f" {len(self.failures)} distinct failures, {self.restarts} API restarts"]
+        lines = [
+            f"{title}: {self.sent} requests, {self.server_errors} x 5xx, {self.accepted} accepted,"
+            f" {len(self.failures)} distinct failures, {self.restarts} API restarts"
+        ]
         for f in sorted(self.failures.values(), key=lambda f: (f.operation, f.status, f.problem)):
             lines.append(f.describe())
         return "\n".join(lines)
@@ -661,10 +889,24 @@ def _error_shape_ok(r: httpx.Response) -> bool:
     except ValueError:
         return False
     err = body.get("error") if isinstance(body, dict) else None
-    return (isinstance(err, dict) and isinstance(err.get("code"), str)
-            and isinstance(err.get("message"), str))
+    return isinstance(err, dict) and isinstance(err.get("code"), str) and isinstance(err.get("message"), str)
 
 
-__all__ = ["Failure", "Fuzzer", "HealthWatch", "Ids", "Probe", "all_probes", "batch_form_probes",
-           "batch_json_probes", "huge_list_probes", "multipart", "params_probes", "params_text",
-           "params_seed_probes", "path_probes", "query_probes", "scale_factor_probes"]
+__all__ = [
+    "Failure",
+    "Fuzzer",
+    "HealthWatch",
+    "Ids",
+    "Probe",
+    "all_probes",
+    "batch_form_probes",
+    "batch_json_probes",
+    "huge_list_probes",
+    "multipart",
+    "params_probes",
+    "params_text",
+    "params_seed_probes",
+    "path_probes",
+    "query_probes",
+    "scale_factor_probes",
+]

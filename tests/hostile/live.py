@@ -185,7 +185,11 @@ class LiveApi:
         out = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "api", "--host", HOST, "--port", str(self.port)],
-            env=self.env, cwd=self.app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            cwd=self.app_dir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         out.close()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -194,8 +198,9 @@ class LiveApi:
                 raise RuntimeError(f"the API exited with {self.proc.returncode}\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the API did not answer /healthz in {START_TIMEOUT_S:.0f}s\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"the API did not answer /healthz in {START_TIMEOUT_S:.0f}s\n{self.log_tail()}"
+                )
             time.sleep(0.05)
 
     def stop(self, grace: float = 10.0) -> None:
@@ -227,8 +232,9 @@ def _libpq_url(database_url: str) -> str:
     return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def api_env(tmp: Path, database_url: str, broker_url: str, queue_name: str,
-            **overrides: Any) -> dict[str, str]:
+def api_env(
+    tmp: Path, database_url: str, broker_url: str, queue_name: str, **overrides: Any
+) -> dict[str, str]:
     """The environment of the API process: this machine's, minus every ``STYLEQUEUE_*``, plus ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
     values: dict[str, Any] = dict(
@@ -269,12 +275,16 @@ def _seed_objects(api: LiveApi, n_images: int) -> None:
     with api.client("a") as a, api.client("b") as b:
         api.image_ids = [_upload(a, png_bytes(1000 + i)) for i in range(n_images)]
         api.image_b = _upload(b, png_bytes(2000))
-        r = a.post("/v1/jobs", data={"content_id": api.content_id, "style_id": api.style_id,
-                                     "params": json.dumps(TINY_PARAMS)})
+        r = a.post(
+            "/v1/jobs",
+            data={"content_id": api.content_id, "style_id": api.style_id, "params": json.dumps(TINY_PARAMS)},
+        )
         assert r.status_code == 202, f"job: {r.status_code} {r.text}"
         api.job_id = r.json()["id"]
-        r = a.post("/v1/batches", json={"contents": api.image_ids[:2], "styles": [api.style_id],
-                                        "params": TINY_PARAMS})
+        r = a.post(
+            "/v1/batches",
+            json={"contents": api.image_ids[:2], "styles": [api.style_id], "params": TINY_PARAMS},
+        )
         assert r.status_code == 202, f"batch: {r.status_code} {r.text}"
         api.batch_id = r.json()["id"]
 
@@ -286,8 +296,15 @@ def default_app_dir() -> Path:
 
 
 @contextmanager
-def running_api(tmp: Path, database_url: str, broker_url: str, *, n_images: int = 3,
-                app_dir: Path | None = None, **settings: Any) -> Iterator[LiveApi]:
+def running_api(
+    tmp: Path,
+    database_url: str,
+    broker_url: str,
+    *,
+    n_images: int = 3,
+    app_dir: Path | None = None,
+    **settings: Any,
+) -> Iterator[LiveApi]:
     """Start the API on an EMPTY database (migrated here) and set it up; stop it afterwards.
     ``settings`` become ``STYLEQUEUE_<NAME>`` variables of the API process; ``app_dir``: see
     ``default_app_dir``."""
@@ -296,9 +313,15 @@ def running_api(tmp: Path, database_url: str, broker_url: str, *, n_images: int 
     tmp.mkdir(parents=True, exist_ok=True)
     queue = f"sq-hostile-{uuid.uuid4().hex[:8]}"
     env = api_env(tmp, database_url, broker_url, queue, **settings)
-    api = LiveApi(tmp=tmp, env=env, database_url=database_url, storage_dir=tmp / "storage",
-                  log_path=tmp / "api.log", port=free_port(),
-                  app_dir=(app_dir or default_app_dir()).resolve())
+    api = LiveApi(
+        tmp=tmp,
+        env=env,
+        database_url=database_url,
+        storage_dir=tmp / "storage",
+        log_path=tmp / "api.log",
+        port=free_port(),
+        app_dir=(app_dir or default_app_dir()).resolve(),
+    )
     upgrade(database_url)
     _make_tenants(api)
     try:
@@ -335,11 +358,23 @@ def standalone_api(tmp: Path, *, app_dir: Path | None = None, **settings: Any) -
         if not port_open(host, port):
             raise RuntimeError(f"{what} is not reachable on {host}:{port}")
     db = 1 + uuid.uuid4().int % 15
-    with temporary_database("sq_hostile") as url, running_api(
-        tmp, url, f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", app_dir=app_dir, **settings
-    ) as api:
+    with (
+        temporary_database("sq_hostile") as url,
+        running_api(tmp, url, f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", app_dir=app_dir, **settings) as api,
+    ):
         yield api
 
 
-__all__ = ["COUNTED_TABLES", "HOST", "TINY_PARAMS", "LiveApi", "api_env", "default_app_dir",
-           "free_port", "png_bytes", "port_open", "running_api", "standalone_api"]
+__all__ = [
+    "COUNTED_TABLES",
+    "HOST",
+    "TINY_PARAMS",
+    "LiveApi",
+    "api_env",
+    "default_app_dir",
+    "free_port",
+    "png_bytes",
+    "port_open",
+    "running_api",
+    "standalone_api",
+]

@@ -55,8 +55,12 @@ def fuzzer(live_api: LiveApi) -> Iterator[Fuzzer]:
     f.close()
 
 
-def fuzz(fuzzer: Fuzzer, strategy: st.SearchStrategy[Probe], examples: int = EXAMPLES,
-         explicit: list[Probe] | None = None) -> None:
+def fuzz(
+    fuzzer: Fuzzer,
+    strategy: st.SearchStrategy[Probe],
+    examples: int = EXAMPLES,
+    explicit: list[Probe] | None = None,
+) -> None:
     """``examples`` drawn probes (after the ``explicit`` ones), all judged by ``fuzzer``."""
 
     def run(probe: Probe) -> None:
@@ -103,8 +107,12 @@ def test_scale_factor_near_one_does_not_freeze(live_api: LiveApi) -> None:
             with HealthWatch(live_api, timeout=5.0) as watch:
                 fuzzer.send(probe)
             if watch.worst > BLOCK_LIMIT_S:
-                fuzzer.record(probe, "healthz", f"blocked the event loop ({probe.what})",
-                              f"/healthz waited {watch.worst:.1f}s while this request ran")
+                fuzzer.record(
+                    probe,
+                    "healthz",
+                    f"blocked the event loop ({probe.what})",
+                    f"/healthz waited {watch.worst:.1f}s while this request ran",
+                )
             live_api.ensure_alive()
     finally:
         fuzzer.close()

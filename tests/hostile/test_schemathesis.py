@@ -24,27 +24,38 @@ from tests.hostile.live import LiveApi
 
 MAX_EXAMPLES = 200  # fuzzing-phase examples per operation (the coverage phase adds its own)
 SEED = 20261201
-CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance,
-          content_type_conformance]
+CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 
 
 def schemathesis_config(key: str, max_examples: int = MAX_EXAMPLES, seed: int = SEED) -> schemathesis.Config:
-    return schemathesis.Config.from_dict({
-        "seed": seed,
-        "suppress-health-check": ["all"],
-        "headers": {"Authorization": f"Bearer {key}"},
-        "request-timeout": 10,
-        "generation": {"mode": "all", "max-examples": max_examples, "deterministic": True,
-                       "allow-x00": True, "database": "none"},
-        "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True},
-                   "fuzzing": {"enabled": True}, "stateful": {"enabled": False}},
-    })
+    return schemathesis.Config.from_dict(
+        {
+            "seed": seed,
+            "suppress-health-check": ["all"],
+            "headers": {"Authorization": f"Bearer {key}"},
+            "request-timeout": 10,
+            "generation": {
+                "mode": "all",
+                "max-examples": max_examples,
+                "deterministic": True,
+                "allow-x00": True,
+                "database": "none",
+            },
+            "phases": {
+                "examples": {"enabled": True},
+                "coverage": {"enabled": True},
+                "fuzzing": {"enabled": True},
+                "stateful": {"enabled": False},
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def api_schema(live_api: LiveApi) -> schemathesis.BaseSchema:
-    return schemathesis.openapi.from_url(f"{live_api.base_url}/openapi.json",
-                                         config=schemathesis_config(live_api.key_a))
+    return schemathesis.openapi.from_url(
+        f"{live_api.base_url}/openapi.json", config=schemathesis_config(live_api.key_a)
+    )
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")

@@ -86,8 +86,9 @@ class Stack:
         """The log file of the process started under ``name`` (``worker`` by default)."""
         return self.tmp / f"{name}.log"
 
-    def start_worker(self, *extra: str, name: str = "worker",
-                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, *extra: str, name: str = "worker", env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``stylequeue worker`` as ``procs[name]`` (several may run, each with its own log)."""
         log = self.log_of(name)
         proc = start(["worker", "--cpu", "--loglevel", "info", *extra], env or self.env, log)

@@ -54,10 +54,17 @@ def test_concurrent_second_insert_loses(sessions: sessionmaker[Session]) -> None
 
 def test_expired_keys_are_reusable_and_pruned(sessions: sessionmaker[Session]) -> None:
     with sessions() as s:
-        s.add(IdempotencyKey(tenant_id="t1", key="old", request_hash="h", status_code=202,
-                             response={}, created_at=utcnow() - RETENTION - timedelta(hours=1)))
-        s.add(IdempotencyKey(tenant_id="t1", key="new", request_hash="h", status_code=202,
-                             response={}))
+        s.add(
+            IdempotencyKey(
+                tenant_id="t1",
+                key="old",
+                request_hash="h",
+                status_code=202,
+                response={},
+                created_at=utcnow() - RETENTION - timedelta(hours=1),
+            )
+        )
+        s.add(IdempotencyKey(tenant_id="t1", key="new", request_hash="h", status_code=202, response={}))
         s.commit()
     assert timedelta(hours=24) <= RETENTION
     with sessions() as s:
@@ -66,8 +73,16 @@ def test_expired_keys_are_reusable_and_pruned(sessions: sessionmaker[Session]) -
         remember(s, "t1", "old", "other", StoredResponse(202, {}))
         s.commit()
     with sessions() as s:
-        s.add(IdempotencyKey(tenant_id="t1", key="older", request_hash="h", status_code=202,
-                             response={}, created_at=utcnow() - RETENTION - timedelta(hours=1)))
+        s.add(
+            IdempotencyKey(
+                tenant_id="t1",
+                key="older",
+                request_hash="h",
+                status_code=202,
+                response={},
+                created_at=utcnow() - RETENTION - timedelta(hours=1),
+            )
+        )
         s.commit()
         assert prune(s) == 1
         s.commit()

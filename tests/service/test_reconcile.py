@@ -19,8 +19,11 @@ from shared.reconcile import reconcile_once
 def sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
     """The folder's empty database, plus one stored image for the jobs to name."""
     with sessions() as s:
-        s.add(StoredImage(id="a" * 64, format="PNG", width=32, height=32, bytes=10,
-                          storage_key="images/" + "a" * 64))
+        s.add(
+            StoredImage(
+                id="a" * 64, format="PNG", width=32, height=32, bytes=10, storage_key="images/" + "a" * 64
+            )
+        )
         s.commit()
     return sessions
 
@@ -96,8 +99,9 @@ def test_concurrent_reconcilers_publish_each_job_once(sessions: sessionmaker[Ses
             published.append(job_id)
 
     threads = [
-        threading.Thread(target=reconcile_once, args=(sessions, publish),
-                         kwargs=dict(requeue_after_s=60, lease_s=60))
+        threading.Thread(
+            target=reconcile_once, args=(sessions, publish), kwargs=dict(requeue_after_s=60, lease_s=60)
+        )
         for _ in range(4)
     ]
     for t in threads:
@@ -113,10 +117,17 @@ def test_reconcile_prunes_expired_idempotency_keys(sessions: sessionmaker[Sessio
 
     with sessions() as s:
         s.execute(delete(IdempotencyKey))
-        s.add(IdempotencyKey(tenant_id="t1", key="old", request_hash="h", status_code=202,
-                             response={}, created_at=utcnow() - RETENTION - timedelta(minutes=1)))
-        s.add(IdempotencyKey(tenant_id="t1", key="new", request_hash="h", status_code=202,
-                             response={}))
+        s.add(
+            IdempotencyKey(
+                tenant_id="t1",
+                key="old",
+                request_hash="h",
+                status_code=202,
+                response={},
+                created_at=utcnow() - RETENTION - timedelta(minutes=1),
+            )
+        )
+        s.add(IdempotencyKey(tenant_id="t1", key="new", request_hash="h", status_code=202, response={}))
         s.commit()
     report = reconcile_once(sessions, lambda _: None, requeue_after_s=60, lease_s=60)
     assert report.pruned_keys == 1

@@ -24,8 +24,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
         for table in reversed(Base.metadata.sorted_tables):
             s.execute(table.delete())
         s.add(Tenant(id="t1", name="t1"))
-        s.add(StoredImage(id=IMAGE, format="PNG", width=32, height=32, bytes=10,
-                          storage_key=f"images/{IMAGE}"))
+        s.add(
+            StoredImage(id=IMAGE, format="PNG", width=32, height=32, bytes=10, storage_key=f"images/{IMAGE}")
+        )
         s.commit()
     return url
 

@@ -36,9 +36,15 @@ def test_the_chosen_command_gets_its_full_parser_and_the_rest_their_summary() ->
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("argv, command", [
-    ([], None), (["run", "c.png"], "run"), (["-v", "keys", "create"], "keys"), (["--help"], None),
-])
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        ([], None),
+        (["run", "c.png"], "run"),
+        (["-v", "keys", "create"], "keys"),
+        (["--help"], None),
+    ],
+)
 def test_command_of(argv: list[str], command: str | None) -> None:
     assert command_of(argv) == command
 
@@ -56,7 +62,6 @@ def test_help_and_the_client_and_server_commands_import_no_torch() -> None:
         "print(bad, file=sys.stderr)\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert all(name in out.stdout for name in COMMANDS)

@@ -24,16 +24,22 @@ from tests.shared.conftest import IMAGE, MakeJob
 from worker import jobstore as worker_jobstore
 
 REPO = Path(__file__).resolve().parents[2]
-Q, R, S, F, C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED,
-                 JobStatus.CANCELED)
+Q, R, S, F, C = (
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    JobStatus.SUCCEEDED,
+    JobStatus.FAILED,
+    JobStatus.CANCELED,
+)
 HELD_ONLY, QUEUED_ONLY = frozenset({R}), frozenset({Q})
 LIVE = frozenset(JobStatus) - TERMINAL
 PUBLISHED = datetime(2024, 1, 1, tzinfo=timezone.utc)
 STALE = timedelta(hours=1)
 
 
-def to(new: JobStatus, within: frozenset[JobStatus] = frozenset(JobStatus)
-       ) -> dict[JobStatus, JobStatus | None]:
+def to(
+    new: JobStatus, within: frozenset[JobStatus] = frozenset(JobStatus)
+) -> dict[JobStatus, JobStatus | None]:
     """A move to ``new`` from every state the table allows (narrowed to ``within``)."""
     return {s: new for s in sources_for(new) & within}
 
@@ -56,30 +62,32 @@ UNPUBLISHED = {"published_at": None}
 CASES: dict[str, Case] = {
     "claim": Case(lambda s, j, _: jobstore.claim(s, _load(s, j), "me@h#2"), to(R)),
     "heartbeat": Case(lambda s, j, _: jobstore.heartbeat(s, j, 1, {"step": 1}), stay(HELD_ONLY)),
-    "record_checkpoints": Case(lambda s, j, _: jobstore.record_checkpoints(s, j, 1, [{"key": "k"}]),
-                               stay(HELD_ONLY)),
-    "succeed": Case(lambda s, j, _: jobstore.succeed(s, j, 1, "jobs/x/result.png", {}),
-                    to(S, HELD_ONLY)),
+    "record_checkpoints": Case(
+        lambda s, j, _: jobstore.record_checkpoints(s, j, 1, [{"key": "k"}]), stay(HELD_ONLY)
+    ),
+    "succeed": Case(lambda s, j, _: jobstore.succeed(s, j, 1, "jobs/x/result.png", {}), to(S, HELD_ONLY)),
     "fail": Case(lambda s, j, _: jobstore.fail(s, j, 1, "bad", "bad input", False), to(F, HELD_ONLY)),
     "cancel": Case(lambda s, j, _: jobstore.cancel(s, j, 1), to(C, HELD_ONLY)),
     "release": Case(lambda s, j, _: jobstore.release(s, j, 1, graceful=False), to(Q, HELD_ONLY)),
-    "release_graceful": Case(lambda s, j, _: jobstore.release(s, j, 1, graceful=True),
-                             to(Q, HELD_ONLY)),
-    "fail_released": Case(lambda s, j, _: jobstore.fail_released(s, j, "unavailable", "gave up"),
-                          to(F, QUEUED_ONLY)),
+    "release_graceful": Case(lambda s, j, _: jobstore.release(s, j, 1, graceful=True), to(Q, HELD_ONLY)),
+    "fail_released": Case(
+        lambda s, j, _: jobstore.fail_released(s, j, "unavailable", "gave up"), to(F, QUEUED_ONLY)
+    ),
     "cancel_unheld": Case(lambda s, j, st: jobstore.cancel_unheld(s, Seen(j, st, 1)), to(C)),
     "fail_lost": Case(lambda s, j, st: jobstore.fail_lost(s, Seen(j, st, 1), 1), to(F)),
-    "requeue": Case(lambda s, j, st: jobstore.requeue(s, Seen(j, st, 1, lease_cutoff=utcnow()),
-                                                      utcnow()), to(Q)),
-    "request_cancel": Case(lambda s, j, _: jobstore.request_cancel(s, "t1", j),
-                           {**to(C, QUEUED_ONLY), **stay(sources_for(C) & HELD_ONLY)}),
+    "requeue": Case(
+        lambda s, j, st: jobstore.requeue(s, Seen(j, st, 1, lease_cutoff=utcnow()), utcnow()), to(Q)
+    ),
+    "request_cancel": Case(
+        lambda s, j, _: jobstore.request_cancel(s, "t1", j),
+        {**to(C, QUEUED_ONLY), **stay(sources_for(C) & HELD_ONLY)},
+    ),
     "mark_published": Case(lambda s, j, _: jobstore.mark_published(s, [j]), stay(LIVE), UNPUBLISHED),
-    "claim_publish": Case(lambda s, j, _: jobstore.claim_publish(s, j, None, utcnow()),
-                          stay(QUEUED_ONLY), UNPUBLISHED),
-    "unclaim_publish": Case(lambda s, j, _: jobstore.unclaim_publish(s, j, PUBLISHED, None),
-                            stay(LIVE)),
-    "delete_unpublished": Case(lambda s, j, _: jobstore.delete_unpublished(s, [j]), {Q: None},
-                               UNPUBLISHED),
+    "claim_publish": Case(
+        lambda s, j, _: jobstore.claim_publish(s, j, None, utcnow()), stay(QUEUED_ONLY), UNPUBLISHED
+    ),
+    "unclaim_publish": Case(lambda s, j, _: jobstore.unclaim_publish(s, j, PUBLISHED, None), stay(LIVE)),
+    "delete_unpublished": Case(lambda s, j, _: jobstore.delete_unpublished(s, [j]), {Q: None}, UNPUBLISHED),
 }
 
 
@@ -101,8 +109,9 @@ def _load_status(url: str, job_id: str) -> JobStatus:
     return JobStatus(row["status"])
 
 
-def _run(url: str, make_job: MakeJob, case: Case, status: JobStatus
-         ) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+def _run(
+    url: str, make_job: MakeJob, case: Case, status: JobStatus
+) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
     """A row in ``status`` (lease long expired), the case's write on it; the row before and after."""
     job_id = make_job(**{**ROW, "status": status, "heartbeat_at": utcnow() - STALE, **case.fields})
     before = _row(url, job_id)
@@ -160,8 +169,9 @@ def test_a_write_on_a_row_that_changed_since_it_was_read_matches_nothing(
     fresh = make_job(**ROW, status=R, heartbeat_at=utcnow())
     stale = make_job(**ROW, status=R, heartbeat_at=utcnow() - STALE)
     with get_sessionmaker(db_url)() as s:
-        assert not jobstore.requeue(s, Seen(fresh, R, 1, lease_cutoff=utcnow() - STALE / 2),
-                                    utcnow())  # a heartbeat since the cutoff: not lost
+        assert not jobstore.requeue(
+            s, Seen(fresh, R, 1, lease_cutoff=utcnow() - STALE / 2), utcnow()
+        )  # a heartbeat since the cutoff: not lost
         assert not jobstore.fail_lost(s, Seen(stale, R, 2), 2)  # another attempt
         assert not jobstore.cancel_unheld(s, Seen(stale, Q, 1))  # another status
         assert not jobstore.succeed(s, stale, 2, "k", {})  # not the holder's attempt
@@ -173,17 +183,24 @@ def test_a_write_on_a_row_that_changed_since_it_was_read_matches_nothing(
 def test_insert_queued_then_mark_published_then_delete_the_unpublished(
     db_url: str, make_job: MakeJob
 ) -> None:
-    specs = [JobSpec(IMAGE, (IMAGE,)), JobSpec(IMAGE, (IMAGE, IMAGE), (IMAGE, IMAGE)),
-             JobSpec(IMAGE, (IMAGE,))]
+    specs = [
+        JobSpec(IMAGE, (IMAGE,)),
+        JobSpec(IMAGE, (IMAGE, IMAGE), (IMAGE, IMAGE)),
+        JobSpec(IMAGE, (IMAGE,)),
+    ]
     with get_sessionmaker(db_url)() as s:
-        ids = jobstore.insert_queued(s, tenant_id="t1", batch_id=None, specs=specs,
-                                     params={"size": 64}, max_attempts=5)
+        ids = jobstore.insert_queued(
+            s, tenant_id="t1", batch_id=None, specs=specs, params={"size": 64}, max_attempts=5
+        )
         s.commit()
         jobs = [_load(s, i) for i in ids]
         assert [j.status for j in jobs] == [Q, Q, Q] and all(type(j.status) is JobStatus for j in jobs)
         assert sorted(jobs, key=lambda j: (j.created_at, j.id)) == jobs
         assert (jobs[1].mask_image_ids, jobs[0].mask_image_ids, jobs[0].max_attempts) == (
-            [IMAGE, IMAGE], None, 5)
+            [IMAGE, IMAGE],
+            None,
+            5,
+        )
         stored = s.execute(text("SELECT status FROM jobs WHERE id = :id"), {"id": ids[0]}).scalar()
         assert type(stored) is str and stored == "queued"  # the same string as before the enum
         assert jobstore.mark_published(s, ids[:1]) == 1 and jobstore.mark_published(s, ids[:1]) == 0
@@ -207,8 +224,13 @@ def test_request_cancel(db_url: str, make_job: MakeJob) -> None:
 
 def test_worker_lost_is_written_once_whoever_notices(db_url: str, make_job: MakeJob) -> None:
     """A new delivery's claim and the reconciler fail a job out of attempts with the same facts."""
-    spent = {"status": R, "attempt": 3, "max_attempts": 3, "worker": "gpu1@elsewhere#4242",
-             "heartbeat_at": utcnow() - STALE}
+    spent = {
+        "status": R,
+        "attempt": 3,
+        "max_attempts": 3,
+        "worker": "gpu1@elsewhere#4242",
+        "heartbeat_at": utcnow() - STALE,
+    }
     by_claim, by_reconciler = make_job(**spent), make_job(**spent)
     got = worker_jobstore.claim(db_url, by_claim, "cpu@here#1", 60)
     assert got is worker_jobstore.Drop.EXHAUSTED
@@ -217,8 +239,17 @@ def test_worker_lost_is_written_once_whoever_notices(db_url: str, make_job: Make
     facts = [_row(db_url, j) for j in (by_claim, by_reconciler)]
     keys = ("status", "error_code", "error_message", "error_retryable", "attempt")
     first, second = ([row[k] for k in keys] for row in facts if row is not None)
-    assert first == second == [F, "worker_lost", "the worker running this job was lost 3 times "
-                               "(max_attempts=3); its checkpoints are kept", False, 3]
+    assert (
+        first
+        == second
+        == [
+            F,
+            "worker_lost",
+            "the worker running this job was lost 3 times (max_attempts=3); its checkpoints are kept",
+            False,
+            3,
+        ]
+    )
 
 
 WRITES = re.compile(r"\b(update|insert|delete)\(\s*Job\s*\)|\.add(_all)?\(\s*Job\(")

@@ -43,11 +43,14 @@ def test_unfinished_jobs_get_raw_loss_terms(old_db: str) -> None:
         conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": NOW})
         conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": NOW})
         for job_id, (status, params, _) in JOBS.items():
-            conn.execute(text(
-                "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
-                "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
-                "updated_at) VALUES (:id, 't', :s, :p, 'i', '[\"i\"]', '{}', 0, 3, false, '[]', :n, :n)"),
-                {"id": job_id, "s": status, "p": json.dumps(params), "n": NOW})
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
+                    "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
+                    "updated_at) VALUES (:id, 't', :s, :p, 'i', '[\"i\"]', '{}', 0, 3, false, '[]', :n, :n)"
+                ),
+                {"id": job_id, "s": status, "p": json.dumps(params), "n": NOW},
+            )
     upgrade(old_db)
     with engine.connect() as conn:
         rows: dict[str, Any] = dict(conn.execute(text("SELECT id, params FROM jobs")).all())
@@ -56,4 +59,5 @@ def test_unfinished_jobs_get_raw_loss_terms(old_db: str) -> None:
         params = rows[job_id] if isinstance(rows[job_id], dict) else json.loads(rows[job_id])
         assert params.get("loss_terms") == after, (job_id, params)
         assert {k: v for k, v in params.items() if k != "loss_terms"} == {
-            k: v for k, v in before.items() if k != "loss_terms"}
+            k: v for k, v in before.items() if k != "loss_terms"
+        }

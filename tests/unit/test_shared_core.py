@@ -75,7 +75,8 @@ def test_settings_embedded_default(settings_factory: Callable[..., Settings]) ->
 
 def test_settings_production(settings_factory: Callable[..., Settings]) -> None:
     s = settings_factory(
-        database_url="postgresql+psycopg://u@db/x", broker_url="redis://r:6379/0",
+        database_url="postgresql+psycopg://u@db/x",
+        broker_url="redis://r:6379/0",
         storage_url="s3://bucket/p",
     )
     assert not s.embedded and s.storage_url == "s3://bucket/p"
@@ -88,8 +89,7 @@ def test_color_reaches_the_engine_and_contradictions_are_refused() -> None:
     from shared.settings import Settings
     from worker.config import transfer_config
 
-    cfg = transfer_config(JobParams(color="histogram", style_upscale=True, lbfgs_max_step=0.5),
-                          Settings())
+    cfg = transfer_config(JobParams(color="histogram", style_upscale=True, lbfgs_max_step=0.5), Settings())
     assert (cfg.color, cfg.style_upscale, cfg.lbfgs_max_step) == ("histogram", True, 0.5)
     assert transfer_config(JobParams(preserve_color=True), Settings()).color == "luminance"
     with pytest.raises(ValidationError):
@@ -104,8 +104,9 @@ def test_fidelity_params_reach_the_engine_and_are_bounded() -> None:
     from shared.settings import Settings
     from worker.config import transfer_config
 
-    cfg = transfer_config(JobParams(loss_terms="raw", style_loss="w2", optimizer="adam", ema_decay=0.9),
-                          Settings())
+    cfg = transfer_config(
+        JobParams(loss_terms="raw", style_loss="w2", optimizer="adam", ema_decay=0.9), Settings()
+    )
     assert (cfg.loss_terms, cfg.style_loss, cfg.optimizer, cfg.ema_decay) == ("raw", "w2", "adam", 0.9)
     default = transfer_config(JobParams(), Settings())
     assert (default.loss_terms, default.style_loss, default.ema_decay) == ("relative", "gram", 0.99)

@@ -52,7 +52,10 @@ class SpyStorage:
 
 
 def test_only_the_latest_checkpoints_are_kept(
-    keep2: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob,
+    keep2: Settings,
+    engine: FakeEngine,
+    make_job: MakeJob,
+    load_job: LoadJob,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine.scales, engine.iterations = 5, 2  # a checkpoint at each scale's end: steps 2, 4, ..., 10
@@ -76,7 +79,10 @@ def test_only_the_latest_checkpoints_are_kept(
 
 
 def test_resume_after_pruning_continues_the_seq(
-    keep2: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob,
+    keep2: Settings,
+    engine: FakeEngine,
+    make_job: MakeJob,
+    load_job: LoadJob,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine.scales, engine.iterations = 5, 2
@@ -122,8 +128,12 @@ def test_a_stale_attempt_deletes_nothing(
 
 
 def test_a_failing_delete_does_not_fail_the_job(
-    keep2: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    keep2: Settings,
+    engine: FakeEngine,
+    make_job: MakeJob,
+    load_job: LoadJob,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     engine.scales, engine.iterations = 3, 2
     spies: list[SpyStorage] = []
@@ -151,5 +161,12 @@ def _checkpoint(step: int) -> Any:
 
     from worker.engine import Checkpoint
 
-    return Checkpoint(scale=0, iteration=step, step=step, image=torch.rand(1, 3, 8, 8),
-                      optimizer_state=None, config_digest="d", end_of_scale=False)
+    return Checkpoint(
+        scale=0,
+        iteration=step,
+        step=step,
+        image=torch.rand(1, 3, 8, 8),
+        optimizer_state=None,
+        config_digest="d",
+        end_of_scale=False,
+    )

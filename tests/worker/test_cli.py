@@ -76,8 +76,10 @@ def test_celery_command_is_prefork_fair_with_node_name(settings_factory: Callabl
 
 
 def test_detect_gpus_does_not_import_torch() -> None:
-    code = ("import sys, worker.supervisor as c; c.detect_gpus(); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, worker.supervisor as c; c.detect_gpus(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 

@@ -33,14 +33,20 @@ SECRET_KEY = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|ROOT_USER|TOKEN", re.I)
 INTERP = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 #: What the app's MinIO policy may allow: objects, listing, multipart uploads. Nothing else.
 ALLOWED_ACTIONS = {
-    "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket",
-    "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts", "s3:ListBucketMultipartUploads",
+    "s3:GetObject",
+    "s3:PutObject",
+    "s3:DeleteObject",
+    "s3:ListBucket",
+    "s3:AbortMultipartUpload",
+    "s3:ListMultipartUploadParts",
+    "s3:ListBucketMultipartUploads",
 }
 REQUIRED_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"}
 BUCKET_ACTIONS = {"s3:ListBucket", "s3:ListBucketMultipartUploads"}
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
 
 def _yaml() -> Any:
     return pytest.importorskip("yaml", reason="PyYAML is not installed")
@@ -63,8 +69,10 @@ def required_vars(data: Any) -> set[str]:
 
 def with_defaults(value: str) -> str:
     """The value as compose would see it with no variable set (defaults only; ${X} -> '')."""
+
     def sub(m: re.Match[str]) -> str:
         return m[3] if m[2] in ("-", ":-") else ""
+
     return INTERP.sub(sub, value)
 
 
@@ -104,7 +112,7 @@ def port_host_ips(svc: dict[str, Any]) -> list[str]:
             continue
         spec = with_defaults(str(port)).split("/")[0]
         if spec.startswith("["):  # [::1]:8000:8000
-            ips.append(spec[1:spec.index("]")])
+            ips.append(spec[1 : spec.index("]")])
             continue
         parts = spec.split(":")
         ips.append(parts[0] if len(parts) == 3 else "")
@@ -127,6 +135,7 @@ def depends(svc: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def compose_text() -> str:
@@ -153,6 +162,7 @@ def override() -> dict[str, Any]:
 
 
 # --- the services -------------------------------------------------------------------------------
+
 
 def test_compose_has_every_service(compose: dict[str, Any]) -> None:
     assert {"postgres", "redis", "minio", INIT, "migrate", API, "worker", "reconciler"} <= set(
@@ -196,6 +206,7 @@ def test_api_waits_for_migrations(compose: dict[str, Any]) -> None:
 
 # --- network exposure ---------------------------------------------------------------------------
 
+
 def test_only_the_api_publishes_a_port(compose: dict[str, Any]) -> None:
     for name, svc in compose["services"].items():
         assert svc.get("network_mode") != "host", f"{name}: host networking exposes every port"
@@ -220,6 +231,7 @@ def test_s3_public_override_binds_loopback_and_needs_its_url(override: dict[str,
 
 
 # --- credentials ----------------------------------------------------------------------------------
+
 
 def test_no_literal_secrets_in_compose(compose: dict[str, Any], compose_text: str) -> None:
     assert "stylequeue-secret" not in compose_text  # the old hard-coded MinIO root password
@@ -247,8 +259,10 @@ def test_no_literal_secrets_in_compose(compose: dict[str, Any], compose_text: st
 def test_app_credentials_are_not_minio_root(compose: dict[str, Any]) -> None:
     services = compose["services"]
     minio = env_of(services["minio"])
-    root_vars = {single_required_var(minio["MINIO_ROOT_USER"]),
-                 single_required_var(minio["MINIO_ROOT_PASSWORD"])}
+    root_vars = {
+        single_required_var(minio["MINIO_ROOT_USER"]),
+        single_required_var(minio["MINIO_ROOT_PASSWORD"]),
+    }
     assert None not in root_vars
     for name in (API, "worker"):
         env = env_of(services[name])
@@ -271,8 +285,9 @@ def test_api_public_url_comes_from_env(compose: dict[str, Any], env_example: dic
     assert "FORWARDED_ALLOW_IPS" in env  # uvicorn's proxy-header trust list, for the TLS proxy
 
 
-def test_env_example_defines_every_required_variable(compose: dict[str, Any], override: dict[str, Any],
-                                                     env_example: dict[str, str]) -> None:
+def test_env_example_defines_every_required_variable(
+    compose: dict[str, Any], override: dict[str, Any], env_example: dict[str, str]
+) -> None:
     required = required_vars(compose) | required_vars(override)
     assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MINIO_APP_SECRET_KEY"} <= required
     assert required - set(env_example) == set(), "not in deploy/.env.example"
@@ -287,6 +302,7 @@ def test_env_example_holds_no_secret_values(env_example: dict[str, str]) -> None
 
 
 # --- the least-privilege MinIO user ---------------------------------------------------------------
+
 
 def test_init_creates_app_user_and_policy(compose: dict[str, Any]) -> None:
     services = compose["services"]
@@ -354,6 +370,7 @@ def _policy_file(compose: dict[str, Any]) -> Path:
 
 # --- optional: the real compose parser ------------------------------------------------------------
 
+
 def _compose_cmd() -> list[str] | None:
     if os.environ.get("STYLEQUEUE_TEST_COMPOSE"):
         return [os.environ["STYLEQUEUE_TEST_COMPOSE"]]
@@ -372,7 +389,9 @@ def test_compose_config_validates(tmp_path: Path) -> None:
         pytest.skip("no docker compose / docker-compose here")
     text = (DEPLOY / ".env.example").read_text()
     filled = re.sub(r"^(\w*(?:PASSWORD|SECRET)\w*)=$", r"\1=test-not-a-secret-\1", text, flags=re.M)
-    filled = filled.replace("STYLEQUEUE_S3_PUBLIC_URL=\n", "STYLEQUEUE_S3_PUBLIC_URL=https://s3.example.com\n")
+    filled = filled.replace(
+        "STYLEQUEUE_S3_PUBLIC_URL=\n", "STYLEQUEUE_S3_PUBLIC_URL=https://s3.example.com\n"
+    )
     (tmp_path / "full.env").write_text(filled)
     (tmp_path / "empty.env").write_text(text)
     # Shell variables override the env file: drop every one compose.yaml reads.
@@ -382,8 +401,13 @@ def test_compose_config_validates(tmp_path: Path) -> None:
     files = ["-f", str(DEPLOY / "compose.yaml"), "-f", str(DEPLOY / "compose.s3-public.yaml")]
 
     def run(env_file: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*cmd, "--env-file", str(tmp_path / env_file), *files, "config"],
-                              capture_output=True, text=True, env=env, timeout=60)
+        return subprocess.run(
+            [*cmd, "--env-file", str(tmp_path / env_file), *files, "config"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
 
     good = run("full.env")
     assert good.returncode == 0, good.stderr
@@ -393,6 +417,7 @@ def test_compose_config_validates(tmp_path: Path) -> None:
 
 
 # --- images -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.worker"])
 def test_dockerfile_copies_existing_paths(dockerfile: str) -> None:
@@ -444,8 +469,9 @@ def test_api_image_cli_has_its_commands_and_no_engine(tmp_path: Path) -> None:
         "        assert e.code == 0, argv\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     listed = re.findall(r"^    (\w+) ", out.stdout.split("options:")[0], flags=re.M)
     assert listed == ["api", "migrate", "keys", "worker", "reconcile", "submit", "status"]

@@ -45,10 +45,14 @@ def masked_job(settings: Settings, engine: FakeEngine) -> Any:
     storage.put_bytes(f"images/{MASK_B}", grey(60))
 
     def make(masks: Sequence[str] | None = (MASK_B, MASK_A), **fields: Any) -> str:
-        job = Job(tenant_id="t1", content_image_id=CONTENT, style_image_ids=[STYLE, STYLE2],
-                  mask_image_ids=None if masks is None else list(masks),
-                  params={"size": 32, "min_size": 16, "scale_factor": 2, "iterations": 2},
-                  **fields)
+        job = Job(
+            tenant_id="t1",
+            content_image_id=CONTENT,
+            style_image_ids=[STYLE, STYLE2],
+            mask_image_ids=None if masks is None else list(masks),
+            params={"size": 32, "min_size": 16, "scale_factor": 2, "iterations": 2},
+            **fields,
+        )
         with get_sessionmaker(settings.database_url)() as session:
             session.add(job)
             session.commit()
@@ -57,8 +61,9 @@ def masked_job(settings: Settings, engine: FakeEngine) -> Any:
     return make
 
 
-def test_masks_are_passed_in_style_order(settings: Settings, engine: FakeEngine, masked_job: Any,
-                                         load_job: LoadJob) -> None:
+def test_masks_are_passed_in_style_order(
+    settings: Settings, engine: FakeEngine, masked_job: Any, load_job: LoadJob
+) -> None:
     job_id = masked_job()
     claim = jobstore.claim(settings.database_url, job_id, "probe#1", 30)
     assert isinstance(claim, jobstore.Claim) and claim.mask_image_ids == [MASK_B, MASK_A]
@@ -81,14 +86,26 @@ def test_no_masks_passes_none(settings: Settings, engine: FakeEngine, make_job: 
 class EngineWithoutMasks(FakeEngine):
     """Today's engine: ``run`` has no ``masks`` keyword at all."""
 
-    def run(self, content: Any, styles: Any, config: Any, *, on_progress: Any = None,  # type: ignore[override]
-            on_checkpoint: Any = None, resume: Checkpoint | None = None) -> FakeResult:
-        return super().run(content, styles, config, on_progress=on_progress,
-                           on_checkpoint=on_checkpoint, resume=resume)
+    def run(  # type: ignore[override]
+        self,
+        content: Any,
+        styles: Any,
+        config: Any,
+        *,
+        on_progress: Any = None,
+        on_checkpoint: Any = None,
+        resume: Checkpoint | None = None,
+    ) -> FakeResult:
+        return super().run(
+            content, styles, config, on_progress=on_progress, on_checkpoint=on_checkpoint, resume=resume
+        )
 
 
 def test_a_job_without_masks_runs_on_an_engine_without_the_keyword(
-    settings: Settings, engine: FakeEngine, masked_job: Any, load_job: LoadJob,
+    settings: Settings,
+    engine: FakeEngine,
+    masked_job: Any,
+    load_job: LoadJob,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     old = EngineWithoutMasks()
@@ -130,8 +147,15 @@ def test_masks_are_passed_again_when_a_checkpoint_is_skipped(
 ) -> None:
     fake = RefusesCheckpoints()
     monkeypatch.setattr(runner, "get_engine", lambda _s: fake)
-    ckpt = Checkpoint(scale=0, iteration=3, step=3, image=torch.rand(1, 3, 16, 16),
-                      optimizer_state=None, config_digest="d", end_of_scale=True)
+    ckpt = Checkpoint(
+        scale=0,
+        iteration=3,
+        step=3,
+        image=torch.rand(1, 3, 16, 16),
+        optimizer_state=None,
+        config_digest="d",
+        end_of_scale=True,
+    )
     open_storage(settings).put_bytes("jobs/x/checkpoints/3.pt", ckpt.to_bytes())
     job_id = masked_job(checkpoints=[{"key": "jobs/x/checkpoints/3.pt", "step": 3, "seq": 0}])
     assert runner.run_job(job_id, NODE, settings) == "succeeded", load_job(job_id).error_message
@@ -139,8 +163,13 @@ def test_masks_are_passed_again_when_a_checkpoint_is_skipped(
     assert [[levels(m) for m in ms] for ms in fake.masks] == [[(60, 60), (255, 255)]] * 2
 
 
-def test_a_masked_job_runs_on_the_real_engine(settings: Settings, engine: FakeEngine, masked_job: Any,
-                                               load_job: LoadJob, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_masked_job_runs_on_the_real_engine(
+    settings: Settings,
+    engine: FakeEngine,
+    masked_job: Any,
+    load_job: LoadJob,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The stored mask bytes go to the real engine (random weights, 32 px) and the job succeeds."""
     from worker.engine import StyleTransfer
 

@@ -245,8 +245,22 @@ def test_progress_dict_eta() -> None:
 
 def _progress() -> Progress:
     """Iteration 5 of 10 of the first of two scales (step 5 of 20)."""
-    return Progress(scale=0, scales=2, size=(16, 16), iteration=5, iterations=10, step=5, total_steps=20,
-                    loss=2.0, content_loss=0, style_loss=0, tv_loss=0, elapsed=0, lr=1, recoveries=0)
+    return Progress(
+        scale=0,
+        scales=2,
+        size=(16, 16),
+        iteration=5,
+        iterations=10,
+        step=5,
+        total_steps=20,
+        loss=2.0,
+        content_loss=0,
+        style_loss=0,
+        tv_loss=0,
+        elapsed=0,
+        lr=1,
+        recoveries=0,
+    )
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 10) -> None:

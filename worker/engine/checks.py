@@ -16,8 +16,12 @@ def check_weight(name: str, value: float) -> None:
 
 def check_blend(weights: tuple[float, ...]) -> None:
     """Blend weights: finite, >= 0, with a positive finite sum (they are divided by it)."""
-    if not weights or not all(finite(w) and w >= 0 for w in weights) or not (
-        0 < sum(float(w) for w in weights) < math.inf  # 1e308 + 1e308 is inf
+    if (
+        not weights
+        or not all(finite(w) and w >= 0 for w in weights)
+        or not (
+            0 < sum(float(w) for w in weights) < math.inf  # 1e308 + 1e308 is inf
+        )
     ):
         raise invalid(
             f"style blend weights {list(weights)} must be finite non-negative numbers (one per style) "

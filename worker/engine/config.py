@@ -159,9 +159,7 @@ class TransferConfig:
         self._check_color()
         self._check_schedule()
         self._check_numbers()
-        if self.style_layer_weights is not None and len(self.style_layer_weights) != len(
-            self.style_layers
-        ):
+        if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
             raise invalid("style_layer_weights needs one weight per style layer")
         if self.save_every < 0 or self.lbfgs_history < 1 or self.max_recoveries < 0:
             raise invalid("save_every and max_recoveries must be >= 0 and lbfgs_history >= 1")
@@ -170,8 +168,9 @@ class TransferConfig:
         """preserve_color and color="luminance" are one setting: make both say so (so they also
         give one digest); preserve_color with another colour mode is a contradiction."""
         if self.preserve_color and self.color == "histogram":
-            raise invalid('preserve_color means color="luminance"; it cannot be combined with '
-                           'color="histogram"')
+            raise invalid(
+                'preserve_color means color="luminance"; it cannot be combined with color="histogram"'
+            )
         if self.preserve_color or self.color == "luminance":
             object.__setattr__(self, "color", "luminance")  # frozen: set once, here
             object.__setattr__(self, "preserve_color", True)
@@ -242,7 +241,7 @@ class TransferConfig:
             return self.style_layer_weights
         if self.loss_terms == "raw":
             return tuple(1.0 for _ in self.style_layers)
-        decay = [LAYER_DECAY ** -i for i in range(len(self.style_layers))]
+        decay = [LAYER_DECAY**-i for i in range(len(self.style_layers))]
         return tuple(w / sum(decay) for w in decay)
 
     def digest(self, extra: Any = None) -> str:

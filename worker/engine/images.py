@@ -85,8 +85,7 @@ def _open(name: str, data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(
             "too_many_pixels",
-            f"{name} is too large to decode safely ({e}); images must have at most "
-            f"{max_pixels:,} pixels",
+            f"{name} is too large to decode safely ({e}); images must have at most {max_pixels:,} pixels",
         ) from e
     except UnidentifiedImageError as e:
         raise _unidentified(name, data) from e
@@ -173,7 +172,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def save_image(
-    img: Image.Image, dest: str | os.PathLike[str] | IO[bytes], format: str | None = None,
+    img: Image.Image,
+    dest: str | os.PathLike[str] | IO[bytes],
+    format: str | None = None,
     quality: int = 95,
 ) -> None:
     """Write PNG, JPEG or WebP; the format comes from ``format`` or else the file suffix."""

@@ -45,6 +45,7 @@ def shrink_inputs(
         content = shrink_to(it.content, top)
         original = content if it.original is it.content else shrink_to(it.original, top)
         masks = None if it.masks is None else [shrink_to(m, top) for m in it.masks]
-        out.append(replace(it, content=content, original=original, styles=styles, style_hws=natives,
-                           masks=masks))
+        out.append(
+            replace(it, content=content, original=original, styles=styles, style_hws=natives, masks=masks)
+        )
     return out

@@ -32,9 +32,7 @@ class PreparedItem:
         return None if self.masks is None else [resize(m, hw) for m in self.masks]
 
 
-def removed_fractions(
-    start: list[list[float]] | None, now: list[float]
-) -> dict[str, float | None]:
+def removed_fractions(start: list[list[float]] | None, now: list[float]) -> dict[str, float | None]:
     """1 - now / start for the total and each term, summed over the batch; None where the start is
     not > 0 (or not known yet). ``start`` is per item (content, style, tv); ``now`` is the
     (total, content, style, tv) summed over the batch."""
@@ -47,8 +45,11 @@ def removed_fractions(
 
 
 def prepare_item(
-    content: torch.Tensor, styles: list[torch.Tensor], blend: list[float],
-    weights: tuple[float, float, float], mode: str,
+    content: torch.Tensor,
+    styles: list[torch.Tensor],
+    blend: list[float],
+    weights: tuple[float, float, float],
+    mode: str,
 ) -> PreparedItem:
     """Inputs for a colour mode (config.color). "luminance" (Gatys et al. 2017, sec. 3): content and
     styles become grey luminance images, each style's Y matched to the content's mean and std.

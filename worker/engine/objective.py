@@ -112,8 +112,7 @@ class LossFn:
         assert total is not None
         return total * region.weight
 
-    def _mask(self, k: int, layer: int, f: torch.Tensor,
-              region: Region) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, k: int, layer: int, f: torch.Tensor, region: Region) -> tuple[torch.Tensor, torch.Tensor]:
         """The region's (B, 1, h, w) mask at this layer's resolution, area-averaged (the fraction
         of each feature's receptive cell inside the region; Gatys et al. 2017 propagate masks
         through the network's pooling instead), cached for the scale."""

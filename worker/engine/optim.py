@@ -73,8 +73,12 @@ class Stepper:
         # tolerance_grad=0 would stop on an exactly-zero gradient only: that is how a bad closure
         # makes step() return without moving (see _closure).
         return torch.optim.LBFGS(
-            [self.x], lr=self.lr, max_iter=1, history_size=self.history,
-            tolerance_grad=0.0, tolerance_change=0.0,
+            [self.x],
+            lr=self.lr,
+            max_iter=1,
+            history_size=self.history,
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
         )
 
     def _evaluate(self) -> tuple[torch.Tensor, bool]:
@@ -164,7 +168,8 @@ class Stepper:
         self.lr *= 0.5
         logger.warning(
             "non-finite loss or gradient: restored the last good image, lr -> %g (recovery %d)",
-            self.lr, self.recoveries,
+            self.lr,
+            self.recoveries,
         )
         self.x.copy_(self.good)  # in place: the optimiser still holds self.x
         if self.kind == "adam":

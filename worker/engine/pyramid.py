@@ -119,8 +119,9 @@ class Pyramid:
                 )
             image = resume.image if self.channels == 3 else resume.luminance
             if image is None or image.shape[1] != self.channels:
-                raise EngineError("checkpoint_mismatch",
-                                  "the checkpoint holds no luminance image to resume from")
+                raise EngineError(
+                    "checkpoint_mismatch", "the checkpoint holds no luminance image to resume from"
+                )
             if not resume.end_of_scale and resume.iterate is not None:
                 image = resume.iterate  # mid-scale with an EMA: the optimiser's own x
             x, opt_state = image.to(self.device), resume.optimizer_state
@@ -172,7 +173,8 @@ class Pyramid:
             [
                 (resize(st, style_size(native, hw, scale, upscale=up)).to(self.device), blend)
                 for st, native, blend in zip(
-                    it.styles, it.style_hws or [_hw(s) for s in it.styles], it.blend, strict=True)
+                    it.styles, it.style_hws or [_hw(s) for s in it.styles], it.blend, strict=True
+                )
             ]
             for it in self.items
         ]
@@ -181,29 +183,59 @@ class Pyramid:
         spec = StyleSpec(self.cfg.style_loss, self.cfg.loss_terms == "relative")
         masks = [it.masks_at(hw) for it in self.items]
         return compute_targets(
-            self.model, contents, styles, self.content_layers, style_layers, weights, self.cast,
+            self.model,
+            contents,
+            styles,
+            self.content_layers,
+            style_layers,
+            weights,
+            self.cast,
             masks=[None if m is None else [t.to(self.device) for t in m] for m in masks]
-            if any(m is not None for m in masks) else None, spec=spec,
+            if any(m is not None for m in masks)
+            else None,
+            spec=spec,
         )
 
     def _run_scale(
-        self, s: int, x0: torch.Tensor, state: dict[str, Any] | None, done: int,
+        self,
+        s: int,
+        x0: torch.Tensor,
+        state: dict[str, Any] | None,
+        done: int,
         start: list[list[float]] | None,
     ) -> tuple[torch.Tensor, dict[str, Any] | None]:
         hw, iters = self.schedule[s]
         self.start = start  # resuming mid-scale: the objective's divisor as it was
-        loss_fn = LossFn(self.model, self.targets(hw), self.style_weights, self.cast, self.channels_last,
-                         start=None if start is None else torch.tensor(start, device=self.device))
+        loss_fn = LossFn(
+            self.model,
+            self.targets(hw),
+            self.style_weights,
+            self.cast,
+            self.channels_last,
+            start=None if start is None else torch.tensor(start, device=self.device),
+        )
         fn: Callable[[torch.Tensor], torch.Tensor] = loss_fn
         if not _CACHE_STYLE_TARGETS:
+
             def fn(x: torch.Tensor) -> torch.Tensor:
                 loss_fn.targets = self.targets(hw)
                 return loss_fn(x)
+
         cfg = self.cfg
         stepper = Stepper(
-            x0, fn, cfg.optimizer, self.lr, betas=cfg.betas, history=cfg.lbfgs_history, state=state,
-            max_recoveries=cfg.max_recoveries, streak=self.streak, max_step=cfg.lbfgs_max_step,
-            scaler=self.scaler, ema_decay=cfg.ema_decay, average=self.average if done else None,
+            x0,
+            fn,
+            cfg.optimizer,
+            self.lr,
+            betas=cfg.betas,
+            history=cfg.lbfgs_history,
+            state=state,
+            max_recoveries=cfg.max_recoveries,
+            streak=self.streak,
+            max_step=cfg.lbfgs_max_step,
+            scaler=self.scaler,
+            ema_decay=cfg.ema_decay,
+            average=self.average if done else None,
         )
         self.average = None
         for it in range(done + 1, iters + 1):
@@ -237,24 +269,45 @@ class Pyramid:
             self.removed[s] = removed
         if self.on_progress is None:
             return None
-        return self.on_progress(Progress(
-            scale=s, scales=len(self.schedule), size=hw, iteration=it, iterations=iters,
-            step=self.step, total_steps=self.total, loss=vals[1], content_loss=vals[2],
-            style_loss=vals[3], tv_loss=vals[4], elapsed=time.perf_counter() - self.t0,
-            lr=self.lr, recoveries=self.recoveries, loss_removed=removed["loss"],
-            content_removed=removed["content"], style_removed=removed["style"],
-            tv_removed=removed["tv"],
-        ))
+        return self.on_progress(
+            Progress(
+                scale=s,
+                scales=len(self.schedule),
+                size=hw,
+                iteration=it,
+                iterations=iters,
+                step=self.step,
+                total_steps=self.total,
+                loss=vals[1],
+                content_loss=vals[2],
+                style_loss=vals[3],
+                tv_loss=vals[4],
+                elapsed=time.perf_counter() - self.t0,
+                lr=self.lr,
+                recoveries=self.recoveries,
+                loss_removed=removed["loss"],
+                content_removed=removed["content"],
+                style_removed=removed["style"],
+                tv_removed=removed["tv"],
+            )
+        )
 
     def _checkpoint(self, s: int, it: int, stepper: Stepper, end: bool) -> Checkpoint:
         x = stepper.result()  # what the scale would deliver now (the average, with an EMA)
         luminance = x.float().cpu().clone() if self.channels == 1 else None
         avg = stepper.average
         return Checkpoint(
-            scale=s, iteration=it, step=self.step, image=self.finish(x).float().cpu().clone(),
+            scale=s,
+            iteration=it,
+            step=self.step,
+            image=self.finish(x).float().cpu().clone(),
             luminance=luminance,
-            optimizer_state=stepper.state(), config_digest=self.digest, end_of_scale=end,
-            lr=self.lr, recoveries=self.recoveries, loss_start=self.start,
+            optimizer_state=stepper.state(),
+            config_digest=self.digest,
+            end_of_scale=end,
+            lr=self.lr,
+            recoveries=self.recoveries,
+            loss_start=self.start,
             loss_scaler=self.scaler.state() if self.scaler is not None else None,
             iterate=stepper.x.detach().float().cpu().clone() if avg is not None else None,
             average=avg.state() if avg is not None else None,

@@ -51,8 +51,9 @@ def auto_iterations(long_edge: int) -> int:
 def auto_counts(edges: Sequence[int], optimizer: str = "lbfgs") -> list[int]:
     """The auto schedule's iterations for each scale of a pyramid, per optimiser."""
     if optimizer == "adam":
-        return [ADAM_FIRST if i == 0 else round(ADAM_LATER * min(1.0, ADAM_EDGE / e))
-                for i, e in enumerate(edges)]
+        return [
+            ADAM_FIRST if i == 0 else round(ADAM_LATER * min(1.0, ADAM_EDGE / e)) for i, e in enumerate(edges)
+        ]
     return [auto_iterations(e) for e in edges]
 
 

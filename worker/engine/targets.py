@@ -103,8 +103,12 @@ def compute_targets(
     return Targets(content, regions, weights, content_norm, tv_norm, spec.kind)
 
 
-def _style_moments(model: VGGFeatures, image: torch.Tensor, layers: list[int],
-                   cast: Callable[[], contextlib.AbstractContextManager[Any]]) -> dict[int, Moments]:
+def _style_moments(
+    model: VGGFeatures,
+    image: torch.Tensor,
+    layers: list[int],
+    cast: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> dict[int, Moments]:
     with cast():
         sf = model(image, frozenset(layers))
     out = {}
@@ -120,8 +124,9 @@ def _blend(stats: list[Moments], blends: list[float]) -> Moments:
     return mean, srm
 
 
-def _regions(per_item: list[list[RegionRow]],
-             contents: torch.Tensor, layers: list[int], spec: StyleSpec) -> list[Region]:
+def _regions(
+    per_item: list[list[RegionRow]], contents: torch.Tensor, layers: list[int], spec: StyleSpec
+) -> list[Region]:
     """Stack the items' regions into batched Regions; an item with fewer regions than the most gets
     padding regions of weight 0 (target zero, divisor 1, mask everywhere: finite, and multiplied by 0)."""
     count = max(len(r) for r in per_item)
@@ -137,11 +142,13 @@ def _regions(per_item: list[list[RegionRow]],
             mask = torch.cat([row[0] if row and row[0] is not None else ones for row in rows])
         style, norm = {}, {}
         for i in layers:
-            mean, srm = (torch.stack(t) for t in zip(*[_or_zero(row, per_item, i) for row in rows],
-                                                      strict=True))
+            mean, srm = (
+                torch.stack(t) for t in zip(*[_or_zero(row, per_item, i) for row in rows], strict=True)
+            )
             style[i], energy = _target(mean, srm, spec.kind)
-            keep = torch.tensor([row is not None and spec.relative for row in rows],
-                                device=contents.device)  # padding and raw terms: divisor 1
+            keep = torch.tensor(
+                [row is not None and spec.relative for row in rows], device=contents.device
+            )  # padding and raw terms: divisor 1
             norm[i] = torch.where(keep, energy.clamp_min(MIN_ENERGY), torch.ones_like(energy))
         regions.append(Region(mask, weight, style, norm))
     return regions
@@ -162,5 +169,3 @@ def _target(mean: torch.Tensor, srm: torch.Tensor, kind: str) -> tuple[Any, torc
         return t, t.energy
     g = srm / srm.shape[-1]  # our Gram is F F^T / (C H W) = srm / C
     return g, g.pow(2).mean(dim=(1, 2))
-
-

@@ -90,28 +90,44 @@ class StyleTransfer:
             features = build_features(pooling, AVG_POOL_SCALE.get(w.kind, 2.0), pad_replicate)
             features.load_state_dict(w.state)
             self._models[key] = VGGFeatures(features, deepest, w.normalization).to(device)
-            logger.info("loaded VGG19 (%s, %s, %s pooling, up to %s)", w.source, device, pooling,
-                        list(LAYER_INDEX)[deepest])
+            logger.info(
+                "loaded VGG19 (%s, %s, %s pooling, up to %s)",
+                w.source,
+                device,
+                pooling,
+                list(LAYER_INDEX)[deepest],
+            )
         return self._models[key]
 
     def run(
-        self, content: Any, styles: Any, config: TransferConfig | None = None, *,
+        self,
+        content: Any,
+        styles: Any,
+        config: TransferConfig | None = None,
+        *,
         masks: Sequence[Any] | None = None,
-        on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
+        on_progress: ProgressFn | None = None,
+        on_checkpoint: CheckpointFn | None = None,
         resume: Checkpoint | None = None,
     ) -> Result:
         """Stylise one content image with one or more styles (a batch of one); ``masks``: one per
         style, where on the content each applies (BatchItem.masks)."""
         config = config or TransferConfig()
         style_list = list(styles) if isinstance(styles, (list, tuple)) else [styles]
-        item = BatchItem(content, style_list, config.style_blend_weights,
-                         masks=None if masks is None else list(masks))
-        return self.run_batch([item], config, on_progress=on_progress,
-                              on_checkpoint=on_checkpoint, resume=resume)
+        item = BatchItem(
+            content, style_list, config.style_blend_weights, masks=None if masks is None else list(masks)
+        )
+        return self.run_batch(
+            [item], config, on_progress=on_progress, on_checkpoint=on_checkpoint, resume=resume
+        )
 
     def run_batch(
-        self, items: Sequence[BatchItem], config: TransferConfig | None = None, *,
-        on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
+        self,
+        items: Sequence[BatchItem],
+        config: TransferConfig | None = None,
+        *,
+        on_progress: ProgressFn | None = None,
+        on_checkpoint: CheckpointFn | None = None,
         resume: Checkpoint | None = None,
     ) -> Result:
         """Stylise several same-sized images in one batch (B, 3, H, W); Result.images has one each."""
@@ -135,23 +151,39 @@ class StyleTransfer:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         digest = config.digest([spec, weights.kind, digest_parts])
-        run = Pyramid(model, prepared, config, schedule, device=device,
-                      cast=lambda: autocast(device, dtype), channels_last=channels_last, digest=digest,
-                      on_progress=on_progress, on_checkpoint=on_checkpoint,
-                      loss_scaling=dtype == torch.float16)
+        run = Pyramid(
+            model,
+            prepared,
+            config,
+            schedule,
+            device=device,
+            cast=lambda: autocast(device, dtype),
+            channels_last=channels_last,
+            digest=digest,
+            on_progress=on_progress,
+            on_checkpoint=on_checkpoint,
+            loss_scaling=dtype == torch.float16,
+        )
         with torch.random.fork_rng(devices=[]):  # nothing global is consumed, but be safe
             torch.manual_seed(config.seed)
             x = run.finish(run.run(resume))
         images = [tensor_to_pil(x[i]) for i in range(x.shape[0])]
         meta = {
-            "weights_kind": weights.kind, "weights_source": weights.source,
-            "random_weights": weights.kind == "random", "seed": config.seed,
-            "scales": [list(hw) for hw, _ in schedule], "iterations": [n for _, n in schedule],
-            "steps": run.step, "seconds": round(time.perf_counter() - t0, 3),
-            "nan_recoveries": run.recoveries, "device": str(device),
+            "weights_kind": weights.kind,
+            "weights_source": weights.source,
+            "random_weights": weights.kind == "random",
+            "seed": config.seed,
+            "scales": [list(hw) for hw, _ in schedule],
+            "iterations": [n for _, n in schedule],
+            "steps": run.step,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "nan_recoveries": run.recoveries,
+            "device": str(device),
             "precision": str(dtype or torch.float32).replace("torch.", ""),
-            "optimizer": config.optimizer, "channels_last": channels_last,
-            "loss_weights": [list(it.weights) for it in prepared], "config_digest": digest,
+            "optimizer": config.optimizer,
+            "channels_last": channels_last,
+            "loss_weights": [list(it.weights) for it in prepared],
+            "config_digest": digest,
             "resumed_from_step": resume.step if resume is not None else None,
             # per scale, the fraction of the total and of each term removed by its last iteration
             # (items.removed_fractions; None for a scale finished before a resume)
@@ -174,11 +206,17 @@ def _prepare(
         blend = normalise_blend(item.style_blend_weights or config.style_blend_weights, len(styles))
         w = item_loss_weights(item, preset)
         masks = load_masks(item.masks, len(styles), (content.height, content.width))
-        p = prepare_item(pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w,
-                         config.color)
+        p = prepare_item(pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.color)
         prepared.append(replace(p, masks=None if masks is None else [m for m, _ in masks]))
-        parts.append([_hash(content), [_hash(s) for s in styles], blend, list(w),
-                      None if masks is None else [h for _, h in masks]])
+        parts.append(
+            [
+                _hash(content),
+                [_hash(s) for s in styles],
+                blend,
+                list(w),
+                None if masks is None else [h for _, h in masks],
+            ]
+        )
     return prepared, parts
 
 
@@ -191,13 +229,13 @@ def load_masks(
     if masks is None:
         return None
     if len(masks) != n_styles:
-        raise EngineError("invalid_mask",
-                          f"{len(masks)} masks given for {n_styles} styles; give one mask per style")
+        raise EngineError(
+            "invalid_mask", f"{len(masks)} masks given for {n_styles} styles; give one mask per style"
+        )
     out = []
     for k, source in enumerate(masks, start=1):
         im = load_image(source).convert("L")
-        if abs(math.log((im.width / im.height) / (content_hw[1] / content_hw[0]))) > \
-                MASK_ASPECT_TOLERANCE:
+        if abs(math.log((im.width / im.height) / (content_hw[1] / content_hw[0]))) > MASK_ASPECT_TOLERANCE:
             raise EngineError(
                 "invalid_mask",
                 f"mask {k} is {im.width}x{im.height} px, the content {content_hw[1]}x{content_hw[0]} "
@@ -205,8 +243,11 @@ def load_masks(
             )
         arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).float().div_(255)
         if not arr.any():
-            raise EngineError("invalid_mask", f"mask {k} is black everywhere: its style would apply "
-                              "nowhere; white marks where a style applies")
+            raise EngineError(
+                "invalid_mask",
+                f"mask {k} is black everywhere: its style would apply "
+                "nowhere; white marks where a style applies",
+            )
         out.append((arr[None, None], _hash(im)))
     return out
 
@@ -227,15 +268,24 @@ def _hash(im: Image.Image) -> str:
 def _batch_schedule(prepared: list[PreparedItem], config: TransferConfig) -> Schedule:
     schedules = [
         build_schedule(
-            _hw(p.content), size=config.size, min_size=config.min_size,
-            scale_factor=config.scale_factor, scales=config.scales, iterations=config.iterations,
-            max_scales=config.max_scales, optimizer=config.optimizer,
+            _hw(p.content),
+            size=config.size,
+            min_size=config.min_size,
+            scale_factor=config.scale_factor,
+            scales=config.scales,
+            iterations=config.iterations,
+            max_scales=config.max_scales,
+            optimizer=config.optimizer,
         )
         for p in prepared
     ]
     for p, schedule in zip(prepared, schedules, strict=True):  # styles too small at some scale
-        check_runnable([hw for hw, _ in schedule], [_hw(s) for s in p.styles], config.style_scale,
-                       upscale=config.style_upscale)
+        check_runnable(
+            [hw for hw, _ in schedule],
+            [_hw(s) for s in p.styles],
+            config.style_scale,
+            upscale=config.style_upscale,
+        )
     if any(s != schedules[0] for s in schedules):
         sizes = sorted({str(s[-1][0]) for s in schedules})
         raise EngineError(
@@ -247,14 +297,26 @@ def _batch_schedule(prepared: list[PreparedItem], config: TransferConfig) -> Sch
 
 
 def stylize(
-    content: Any, styles: Any, config: TransferConfig | None = None, *,
+    content: Any,
+    styles: Any,
+    config: TransferConfig | None = None,
+    *,
     masks: Sequence[Any] | None = None,
-    on_progress: ProgressFn | None = None, on_checkpoint: CheckpointFn | None = None,
-    resume: Checkpoint | None = None, engine: StyleTransfer | None = None,
+    on_progress: ProgressFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    resume: Checkpoint | None = None,
+    engine: StyleTransfer | None = None,
 ) -> Result:
     """One-shot stylisation; pass ``engine`` to reuse loaded models across calls."""
     config = config or TransferConfig()
     if engine is None:
         engine = StyleTransfer(config.weights or "imagenet", config.device or "auto", config.seed)
-    return engine.run(content, styles, config, masks=masks, on_progress=on_progress,
-                      on_checkpoint=on_checkpoint, resume=resume)
+    return engine.run(
+        content,
+        styles,
+        config,
+        masks=masks,
+        on_progress=on_progress,
+        on_checkpoint=on_checkpoint,
+        resume=resume,
+    )

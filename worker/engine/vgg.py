@@ -21,8 +21,29 @@ from .errors import EngineError
 logger = logging.getLogger(__name__)
 
 # torchvision.models.vgg.cfgs["E"] (VGG19): channels per conv, "M" = pooling.
-VGG19_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-                              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+VGG19_CFG: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -96,8 +117,9 @@ def build_features(
             layers.append(pool)
         else:
             replicate = pad_replicate and not layers  # conv1_1 only
-            conv = nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1,
-                             padding_mode="replicate" if replicate else "zeros")
+            conv = nn.Conv2d(
+                in_ch, int(v), kernel_size=3, padding=1, padding_mode="replicate" if replicate else "zeros"
+            )
             layers += [conv, nn.ReLU()]
             in_ch = int(v)
     return nn.Sequential(*layers)

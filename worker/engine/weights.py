@@ -56,7 +56,7 @@ def resolve_weights(spec: str, seed: int = 0) -> Weights:
     if spec == "imagenet":
         return _imagenet()
     if spec.startswith("caffe:"):
-        path = spec[len("caffe:"):]
+        path = spec[len("caffe:") :]
         return Weights("caffe", path, features_only(load_state_file(Path(path))))
     return Weights("torchvision", spec, features_only(load_state_file(Path(spec))))
 
@@ -79,7 +79,7 @@ def load_state_file(path: Path) -> StateDict:
 def features_only(state: StateDict) -> StateDict:
     """torchvision layout ("features.N.weight", classifier ignored) or features-only ("N.weight")
     -> features-only, checked against the VGG19 layer shapes."""
-    out = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    out = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     if not out:
         out = {k: v for k, v in state.items() if re.fullmatch(r"\d+\.(weight|bias)", k)}
     try:

@@ -82,9 +82,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("tenant_id", "key"),
     )
-    op.create_index(
-        op.f("ix_idempotency_keys_created_at"), "idempotency_keys", ["created_at"], unique=False
-    )
+    op.create_index(op.f("ix_idempotency_keys_created_at"), "idempotency_keys", ["created_at"], unique=False)
 
     op.create_table(
         "tenant_images",
@@ -139,9 +137,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_jobs_batch_id"), "jobs", ["batch_id"], unique=False)
     op.create_index("ix_jobs_status_updated", "jobs", ["status", "updated_at"], unique=False)
-    op.create_index(
-        "ix_jobs_tenant_created", "jobs", ["tenant_id", "created_at", "id"], unique=False
-    )
+    op.create_index("ix_jobs_tenant_created", "jobs", ["tenant_id", "created_at", "id"], unique=False)
 
 
 def downgrade() -> None:

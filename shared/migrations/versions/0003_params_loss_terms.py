@@ -25,8 +25,9 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_JOBS = sa.table("jobs", sa.column("id", sa.String), sa.column("status", sa.String),
-                 sa.column("params", sa.JSON))
+_JOBS = sa.table(
+    "jobs", sa.column("id", sa.String), sa.column("status", sa.String), sa.column("params", sa.JSON)
+)
 
 
 def _params(value: Any) -> dict[str, Any]:
@@ -37,8 +38,9 @@ def _params(value: Any) -> dict[str, Any]:
 
 def upgrade() -> None:
     bind = op.get_bind()
-    rows = bind.execute(sa.select(_JOBS.c.id, _JOBS.c.params)
-                        .where(_JOBS.c.status.in_(["queued", "running"]))).all()
+    rows = bind.execute(
+        sa.select(_JOBS.c.id, _JOBS.c.params).where(_JOBS.c.status.in_(["queued", "running"]))
+    ).all()
     for job_id, raw in rows:
         params = _params(raw)
         if "loss_terms" not in params:
