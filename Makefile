@@ -21,6 +21,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check api worker shared tests bench deploy
+	$(VENV)/bin/ruff format --check api worker shared tests bench deploy
 	$(VENV)/bin/mypy
 
 bench: install
