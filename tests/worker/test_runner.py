@@ -128,7 +128,8 @@ def test_cancel_of_running_job_stops_within_a_second(
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
     thread.start()
     _wait(lambda: load_job(job_id).status == "running")
-    time.sleep(0.5)
+    # well under way (an event, not a fixed sleep): a few iterations reported
+    _wait(lambda: int((load_job(job_id).progress or {}).get("step", 0)) >= 5)
     with get_sessionmaker(settings.database_url)() as s:
         job = s.get(Job, job_id)
         assert job is not None
