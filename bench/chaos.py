@@ -59,8 +59,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.faults import chaos_lib  # noqa: E402
 from tests.faults.chaos_lib import PrivateRedis  # noqa: E402
-from tests.integration.conftest import start, stop, wait_for  # noqa: E402
-from tests.pgdb import temporary_database  # noqa: E402
+from tests.support.servers import temporary_database  # noqa: E402
+from tests.support.stacks import start, stop  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 WORKERS = ("w0", "w1")

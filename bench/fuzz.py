@@ -1,6 +1,6 @@
-"""The long hostile fuzz of the HTTP API (the short one is tests/hostile): schemathesis + our generator.
+"""The long hostile fuzz of the HTTP API (the short one is tests/api/hostile): schemathesis + our generator.
 
-Starts its own ``stylequeue api`` (tests/hostile/live.py: PostgreSQL database and Redis DB index of
+Starts its own ``stylequeue api`` (tests/support/live.py: PostgreSQL database and Redis DB index of
 its own, folder storage, ``STYLEQUEUE_AUTH=on``, tenants A and B, no worker) on 127.0.0.1 only, then
 
 1. runs ``st run`` (schemathesis) against ``/openapi.json`` with A's key, in rounds of
@@ -10,7 +10,7 @@ its own, folder storage, ``STYLEQUEUE_AUTH=on``, tenants A and B, no worker) on 
    ``--st-share`` of the requests (or of the time);
 2. sends the scale-factor probes of the security review (finding 1) with a /healthz watchdog, and
    one JSON batch naming 70,000 ids (finding 6g);
-3. sends hostile requests from tests/hostile/hostile.py (hypothesis, seeded) until ``--requests``
+3. sends hostile requests from tests/api/hostile/hostile.py (hypothesis, seeded) until ``--requests``
    requests were sent in all, or ``--max-seconds`` passed.
 
 Prints the requests sent, the number of 5xx and every distinct failure (operation, status, the
@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.hostile.hostile import (  # noqa: E402
+from tests.api.hostile.hostile import (  # noqa: E402
     Fuzzer,
     HealthWatch,
     Ids,
@@ -46,7 +46,7 @@ from tests.hostile.hostile import (  # noqa: E402
     huge_list_probes,
     scale_factor_probes,
 )
-from tests.hostile.live import HOST, LiveApi, standalone_api  # noqa: E402
+from tests.support.live import HOST, LiveApi, standalone_api  # noqa: E402
 
 ST = str(Path(sys.executable).with_name("st"))
 ST_CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"

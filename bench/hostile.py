@@ -1,6 +1,6 @@
 """Does a hostile request hurt other tenants? /healthz latency while bomb batches are in flight.
 
-Starts a real API (uvicorn, PostgreSQL, folder storage; see tests/hostile/live.py) and measures, in
+Starts a real API (uvicorn, PostgreSQL, folder storage; see tests/support/live.py) and measures, in
 one run and side by side:
 
 * /healthz latency (p50, p99, max) on an idle API;
@@ -37,7 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.hostile.live import LiveApi, standalone_api  # noqa: E402
+from tests.support.live import LiveApi, standalone_api  # noqa: E402
 
 TARGET_MS = 100.0  # the issue's bound on /healthz p99 under attack, and on the refusal
 SCALE_LOOP = {"size": 2048, "min_size": 16, "scale_factor": 1.0000000000000002}

@@ -35,7 +35,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.pgdb import temporary_database  # noqa: E402
+from tests.support.servers import temporary_database  # noqa: E402
 
 REDIS = os.environ.get("STYLEQUEUE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 

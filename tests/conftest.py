@@ -1,4 +1,5 @@
-"""Fixtures for the real servers the tests use (see ../shared/docs/services.md).
+"""Fixtures for the real servers the tests use (see ../shared/docs/services.md); the helpers
+behind them are in tests/support.
 
 PostgreSQL and Redis run on 127.0.0.1 on developers' machines and on CI. A test that needs one skips
 with a reason when it is unreachable, and fails instead under ``CI=true``. S3 is moto's threaded
@@ -10,29 +11,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shared.settings import Settings, get_settings
-from tests.net import port_open
-from tests.pgdb import temporary_database
-
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-IN_CI = os.environ.get("CI", "").lower() == "true"
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples" / "images"
-
-
-def require(ok: bool, reason: str) -> None:
-    """Skip when a server is missing on a developer machine; fail on CI, where it must be there."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: servers must be available)")
-    pytest.skip(reason)
+from tests.support.images import EXAMPLES
+from tests.support.servers import REDIS_HOST, REDIS_PORT, S3Endpoint, port_open, require, temporary_database
 
 
 @pytest.fixture(scope="session")
@@ -63,16 +49,6 @@ def redis_url(_redis_db: int) -> str:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'stylequeue.db'}"
-
-
-@dataclass(frozen=True)
-class S3Endpoint:
-    endpoint_url: str
-    bucket: str
-
-    @property
-    def storage_url(self) -> str:
-        return f"s3://{self.bucket}/stylequeue"
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +91,21 @@ def settings_factory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterato
 
     yield make
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, bytes]:
+    """Small inputs (64 px) made from the example images (the integration and fault tests)."""
+    import io
+
+    from PIL import Image
+
+    out = {}
+    folder = EXAMPLES
+    for name in ("content_astronaut.png", "content_chelsea_cat.png", "style_hokusai_great_wave.jpg"):
+        im = Image.open(folder / name).convert("RGB")
+        im.thumbnail((64, 64))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out[name.split(".")[0]] = buf.getvalue()
+    return out

@@ -2,102 +2,14 @@
 
 from __future__ import annotations
 
-import io
-import itertools
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-from PIL import Image
-from sqlalchemy import func, select, text
 
-from api.app import create_app
-from shared.db import get_engine, session_scope
-from shared.migrate import upgrade
-from shared.models import ApiKey, Batch, IdempotencyKey, Job, StoredImage, Tenant, TenantImage
 from shared.settings import Settings
-from shared.tenants import create_key
-
-_colors = itertools.count(1)
-
-
-def image_bytes(w: int = 64, h: int = 48, fmt: str = "PNG", color: int | None = None) -> bytes:
-    """A distinct small image each call (unless ``color`` is given)."""
-    c = next(_colors) if color is None else color
-    buf = io.BytesIO()
-    img = Image.new("RGB", (w, h), ((c * 53) % 256, (c * 97) % 256, (c // 256) % 256))
-    img.putpixel((c % w, 0), (255, 255, 255))  # distinct bytes even after JPEG quantization
-    img.save(buf, fmt)
-    return buf.getvalue()
-
-
-@dataclass
-class FakePublisher:
-    """Records published job ids; ``fail`` makes it publish nothing; ``down`` breaks check()."""
-
-    fail: bool = False
-    down: bool = False
-    published: list[str] = field(default_factory=list)
-    on_publish: Callable[[Sequence[str]], None] | None = None
-
-    def publish(self, job_ids: Sequence[str]) -> list[str]:
-        if self.on_publish:
-            self.on_publish(job_ids)
-        if self.fail:
-            return []
-        self.published.extend(job_ids)
-        return list(job_ids)
-
-    def check(self) -> None:
-        if self.down:
-            raise ConnectionError("broker down")
-
-
-@dataclass
-class Api:
-    client: TestClient
-    settings: Settings
-    publisher: Any
-    key: str
-    storage: Any
-
-    def as_tenant(self, name: str) -> TestClient:
-        with session_scope(self.settings.database_url) as session:
-            key = create_key(session, name).key
-        c = TestClient(self.client.app)
-        c.headers["Authorization"] = f"Bearer {key}"
-        return c
-
-    def counts(self) -> dict[str, int]:
-        """Rows per table and stored objects: to prove a rejected request created nothing."""
-        out: dict[str, int] = {}
-        with session_scope(self.settings.database_url) as session:
-            for model in (Job, Batch, StoredImage, TenantImage):
-                out[model.__tablename__] = session.scalar(select(func.count()).select_from(model)) or 0
-        out["objects"] = len(list(self.storage.list_keys()))
-        return out
-
-
-def _reset(url: str) -> None:
-    upgrade(url)
-    with get_engine(url).begin() as conn:
-        for model in (Job, Batch, TenantImage, StoredImage, IdempotencyKey, ApiKey, Tenant):
-            conn.execute(text(f"DELETE FROM {model.__tablename__}"))
-
-
-def build_api(settings: Settings, publisher: Any = None) -> Api:
-    publisher = publisher if publisher is not None else FakePublisher()
-    if not settings.database_url.startswith("sqlite"):
-        _reset(settings.database_url)
-    app = create_app(settings, publisher=publisher)
-    client = TestClient(app)
-    with session_scope(settings.database_url) as session:
-        key = create_key(session, "alice").key
-    client.headers["Authorization"] = f"Bearer {key}"
-    return Api(client, settings, publisher, key, app.state.storage)
+from tests.support.apps import Api, build_api
+from tests.support.images import EXAMPLES
 
 
 @pytest.fixture
@@ -119,28 +31,6 @@ def any_api(request: pytest.FixtureRequest) -> Api:
     return chosen
 
 
-def submit(
-    client: TestClient,
-    *,
-    content: bytes | None = None,
-    styles: Sequence[bytes] = (),
-    params: Any = None,
-    data: dict[str, Any] | None = None,
-) -> Any:
-    files: list[tuple[str, tuple[str, bytes, str]]] = []
-    if content is not None:
-        files.append(("content", ("content.png", content, "image/png")))
-    files += [("style", (f"style{i}.png", s, "image/png")) for i, s in enumerate(styles)]
-    form: dict[str, Any] = dict(data or {})
-    if params is not None:
-        form["params"] = params if isinstance(params, str) else __import__("json").dumps(params)
-    return client.post("/v1/jobs", files=files or None, data=form or None)
-
-
-def upload(client: TestClient, data: bytes) -> Any:
-    return client.post("/v1/images", files={"file": ("x.png", data, "image/png")})
-
-
 @pytest.fixture
 def examples() -> Path:
-    return Path(__file__).resolve().parents[2] / "examples" / "images"
+    return EXAMPLES

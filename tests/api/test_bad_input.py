@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from shared.settings import Settings
-from tests.api.conftest import Api, build_api, image_bytes, submit, upload
+from tests.support.apps import Api, build_api, submit, upload
+from tests.support.images import image_bytes
 
 PNG = image_bytes(64, 64, color=1)
 

@@ -11,7 +11,8 @@ from sqlalchemy import func, select
 from shared.db import session_scope
 from shared.models import Job
 from shared.settings import Settings
-from tests.api.conftest import Api, build_api, image_bytes, upload
+from tests.support.apps import Api, build_api, upload
+from tests.support.images import image_bytes
 
 
 def test_product_from_multipart_files(any_api: Api) -> None:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from api.safejson import loads
 from shared.errors import InvalidInput, PayloadTooLarge
 from shared.params import JobParams, long_edges
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 @pytest.mark.parametrize(

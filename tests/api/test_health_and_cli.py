@@ -20,8 +20,9 @@ from shared.db import session_scope
 from shared.migrate import upgrade
 from shared.models import Base, Job
 from shared.settings import Settings
-from tests.api.conftest import Api, FakePublisher, build_api, image_bytes
-from tests.net import free_port
+from tests.support.apps import Api, FakePublisher, build_api
+from tests.support.images import image_bytes
+from tests.support.servers import free_port
 
 
 def test_healthz_and_readyz(api: Api) -> None:

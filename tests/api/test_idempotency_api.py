@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from shared.db import session_scope
 from shared.models import IdempotencyKey
-from tests.api.conftest import Api, image_bytes, submit, upload
+from tests.support.apps import Api, submit, upload
+from tests.support.images import image_bytes
 
 KEY = {"Idempotency-Key": "order-42"}
 

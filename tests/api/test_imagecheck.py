@@ -9,7 +9,7 @@ from PIL import Image
 
 from shared.errors import InvalidInput, PayloadTooLarge
 from shared.imagecheck import inspect_image
-from tests.api.conftest import image_bytes
+from tests.support.images import image_bytes
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 4_000_000}
 

@@ -9,8 +9,9 @@ from sqlalchemy import update
 from shared.db import session_scope
 from shared.models import Job
 from shared.settings import Settings
-from tests.api.conftest import Api, image_bytes, submit, upload
-from tests.conftest import S3Endpoint
+from tests.support.apps import Api, submit, upload
+from tests.support.images import image_bytes
+from tests.support.servers import S3Endpoint
 
 
 def _set(api: Api, job_id: str, **values: object) -> None:
@@ -85,7 +86,7 @@ def test_result_redirects_to_presigned_url_on_s3(
     settings_factory: Callable[..., Settings],
     s3: S3Endpoint,
 ) -> None:
-    from tests.api.conftest import build_api
+    from tests.support.apps import build_api
 
     api = build_api(settings_factory(storage_url=s3.storage_url, s3_endpoint_url=s3.endpoint_url))
     job = submit(api.client, content=image_bytes(), styles=[image_bytes()]).json()
@@ -186,7 +187,7 @@ def test_auth_off_uses_the_local_tenant(settings_factory: Callable[..., Settings
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from tests.api.conftest import FakePublisher
+    from tests.support.apps import FakePublisher
 
     app = create_app(settings_factory(auth="off"), publisher=FakePublisher())
     anon = TestClient(app, client=("127.0.0.1", 50000))  # auth=off serves loopback clients only

@@ -22,7 +22,8 @@ from api.masks import MASK_ASPECT_TOLERANCE, aspect_matches
 from shared.db import session_scope
 from shared.migrate import upgrade
 from shared.models import Job
-from tests.api.conftest import Api, image_bytes, upload
+from tests.support.apps import Api, upload
+from tests.support.images import image_bytes
 
 _shades = itertools.count(1)
 KEY = {"Idempotency-Key": "masks-1"}
@@ -323,7 +324,7 @@ def test_rejected_multipart_batch_stores_no_image(any_api: Api, case: str) -> No
 
 
 def test_batch_with_too_many_masks(settings_factory: Any) -> None:
-    from tests.api.conftest import build_api
+    from tests.support.apps import build_api
 
     api = build_api(settings_factory(max_batch_jobs=2))
     c, s = _ids(api, image_bytes()), _ids(api, image_bytes())
@@ -391,9 +392,7 @@ def test_migration_adds_a_null_column_to_existing_jobs(which: str, tmp_path: Pat
     if which == "sqlite":
         _migrate_from_0001(f"sqlite:///{tmp_path / 'old.db'}")
         return
-    from tests.conftest import require
-    from tests.net import port_open
-    from tests.pgdb import temporary_database
+    from tests.support.servers import port_open, require, temporary_database
 
     require(port_open("127.0.0.1", 5432), "PostgreSQL is not reachable on 127.0.0.1:5432")
     with temporary_database("sq_masks") as url:

@@ -13,8 +13,9 @@ from api.publisher import CeleryPublisher
 from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
-from tests.api.conftest import FakePublisher, build_api, image_bytes, submit, upload
-from tests.net import free_port
+from tests.support.apps import FakePublisher, build_api, submit, upload
+from tests.support.images import image_bytes
+from tests.support.servers import free_port
 
 
 def test_jobs_are_committed_before_publishing(settings_factory: Callable[..., Settings], pg_url: str) -> None:

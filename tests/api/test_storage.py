@@ -17,7 +17,7 @@ from shared.storage import (
     StorageUnavailable,
     open_storage,
 )
-from tests.conftest import S3Endpoint
+from tests.support.servers import S3Endpoint
 
 
 def test_folder_round_trip_and_atomic_write(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_s3_presigned_url_over_real_http(s3: S3Endpoint, tmp_path: Path) -> None
 
 
 def test_s3_unreachable_is_storage_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.net import free_port
+    from tests.support.servers import free_port
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

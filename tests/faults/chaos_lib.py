@@ -6,7 +6,8 @@
 * ``TcpProxy``: a loopback TCP proxy (in front of moto's S3 server) that can be cut and restored on
   the same port, so storage becomes unreachable for a while;
 * ``job_events``: the workers' ``job_event job_id=... attempt=... event=... k=v`` log lines, parsed;
-* S3 object versions (the bucket has versioning on): how many times a key was written.
+* S3 object versions (the bucket has versioning on): how many times a key was written;
+* ``PgCluster``: a private PostgreSQL cluster (``initdb``/``pg_ctl``) that a test may stop and start.
 
 Processes: ``stylequeue worker`` is a supervisor that starts one ``celery worker`` per device, each in
 its own session (process group); the Celery main process forks the pool children into that group.
@@ -17,6 +18,7 @@ down warm. So a whole-worker crash kills the Celery group first, then the superv
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -345,3 +347,68 @@ def versions(client: Any, bucket: str, key: str) -> int:
     for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
         n += sum(v["Key"] == key for v in page.get("Versions", []))
     return n
+
+
+# --- a private PostgreSQL cluster (test_db_outage.py stops and starts it) ----------------------
+
+
+def pg_bin() -> Path | None:
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
+    if found and Path(found[-1]).with_name("initdb").exists():
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).parent if on_path and shutil.which("initdb") else None
+
+
+@dataclass
+class PgCluster:
+    bindir: Path
+    root: Path
+    port: int
+    run_as: list[str]  # ["runuser", "-u", "postgres", "--"] as root, [] otherwise
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str, timeout: float = 30) -> None:
+        cmd = [*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+
+    def init(self) -> None:
+        cmd = [
+            *self.run_as,
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
+            "-c full_page_writes=off -c max_connections=60"
+        )
+        self._ctl("-l", str(self.root / "postgres.log"), "-w", "-t", "30", "-o", opts, "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._ctl("-m", mode, "-w", "-t", "30", "stop")
+
+    def running(self) -> bool:
+        cmd = [*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"]
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0

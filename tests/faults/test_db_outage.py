@@ -28,9 +28,10 @@ from shared.db import get_engine, session_scope
 from shared.migrate import upgrade
 from shared.models import Job
 from shared.tenants import create_key
-from tests.api.conftest import image_bytes
-from tests.faults.conftest import PgCluster
-from tests.net import free_port
+from tests.faults.chaos_lib import PgCluster
+from tests.support.images import image_bytes
+from tests.support.servers import free_port
+from tests.support.waiting import wait_for
 
 FAST_503_S = 5.0  # a 503 must come within this, not after a long hang
 
@@ -107,13 +108,6 @@ class Submitter(threading.Thread):
 
     def count(self, status: int) -> int:
         return sum(a.status == status for a in list(self.answers))
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def assert_unavailable(answer: Answer, what: str) -> None:
@@ -231,7 +225,7 @@ def test_unresponsive_database_answers_503_within_the_connect_timeout(
     from fastapi.testclient import TestClient
 
     from shared.db import CONNECT_TIMEOUT_S
-    from tests.api.conftest import FakePublisher
+    from tests.support.apps import FakePublisher
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

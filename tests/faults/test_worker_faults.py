@@ -34,21 +34,12 @@ import pytest
 
 from shared.models import Job
 from shared.queue import make_celery, publish_job
-from tests.conftest import require
 from tests.faults import chaos_lib
 from tests.faults.chaos_lib import PrivateRedis, TcpProxy
 from tests.integration import scenarios
-from tests.integration.conftest import (
-    Stack,
-    _env,
-    _make_key,
-    _settings,
-    start,
-    wait_for,
-)
-from tests.integration.conftest import images as images  # noqa: F401 - the fixture
-from tests.net import free_port, port_open
-from tests.pgdb import temporary_database
+from tests.support.servers import free_port, port_open, require, temporary_database
+from tests.support.stacks import Stack, make_key, stack_env, stack_settings, start
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -246,7 +237,7 @@ def fault_stack(_moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
     s3.create_bucket(Bucket=bucket)
     chaos_lib.enable_versioning(s3, bucket)
     with fresh_pg_database() as db_url:
-        env = _env(
+        env = stack_env(
             tmp,
             database_url=db_url,
             broker_url=redis.url(),
@@ -256,14 +247,14 @@ def fault_stack(_moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
         )
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             env[name] = os.environ[name]
-        stack = Stack("faults", env, _settings(env), tmp)
+        stack = Stack("faults", env, stack_settings(env), tmp)
         upgrade(stack.settings.database_url)
         fs = FaultStack(stack, ("a", "b"), random.Random(SEED), redis, proxy, s3, bucket, "sq")
         print(f"\nfault tests: STYLEQUEUE_CHAOS_SEED={SEED}")
         try:
             fs.ensure_running()
             stack.start_api()
-            stack.key = _make_key(stack.settings)
+            stack.key = make_key(stack.settings)
             yield fs
         finally:
             stack.close()
@@ -485,13 +476,13 @@ def test_job_whose_worker_dies_every_attempt_fails_worker_lost_with_checkpoints_
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[FaultStack]:
-    env = _env(tmp_path, **FAST)
-    stack = Stack("embedded", env, _settings(env), tmp_path)
+    env = stack_env(tmp_path, **FAST)
+    stack = Stack("embedded", env, stack_settings(env), tmp_path)
     fs = FaultStack(stack, ("worker",), random.Random(SEED))
     try:
         fs.ensure_running()
         stack.start_api()
-        stack.key = _make_key(stack.settings)
+        stack.key = make_key(stack.settings)
         yield fs
     finally:
         stack.close()

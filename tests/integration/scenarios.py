@@ -10,7 +10,8 @@ import httpx
 from PIL import Image
 
 from shared.queue import make_celery, publish_job
-from tests.integration.conftest import LONG, TINY, Stack, wait_for
+from tests.support.stacks import LONG, TINY, Stack
+from tests.support.waiting import wait_for
 from worker.engine import Checkpoint
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.integration import scenarios
-from tests.integration.conftest import Stack
+from tests.support.stacks import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

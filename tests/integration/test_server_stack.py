@@ -8,7 +8,8 @@ import signal
 import pytest
 
 from tests.integration import scenarios
-from tests.integration.conftest import LONG, Stack, wait_for
+from tests.support.stacks import LONG, Stack
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,18 +1,17 @@
-"""An empty, migrated database on SQLite and on PostgreSQL for each test, with tenant t1 and one image."""
+"""An empty, migrated database on SQLite and on PostgreSQL for each test: ``db_url`` with tenant t1 and
+one image, ``sessions`` (the reconciler and idempotency tests) with tenants t1 and t2."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import get_sessionmaker
 from shared.migrate import upgrade
 from shared.models import Base, Job, StoredImage, Tenant
-
-IMAGE = "a" * 64
-MakeJob = Callable[..., str]
+from tests.support.jobs import IMAGE, MakeJob
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -43,3 +42,17 @@ def make_job(db_url: str) -> MakeJob:
             return job.id
 
     return make
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest) -> sessionmaker[Session]:
+    """Every table emptied (the reconciler looks at every job), with tenants t1 and t2."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    upgrade(url)
+    maker = get_sessionmaker(url)
+    with maker() as s:
+        for table in reversed(Base.metadata.sorted_tables):
+            s.execute(table.delete())
+        s.add_all([Tenant(id="t1", name="t1"), Tenant(id="t2", name="t2")])
+        s.commit()
+    return maker

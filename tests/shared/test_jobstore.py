@@ -20,7 +20,7 @@ from shared.jobs import ALLOWED, TERMINAL, JobStatus, can_transition, sources_fo
 from shared.jobstore import CancelResult, JobSpec, Seen
 from shared.models import Job, utcnow
 from shared.reconcile import reconcile_once
-from tests.shared.conftest import IMAGE, MakeJob
+from tests.support.jobs import IMAGE, MakeJob
 from worker import jobstore as worker_jobstore
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,9 +27,7 @@ def old_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'old.db'}"
         return
-    from tests.conftest import require
-    from tests.net import port_open
-    from tests.pgdb import temporary_database
+    from tests.support.servers import port_open, require, temporary_database
 
     require(port_open("127.0.0.1", 5432), "PostgreSQL is not reachable on 127.0.0.1:5432")
     with temporary_database("sq_loss_terms") as url:

@@ -3,26 +3,21 @@ engine (with both images in folder storage)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
 from shared.db import get_sessionmaker
 from shared.migrate import upgrade
 from shared.models import Job, StoredImage, Tenant
 from shared.settings import Settings
 from shared.storage import open_storage
+from tests.support.images import png
+from tests.support.jobs import CONTENT, STYLE
 from tests.worker.fakes import FakeEngine
 from worker import runner
-
-CONTENT, STYLE = "c" * 64, "s" * 64
-NODE = "cpu@testhost"
-MakeJob = Callable[..., str]
-LoadJob = Callable[[str], Job]
 
 
 @pytest.fixture
@@ -70,12 +65,6 @@ def load_job(settings: Settings) -> Callable[[str], Job]:
             return job
 
     return load
-
-
-def png(color: tuple[int, int, int] = (0, 128, 255)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (48, 48), color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import FolderStorage, Storage, StorageUnavailable, open_storage
-from tests.worker.conftest import NODE, LoadJob, MakeJob
+from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
 from worker import jobstore, runner
 from worker.watcher import JobStopped, StopReason, Watcher

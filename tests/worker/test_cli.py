@@ -14,7 +14,7 @@ import pytest
 
 from shared import server_cli
 from shared.settings import Settings
-from tests.worker.conftest import LoadJob, MakeJob
+from tests.support.jobs import LoadJob, MakeJob
 from worker import supervisor
 
 REPO = Path(__file__).resolve().parents[2]

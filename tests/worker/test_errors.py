@@ -10,7 +10,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.settings import Settings
 from shared.storage import StorageUnavailable
-from tests.worker.conftest import NODE, LoadJob, MakeJob
+from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
 from worker import jobstore, runner
 from worker.engine import EngineError, WeightsError

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from shared.models import Job, utcnow
 from shared.settings import Settings
-from tests.worker.conftest import LoadJob, MakeJob
+from tests.support.jobs import LoadJob, MakeJob
 from worker import jobstore
 from worker.jobstore import Claim, Drop
 

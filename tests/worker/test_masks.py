@@ -15,7 +15,7 @@ from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import open_storage
-from tests.worker.conftest import CONTENT, NODE, STYLE, LoadJob, MakeJob
+from tests.support.jobs import CONTENT, NODE, STYLE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine, FakeResult
 from worker import jobstore, runner
 from worker.engine import Checkpoint, EngineError

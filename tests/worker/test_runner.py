@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +14,8 @@ from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import StorageUnavailable, open_storage
-from tests.worker.conftest import CONTENT, NODE, LoadJob, MakeJob
+from tests.support.jobs import CONTENT, NODE, LoadJob, MakeJob
+from tests.support.waiting import wait_for
 from tests.worker.fakes import FakeEngine
 from worker import jobstore, runner, watcher
 from worker.engine import ImageError, Progress
@@ -127,9 +127,9 @@ def test_cancel_of_running_job_stops_within_a_second(
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
     thread.start()
-    _wait(lambda: load_job(job_id).status == "running")
+    wait_for(lambda: load_job(job_id).status == "running", 10, "the job to run", interval=0.02)
     # well under way (an event, not a fixed sleep): a few iterations reported
-    _wait(lambda: int((load_job(job_id).progress or {}).get("step", 0)) >= 5)
+    wait_for(lambda: int((load_job(job_id).progress or {}).get("step", 0)) >= 5, 10, "5 steps", interval=0.02)
     with get_sessionmaker(settings.database_url)() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -151,7 +151,7 @@ def test_newer_attempt_fences_the_old_one(
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
     thread.start()
-    _wait(lambda: load_job(job_id).status == "running")
+    wait_for(lambda: load_job(job_id).status == "running", 10, "the job to run", interval=0.02)
     with get_sessionmaker(settings.database_url)() as s:  # as if the lease expired and another took it
         s.query(Job).filter(Job.id == job_id).update({"attempt": 2, "worker": "other@h#1"})
         s.commit()
@@ -176,7 +176,7 @@ def test_shutdown_hands_job_back_and_republishes(
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
     thread.start()
-    _wait(lambda: load_job(job_id).status == "running")
+    wait_for(lambda: load_job(job_id).status == "running", 10, "the job to run", interval=0.02)
     watcher.SHUTDOWN.set()
     try:
         thread.join(timeout=10)
@@ -203,7 +203,7 @@ def test_shutdown_checkpoints_the_current_iteration_before_handing_back(
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
     thread.start()
-    _wait(lambda: bool(load_job(job_id).progress))
+    wait_for(lambda: bool(load_job(job_id).progress), 10, "progress", interval=0.02)
     watcher.SHUTDOWN.set()
     try:
         thread.join(timeout=10)
@@ -221,7 +221,7 @@ def test_progress_is_written_while_running(
     job_id = make_job()
     thread = threading.Thread(target=runner.run_job, args=(job_id, NODE, settings))
     thread.start()
-    _wait(lambda: bool(load_job(job_id).progress))
+    wait_for(lambda: bool(load_job(job_id).progress), 10, "progress", interval=0.02)
     snap = load_job(job_id).progress
     thread.join(timeout=10)
     assert set(snap) == {
@@ -262,13 +262,6 @@ def _progress() -> Progress:
         lr=1,
         recoveries=0,
     )
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_worker_identity_names_node_and_pid() -> None:

@@ -7,7 +7,7 @@ from sqlalchemy.exc import OperationalError
 from shared.queue import RUN_JOB_TASK
 from shared.settings import Settings
 from shared.storage import StorageUnavailable
-from tests.worker.conftest import LoadJob, MakeJob
+from tests.support.jobs import LoadJob, MakeJob
 from worker import jobstore
 from worker.tasks import app, run_job
 

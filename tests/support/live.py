@@ -1,4 +1,4 @@
-"""A real ``stylequeue api`` process to attack: started once, shared by tests/hostile and bench/fuzz.py.
+"""A real ``stylequeue api`` process to attack: started once, shared by tests/api/hostile and bench/fuzz.py.
 
 ``running_api(tmp, database_url, broker_url)`` migrates the (empty, throwaway) PostgreSQL database,
 creates two tenants (A and B) with one API key each, starts ``python -m shared.cli api`` (uvicorn) on
@@ -13,9 +13,7 @@ a request to the exceptions it caused, ``log_tail()`` is meant for assertion mes
 
 from __future__ import annotations
 
-import io
 import os
-import random
 import re
 import subprocess
 import sys
@@ -29,9 +27,10 @@ from typing import Any
 
 import httpx
 
-from tests.net import free_port, port_open, stop_process
+from tests.support import REPO
+from tests.support.images import png_bytes
+from tests.support.servers import free_port, port_open, stop_process
 
-REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"  # the only address the harness ever talks to
 REDIS_HOST, REDIS_PORT = HOST, 6379
 PG_HOST, PG_PORT = HOST, 5432
@@ -43,19 +42,6 @@ TINY_PARAMS = {"size": 32, "min_size": 32, "iterations": 1}
 
 _ERROR_RE = re.compile(r"event=unhandled_error path=(?P<path>.*?) error=(?P<error>\w+)")
 _DB_DOWN_RE = re.compile(r"event=db_unavailable path=(?P<path>.*?) error=(?P<error>\w+)")
-
-
-def png_bytes(seed: int, w: int = 64, h: int = 48) -> bytes:
-    """A small PNG whose bytes (so whose id, its sha256) differ for every seed."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-    for _ in range(8):
-        img.putpixel((rng.randrange(w), rng.randrange(h)), (rng.randrange(256),) * 3)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 @dataclass
@@ -352,7 +338,7 @@ def _forget_queue(broker_url: str, queue: str) -> None:
 @contextmanager
 def standalone_api(tmp: Path, *, app_dir: Path | None = None, **settings: Any) -> Iterator[LiveApi]:
     """``running_api`` on a throwaway PostgreSQL database and a random Redis DB index (1-15)."""
-    from tests.pgdb import temporary_database
+    from tests.support.servers import temporary_database
 
     for host, port, what in ((PG_HOST, PG_PORT, "PostgreSQL"), (REDIS_HOST, REDIS_PORT, "Redis")):
         if not port_open(host, port):

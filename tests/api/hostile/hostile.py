@@ -1,9 +1,9 @@
 """Hostile requests (hypothesis strategies) and the one judge of the API's answers.
 
-Shared by tests/hostile/test_properties.py (a few hundred examples per target) and bench/fuzz.py
+Shared by tests/api/hostile/test_properties.py (a few hundred examples per target) and bench/fuzz.py
 (thousands). A strategy draws a :class:`Probe`: one fully built HTTP request (raw bytes: JSON text
 with ``NaN``, ``1e400``, 5000-digit integers, 2000-deep nesting, ``\\u0000``, lone surrogates, form
-fields that are not UTF-8...). :meth:`Fuzzer.send` sends it to a :class:`~tests.hostile.live.LiveApi`
+fields that are not UTF-8...). :meth:`Fuzzer.send` sends it to a :class:`~tests.support.live.LiveApi`
 and checks the properties every answer must have:
 
 * no 5xx, no timeout, no dropped connection (an API that stops answering ``/healthz`` is SIGKILLed
@@ -33,7 +33,7 @@ from urllib.parse import quote
 import httpx
 from hypothesis import strategies as st
 
-from tests.hostile.live import LiveApi
+from tests.support.live import LiveApi
 
 # --- JSON text of hostile values --------------------------------------------------------------
 

@@ -18,7 +18,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.hostile.live import TINY_PARAMS, LiveApi, png_bytes
+from tests.support.images import png_bytes
+from tests.support.live import TINY_PARAMS, LiveApi
 
 SCALE_LOOP = {"size": 2048, "min_size": 16, "scale_factor": 1.0000000000000002}
 DEEP = "[" * 5000 + "]" * 5000
@@ -486,7 +487,7 @@ def test_a_slow_sender_gets_408_and_holds_no_upload_slot(tmp_path: Any) -> None:
     (and with every upload slot's worth of such clients) ordinary uploads go through."""
     import socket
 
-    from tests.hostile.live import standalone_api
+    from tests.support.live import standalone_api
 
     with standalone_api(tmp_path, body_timeout_s=2, max_inflight_uploads=1) as api:
         head = (

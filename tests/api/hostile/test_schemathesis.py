@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.hostile.live import LiveApi
+from tests.support.live import LiveApi
 
 MAX_EXAMPLES = 200  # fuzzing-phase examples per operation (the coverage phase adds its own)
 SEED = 20261201

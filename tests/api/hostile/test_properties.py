@@ -1,6 +1,6 @@
 """Hostile values against the live API (hypothesis): never a 5xx, JSON errors, nothing created.
 
-Each test draws a few hundred requests from one strategy of ``tests.hostile.hostile`` (raw bytes:
+Each test draws a few hundred requests from one strategy of ``tests.api.hostile.hostile`` (raw bytes:
 ``params`` with NaN / 1e400 / 5000-digit integers / 2000-deep nesting / NUL / lone surrogates, JSON
 and multipart batch bodies, path ids, ``?status=``, ``?batch_id=``, ``?cursor=``) and checks every
 answer with ``Fuzzer``: status < 500, no timeout, a 4xx body ``{"error": {"code", "message"}}``, row
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, Verbosity, example, given, settings
 from hypothesis import strategies as st
 
-from tests.hostile.hostile import (
+from tests.api.hostile.hostile import (
     Fuzzer,
     HealthWatch,
     Ids,
@@ -31,7 +31,7 @@ from tests.hostile.hostile import (
     query_probes,
     scale_factor_probes,
 )
-from tests.hostile.live import LiveApi
+from tests.support.live import LiveApi
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 It runs on 127.0.0.1 with ``STYLEQUEUE_AUTH=on``, a throwaway PostgreSQL database of its own
 (migrated), this session's Redis DB index as the broker (accepted jobs only queue: no worker runs)
 and folder storage in a tmp folder. Without PostgreSQL or Redis the tests skip (and fail under
-``CI=true``). The object is a :class:`tests.hostile.live.LiveApi`::
+``CI=true``). The object is a :class:`tests.support.live.LiveApi`::
 
     def test_x(live_api):
         before = live_api.counts()   # {"jobs", "batches", "images", "tenant_images",
@@ -29,10 +29,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REDIS_HOST, REDIS_PORT, require
-from tests.hostile.live import LiveApi, running_api
-from tests.net import port_open
-from tests.pgdb import temporary_database
+from tests.support.live import LiveApi, running_api
+from tests.support.servers import REDIS_HOST, REDIS_PORT, port_open, require, temporary_database
 
 _LIVE: list[LiveApi] = []
 
