@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
 from shared.params import JobParams
 
-# ``params`` is validated by JobParams in api.submit (so its errors get their own codes); the schema
+# ``params`` is validated by JobParams in api.job_creation (so its errors get their own codes); the schema
 # shown in OpenAPI is JobParams' own, generated from the same model.
 PARAMS_SCHEMA = JobParams.model_json_schema()
 ParamsDict = Annotated[dict[str, Any], WithJsonSchema(PARAMS_SCHEMA)]

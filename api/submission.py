@@ -35,13 +35,13 @@ from api.idempotency import (
     respond,
 )
 from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
+from api.job_creation import JobSpec, check_runnable, insert_jobs, publish_and_mark, validate_params
 from api.masks import MaskPlan, check_batch_masks, check_job_masks, check_masks_used, pair_masks
 from api.offload import admitted, off_loop
 from api.presenters import job_out
 from api.queries import get_job
 from api.safejson import loads
 from api.schemas import BatchCreated, FormSpec, ImageField, Pair
-from api.submit import JobSpec, check_runnable, insert_jobs, publish_and_mark, validate_params
 from shared import logs
 from shared.errors import InvalidInput
 from shared.idempotency import StoredResponse

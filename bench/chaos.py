@@ -57,8 +57,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.faults import chaos_lib  # noqa: E402
-from tests.faults.chaos_lib import PrivateRedis  # noqa: E402
+from tests.support import chaos_lib  # noqa: E402
+from tests.support.chaos_lib import PrivateRedis  # noqa: E402
 from tests.support.servers import temporary_database  # noqa: E402
 from tests.support.stacks import start, stop  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402

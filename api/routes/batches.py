@@ -15,11 +15,11 @@ from pydantic import ValidationError
 from api.deps import SessionDep, SubmitCtxDep, TenantDep
 from api.forms import json_field
 from api.imagestore import Raw
+from api.job_creation import parse_params_json
 from api.limits import MAX_BATCH_FILES
 from api.queries import batch_summary, get_batch
 from api.schemas import BATCH_DOC, BATCH_FORM, ERRORS, BatchCreated, BatchOut, BatchRequest
 from api.submission import PAIRS_SHAPE, Draft, SubmitRoute, ValidSubmission, plan_jobs, submit, validated
-from api.submit import parse_params_json
 from shared.errors import InvalidInput
 from shared.settings import Settings
 

@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import SessionDep, SettingsDep, StorageDep, SubmitCtxDep, TenantDep
+from api.job_creation import parse_params_json
 from api.masks import check_mask_count
 from api.presenters import Linker, job_out
 from api.queries import MAX_PAGE, get_job, list_jobs
 from api.schemas import ERRORS, JOB_FORM, JOB_FORM_DOC, JobList, JobOut
 from api.submission import Draft, SubmitRoute, ValidSubmission, one_job, submit, validated
-from api.submit import parse_params_json
 from shared import jobstore, logs
 from shared.errors import Conflict, InvalidInput
 from shared.settings import Settings

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.chaos_lib import PgCluster, pg_bin
+from tests.support.chaos_lib import PgCluster, pg_bin
 from tests.support.servers import free_port, require
 
 

@@ -28,7 +28,7 @@ from shared.db import get_engine, session_scope
 from shared.migrate import upgrade
 from shared.models import Job
 from shared.tenants import create_key
-from tests.faults.chaos_lib import PgCluster
+from tests.support.chaos_lib import PgCluster
 from tests.support.images import image_bytes
 from tests.support.servers import free_port
 from tests.support.waiting import wait_for

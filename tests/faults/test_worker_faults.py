@@ -34,9 +34,8 @@ import pytest
 
 from shared.models import Job
 from shared.queue import make_celery, publish_job
-from tests.faults import chaos_lib
-from tests.faults.chaos_lib import PrivateRedis, TcpProxy
-from tests.integration import scenarios
+from tests.support import chaos_lib, scenarios
+from tests.support.chaos_lib import PrivateRedis, TcpProxy
 from tests.support.servers import free_port, port_open, require, temporary_database
 from tests.support.stacks import Stack, make_key, stack_env, stack_settings, start
 from tests.support.waiting import wait_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration import scenarios
+from tests.support import scenarios
 from tests.support.stacks import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

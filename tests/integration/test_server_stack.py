@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.integration import scenarios
+from tests.support import scenarios
 from tests.support.stacks import LONG, Stack
 from tests.support.waiting import wait_for
 

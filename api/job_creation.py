@@ -1,4 +1,5 @@
-"""Job submission: validate params against the limits, insert jobs in bulk, publish after commit.
+"""Job creation (the steps under api/submission.py): params checked against the limits, job rows
+inserted in bulk, published after commit.
 
 The job rows are committed BEFORE any message is published (the task id is the job id). If the broker
 fails after the commit, the jobs stay queued with ``published_at`` NULL for the reconciler to

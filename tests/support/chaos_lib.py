@@ -1,4 +1,4 @@
-"""Helpers for the worker fault tests (test_worker_faults.py) and ``bench/chaos.py``.
+"""Helpers for the worker fault tests (tests/faults/test_worker_faults.py) and ``bench/chaos.py``.
 
 * killing workers: the WHOLE worker (``kill -9`` of the Celery main process's process group: main
   process and pool children) or ONLY a pool child;
