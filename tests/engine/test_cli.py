@@ -36,31 +36,26 @@ def files(tmp_path: Path, content: Image.Image, style: Image.Image) -> dict[str,
     return {"content": tmp_path / "c.png", "style": tmp_path / "s.jpg"}
 
 
-def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    out, trace, ck = tmp_path / "out.jpg", tmp_path / "trace.jsonl", tmp_path / "ck"
-    argv = [
-        "run",
-        str(files["content"]),
-        str(files["style"]),
-        "-o",
-        str(out),
-        "--weights",
-        "random",
+def small_run(files: dict[str, Path], out: Path, iterations: int, *extra: str) -> list[str]:
+    """``stylequeue run`` of the fixture images to ``out``: random weights, CPU, 32 -> 48 px."""
+    head = ["run", str(files["content"]), str(files["style"]), "-o", str(out), "--weights", "random"]
+    return [
+        *head,
         "--size",
         "48",
         "--scales",
         "32,48",
         "--iterations",
-        "3",
-        "--trace",
-        str(trace),
-        "--checkpoint-dir",
-        str(ck),
-        "--save-every",
-        "2",
+        str(iterations),
         "--device",
         "cpu",
+        *extra,
     ]
+
+
+def test_run_end_to_end(tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out, trace, ck = tmp_path / "out.jpg", tmp_path / "trace.jsonl", tmp_path / "ck"
+    argv = small_run(files, out, 3, "--trace", str(trace), "--checkpoint-dir", str(ck), "--save-every", "2")
     assert main(argv) == 0
     assert max(Image.open(out).size) == 48 and Image.open(out).format == "JPEG"
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
@@ -128,25 +123,7 @@ def test_diverged_run_exits_2(
 ) -> None:
     monkeypatch.setattr(objective_mod, "tv_loss", lambda x: x.sum(dim=(1, 2, 3)) * math.nan)  # never finite
     out = tmp_path / "out.png"
-    argv = [
-        "run",
-        str(files["content"]),
-        str(files["style"]),
-        "-o",
-        str(out),
-        "--weights",
-        "random",
-        "--size",
-        "48",
-        "--scales",
-        "32,48",
-        "--iterations",
-        "4",
-        "--device",
-        "cpu",
-        "--max-recoveries",
-        "2",
-    ]
+    argv = small_run(files, out, 4, "--max-recoveries", "2")
     assert main(argv) == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("stylequeue run: error: the optimisation diverged") and "[diverged]" in err[-1]
@@ -171,30 +148,9 @@ def test_color_and_step_options(
     tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str], color: str
 ) -> None:
     out, trace = tmp_path / "out.png", tmp_path / "trace.jsonl"
-    argv = [
-        "run",
-        str(files["content"]),
-        str(files["style"]),
-        "-o",
-        str(out),
-        "--weights",
-        "random",
-        "--size",
-        "48",
-        "--scales",
-        "32,48",
-        "--iterations",
-        "3",
-        "--device",
-        "cpu",
-        "--color",
-        color,
-        "--lbfgs-max-step",
-        "0.1",
-        "--trace",
-        str(trace),
-        "--no-progress",
-    ]
+    argv = small_run(
+        files, out, 3, "--color", color, "--lbfgs-max-step", "0.1", "--trace", str(trace), "--no-progress"
+    )
     assert main(argv) == 0
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     assert lines[-1]["loss_removed"] > 0 and "style_removed" in lines[-1]
@@ -233,24 +189,7 @@ def test_mask_style_loss_and_adam_options(
     mask.paste(255, (0, 0, content.width // 2, content.height))
     mask.save(tmp_path / "m.png")
     out = tmp_path / "out.png"
-    base = [
-        "run",
-        str(files["content"]),
-        str(files["style"]),
-        "-o",
-        str(out),
-        "--weights",
-        "random",
-        "--size",
-        "48",
-        "--scales",
-        "32,48",
-        "--iterations",
-        "2",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    base = small_run(files, out, 2, "--no-progress")
     assert (
         main(
             [
