@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.forms import MAX_FIELD_BYTES
 from api.publisher import Publisher
 from api.safejson import loads
-from shared import jobstore, logs
+from shared import jobstore, logs, quotas
 from shared.db import is_db_outage
 from shared.errors import InvalidInput
 from shared.jobstore import JobSpec
@@ -121,8 +121,12 @@ def insert_jobs(
     specs: Sequence[JobSpec],
     params: JobParams,
     settings: Settings,
+    priority: int = 0,
 ) -> list[str]:
-    """Bulk-insert queued jobs (one statement); the caller commits. Returns their ids in order."""
+    """Admit the jobs under the tenant's quotas (``shared.quotas``: refused, nothing is created),
+    then bulk-insert them queued (one statement); the caller commits. Returns their ids in order."""
+    costs = [job_cost(params, spec) for spec in specs]
+    quotas.admit(session, tenant_id, costs, settings)
     return jobstore.insert_queued(
         session,
         tenant_id=tenant_id,
@@ -130,7 +134,14 @@ def insert_jobs(
         specs=specs,
         params=params.model_dump(mode="json"),
         max_attempts=settings.max_attempts,
+        costs=costs,
+        priority=priority,
     )
+
+
+def job_cost(params: JobParams, spec: JobSpec) -> int:
+    """What a job costs a worker: pixels x iterations (a masked job has a style region per style)."""
+    return params.work(len(spec.style_ids) if spec.mask_ids is not None else 1)
 
 
 def _mark_published(factory: sessionmaker[Session], job_ids: Sequence[str]) -> None:

@@ -26,7 +26,7 @@ COMMANDS: dict[str, str] = {
     # server: the HTTP API, the database schema and API keys, the GPU workers, the reconciler
     "api": "shared.server_cli",
     "migrate": "shared.server_cli",
-    "keys": "shared.server_cli",
+    "keys": "shared.tenant_cli",
     "worker": "shared.server_cli",
     "reconcile": "shared.server_cli",
     # client: talk to a running API over HTTP

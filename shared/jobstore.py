@@ -126,8 +126,12 @@ def insert_queued(
     specs: Sequence[JobSpec],
     params: dict[str, Any],
     max_attempts: int,
+    costs: Sequence[int] | None = None,
+    priority: int = 0,
 ) -> list[str]:
-    """Bulk-insert queued jobs (one statement). Returns their ids in order."""
+    """Bulk-insert queued jobs (one statement). Returns their ids in order. ``costs``: each job's
+    pixels x iterations (``JobParams.work``), what fair dispatch charges; ``priority``: within the
+    tenant's share, higher first."""
     now = utcnow()  # + i microseconds: (created_at, id) order is the submission order
     rows: list[dict[str, Any]] = [
         {
@@ -144,6 +148,8 @@ def insert_queued(
             "attempt": 0,
             "max_attempts": max_attempts,
             "cancel_requested": False,
+            "cost": costs[i] if costs is not None else 0,
+            "priority": priority,
             "created_at": now + timedelta(microseconds=i),
             "updated_at": now,
         }

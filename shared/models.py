@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: tenants, API keys, stored images, batches, jobs, idempotency keys.
+"""SQLAlchemy 2 models: tenants, API keys, stored images, batches, jobs, idempotency keys, usage, workers.
 
 The ``jobs`` table is the source of truth: a queue message only says "look at job X".
 Schema changes go through Alembic (``shared/migrations``); tests create tables with the migrations too.
@@ -7,12 +7,13 @@ Schema changes go through Alembic (``shared/migrations``); tests create tables w
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     Enum,
     ForeignKey,
@@ -44,6 +45,13 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The tenant's share of the workers relative to other tenants' (fair dispatch).
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Per-tenant overrides of the settings (NULL: STYLEQUEUE_TENANT_MAX_QUEUED and friends).
+    max_queued: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_running: Mapped[int | None] = mapped_column(Integer, default=None)
+    daily_budget_mpi: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    rate_limit: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
 class ApiKey(Base):
@@ -54,6 +62,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell keys apart
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # rotation overlap or expiry
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class StoredImage(Base):
@@ -85,6 +95,7 @@ class Batch(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     job_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):
@@ -92,6 +103,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_updated", "status", "updated_at"),
+        Index("ix_jobs_dispatch", "status", "tenant_id", "priority", "created_at", "id"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
@@ -130,6 +142,11 @@ class Job(Base):
     # [{"key": ..., "preview_key": ..., "scale": i, "iteration": n, "step": s, "at": iso}]
     checkpoints: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     published_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Higher first, within the tenant's share (never ahead of other tenants).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # JobParams.work(): pixels x iterations (upper bound), what fair dispatch charges the tenant.
+    cost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)  # hidden; purged when finished
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -152,3 +169,29 @@ class IdempotencyKey(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TenantUsage(Base):
+    """Compute charged to a tenant per UTC day, in megapixel-iterations (kept when jobs are deleted)."""
+
+    __tablename__ = "tenant_usage"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    mpi: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class Worker(Base):
+    """A registered worker process (one Celery worker: one GPU, or the CPU) and its heartbeat."""
+
+    __tablename__ = "workers"
+    __table_args__ = (Index("ix_workers_heartbeat", "heartbeat_at"),)
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the Celery node name
+    host: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(64))
+    weights: Mapped[str] = mapped_column(String(300))  # the weights source it loaded (or failed to)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # jobs at once
+    status: Mapped[str] = mapped_column(String(16))  # starting | healthy | unhealthy | stopping
+    detail: Mapped[str | None] = mapped_column(Text, default=None)  # why unhealthy, and the remedy
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

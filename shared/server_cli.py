@@ -1,4 +1,4 @@
-"""The server commands: ``api``, ``migrate``, ``keys create``, ``worker`` and ``reconcile``.
+"""The server commands: ``api``, ``migrate``, ``worker`` and ``reconcile`` (``keys``: shared/tenant_cli.py).
 
 Every image has them (the API image too: none imports torch). Each handler imports what it needs
 (uvicorn, SQLAlchemy, Celery, ``worker.supervisor``) so ``stylequeue --help`` stays fast.
@@ -22,7 +22,6 @@ EXIT_CONFIG = 2
 SUMMARY = {
     "api": "run the HTTP API (uvicorn)",
     "migrate": "create or upgrade the database schema",
-    "keys": "manage API keys",
     "worker": "run GPU workers (one Celery worker per GPU)",
     "reconcile": "re-publish lost jobs, requeue dead workers' jobs",
 }
@@ -33,7 +32,6 @@ def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
     adders = {
         "api": _add_api,
         "migrate": _add_migrate,
-        "keys": _add_keys,
         "worker": _add_worker,
         "reconcile": _add_reconcile,
     }
@@ -51,14 +49,6 @@ def _add_api(sub: Any) -> None:
 def _add_migrate(sub: Any) -> None:
     p = sub.add_parser("migrate", help=SUMMARY["migrate"])
     p.set_defaults(func=cmd_migrate)
-
-
-def _add_keys(sub: Any) -> None:
-    keys = sub.add_parser("keys", help=SUMMARY["keys"])
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    p = keys_sub.add_parser("create", help="create a key (and the tenant); printed once")
-    p.add_argument("--tenant", required=True, help="tenant name")
-    p.set_defaults(func=cmd_keys_create)
 
 
 def _add_worker(sub: Any) -> None:
@@ -126,22 +116,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     upgrade(get_settings().database_url)
     print("database is up to date")
-    return 0
-
-
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    from shared.db import session_scope
-    from shared.migrate import upgrade
-    from shared.tenants import create_key
-
-    url = get_settings().database_url
-    if url.startswith("sqlite"):
-        upgrade(url)
-    with session_scope(url) as session:
-        new = create_key(session, args.tenant)
-    print(f"tenant {new.tenant_name} ({new.tenant_id}); key prefix {new.prefix}")
-    print("store this key now, it is not shown again:")
-    print(new.key)
     return 0
 
 

@@ -67,10 +67,29 @@ class Settings(BaseSettings):
     retry_backoff_s: int = 2  # transient errors: exponential backoff from this (whole seconds)...
     retry_backoff_max_s: int = 120  # ...up to this, with jitter
     max_retries: int = 8
-    heartbeat_s: float = 5.0
-    lease_s: float = 60.0  # a running job whose heartbeat is older than this is presumed dead
-    requeue_after_s: float = 600.0  # a queued job not picked up for this long is published again
-    reconcile_interval_s: float = 30.0
+    # A worker's heartbeat (its job rows and its ``workers`` row) every heartbeat_s; a job or worker
+    # silent for lease_s is presumed dead. A whole worker killed: its jobs run again within about
+    # lease_s + dispatch_interval_s.
+    heartbeat_s: float = 2.0
+    lease_s: float = 15.0
+
+    # --- dispatch: the database is the queue, the broker a shallow delivery channel ---
+    dispatch_interval_s: float = 2.0  # the dispatcher's pass (also: reconcile, purge)
+    # Messages in the broker beyond one per idle slot: 0 keeps fairness exact (a job is published
+    # when a slot frees); more hides the dispatch round trip at the cost of fairness.
+    dispatch_ahead: int = 0
+    publish_grace_s: float = 30.0  # a job published but not started for this long is published again
+
+    # --- per tenant (overrides: ``stylequeue tenants set-limits``) ---
+    rate_limit: str = "20/second;600/minute"  # per API key ("" = off); the limits library's syntax
+    rate_limit_storage: str = ""  # limits storage URI; default: the Redis broker, else in-process
+    tenant_max_queued: int = 2000  # queued jobs a tenant may have (0 = no limit)
+    tenant_max_running: int = 0  # jobs of a tenant running at once (0 = its fair share only)
+    tenant_daily_budget_mpi: int = 1_000_000  # megapixel-iterations a tenant may submit per UTC day
+    key_rotate_overlap_s: float = 86400.0  # after a rotation the old key still works this long
+
+    # --- retention ---
+    retention_days: float = 30.0  # finished jobs' results and checkpoints are purged after (0 = never)
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
