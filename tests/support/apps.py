@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from api.app import create_app
 from shared.db import get_engine, session_scope
 from shared.migrate import upgrade
-from shared.models import ApiKey, Batch, IdempotencyKey, Job, StoredImage, Tenant, TenantImage
+from shared.models import Base, Batch, Job, StoredImage, TenantImage, Worker, utcnow
 from shared.settings import Settings
 from shared.tenants import create_key
 
@@ -68,15 +69,35 @@ class Api:
 def _reset(url: str) -> None:
     upgrade(url)
     with get_engine(url).begin() as conn:
-        for model in (Job, Batch, TenantImage, StoredImage, IdempotencyKey, ApiKey, Tenant):
-            conn.execute(text(f"DELETE FROM {model.__tablename__}"))
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
 
 
-def build_api(settings: Settings, publisher: Any = None) -> Api:
+def register_test_worker(url: str, slots: int = 1000) -> None:
+    """A healthy worker row whose heartbeat never ages: the dispatcher sees ``slots`` free slots, so
+    a submission is published at once (as on an idle system). Tests of dispatch itself leave it out."""
+    with session_scope(url) as session:
+        session.merge(
+            Worker(
+                id="test-worker@test",
+                host="test",
+                device="cpu",
+                weights="random",
+                capabilities={},
+                slots=slots,
+                status="healthy",
+                heartbeat_at=utcnow() + timedelta(days=365),
+            )
+        )
+
+
+def build_api(settings: Settings, publisher: Any = None, *, worker_slots: int = 1000) -> Api:
     publisher = publisher if publisher is not None else FakePublisher()
     if not settings.database_url.startswith("sqlite"):
         _reset(settings.database_url)
     app = create_app(settings, publisher=publisher)
+    if worker_slots:
+        register_test_worker(settings.database_url, worker_slots)
     client = TestClient(app)
     with session_scope(settings.database_url) as session:
         key = create_key(session, "alice").key
