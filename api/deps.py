@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,20 +17,25 @@ from api.commit_recovery import InDoubt
 from api.idempotency import IdemRequest
 from api.presenters import Linker
 from api.publisher import Publisher
+from api.ratelimit import RateLimiter, client_address, limiter_for
 from shared import logs
 from shared.db import get_sessionmaker, is_db_outage
 from shared.errors import Unauthorized
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.tenants import LOCAL_TENANT, authenticate, get_or_create_tenant
+from shared.tenants import LOCAL_TENANT, AuthKey, authenticate, get_or_create_tenant
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TenantCtx:
+    """The caller: its tenant and the prefix of the API key it used (None with auth off), for the
+    audit log (``shared.audit.audit(..., key_prefix=ctx.key_prefix)``)."""
+
     id: str
     name: str
+    key_prefix: str | None = None
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -97,8 +102,11 @@ def _refuse_remote_when_open(request: Request, settings: Settings) -> None:
 
 
 def current_tenant(
-    request: Request, session: SessionDep, settings: SettingsDep, credentials: BearerDep
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, credentials: BearerDep
 ) -> TenantCtx:
+    """The caller's tenant, under the rate limits (``api.ratelimit``): a sync dependency, so the
+    database and the limiter's storage (Redis) are called in the threadpool, never on the event loop.
+    Their RateLimit headers go on the response (kept when the route returns a model)."""
     if settings.auth == "off":
         _refuse_remote_when_open(request, settings)
         cached: TenantCtx | None = getattr(request.app.state, "local_tenant", None)
@@ -109,10 +117,29 @@ def current_tenant(
             request.app.state.local_tenant = cached
         return cached
     token = credentials.credentials.strip() if credentials is not None else ""
-    tenant = authenticate(session, token or None)
-    ctx = TenantCtx(tenant.id, tenant.name)
-    session.rollback()  # hand the connection back while a (slow) upload is read
-    return ctx
+    limiter = limiter_for(request.app, settings)
+    auth = _authenticate(session, limiter, client_address(request), token)
+    window = limiter.hit_key(auth.key_id, auth.tenant.rate_limit)
+    if window is not None:
+        response.headers.update(window.headers())
+    return TenantCtx(auth.tenant.id, auth.tenant.name, auth.prefix)
+
+
+def _authenticate(session: Session, limiter: RateLimiter, address: str, token: str) -> AuthKey:
+    """``authenticate``, with an address that failed too often refused before the database; then the
+    transaction ends (committing ``last_used_at``), handing the connection back while an upload is
+    read."""
+    if token:
+        limiter.check_client(address, token)
+    try:
+        auth = authenticate(session, token or None)
+    except Unauthorized:
+        if token:  # a missing key costs no query: only wrong ones count
+            limiter.failed(address)
+        raise
+    session.commit()
+    limiter.succeeded(token)
+    return auth
 
 
 TenantDep = Annotated[TenantCtx, Depends(current_tenant)]

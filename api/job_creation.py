@@ -1,9 +1,9 @@
 """Job creation (the steps under api/submission.py): params checked against the limits, job rows
 inserted in bulk, published after commit.
 
-The job rows are committed BEFORE any message is published (the task id is the job id). If the broker
-fails after the commit, the jobs stay queued with ``published_at`` NULL for the reconciler to
-republish, and the request still succeeds.
+The job rows are committed BEFORE any message is published (the task id is the job id); then one
+dispatch pass publishes what fits in the free slots. If the broker fails after the commit, the jobs
+wait in the table for the dispatcher's next pass, and the request still succeeds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.forms import MAX_FIELD_BYTES
 from api.publisher import Publisher
 from api.safejson import loads
-from shared import jobstore, logs, quotas
+from api.schemas import PRIORITY_LIMIT
+from shared import dispatch, jobstore, logs, quotas
 from shared.db import is_db_outage
 from shared.errors import InvalidInput
 from shared.jobstore import JobSpec
@@ -38,6 +39,19 @@ def parse_params_json(raw: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput("malformed_params", "params must be a JSON object", malformed=True)
     return value
+
+
+def parse_priority(raw: str | None) -> int:
+    """The ``priority`` form field: an integer within ±PRIORITY_LIMIT, or empty for 0."""
+    if raw is None or not raw.strip():
+        return 0
+    text = raw.strip()
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 3) or abs(int(text)) > PRIORITY_LIMIT:
+        raise InvalidInput(
+            "invalid_priority", f"priority must be an integer from -{PRIORITY_LIMIT} to {PRIORITY_LIMIT}"
+        )
+    return int(text)
 
 
 def params_error(exc: ValidationError) -> InvalidInput:
@@ -122,11 +136,14 @@ def insert_jobs(
     params: JobParams,
     settings: Settings,
     priority: int = 0,
+    admitted: bool = False,
 ) -> list[str]:
-    """Admit the jobs under the tenant's quotas (``shared.quotas``: refused, nothing is created),
-    then bulk-insert them queued (one statement); the caller commits. Returns their ids in order."""
+    """Admit the jobs under the tenant's quotas (``shared.quotas``: refused, nothing is created;
+    ``admitted``: the caller did, with ``admit_jobs``, before it stored anything), then bulk-insert
+    them queued (one statement); the caller commits. Returns their ids in order."""
     costs = [job_cost(params, spec) for spec in specs]
-    quotas.admit(session, tenant_id, costs, settings)
+    if not admitted:
+        quotas.admit(session, tenant_id, costs, settings)
     return jobstore.insert_queued(
         session,
         tenant_id=tenant_id,
@@ -139,57 +156,61 @@ def insert_jobs(
     )
 
 
+def admit_jobs(
+    session: Session, tenant_id: str, specs: Sequence[JobSpec], params: JobParams, settings: Settings
+) -> None:
+    """The quotas' check and charge of these jobs (``shared.quotas.admit``), for a caller that must
+    refuse before it writes objects to storage (which a rollback does not undo)."""
+    quotas.admit(session, tenant_id, [job_cost(params, spec) for spec in specs], settings)
+
+
 def job_cost(params: JobParams, spec: JobSpec) -> int:
     """What a job costs a worker: pixels x iterations (a masked job has a style region per style)."""
     return params.work(len(spec.style_ids) if spec.mask_ids is not None else 1)
 
 
-def _mark_published(factory: sessionmaker[Session], job_ids: Sequence[str]) -> None:
-    with factory() as session:
-        jobstore.mark_published(session, job_ids)
-        session.commit()
-
-
-def publish_and_mark(
-    factory: sessionmaker[Session], publisher: Publisher, job_ids: Sequence[str]
+def dispatch_after_commit(
+    factory: sessionmaker[Session], publisher: Publisher, settings: Settings, job_ids: Sequence[str]
 ) -> list[str]:
-    """Publish committed jobs, then set ``published_at`` on those the broker accepted.
+    """The jobs are committed and wait in the table; one dispatch pass (``shared.dispatch``) now
+    publishes what fits in the free worker slots, in fair order (these jobs, or other tenants'
+    waiting ones), so an idle system starts a job at once. Returns the ids published.
 
-    The jobs are committed: a database outage now must not turn the answer into an error. Their
-    ``published_at`` then stays NULL and the reconciler publishes them again (a duplicate message
-    is harmless: a worker claims a job with a guarded UPDATE).
+    A database outage now must not turn the answer into an error: the jobs are committed, and the
+    dispatcher's next pass publishes them.
     """
-    published = publisher.publish(job_ids)
-    if published:
-        try:
-            _mark_published(factory, published)
-        except Exception as exc:
-            if not is_db_outage(exc):
-                raise
-            logs.event(
-                logger,
-                "mark_published_failed",
-                job_id=published[0],
-                level=logging.ERROR,
-                jobs=len(published),
-                error=type(exc).__name__,
-            )
+    try:
+        published = dispatch.dispatch_once(factory, publisher.publish, settings).published
+    except Exception as exc:
+        if not is_db_outage(exc):
+            raise
+        logs.event(
+            logger,
+            "dispatch_failed",
+            job_id=job_ids[0] if job_ids else None,
+            level=logging.ERROR,
+            jobs=len(job_ids),
+            error=type(exc).__name__,
+        )
+        published = []
     logs.event(
         logger,
         "submitted",
-        job_id=job_ids[0] if job_ids else "-",
+        job_id=job_ids[0] if job_ids else None,
         jobs=len(job_ids),
-        published=len(published),
+        published=len(set(published) & set(job_ids)),
     )
     return published
 
 
 __all__ = [
     "JobSpec",
+    "admit_jobs",
     "check_runnable",
     "insert_jobs",
     "params_error",
     "parse_params_json",
-    "publish_and_mark",
+    "parse_priority",
+    "dispatch_after_commit",
     "validate_params",
 ]

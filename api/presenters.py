@@ -12,8 +12,10 @@ from typing import Any
 from fastapi import Request
 
 from api.schemas import CheckpointOut, JobErrorOut, JobOut, ProgressOut
+from api.status_schemas import QueueOut
 from shared.jobs import JobStatus
 from shared.models import Job
+from shared.queue_position import QueueSpot
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -49,7 +51,8 @@ def _progress(raw: dict[str, Any] | None) -> ProgressOut:
     return ProgressOut(**{k: v for k, v in (raw or {}).items() if k in fields and v is not None})
 
 
-def job_out(job: Job, linker: Linker) -> JobOut:
+def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
+    """``queue``: the job's place in its tenant's line (``shared.queue_position.spots``), if queued."""
     path = f"/v1/jobs/{job.id}"
     checkpoints = [
         CheckpointOut(
@@ -77,6 +80,7 @@ def job_out(job: Job, linker: Linker) -> JobOut:
         style_ids=list(job.style_image_ids or []),
         mask_ids=None if job.mask_image_ids is None else list(job.mask_image_ids),
         params=job.params or {},
+        priority=job.priority or 0,
         progress=progress,
         attempts=job.attempt,
         cancel_requested=job.cancel_requested,
@@ -88,6 +92,9 @@ def job_out(job: Job, linker: Linker) -> JobOut:
         if job.status == JobStatus.SUCCEEDED
         else None,
         checkpoints=checkpoints,
+        queue=QueueOut(position=queue.position, eta_seconds=queue.eta_seconds)
+        if queue is not None and job.status == JobStatus.QUEUED
+        else None,
     )
 
 

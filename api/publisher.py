@@ -10,14 +10,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from shared import logs
-from shared.queue import publish_job
+from shared.queue import publish_many
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-# Fail fast when the broker is down: the job stays queued with published_at NULL for the reconciler.
-_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
 class Publisher(Protocol):
@@ -44,25 +40,7 @@ class CeleryPublisher:
         return self._app
 
     def publish(self, job_ids: Sequence[str]) -> list[str]:
-        app = self.app
-        done: list[str] = []
-        try:
-            with app.producer_or_acquire() as producer:
-                for job_id in job_ids:
-                    publish_job(app, job_id, producer=producer, retry=True, retry_policy=_RETRY_POLICY)
-                    done.append(job_id)
-        except Exception as exc:  # noqa: BLE001 - broker down, timeouts...: the reconciler republishes later
-            missed = job_ids[len(done)] if len(done) < len(job_ids) else "-"
-            logs.event(
-                logger,
-                "publish_failed",
-                job_id=missed,
-                level=logging.ERROR,
-                published=len(done),
-                unpublished=len(job_ids) - len(done),
-                error=repr(exc),
-            )
-        return done
+        return publish_many(self.app, job_ids)
 
     def check(self) -> None:
         with self.app.connection_for_write() as conn:

@@ -1,6 +1,7 @@
 """Reading jobs and batches for one tenant: lookups, cursor pagination, batch summaries.
 
-Another tenant's job or batch is simply not found (404): ids never leak across tenants.
+Another tenant's job or batch is simply not found (404): ids never leak across tenants. Nor is a
+deleted one (``deleted_at`` set: hidden at once, its row purged later by ``shared.retention``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def _shown(value: str) -> str:
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     job = (
-        session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+        session.scalar(
+            select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.deleted_at.is_(None))
+        )
         if is_row_id(job_id)
         else None
     )
@@ -50,7 +53,11 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
     batch = (
-        session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id))
+        session.scalar(
+            select(Batch).where(
+                Batch.id == batch_id, Batch.tenant_id == tenant_id, Batch.deleted_at.is_(None)
+            )
+        )
         if is_row_id(batch_id)
         else None
     )
@@ -102,7 +109,7 @@ def list_jobs(
     wanted = _status(status)
     if batch_id and not is_row_id(batch_id):
         raise InvalidInput("invalid_batch_id", f"batch_id {_shown(batch_id)} is not a batch id")
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.deleted_at.is_(None))
     if wanted is not None:
         query = query.where(Job.status == wanted)
     if batch_id:
@@ -121,7 +128,7 @@ def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
     """Counts per status, overall progress (finished jobs count as 1) and job ids."""
     rows = session.execute(
         select(Job.id, Job.status, Job.progress)
-        .where(Job.batch_id == batch.id)
+        .where(Job.batch_id == batch.id, Job.deleted_at.is_(None))
         .order_by(Job.created_at, Job.id)
     ).all()
     counts = Counter({str(s): 0 for s in JobStatus})

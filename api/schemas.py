@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
+from api.status_schemas import QueueOut
 from shared.params import JobParams
 
 # ``params`` is validated by JobParams in api.job_creation (so its errors get their own codes); the schema
@@ -16,6 +17,7 @@ PARAMS_SCHEMA = JobParams.model_json_schema()
 ParamsDict = Annotated[dict[str, Any], WithJsonSchema(PARAMS_SCHEMA)]
 ImageId = Annotated[str, Field(max_length=64, description="an uploaded image's id (sha256 hex)")]
 MAX_IDS = 10_000  # a hard ceiling; the configured max_batch_jobs (1,000) is checked in the route
+PRIORITY_LIMIT = 100  # a job's priority within its tenant's line: -100..100
 # A batch pair: [content index, style index or list of style indexes] and, optionally, a list of
 # indexes into the batch's masks, one per style of the pair (spatial control).
 Pair = (
@@ -75,6 +77,7 @@ class JobOut(BaseModel):
         None, description="one content mask per style (same order), or null: no spatial control"
     )
     params: dict[str, Any]
+    priority: int = Field(0, description="within your line: higher runs first")
     progress: ProgressOut
     attempts: int
     cancel_requested: bool
@@ -84,6 +87,7 @@ class JobOut(BaseModel):
     error: JobErrorOut | None
     result_url: str | None
     checkpoints: list[CheckpointOut]
+    queue: QueueOut | None = Field(None, description="queued jobs only: position in your line, ETA")
 
 
 class JobList(BaseModel):
@@ -131,6 +135,13 @@ class BatchRequest(BaseModel):
         "[content, style(s), [mask index per style]] (indexes into masks)",
     )
     params: ParamsDict = Field(default_factory=dict)
+    priority: int = Field(
+        0,
+        ge=-PRIORITY_LIMIT,
+        le=PRIORITY_LIMIT,
+        strict=True,
+        description="within this tenant's share: higher runs first (never ahead of other tenants)",
+    )
 
 
 # Multipart requests, declared once: the allowed-field check (api.forms.check_fields), the reader
@@ -213,6 +224,15 @@ _JSON = {"type": "string", "contentMediaType": "application/json"}
 PARAMS_FIELD = TextField(
     "params", {**_JSON, "contentSchema": PARAMS_SCHEMA, "description": "JSON object (JobParams)"}
 )
+PRIORITY_FIELD = TextField(
+    "priority",
+    {
+        "type": "string",
+        "pattern": "^-?[0-9]{1,3}$",
+        "description": f"integer -{PRIORITY_LIMIT}..{PRIORITY_LIMIT}, default 0: within this tenant's "
+        "share, higher runs first (never ahead of other tenants)",
+    },
+)
 _JOB_MASKS = (
     "none, or one per style: mask i (files first, then ids) applies to style i "
     "(style files first, then style ids); greyscale, white = the style applies here, "
@@ -223,7 +243,7 @@ JOB_FORM = FormSpec(
     ImageField("content", "the content image (one)", single=True),
     ImageField("style", "the style images"),
     ImageField("mask", "content masks", _JOB_MASKS),
-    (PARAMS_FIELD,),
+    (PARAMS_FIELD, PRIORITY_FIELD),
     name_fields_in_errors=True,
 )
 BATCH_FORM = FormSpec(
@@ -232,6 +252,7 @@ BATCH_FORM = FormSpec(
     ImageField("mask", "content masks", _BATCH_MASKS),
     (
         PARAMS_FIELD,
+        PRIORITY_FIELD,
         TextField("mode", {"type": "string", "enum": ["product", "pairs"]}),
         TextField(
             "pairs",
@@ -247,19 +268,21 @@ JOB_FORM_DOC = request_body(JOB_FORM)
 BATCH_DOC = request_body(BATCH_FORM, BatchRequest)
 # The error answers every route may give (400 malformed, 401, 404, 409, 413, 422 invalid, 503).
 ERRORS: dict[int | str, dict[str, object]] = {
-    c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 503)
+    c: {"model": ErrorResponse} for c in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
 
 
 class ReadyOut(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+    workers: dict[str, int] | None = Field(None, description="healthy/unhealthy workers (not required)")
 
 
 __all__ = [
     "BATCH_DOC",
     "BATCH_FORM",
     "ERRORS",
+    "PRIORITY_LIMIT",
     "JOB_FORM",
     "JOB_FORM_DOC",
     "BatchCreated",

@@ -35,7 +35,14 @@ from api.idempotency import (
     respond,
 )
 from api.imagestore import Item, Raw, image_dims, item_id, persist_images, resolve_items
-from api.job_creation import JobSpec, check_runnable, insert_jobs, publish_and_mark, validate_params
+from api.job_creation import (
+    JobSpec,
+    admit_jobs,
+    check_runnable,
+    dispatch_after_commit,
+    insert_jobs,
+    validate_params,
+)
 from api.masks import MaskPlan, check_batch_masks, check_job_masks, check_masks_used, pair_masks
 from api.offload import admitted, off_loop
 from api.presenters import job_out
@@ -43,6 +50,7 @@ from api.queries import get_job
 from api.safejson import loads
 from api.schemas import BatchCreated, FormSpec, ImageField, Pair
 from shared import logs
+from shared.audit import audit
 from shared.errors import InvalidInput
 from shared.idempotency import StoredResponse
 from shared.models import Batch, new_id, utcnow
@@ -127,6 +135,7 @@ class ValidSubmission:
     plan: Plan
     params: JobParams
     batch: bool  # a batch row, answered BatchCreated; else one job, answered JobOut
+    priority: int = 0  # within the tenant's line (shared.dispatch)
 
 
 def validated(
@@ -138,6 +147,7 @@ def validated(
     settings: Settings,
     *,
     batch: bool,
+    priority: int = 0,
 ) -> ValidSubmission:
     """The params for the plan's jobs, then every image (decoded once). CPU-bound: off the loop."""
     # a masked job has one style region per style: W2 pays its eigendecompositions once per region
@@ -145,7 +155,9 @@ def validated(
     params = validate_params(raw_params, settings, [len(ss) for _, ss, _ in plan], regions)
     items = resolve_items([*contents, *styles, *masks], settings)  # one pixel budget for all
     n_c, n_s = len(contents), len(styles)
-    return ValidSubmission(items[:n_c], items[n_c : n_c + n_s], items[n_c + n_s :], plan, params, batch)
+    return ValidSubmission(
+        items[:n_c], items[n_c : n_c + n_s], items[n_c + n_s :], plan, params, batch, priority
+    )
 
 
 @dataclass(frozen=True)
@@ -237,6 +249,7 @@ def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
     specs = _specs(sub)
     with ctx.sessions() as session:
         _check_images(sub, image_dims(session, tenant_id, items))
+        admit_jobs(session, tenant_id, specs, sub.params, ctx.settings)  # before any object is stored
         persist_images(session, ctx.storage, tenant_id, [i for i in items if not isinstance(i, str)])
         batch_id = _add_batch(session, tenant_id, sub.params, len(specs)) if sub.batch else None
         job_ids = insert_jobs(
@@ -246,15 +259,25 @@ def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
             specs=specs,
             params=sub.params,
             settings=ctx.settings,
+            priority=sub.priority,
+            admitted=True,
         )
         answer = _answer(session, ctx, job_ids, batch_id)
         record = Submission(tenant_id, tuple(job_ids), batch_id, ctx.idem.key if ctx.idem else None)
         winner = commit_submission(session, record, ctx.idem, answer, ctx.indoubt)
     if winner is not None:
         return winner, True
+    audit(
+        "submit",
+        tenant_id=tenant_id,
+        key_prefix=ctx.tenant.key_prefix,
+        job_id=job_ids[0],
+        jobs=len(job_ids),
+        batch_id=batch_id,
+    )
     if batch_id is not None:
         logs.event(logger, "batch_created", job_id=job_ids[0], batch_id=batch_id, jobs=len(job_ids))
-    publish_and_mark(ctx.sessions, ctx.publisher, job_ids)
+    dispatch_after_commit(ctx.sessions, ctx.publisher, ctx.settings, job_ids)
     return answer, False
 
 

@@ -128,9 +128,9 @@ class Demo:
         self.cli("migrate")
         self.start("worker", "worker")
         self.start("api", "api", "--port", str(self.port))
-        # The embedded broker can lose a message in flight if the worker dies: the reconciler,
-        # run beside every deployment, republishes such jobs from the job table.
-        self.start("reconciler", "reconcile", "--interval", "5")
+        # The dispatcher, run beside every deployment: the jobs wait in the job table and it
+        # publishes them into free worker slots in fair order, re-sending any message lost.
+        self.start("dispatcher", "dispatch")
         key = self.cli("keys", "create", "--tenant", "demo").stdout.strip().splitlines()[-1]
         url = f"http://127.0.0.1:{self.port}"
         self.wait_api(url)

@@ -23,11 +23,13 @@ COMMANDS: dict[str, str] = {
     # engine: stylise on this machine, no server (worker image)
     "run": "worker.run_cli",
     "weights": "worker.run_cli",
-    # server: the HTTP API, the database schema and API keys, the GPU workers, the reconciler
+    # server: the HTTP API, the database schema, the GPU workers, the dispatcher
     "api": "shared.server_cli",
     "migrate": "shared.server_cli",
     "keys": "shared.tenant_cli",
+    "tenants": "shared.tenant_cli",
     "worker": "shared.server_cli",
+    "dispatch": "shared.server_cli",
     "reconcile": "shared.server_cli",
     # client: talk to a running API over HTTP
     "submit": "api.client_cli",

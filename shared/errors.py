@@ -7,6 +7,7 @@ declares its HTTP status (``http_status``) and the headers it needs, so the rend
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -94,13 +95,51 @@ class ServiceUnavailable(DomainError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class Forbidden(DomainError):
+    """Refused whatever the timing, e.g. a submission larger than a whole daily budget (HTTP 403)."""
+
+    http_status = 403
+
+
+class TooManyRequests(DomainError):
+    """Over a rate limit or a quota: retry after ``retry_after_s`` (HTTP 429 with ``Retry-After``, an
+    integer >= 1, plus ``extra_headers`` such as the RateLimit fields)."""
+
+    http_status = 429
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retry_after_s: int,
+        extra_headers: Mapping[str, str] | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(code, message, **details)
+        self.retry_after_s = max(1, int(retry_after_s))
+        self.extra_headers = dict(extra_headers or {})
+
+    def headers(self) -> dict[str, str]:
+        return {**self.extra_headers, "Retry-After": str(self.retry_after_s)}
+
+
+class Gone(DomainError):
+    """The thing existed and was deleted on purpose, e.g. a result past retention (HTTP 410)."""
+
+    http_status = 410
+
+
 __all__ = [
     "Conflict",
     "DomainError",
+    "Forbidden",
+    "Gone",
     "InvalidInput",
     "NotFound",
     "PayloadTooLarge",
     "RequestTimeout",
     "ServiceUnavailable",
+    "TooManyRequests",
     "Unauthorized",
 ]

@@ -25,7 +25,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Executable, delete, insert, or_, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Executable,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from shared.jobs import INITIAL, TERMINAL, JobStatus, sources_for
@@ -160,13 +171,32 @@ def insert_queued(
     return [str(row["id"]) for row in rows]
 
 
-def mark_published(session: Session, job_ids: Sequence[str]) -> int:
-    """The broker accepted these jobs' messages: set ``published_at`` where it is still NULL (and
-    the job not finished). Returns how many rows changed."""
+def claim_dispatch(session: Session, job_ids: Sequence[str], now: datetime) -> list[str]:
+    """The dispatcher takes these waiting jobs for publishing (``published_at`` NULL → ``now``);
+    returns, in the given order, those it took (another pass, a cancel or a delete may have won)."""
+    if not job_ids:
+        return []
     stmt = (
         update(Job)
-        .where(Job.id.in_(job_ids), Job.published_at.is_(None), _live())
-        .values(published_at=utcnow())
+        .where(
+            Job.id.in_(list(job_ids)),
+            Job.status == JobStatus.QUEUED,
+            Job.published_at.is_(None),
+            Job.deleted_at.is_(None),
+        )
+        .values(published_at=now)
+        .returning(Job.id)
+    )
+    taken = set(session.execute(stmt, execution_options={"synchronize_session": False}).scalars())
+    return [job_id for job_id in job_ids if job_id in taken]
+
+
+def unclaim_dispatch(session: Session, job_ids: Sequence[str], now: datetime) -> int:
+    """The broker did not take these messages: the jobs wait again (``published_at`` NULL)."""
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED, Job.published_at == now)
+        .values(published_at=None)
     )
     return _rows(session, stmt)
 
@@ -271,18 +301,24 @@ def cancel(session: Session, job_id: str, attempt: int) -> bool:
     return _fenced_move(session, job_id, attempt, JobStatus.CANCELED, finished_at=utcnow())
 
 
-def release(session: Session, job_id: str, attempt: int, *, graceful: bool) -> bool:
+def release(
+    session: Session, job_id: str, attempt: int, *, graceful: bool, message_due: datetime | None = None
+) -> bool:
     """Give a running job back to the queue (attempt kept: the next claim bumps it).
 
     A graceful hand-back (worker shutdown, or a transient error that the Celery task retries, its
     retries bounded by ``max_retries``) also raises ``max_attempts`` by one, so rolling restarts and
     outages never use up a job's attempts; only lost workers count.
+
+    A message follows: at once (a hand-back), or the task's retry after its backoff, ``message_due``
+    at the latest; ``published_at`` is set to that time, so the reconciler does not take the retry
+    waiting out its backoff for a lost message.
     """
     values: dict[str, Any] = {
         "worker": None,
         "heartbeat_at": None,
-        "published_at": utcnow(),
-    }  # a message follows (retry or re-publish)
+        "published_at": message_due or utcnow(),
+    }
     if graceful:
         values["max_attempts"] = Job.max_attempts + 1
     return _fenced_move(session, job_id, attempt, JobStatus.QUEUED, **values)
@@ -327,50 +363,165 @@ def fail_lost(session: Session, seen: Seen, max_attempts: int, now: datetime | N
     )
 
 
-def requeue(session: Session, seen: Seen, now: datetime) -> bool:
-    """A running job whose lease expired goes back to queued; ``published_at`` is ``now``, for
-    the message its caller publishes next."""
-    return _move(session, JobStatus.QUEUED, seen.guard(), published_at=now)
+def requeue(session: Session, seen: Seen) -> bool:
+    """A running job whose lease expired goes back to waiting (queued, ``published_at`` NULL): the
+    dispatcher publishes it into a free slot."""
+    return _move(session, JobStatus.QUEUED, seen.guard(), published_at=None, worker=None, heartbeat_at=None)
 
 
-def claim_publish(session: Session, job_id: str, previous: datetime | None, now: datetime) -> bool:
-    """Take a queued job's re-publishing (``published_at`` still ``previous`` → ``now``), so one
-    reconciler of several publishes it."""
-    seen = Job.published_at.is_(None) if previous is None else Job.published_at == previous
-    stmt = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, seen).values(published_at=now)
+def forget_message(session: Session, job_id: str, published_at: datetime) -> bool:
+    """A queued job's message (sent at ``published_at``) is presumed lost: the job waits again
+    (``published_at`` NULL), for the dispatcher. Guarded by the time read, so one reconciler of
+    several does it."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.published_at == published_at)
+        .values(published_at=None)
+    )
     return _rows(session, stmt) == 1
 
 
-def unclaim_publish(session: Session, job_id: str, now: datetime, previous: datetime | None) -> None:
-    """The publish after ``claim_publish`` failed: leave the job for the next pass."""
-    _rows(
-        session,
-        update(Job).where(Job.id == job_id, Job.published_at == now, _live()).values(published_at=previous),
+# -- Deletion and retention -------------------------------------------------------------------------
+# A deleted job is hidden at once (``deleted_at``); once no worker can write it any more (terminal)
+# its objects are deleted and it is marked *emptied* (``result_key`` and ``checkpoints`` cleared,
+# ``EMPTIED`` in its progress), as is a finished job past retention; an emptied deleted row is removed
+# later (``shared.retention`` says when). These are the only writes to terminal rows: none changes a
+# status or an outcome, and each is guarded so that it applies once.
+
+EMPTIED = "result_expired_at"  # progress key: when the job's result and checkpoints were deleted
+
+
+@dataclass(frozen=True)
+class StopCounts:
+    """What a delete or a batch cancel did to the jobs it named."""
+
+    canceled: int  # queued: canceled at once
+    cancel_requested: int  # running: asked to stop (its worker cancels it)
+    already_finished: int  # finished before: left as they were
+
+
+def _scope(tenant_id: str, job_id: str | None, batch_id: str | None) -> list[ColumnElement[bool]]:
+    where = [Job.tenant_id == tenant_id]
+    if job_id is not None:
+        where.append(Job.id == job_id)
+    if batch_id is not None:
+        where.append(Job.batch_id == batch_id)
+    return where
+
+
+def _cancel_asked(session: Session, where: Sequence[ColumnElement[bool]], now: datetime) -> int:
+    """Queued jobs of ``where`` whose cancel was requested end canceled (one guarded UPDATE)."""
+    queued = _sources(JobStatus.CANCELED, frozenset({JobStatus.QUEUED}))
+    stmt = (
+        update(Job)
+        .where(queued, Job.cancel_requested.is_(True), *where)
+        .values(status=JobStatus.CANCELED, finished_at=now, updated_at=now)
     )
+    return _rows(session, stmt)
+
+
+def mark_deleted(
+    session: Session,
+    tenant_id: str,
+    *,
+    job_id: str | None = None,
+    batch_id: str | None = None,
+    now: datetime | None = None,
+) -> StopCounts:
+    """Hide a tenant's job, or every job of one of its batches, in three UPDATEs whatever their
+    number: live ones are flagged to stop in the same statement that hides them (so a job moving
+    between queued and running meanwhile is flagged either way), then the queued ones are canceled.
+    Jobs already hidden are left alone."""
+    now = now or utcnow()
+    scope = _scope(tenant_id, job_id, batch_id)
+    shown = [*scope, Job.deleted_at.is_(None)]
+    flag = update(Job).where(*shown, _live()).values(cancel_requested=True, deleted_at=now, updated_at=now)
+    flagged = _rows(session, flag)
+    finished = _rows(session, update(Job).where(*shown).values(deleted_at=now))  # the rest: terminal
+    canceled = _cancel_asked(session, [*scope, Job.deleted_at.is_not(None)], now)
+    return StopCounts(canceled, flagged - canceled, finished)
+
+
+def cancel_batch(session: Session, tenant_id: str, batch_id: str, now: datetime | None = None) -> StopCounts:
+    """Cancel every queued job of a batch and ask its running ones to stop (two UPDATEs)."""
+    now = now or utcnow()
+    shown = [*_scope(tenant_id, None, batch_id), Job.deleted_at.is_(None)]
+    total = session.scalar(select(func.count()).select_from(Job).where(*shown)) or 0
+    flag = update(Job).where(*shown, _live()).values(cancel_requested=True, updated_at=now)
+    flagged = _rows(session, flag)
+    canceled = _cancel_asked(session, shown, now)
+    return StopCounts(canceled, flagged - canceled, total - flagged)
+
+
+def cancel_deleted(session: Session, now: datetime | None = None) -> int:
+    """Deleted jobs queued again (given back by their worker after the delete) end canceled."""
+    return _cancel_asked(session, [Job.deleted_at.is_not(None)], now or utcnow())
+
+
+def mark_emptied(session: Session, jobs: Sequence[tuple[str, dict[str, Any] | None]], now: datetime) -> None:
+    """These finished jobs' objects are deleted: clear ``result_key`` and ``checkpoints`` and add
+    ``EMPTIED`` to the progress each had (``jobs``: (id, progress) as read). One executemany."""
+    if not jobs:
+        return
+    finished = or_(*(Job.status == status for status in sorted(TERMINAL)))  # no IN in an executemany
+    stmt = (
+        update(Job)
+        .where(Job.id == bindparam("job"), finished)
+        .values(result_key=None, checkpoints=[], progress=bindparam("emptied"))
+    )
+    stamp = now.isoformat()
+    rows = [{"job": job_id, "emptied": {**(p or {}), EMPTIED: stamp}} for job_id, p in jobs]
+    session.connection().execute(stmt, rows)  # Core executemany (not the ORM's bulk UPDATE by key)
+
+
+def remove_emptied(session: Session, job_ids: Sequence[str]) -> list[tuple[str, set[str]]]:
+    """Delete those of these rows that are deleted, finished and emptied; returns the tenant and
+    the image ids each removed row named."""
+    if not job_ids:
+        return []
+    stmt = (
+        delete(Job)
+        .where(
+            Job.id.in_(list(job_ids)),
+            Job.deleted_at.is_not(None),
+            Job.status.in_(sorted(TERMINAL)),
+            Job.progress[EMPTIED].as_string().is_not(None),
+        )
+        .returning(Job.tenant_id, Job.content_image_id, Job.style_image_ids, Job.mask_image_ids)
+    )
+    rows = session.execute(stmt, execution_options={"synchronize_session": False}).all()
+    return [(tenant, {content, *(styles or []), *(masks or [])}) for tenant, content, styles, masks in rows]
 
 
 __all__ = [
+    "EMPTIED",
     "HELD",
     "WORKER_LOST",
     "CancelResult",
     "JobSpec",
     "Seen",
+    "StopCounts",
     "cancel",
+    "cancel_batch",
+    "cancel_deleted",
     "cancel_unheld",
     "claim",
-    "claim_publish",
+    "claim_dispatch",
     "delete_unpublished",
     "fail",
     "fail_lost",
     "fail_released",
+    "forget_message",
     "heartbeat",
     "insert_queued",
     "lease_expired",
-    "mark_published",
+    "mark_deleted",
+    "mark_emptied",
     "record_checkpoints",
+    "remove_emptied",
     "release",
     "request_cancel",
     "requeue",
     "succeed",
-    "unclaim_publish",
+    "unclaim_dispatch",
 ]

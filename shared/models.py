@@ -185,7 +185,7 @@ class Worker(Base):
 
     __tablename__ = "workers"
     __table_args__ = (Index("ix_workers_heartbeat", "heartbeat_at"),)
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the Celery node name
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery node name#main pid
     host: Mapped[str] = mapped_column(String(200))
     device: Mapped[str] = mapped_column(String(64))
     weights: Mapped[str] = mapped_column(String(300))  # the weights source it loaded (or failed to)

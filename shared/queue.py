@@ -8,10 +8,12 @@ source of truth; a message carries only the job id, and the task id is the job i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import lru_cache
 
 from celery import Celery
 
+from shared import logs
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -67,3 +69,30 @@ def publish_job(app: Celery, job_id: str, **options: object) -> None:
     """Publish one job after its row is committed. The task id is the job id. ``options`` go to
     ``send_task`` (e.g. a shared ``producer`` for a batch, a ``retry_policy``)."""
     app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue, **options)
+
+
+# Fail fast when the broker is down: the jobs stay waiting and the next pass publishes them.
+_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+def publish_many(app: Celery, job_ids: Sequence[str]) -> list[str]:
+    """Publish in order over ONE producer (one broker connection); on a broker failure log, stop,
+    and return the ids published so far."""
+    done: list[str] = []
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_id in job_ids:
+                publish_job(app, job_id, producer=producer, retry=True, retry_policy=_RETRY_POLICY)
+                done.append(job_id)
+    except Exception as exc:  # noqa: BLE001 - broker down, timeouts...: the jobs are published later
+        missed = job_ids[len(done)] if len(done) < len(job_ids) else "-"
+        logs.event(
+            logger,
+            "publish_failed",
+            job_id=missed,
+            level=logging.ERROR,
+            published=len(done),
+            unpublished=len(job_ids) - len(done),
+            error=repr(exc),
+        )
+    return done

@@ -1,29 +1,29 @@
-"""The reconciler: the job table is the truth, the broker only a hint. Re-publish what was lost.
+"""The reconciler: the job table is the truth, the broker only a shallow delivery channel.
 
-Two kinds of job need a new message:
-- ``queued`` jobs whose message never arrived or was lost: published again when ``published_at`` is
-  older than ``requeue_after_s`` (Redis restarted empty, the embedded SQL broker lost an in-flight
-  message), or still NULL ``UNPUBLISHED_GRACE`` after the job was last changed (the API crashed
-  between its commit and its publish; the grace keeps us from racing an API that is publishing now);
+Jobs that wait for a worker are the dispatcher's (``shared.dispatch``). The reconciler finds the jobs
+that left the table's hands and did not come back, and makes them *waiting* again (``published_at``
+NULL), so that the dispatch step of the same pass publishes them into a free slot, in fair order,
+never into a full broker:
+- ``queued`` jobs whose message went out but which no worker started within ``publish_grace_s``: the
+  message was lost (Redis restarted empty, the embedded SQL broker lost an in-flight message). Sooner
+  when the evidence is plain: a message older than ``LOST_WHEN_IDLE_S`` while a healthy slot is idle
+  (the broker holds only messages for free slots, so an idle slot would have taken it). If the message
+  was not lost after all, the job runs once anyway: the first claim wins and the other delivery is
+  dropped. A retry waiting out its backoff has ``published_at`` at its due time and is left alone;
 - ``running`` jobs whose heartbeat expired (the worker died and the broker has not redelivered):
-  given back to ``queued`` and published again, or failed with ``worker_lost`` once their attempts
-  are spent.
+  back to waiting, or failed with ``worker_lost`` once their attempts are spent.
 
 Every change is a guarded UPDATE (``shared.jobstore``) that names the state it read, so several
-reconcilers can run at once: only the one whose UPDATE matched a row publishes. A duplicate message is
-harmless anyway, since a worker claims a job with a guarded UPDATE and drops deliveries of jobs it
-cannot claim.
+reconcilers can run at once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import idempotency, jobstore, logs
@@ -32,14 +32,13 @@ from shared.models import Job, utcnow
 
 logger = logging.getLogger(__name__)
 
-Publish = Callable[[str], None]
 BATCH = 500  # rows looked at per pass and kind, so one pass stays short
-UNPUBLISHED_GRACE = timedelta(seconds=30)
+LOST_WHEN_IDLE_S = 5.0  # a message not started this long while a slot is idle is presumed lost
 
 
 @dataclass
 class ReconcileReport:
-    republished: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # messages presumed lost: the jobs wait again
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     pruned_keys: int = 0
@@ -47,18 +46,18 @@ class ReconcileReport:
 
 def reconcile_once(
     sessions: sessionmaker[Session],
-    publish: Publish,
     *,
-    requeue_after_s: float,
+    publish_grace_s: float,
     lease_s: float,
     now: datetime | None = None,
+    idle_slots: int = 0,
 ) -> ReconcileReport:
+    """One pass; ``idle_slots``: healthy slots running no job (``shared.dispatch.idle_slots``)."""
     now = now or utcnow()
+    grace = min(publish_grace_s, LOST_WHEN_IDLE_S) if idle_slots > 0 else publish_grace_s
     report = ReconcileReport()
     _expired_leases(sessions, now - timedelta(seconds=lease_s), now, report)
-    for job_id in report.requeued:  # given back just now: publish at once, no grace
-        _publish_claimed(sessions, publish, job_id, None, now, report)
-    _stale_queued(sessions, publish, now - timedelta(seconds=requeue_after_s), now, report)
+    _lost_messages(sessions, now - timedelta(seconds=grace), report)
     with sessions() as session:  # Idempotency-Keys past their retention
         report.pruned_keys = idempotency.prune(session, now)
         session.commit()
@@ -91,84 +90,24 @@ def _expired_leases(
                         logger, f"reconciled_{ended}", job_id=job_id, attempt=attempt, level=logging.WARNING
                     )
                 continue
-            # Back to queued; published_at is set when the message goes out (below).
-            if jobstore.requeue(session, seen, now):
+            # Back to waiting: the dispatch step publishes it into a free slot.
+            if jobstore.requeue(session, seen):
                 report.requeued.append(job_id)
                 logs.event(logger, "lease_expired", job_id=job_id, attempt=attempt, level=logging.WARNING)
         session.commit()
 
 
-def _stale_queued(
-    sessions: sessionmaker[Session],
-    publish: Publish,
-    cutoff: datetime,
-    now: datetime,
-    report: ReconcileReport,
-) -> None:
+def _lost_messages(sessions: sessionmaker[Session], cutoff: datetime, report: ReconcileReport) -> None:
     with sessions() as session:
         rows = session.execute(
             select(Job.id, Job.published_at)
-            .where(Job.status == JobStatus.QUEUED)
-            .where(
-                or_(
-                    and_(Job.published_at.is_(None), Job.updated_at < now - UNPUBLISHED_GRACE),
-                    Job.published_at < cutoff,
-                )
-            )
-            .order_by(Job.created_at)
+            .where(Job.status == JobStatus.QUEUED, Job.published_at < cutoff)
+            .order_by(Job.published_at)
             .limit(BATCH)
         ).all()
-    for job_id, published_at in rows:
-        with sessions() as session:
-            claimed = jobstore.claim_publish(session, job_id, published_at, now)
-            session.commit()
-        if claimed:  # else another reconciler, a worker or a cancel got there first
-            _publish_claimed(sessions, publish, job_id, published_at, now, report)
-
-
-def _publish_claimed(
-    sessions: sessionmaker[Session],
-    publish: Publish,
-    job_id: str,
-    previous: datetime | None,
-    now: datetime,
-    report: ReconcileReport,
-) -> None:
-    """Publish a job whose published_at this reconciler set to ``now``; undo that if it fails."""
-    try:
-        publish(job_id)
-    except Exception:  # noqa: BLE001 - logged with its traceback; the job is left for the next pass
-        logs.event(logger, "republish_failed", job_id=job_id, level=logging.ERROR, exc_info=True)
-        with sessions() as session:  # leave the job for the next pass
-            jobstore.unclaim_publish(session, job_id, now, previous)
-            session.commit()
-        return
-    report.republished.append(job_id)
-    logs.event(logger, "republished", job_id=job_id)
-
-
-def run_forever(
-    sessions: sessionmaker[Session],
-    publish: Publish,
-    *,
-    interval_s: float,
-    requeue_after_s: float,
-    lease_s: float,
-    stop: Callable[[], bool] = lambda: False,
-) -> None:
-    """Reconcile every ``interval_s`` until ``stop()``; a failing pass is logged and retried."""
-    while not stop():
-        try:
-            report = reconcile_once(sessions, publish, requeue_after_s=requeue_after_s, lease_s=lease_s)
-            if report.republished or report.requeued or report.failed:
-                logger.info(
-                    "reconcile republished=%d requeued=%d failed=%d",
-                    len(report.republished),
-                    len(report.requeued),
-                    len(report.failed),
-                )
-        except Exception:
-            logger.exception("reconcile pass failed; retrying in %.0fs", interval_s)
-        deadline = time.monotonic() + interval_s
-        while time.monotonic() < deadline and not stop():
-            time.sleep(min(0.5, interval_s))
+        for job_id, published_at in rows:
+            # else another reconciler, a worker or a cancel got there first
+            if published_at is not None and jobstore.forget_message(session, job_id, published_at):
+                report.lost.append(job_id)
+                logs.event(logger, "message_lost", job_id=job_id, published_at=published_at.isoformat())
+        session.commit()

@@ -10,7 +10,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from shared.settings import Settings, get_settings
@@ -23,7 +23,8 @@ SUMMARY = {
     "api": "run the HTTP API (uvicorn)",
     "migrate": "create or upgrade the database schema",
     "worker": "run GPU workers (one Celery worker per GPU)",
-    "reconcile": "re-publish lost jobs, requeue dead workers' jobs",
+    "dispatch": "publish queued jobs fairly into free worker slots; recover lost ones; purge expired",
+    "reconcile": "the same as dispatch (its former name)",
 }
 
 
@@ -33,10 +34,14 @@ def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
         "api": _add_api,
         "migrate": _add_migrate,
         "worker": _add_worker,
-        "reconcile": _add_reconcile,
+        "dispatch": _add_dispatch,
+        "reconcile": _add_dispatch,
     }
     for name in SUMMARY if names is None else names:
-        adders[name](subparsers)
+        if adders[name] is _add_dispatch:
+            _add_dispatch(subparsers, name)
+        else:
+            adders[name](subparsers)
 
 
 def _add_api(sub: Any) -> None:
@@ -60,23 +65,16 @@ def _add_worker(sub: Any) -> None:
     p.set_defaults(func=cmd_worker)
 
 
-def _add_reconcile(sub: Any) -> None:
-    r = sub.add_parser("reconcile", help=SUMMARY["reconcile"])
+def _add_dispatch(sub: Any, name: str = "dispatch") -> None:
+    r = sub.add_parser(name, help=SUMMARY[name])
     r.add_argument("--once", action="store_true", help="one pass, then exit")
     r.add_argument(
         "--interval",
         type=float,
         default=None,
-        help="seconds between passes (default STYLEQUEUE_RECONCILE_INTERVAL_S)",
+        help="seconds between passes (default STYLEQUEUE_DISPATCH_INTERVAL_S)",
     )
-    r.add_argument(
-        "--requeue-after",
-        type=float,
-        default=None,
-        help="re-publish a queued job not picked up for this many seconds "
-        "(default STYLEQUEUE_REQUEUE_AFTER_S)",
-    )
-    r.set_defaults(func=cmd_reconcile)
+    r.set_defaults(func=cmd_dispatch)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -142,42 +140,54 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return supervisor.start(args, settings)
 
 
-def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Re-publish lost jobs (see ``shared.reconcile``); several reconcilers may run at once."""
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    """The dispatcher loop (``shared.dispatcher``); several may run at once."""
     from shared.db import get_sessionmaker
-    from shared.queue import make_celery, publish_job
-    from shared.reconcile import reconcile_once, run_forever
+    from shared.dispatcher import one_pass, run_forever
+    from shared.queue import make_celery, publish_many
 
     settings = get_settings()
     if settings.embedded:
         prepare_embedded(settings)
-    interval = args.interval if args.interval is not None else settings.reconcile_interval_s
-    requeue_after = args.requeue_after if args.requeue_after is not None else settings.requeue_after_s
     app = make_celery(settings)
     sessions = get_sessionmaker(settings.database_url)
 
-    def publish(job_id: str) -> None:
-        publish_job(app, job_id)
+    def publish(job_ids: Sequence[str]) -> list[str]:
+        return publish_many(app, job_ids)
 
+    housekeeping = _housekeeping(settings, sessions)
     if args.once:
-        report = reconcile_once(sessions, publish, requeue_after_s=requeue_after, lease_s=settings.lease_s)
+        report = one_pass(sessions, publish, settings, housekeeping)
+        r = report.reconciled
         print(
-            f"republished={len(report.republished)} requeued={len(report.requeued)} "
-            f"failed={len(report.failed)}"
+            f"lost={len(r.lost)} requeued={len(r.requeued)} failed={len(r.failed)} "
+            f"dispatched={len(report.dispatched.published)}"
         )
         return 0
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     logger.info(
-        "reconciler: every %.0fs, requeue after %.0fs, lease %.0fs", interval, requeue_after, settings.lease_s
+        "dispatcher: every %.1fs, lease %.0fs, publish grace %.0fs, %d message(s) ahead per slot",
+        args.interval or settings.dispatch_interval_s,
+        settings.lease_s,
+        settings.publish_grace_s,
+        settings.dispatch_ahead,
     )
     run_forever(
         sessions,
         publish,
-        interval_s=interval,
-        requeue_after_s=requeue_after,
-        lease_s=settings.lease_s,
+        settings,
+        housekeeping=housekeeping,
+        interval_s=args.interval,
         stop=lambda: bool(stopping),
     )
     return 0
+
+
+def _housekeeping(settings: Settings, sessions: Any) -> Any:
+    """The retention step of each pass (``shared.orphans.Housekeeping``)."""
+    from shared.orphans import Housekeeping
+    from shared.storage import open_storage
+
+    return Housekeeping(sessions, open_storage(settings), settings)

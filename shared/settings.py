@@ -108,6 +108,19 @@ class Settings(BaseSettings):
             raise ValueError(f"max_scales must be between 1 and {HARD_MAX_SCALES}")
         return self
 
+    @model_validator(mode="after")
+    def _rate_limit_parses(self) -> Settings:
+        from limits import parse_many
+
+        if self.rate_limit.strip():
+            try:
+                parse_many(self.rate_limit)
+            except ValueError:
+                raise ValueError(
+                    f"rate_limit {self.rate_limit!r} is not a rate limit such as '20/second;600/minute'"
+                ) from None
+        return self
+
     @property
     def embedded(self) -> bool:
         """True when the broker is kombu's SQL transport (no visibility timeout, no fanout)."""

@@ -11,6 +11,10 @@
 Keys used across the project: ``images/<sha256>``, ``jobs/<job_id>/result.a<attempt>.<ext>``,
 ``jobs/<job_id>/checkpoints/<step>.pt`` and ``.png``, all built by ``shared.storage_keys`` (with the
 media types objects are stored and served with).
+
+Both backends also have the maintenance side ``Listing`` (``list_objects`` with each object's
+modification time, ``delete_many``), which ``shared.retention`` uses to purge and sweep; it is not
+part of ``Storage``, which is all the API and the workers need.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
@@ -40,6 +46,25 @@ class ObjectNotFound(StorageError):
     """No object under that key."""
 
 
+S3_DELETE_MAX = 1000  # keys per DeleteObjects request (the S3 limit)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of a listing: its key and when it was last written (UTC)."""
+
+    key: str
+    modified: datetime
+
+
+@runtime_checkable
+class Listing(Protocol):
+    """Listing and bulk deletion, for retention and the orphan sweep (both backends have them)."""
+
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]: ...
+    def delete_many(self, keys: Sequence[str]) -> int: ...
+
+
 @runtime_checkable
 class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
@@ -58,6 +83,15 @@ def _clean_key(key: str) -> str:
     if any(p in ("..", ".", "") for p in parts):
         raise StorageError(f"invalid storage key {key!r}")
     return key
+
+
+def _clean_prefix(prefix: str) -> str:
+    """A listing prefix: "" (everything), or a key's beginning ("jobs/", "jobs/<id>/result")."""
+    if prefix and (prefix.startswith("/") or "\\" in prefix or "\x00" in prefix):
+        raise StorageError(f"invalid storage prefix {prefix!r}")
+    if any(p in ("..", ".", "") for p in prefix.split("/")[:-1]):
+        raise StorageError(f"invalid storage prefix {prefix!r}")
+    return prefix
 
 
 class FolderStorage:
@@ -111,12 +145,31 @@ class FolderStorage:
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix`` (for tests and maintenance; not part of ``Storage``)."""
-        if not self.root.exists():
+        return (obj.key for obj in self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``, in key order (temp files left out)."""
+        prefix = _clean_prefix(prefix)
+        base = self.root / prefix.rpartition("/")[0]  # the deepest folder the prefix names
+        if not base.is_dir():
             return
-        for path in sorted(self.root.rglob("*")):
+        for path in sorted(base.rglob("*")):
             key = path.relative_to(self.root).as_posix()
-            if path.is_file() and not path.name.startswith(".tmp-") and key.startswith(prefix):
-                yield key
+            if path.name.startswith(".tmp-") or not key.startswith(prefix):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # deleted since the walk saw it
+                continue
+            if path.is_file():
+                yield StoredObject(key, datetime.fromtimestamp(stat.st_mtime, timezone.utc))
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete every key (missing ones too); returns how many were asked for. Folders stay: a
+        writer may be about to create a file in one."""
+        for key in keys:
+            self.delete(key)
+        return len(keys)
 
 
 class S3Storage:
@@ -198,12 +251,40 @@ class S3Storage:
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix`` (for tests and maintenance; not part of ``Storage``)."""
-        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        return (obj.key for obj in self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``, in key order, one page at a time."""
+        prefix = _clean_prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+        more: dict[str, str] = {}
+        while True:
+            page = self._call("list_objects_v2", prefix, Bucket=self.bucket, Prefix=full, **more)
             for obj in page.get("Contents", []):
-                yield obj["Key"][strip:]
+                yield StoredObject(obj["Key"][strip:], obj["LastModified"])
+            if not page.get("IsTruncated"):
+                return
+            more = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete every key (missing ones too), up to 1000 per request; returns how many were asked
+        for. Raises ``StorageError`` naming the first key the bucket refused."""
+        for start in range(0, len(keys), S3_DELETE_MAX):
+            chunk = [{"Key": self._key(k)} for k in keys[start : start + S3_DELETE_MAX]]
+            resp = self._call(
+                "delete_objects",
+                chunk[0]["Key"],
+                Bucket=self.bucket,
+                Delete={"Objects": chunk, "Quiet": True},
+            )
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"S3 delete_objects: {len(errors)} refused, {first.get('Key')}: {first.get('Code')}"
+                )
+        return len(keys)
 
 
 def open_storage(settings: Settings) -> Storage:
@@ -222,10 +303,12 @@ def open_storage(settings: Settings) -> Storage:
 
 __all__ = [
     "FolderStorage",
+    "Listing",
     "ObjectNotFound",
     "S3Storage",
     "Storage",
     "StorageError",
     "StorageUnavailable",
+    "StoredObject",
     "open_storage",
 ]

@@ -37,6 +37,16 @@ def preview_key(job_id: str, step: int) -> str:
     return f"jobs/{job_id}/checkpoints/{step}.png"
 
 
+#: Where every object of the service lives: what the orphan sweep (``shared.retention``) lists.
+PREFIXES = ("images/", "jobs/")
+
+
+def job_of(key: str) -> str | None:
+    """The job id of a ``jobs/<job_id>/...`` key; None for any other key."""
+    parts = key.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] == "jobs" and parts[1] else None
+
+
 # Pillow format of an accepted upload (shared.imagecheck.ALLOWED_FORMATS) -> the media type it is
 # stored with.
 FORMAT_MEDIA_TYPES = {
@@ -86,11 +96,13 @@ __all__ = [
     "DEFAULT_MEDIA_TYPE",
     "FORMAT_MEDIA_TYPES",
     "MEDIA_TYPES",
+    "PREFIXES",
     "PREVIEW_MEDIA_TYPE",
     "RESULT_EXTENSIONS",
     "RESULT_MEDIA_TYPES",
     "checkpoint_key",
     "image_key",
+    "job_of",
     "media_type",
     "preview_key",
     "result_extension",

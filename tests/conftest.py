@@ -81,6 +81,7 @@ def settings_factory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterato
 
     def make(**overrides: Any) -> Settings:
         overrides.setdefault("data_dir", tmp_path / "data")
+        overrides.setdefault("rate_limit", "")  # tests make requests fast; rate-limit tests set one
         for key in [k for k in os.environ if k.startswith("STYLEQUEUE_")]:
             monkeypatch.delenv(key)
         for key, value in overrides.items():

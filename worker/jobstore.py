@@ -217,10 +217,12 @@ def cancel(url: str, job_id: str, attempt: int) -> bool:
         return jobrows.cancel(s, job_id, attempt)
 
 
-def release(url: str, job_id: str, attempt: int, *, graceful: bool) -> bool:
+def release(
+    url: str, job_id: str, attempt: int, *, graceful: bool, message_due: datetime | None = None
+) -> bool:
     """Give a running job back to the queue; graceful: not counted as an attempt (``shared.jobstore``)."""
     with session_scope(url) as s:
-        return jobrows.release(s, job_id, attempt, graceful=graceful)
+        return jobrows.release(s, job_id, attempt, graceful=graceful, message_due=message_due)
 
 
 def fail_released(url: str, job_id: str, code: str, message: str) -> bool:

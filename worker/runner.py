@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
@@ -22,9 +23,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
-from shared import logs, storage_keys
+from shared import dispatch, logs, storage_keys
+from shared.db import get_sessionmaker
 from shared.models import utcnow
-from shared.queue import get_celery, publish_job
+from shared.queue import get_celery, publish_job, publish_many
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, Storage, StorageUnavailable, open_storage
 from worker import jobstore
@@ -59,8 +61,28 @@ class Failure(Exception):
         self.code, self.message, self.retryable = code, message, retryable
 
 
+# Outcomes after which this worker's slot is free: a dispatch pass refills it at once.
+FREES_SLOT = frozenset({"succeeded", "failed", "canceled", "fenced"})
+
+
 def run_job(job_id: str, nodename: str, settings: Settings) -> str:
-    """Handle one delivery of ``job_id``; returns the outcome (succeeded, failed, canceled, ...)."""
+    """Handle one delivery of ``job_id``; returns the outcome (succeeded, failed, canceled, ...).
+    When the job ends, a dispatch pass gives the freed slot its next job (``shared.dispatch``)."""
+    outcome = _run_delivery(job_id, nodename, settings)
+    if outcome in FREES_SLOT:
+        _best_effort(job_id, 0, lambda: refill(settings))
+    return outcome
+
+
+def refill(settings: Settings) -> None:
+    """One dispatch pass from the worker whose job just ended."""
+    app = get_celery()
+    dispatch.dispatch_once(
+        get_sessionmaker(settings.database_url), lambda ids: publish_many(app, ids), settings
+    )
+
+
+def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
     url = settings.database_url
     got = jobstore.claim(url, job_id, jobstore.worker_identity(nodename), settings.lease_s)
     if isinstance(got, jobstore.Drop):
@@ -81,7 +103,12 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
         # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
         # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
         # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
-        _best_effort(job_id, got.attempt, lambda: jobstore.release(url, job_id, got.attempt, graceful=True))
+        due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s)  # the retry's latest ETA
+        _best_effort(
+            job_id,
+            got.attempt,
+            lambda: jobstore.release(url, job_id, got.attempt, graceful=True, message_due=due),
+        )
         raise
     except Failure as exc:
         return _fail(settings, got, exc.code, exc.message, exc.retryable)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared import logs
@@ -64,22 +65,25 @@ def warm(settings: Settings) -> None:
         engine.model(settings.weights, resolve_device(settings.device), "max", deepest)
 
 
-def preload() -> None:
-    """Start loading the engine in the background (errors are logged; the job reports them)."""
+def preload(on_error: Callable[[Exception], None] | None = None) -> None:
+    """Start loading the engine in the background (errors are logged, and passed to ``on_error``:
+    ``worker.registry`` marks the worker unhealthy; the job reports them)."""
 
     def load() -> None:
         try:
             warm(get_settings())
         except Exception as exc:  # noqa: BLE001 - preloading is an optimisation; the first job loads it
             logs.event(logger, "engine_preload_failed", kind="worker", level=logging.WARNING, error=exc)
+            if on_error is not None:
+                on_error(exc)
 
     threading.Thread(target=load, name="engine-preload", daemon=True).start()
 
 
-def init_pool_process(**_: object) -> None:
+def init_pool_process(on_error: Callable[[Exception], None] | None = None, **_: object) -> None:
     """``worker_process_init`` handler (in each pool process): load the engine in the background."""
     SHUTDOWN.clear()
-    preload()
+    preload(on_error)
 
 
 def on_worker_shutting_down(**_: object) -> None:

@@ -15,12 +15,19 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.signals import setup_logging, worker_process_init, worker_shutting_down
+from celery.signals import (
+    celeryd_after_setup,
+    setup_logging,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from shared import logs
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
-from worker import jobstore, runner, runtime
+from worker import jobstore, registry, runner, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -75,5 +82,16 @@ def _logging(loglevel: int | str | None = None, **_: Any) -> None:
     logs.configure(loglevel or logging.INFO)  # the service's one configuration (shared.logs)
 
 
-worker_process_init.connect(runtime.init_pool_process, weak=False)
+def _init_pool_process(**_: Any) -> None:
+    runtime.init_pool_process(on_error=registry.engine_failed)  # a failed load marks the worker unhealthy
+
+
+# The main process: check the weights and register before the pool forks (or refuse: exit 2), beat,
+# healthy once consuming, stopping on a warm shutdown, unregistered at the end (worker.registry).
+celeryd_after_setup.connect(registry.on_after_setup, weak=False)
+worker_ready.connect(registry.on_ready, weak=False)
+worker_shutting_down.connect(registry.on_shutting_down, weak=False)
+worker_shutdown.connect(registry.on_shutdown, weak=False)
+# Each pool process: load the engine in the background.
+worker_process_init.connect(_init_pool_process, weak=False)
 worker_shutting_down.connect(runtime.on_worker_shutting_down, weak=False)

@@ -2,7 +2,7 @@
 
 Everything is validated first; then one transaction stores the images, the batch row and all jobs
 (one bulk INSERT); then every message is published over one producer (``api.submission``, the path
-``POST /v1/jobs`` shares).
+``POST /v1/jobs`` shares). A batch is canceled or deleted whole, in a few set-based statements.
 """
 
 from __future__ import annotations
@@ -10,22 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from api.deps import SessionDep, SubmitCtxDep, TenantDep
+from api.deps import SessionDep, StorageDep, SubmitCtxDep, TenantDep
 from api.forms import json_field
 from api.imagestore import Raw
-from api.job_creation import parse_params_json
+from api.job_creation import parse_params_json, parse_priority
 from api.limits import MAX_BATCH_FILES
 from api.queries import batch_summary, get_batch
+from api.routes.jobs import DeletionOut, deletion_answer
 from api.schemas import BATCH_DOC, BATCH_FORM, ERRORS, BatchCreated, BatchOut, BatchRequest
 from api.submission import PAIRS_SHAPE, Draft, SubmitRoute, ValidSubmission, plan_jobs, submit, validated
+from shared import jobstore, retention
+from shared.audit import audit
 from shared.errors import InvalidInput
 from shared.settings import Settings
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-Parsed = tuple[list[Raw], list[Raw], list[Raw], str, Any, dict[str, Any]]  # + masks, mode, pairs
+# contents, styles, masks, mode, pairs, params, priority
+Parsed = tuple[list[Raw], list[Raw], list[Raw], str, Any, dict[str, Any], int]
 
 
 def _from_json(body: Any, settings: Settings) -> Parsed:
@@ -48,7 +52,15 @@ def _from_json(body: Any, settings: Settings) -> Parsed:
                 f"{len(ids)} {name}; the maximum is "
                 f"{settings.max_batch_jobs} (a batch has at most that many jobs)",
             )
-    return list(req.contents), list(req.styles), list(req.masks), req.mode, req.pairs, req.params
+    return (
+        list(req.contents),
+        list(req.styles),
+        list(req.masks),
+        req.mode,
+        req.pairs,
+        req.params,
+        req.priority,
+    )
 
 
 def _check_counts(n_contents: int, n_styles: int, n_masks: int, settings: Settings) -> None:
@@ -64,11 +76,12 @@ def _planned(
     mode: str,
     pairs: Any,
     raw_params: dict[str, Any],
+    priority: int,
     settings: Settings,
 ) -> ValidSubmission:
     """The plan, the params, then every image (decoded once)."""
     plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs, len(masks))
-    return validated(contents, styles, masks, plan, raw_params, settings, batch=True)
+    return validated(contents, styles, masks, plan, raw_params, settings, batch=True, priority=priority)
 
 
 def _validate_form(draft: Draft, settings: Settings) -> ValidSubmission:
@@ -81,6 +94,7 @@ def _validate_form(draft: Draft, settings: Settings) -> ValidSubmission:
         draft.texts["mode"] or "product",
         pairs,
         raw_params,
+        parse_priority(draft.texts["priority"]),
         settings,
     )
 
@@ -115,3 +129,42 @@ async def submit_batch(request: Request, ctx: SubmitCtxDep) -> Response:
 @router.get("/{batch_id}", response_model=BatchOut, responses=ERRORS)
 def read_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut:
     return BatchOut(**batch_summary(session, get_batch(session, tenant.id, batch_id)))
+
+
+class BatchCancelOut(BaseModel):
+    canceled: int  # queued: canceled at once
+    cancel_requested: int  # running: asked to stop (their workers cancel them within seconds)
+    already_finished: int
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchCancelOut, responses=ERRORS, summary="Cancel a batch")
+def cancel_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchCancelOut:
+    """Cancels the batch's queued jobs at once and asks its running ones to stop."""
+    get_batch(session, tenant.id, batch_id)
+    counts = jobstore.cancel_batch(session, tenant.id, batch_id)
+    session.commit()
+    audit(
+        "cancel_batch", tenant_id=tenant.id, key_prefix=tenant.key_prefix, batch_id=batch_id, **vars(counts)
+    )
+    return BatchCancelOut(**vars(counts))
+
+
+@router.delete(
+    "/{batch_id}",
+    status_code=204,
+    response_class=Response,
+    responses={**ERRORS, 202: {"model": DeletionOut, "description": "deleted once its running jobs stopped"}},
+    summary="Delete a batch and its jobs: 204 done, 202 while running jobs stop",
+)
+def delete_batch(batch_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> Response:
+    """Every job of the batch is deleted as ``DELETE /v1/jobs/{id}`` deletes one, then the batch."""
+    get_batch(session, tenant.id, batch_id)
+    done = retention.delete_jobs(session, storage, tenant.id, batch_id=batch_id)
+    audit(
+        "delete_batch",
+        tenant_id=tenant.id,
+        key_prefix=tenant.key_prefix,
+        batch_id=batch_id,
+        running=done.running,
+    )
+    return deletion_answer(batch_id, done)

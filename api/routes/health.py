@@ -1,4 +1,9 @@
-"""Liveness (``/healthz``) and readiness (``/readyz``: database, broker and storage reachable)."""
+"""Liveness (``/healthz``) and readiness (``/readyz``: database, broker and storage reachable).
+
+``/readyz`` also counts the registered workers (``workers``: healthy, unhealthy), for information only:
+the API is ready without any worker (jobs wait in the queue until one registers), so its status never
+depends on them. A probe that fails says only ``down``; what failed is in the log.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ from sqlalchemy import text
 
 from api.errors import error_body
 from api.schemas import ReadyOut
-from shared import logs
-from shared.db import get_engine
+from shared import logs, workers
+from shared.db import get_engine, get_sessionmaker
+from shared.models import utcnow
+from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -30,13 +37,24 @@ def _probe(name: str, fn: Callable[[], object]) -> str:
         fn()
     except Exception as exc:  # noqa: BLE001 - any failure of a probe means that dependency is down
         logs.event(logger, "down", kind="ready", level=logging.WARNING, dependency=name, error=repr(exc))
-        return f"down: {type(exc).__name__}"
+        return "down"  # not the exception's name: the log keeps the detail (security review item 11)
     return "ok"
 
 
 def _db_ping(url: str) -> None:
     with get_engine(url).connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def _workers(settings: Settings) -> dict[str, int] | None:
+    """Healthy and unhealthy workers, or None when the database cannot say (logged)."""
+    try:
+        with get_sessionmaker(settings.database_url)() as session:
+            found = workers.summary(session, now=utcnow(), lease_s=settings.lease_s)
+    except Exception as exc:  # noqa: BLE001 - informational: the database probe reports the outage
+        logs.event(logger, "workers_unknown", kind="ready", level=logging.WARNING, error=repr(exc))
+        return None
+    return {"healthy": found.healthy, "unhealthy": found.unhealthy}
 
 
 @router.get(
@@ -53,11 +71,12 @@ def readyz(request: Request) -> JSONResponse:
         "storage": _probe("storage", state.storage.check),
     }
     down = sorted(k for k, v in checks.items() if v != "ok")
+    fleet = _workers(state.settings) if checks["database"] == "ok" else None
     if not down:
-        return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse({"status": "ready", "checks": checks, "workers": fleet})
     body = error_body("not_ready", f"unreachable: {', '.join(down)}")
     return JSONResponse(
-        {**body, "status": "not_ready", "checks": checks},
+        {**body, "status": "not_ready", "checks": checks, "workers": fleet},
         status_code=503,
         headers={"Retry-After": str(READY_RETRY_AFTER_S)},
     )

@@ -11,6 +11,7 @@ from api.forms import files, read_form, read_upload
 from api.imagestore import PendingImage, is_image_id, persist_images, validate_uploads
 from api.offload import admitted, off_loop
 from api.schemas import ERRORS, ImageOut
+from shared.audit import audit
 from shared.db import get_sessionmaker
 from shared.errors import InvalidInput, NotFound
 from shared.models import StoredImage, TenantImage
@@ -45,6 +46,7 @@ def _store(settings: Settings, storage: Storage, tenant: TenantCtx, img: Pending
     with get_sessionmaker(settings.database_url)() as session:
         fresh = persist_images(session, storage, tenant.id, [img])
         session.commit()
+    audit("upload", tenant_id=tenant.id, key_prefix=tenant.key_prefix, image_id=img.id, fresh=bool(fresh))
     return bool(fresh)
 
 

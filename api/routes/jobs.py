@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit one job, read, list, cancel."""
+"""``/v1/jobs``: submit one job, read, list, cancel, delete."""
 
 from __future__ import annotations
 
@@ -6,16 +6,21 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from api.deps import SessionDep, SettingsDep, StorageDep, SubmitCtxDep, TenantDep
-from api.job_creation import parse_params_json
+from api.job_creation import parse_params_json, parse_priority
 from api.masks import check_mask_count
 from api.presenters import Linker, job_out
 from api.queries import MAX_PAGE, get_job, list_jobs
-from api.schemas import ERRORS, JOB_FORM, JOB_FORM_DOC, JobList, JobOut
+from api.schemas import ERRORS, JOB_FORM, JOB_FORM_DOC, JobErrorOut, JobList, JobOut
 from api.submission import Draft, SubmitRoute, ValidSubmission, one_job, submit, validated
-from shared import jobstore, logs
+from shared import jobstore, logs, queue_position, retention
+from shared.audit import audit
 from shared.errors import Conflict, InvalidInput
+from shared.jobs import JobStatus
+from shared.models import Job, utcnow
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +50,7 @@ def _validate(draft: Draft, settings: Settings) -> ValidSubmission:
         parse_params_json(draft.texts["params"]),
         settings,
         batch=False,
+        priority=parse_priority(draft.texts["priority"]),
     )
 
 
@@ -86,7 +92,10 @@ def list_own_jobs(
         session, tenant.id, status=status, batch_id=batch_id, limit=limit, cursor=cursor
     )
     linker = Linker(request, settings, storage)
-    return JobList(items=[job_out(j, linker) for j in jobs], next_cursor=next_cursor)
+    spots = queue_position.spots(session, tenant.id, jobs, utcnow())  # a few queries for the whole page
+    return JobList(
+        items=[_view(j, job_out(j, linker, spots.get(j.id))) for j in jobs], next_cursor=next_cursor
+    )
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
@@ -98,7 +107,9 @@ def read_job(
     storage: StorageDep,
     tenant: TenantDep,
 ) -> JobOut:
-    return job_out(get_job(session, tenant.id, job_id), Linker(request, settings, storage))
+    job = get_job(session, tenant.id, job_id)
+    spot = queue_position.spots(session, tenant.id, [job], utcnow()).get(job.id)
+    return _view(job, job_out(job, Linker(request, settings, storage), spot))
 
 
 _CANCEL_CODES = {jobstore.CancelResult.CANCELED: 200, jobstore.CancelResult.REQUESTED: 202}
@@ -142,3 +153,54 @@ def cancel_job(
     response.status_code = code
     logs.event(logger, "cancel_done" if code == 200 else "cancel_requested", job_id=job.id)
     return job_out(job, Linker(request, settings, storage))
+
+
+EXPIRED_MESSAGE = "the result and checkpoints were deleted after the retention period; submit the job again"
+
+
+def _view(job: Job, out: JobOut) -> JobOut:
+    """A succeeded job whose result retention deleted says so (``error.code`` ``result_expired``)."""
+    if job.status == JobStatus.SUCCEEDED and out.error is None and retention.result_expired(job):
+        out.error = JobErrorOut(code="result_expired", message=EXPIRED_MESSAGE, retryable=None)
+    return out
+
+
+class DeletionOut(BaseModel):
+    """A delete that waits for running jobs to stop (202); a finished delete answers 204, no body."""
+
+    id: str
+    status: str = Field("deleting", description="hidden now; deleted once its running jobs stopped")
+    running: int = Field(description="jobs asked to stop first")
+    message: str
+
+
+def deletion_answer(thing_id: str, done: retention.Deletion) -> Response:
+    """204 when everything is deleted, else 202 saying what the deletion waits for."""
+    if done.done:
+        return Response(status_code=204)
+    message = (
+        f"{done.running} running job(s) asked to stop: their results and checkpoints are deleted once "
+        "they have (within seconds)"
+        if done.running
+        else "hidden; some stored files could not be deleted yet and will be removed later"
+    )
+    body = DeletionOut(id=thing_id, running=done.running, message=message)
+    return JSONResponse(body.model_dump(), status_code=202)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    responses={**ERRORS, 202: {"model": DeletionOut, "description": "deleted once the job has stopped"}},
+    summary="Delete a job: 204 done, 202 while a running job stops",
+)
+def delete_job(job_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> Response:
+    """A queued job is canceled and deleted; a running one is asked to stop, hidden at once (404
+    afterwards) and its files deleted once its worker stopped. Its images go once no job names them."""
+    get_job(session, tenant.id, job_id)  # 404: unknown, another tenant's, or already deleted
+    done = retention.delete_jobs(session, storage, tenant.id, job_id=job_id)
+    audit(
+        "delete_job", tenant_id=tenant.id, key_prefix=tenant.key_prefix, job_id=job_id, running=done.running
+    )
+    return deletion_answer(job_id, done)

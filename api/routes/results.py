@@ -1,4 +1,7 @@
-"""Downloading results and checkpoints: streamed from folder storage, or a 307 to a presigned URL."""
+"""Downloading results and checkpoints: streamed from folder storage, or a 307 to a presigned URL.
+
+A job whose files retention deleted answers 410 ``result_expired``; a deleted job is not found.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.queries import get_job
-from api.schemas import ERRORS
-from shared.errors import Conflict, NotFound
+from api.schemas import ERRORS, ErrorResponse
+from shared.errors import Conflict, Gone, NotFound
 from shared.jobs import JobStatus
+from shared.models import Job
+from shared.retention import result_expired
 from shared.storage import ObjectNotFound, Storage
 from shared.storage_keys import CHECKPOINT_MEDIA_TYPE, PREVIEW_MEDIA_TYPE, RESULT_MEDIA_TYPES, media_type
 
@@ -25,6 +30,7 @@ def _binary(*media_types: str) -> dict[int | str, dict[str, Any]]:
         **ERRORS,
         200: {"description": "the file", "content": {m: binary for m in media_types}},
         307: {"description": "a redirect to a presigned storage URL (S3)"},
+        410: {"model": ErrorResponse, "description": "deleted after the retention period"},
     }
 
 
@@ -32,6 +38,16 @@ CheckpointIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="the check
 RESULT_DOC = _binary(*RESULT_MEDIA_TYPES)
 CHECKPOINT_DOC = _binary(CHECKPOINT_MEDIA_TYPE)
 PREVIEW_DOC = _binary(PREVIEW_MEDIA_TYPE)
+
+
+def _check_kept(job: Job) -> None:
+    """410 for a job whose result and checkpoints were deleted after the retention period."""
+    if result_expired(job):
+        raise Gone(
+            "result_expired",
+            f"the files of job {job.id} were deleted after the retention period; submit it again",
+            status=job.status,
+        )
 
 
 def _serve(storage: Storage, key: str, expires_s: int) -> Response:
@@ -57,12 +73,14 @@ def _serve(storage: Storage, key: str, expires_s: int) -> Response:
     "/{job_id}/result",
     responses=RESULT_DOC,
     response_class=Response,
-    summary="The result image (409 until the job succeeded)",
+    summary="The result image (409 until the job succeeded, 410 once retention deleted it)",
 )
 def job_result(
     job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
 ) -> Response:
     job = get_job(session, tenant.id, job_id)
+    if job.status == JobStatus.SUCCEEDED:
+        _check_kept(job)
     if job.status != JobStatus.SUCCEEDED or not job.result_key:
         raise Conflict("not_finished", f"the job is {job.status}; no result", status=job.status)
     return _serve(storage, job.result_key, settings.presign_expiry_s)
@@ -72,6 +90,7 @@ def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, index: int
     """The object of checkpoint number ``index`` (its ``seq``: stable while older ones are pruned;
     rows written before seq existed count by position)."""
     job = get_job(session, tenant_id, job_id)
+    _check_kept(job)
     for position, ref in enumerate(job.checkpoints or []):
         if ref.get("seq", position) == index and ref.get(field):
             return str(ref[field])

@@ -165,7 +165,7 @@ def override() -> dict[str, Any]:
 
 
 def test_compose_has_every_service(compose: dict[str, Any]) -> None:
-    assert {"postgres", "redis", "minio", INIT, "migrate", API, "worker", "reconciler"} <= set(
+    assert {"postgres", "redis", "minio", INIT, "migrate", API, "worker", "dispatcher"} <= set(
         compose["services"]
     )
 
@@ -192,7 +192,7 @@ def test_worker_reserves_gpus_and_scales(compose: dict[str, Any]) -> None:
 
 
 def test_visibility_timeout_exceeds_time_limit(compose: dict[str, Any]) -> None:
-    for name in (API, "worker", "reconciler"):
+    for name in (API, "worker", "dispatcher"):
         env = env_of(compose["services"][name])
         assert int(env["STYLEQUEUE_VISIBILITY_TIMEOUT_S"]) > int(env["STYLEQUEUE_TASK_TIME_LIMIT_S"])
 
@@ -201,7 +201,7 @@ def test_api_waits_for_migrations(compose: dict[str, Any]) -> None:
     deps = depends(compose["services"][API])
     assert deps["migrate"]["condition"] == "service_completed_successfully"
     assert compose["services"]["migrate"]["command"] == ["stylequeue", "migrate"]
-    assert "reconcile" in compose["services"]["reconciler"]["command"]
+    assert "dispatch" in compose["services"]["dispatcher"]["command"]
 
 
 # --- network exposure ---------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_app_credentials_are_not_minio_root(compose: dict[str, Any]) -> None:
         if name not in ROOT_HOLDERS:
             used = {v for s in strings(svc) for v, _, _ in interpolations(s)}
             assert not used & root_vars, f"{name} sees the MinIO root login"
-    for name in ("migrate", "reconciler"):  # least privilege: no storage credentials at all
+    for name in ("migrate",):  # least privilege: no storage credentials at all
         assert not any(k.startswith("AWS_") for k in env_of(services[name])), name
 
 
@@ -343,7 +343,7 @@ def test_app_policy_is_least_privilege(compose: dict[str, Any]) -> None:
 
 def test_app_services_wait_for_the_init(compose: dict[str, Any]) -> None:
     users = [n for n, s in compose["services"].items() if "AWS_ACCESS_KEY_ID" in env_of(s)]
-    assert {API, "worker"} <= set(users)
+    assert {API, "worker", "dispatcher"} <= set(users)
     for name in users:
         assert depends(compose["services"][name])[INIT]["condition"] == "service_completed_successfully", name
 
@@ -462,7 +462,7 @@ def test_api_image_cli_has_its_commands_and_no_engine(tmp_path: Path) -> None:
         f"import sys; sys.path[:0] = [{str(app)!r}]; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
         "sys.modules['torch'] = sys.modules['torchvision'] = None  # the image has neither\n"
         "from shared.cli import main\n"
-        "for argv in (['--help'], ['api', '--help'], ['reconcile', '--help'], ['worker', '--help']):\n"
+        "for argv in (['--help'], ['api', '--help'], ['dispatch', '--help'], ['worker', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit as e:\n"
@@ -474,7 +474,17 @@ def test_api_image_cli_has_its_commands_and_no_engine(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     listed = re.findall(r"^    (\w+) ", out.stdout.split("options:")[0], flags=re.M)
-    assert listed == ["api", "migrate", "keys", "worker", "reconcile", "submit", "status"]
+    assert listed == [
+        "api",
+        "migrate",
+        "keys",
+        "tenants",
+        "worker",
+        "dispatch",
+        "reconcile",
+        "submit",
+        "status",
+    ]
 
 
 def test_worker_image_bakes_weights() -> None:

@@ -5,8 +5,8 @@ object in a versioned bucket), and a job interrupted mid-run must resume from it
 
 Most tests share one module stack (``fault_stack``): a fresh PostgreSQL database on 127.0.0.1:5432,
 a PRIVATE redis-server on a free port (killed and restarted empty by one test), moto's S3 server
-behind a TCP proxy that can be cut (versioning on), the API, a reconciler (``stylequeue reconcile
---interval 1``) and two workers ``a`` and ``b`` (``stylequeue worker --cpu``, one pool process each).
+behind a TCP proxy that can be cut (versioning on), the API, a dispatcher (``stylequeue dispatch
+--interval 0.5``) and two workers ``a`` and ``b`` (``stylequeue worker --cpu``, one pool process each).
 Short lease / heartbeat / requeue timeouts and a 1 s retry backoff come from STYLEQUEUE_* env. A test
 that kills a worker starts it again, so the next test finds both workers running.
 
@@ -48,8 +48,8 @@ TOTAL_STEPS = 100
 FAST = dict(
     heartbeat_s=0.3,
     lease_s=4,
-    requeue_after_s=4,
-    reconcile_interval_s=1,
+    publish_grace_s=4,
+    dispatch_interval_s=0.5,
     progress_interval_s=0.2,
     checkpoint_every=10,
     max_attempts=3,
@@ -95,7 +95,7 @@ class FaultStack:
         reconciler = self.stack.procs.get("reconcile")
         if reconciler is None or reconciler.poll() is not None:
             self.stack.procs["reconcile"] = start(
-                ["reconcile", "--interval", "1"], self.stack.env, self.stack.log_of("reconcile")
+                ["dispatch", "--interval", "0.5"], self.stack.env, self.stack.log_of("reconcile")
             )
 
     def worker_of(self, job_id: str) -> str:
@@ -279,16 +279,16 @@ def test_kill9_whole_worker_mid_job_resumes_from_last_checkpoint(
     visibility timeout): the reconciler requeues the job once its lease expires."""
     jobs = fs.submit(images, 2)
     resumed_from: dict[str, int] = {}
-    for job_id in jobs:
+    for job_id in jobs:  # both workers die (one after the other) before new ones start
         fs.random_moment(job_id)
         fs.kill_whole(fs.worker_of(job_id))
         resumed_from[job_id] = fs.last_checkpoint(job_id)  # the dead attempt writes no more
-        fs.ensure_running()  # a new worker
+    fs.ensure_running()  # new workers
     fs.wait_terminal(jobs)
     for job_id in jobs:
         fs.assert_succeeded_once(job_id, attempt=2, resumed_from=resumed_from[job_id])
     republished = chaos_lib.job_events([fs.stack.log_of("reconcile")])
-    for job_id in jobs:  # it was the reconciler that brought them back
+    for job_id in jobs:  # it was the dispatcher's reconcile step that brought them back
         assert any(e.job_id == job_id and e.event == "lease_expired" for e in republished)
 
 

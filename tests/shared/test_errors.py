@@ -20,6 +20,8 @@ from shared import errors as e
         (e.Unauthorized("who", "m"), 401, {"WWW-Authenticate": "Bearer"}),
         (e.Conflict("state", "m"), 409, {}),
         (e.ServiceUnavailable("down", "m", retry_after_s=7), 503, {"Retry-After": "7"}),
+        (e.Forbidden("never", "m"), 403, {}),
+        (e.TooManyRequests("slow_down", "m", retry_after_s=0), 429, {"Retry-After": "1"}),
     ],
 )
 def test_status_and_headers_come_from_the_error(
@@ -30,6 +32,6 @@ def test_status_and_headers_come_from_the_error(
 
 def test_every_domain_error_declares_a_status() -> None:
     classes = [c for c in vars(e).values() if isinstance(c, type) and issubclass(c, e.DomainError)]
-    assert len(classes) == 8
+    assert len(classes) == 11  # with Gone (410), added alongside
     for cls in classes:
         assert 400 <= cls.http_status < 600, cls

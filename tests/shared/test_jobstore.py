@@ -75,18 +75,16 @@ CASES: dict[str, Case] = {
     ),
     "cancel_unheld": Case(lambda s, j, st: jobstore.cancel_unheld(s, Seen(j, st, 1)), to(C)),
     "fail_lost": Case(lambda s, j, st: jobstore.fail_lost(s, Seen(j, st, 1), 1), to(F)),
-    "requeue": Case(
-        lambda s, j, st: jobstore.requeue(s, Seen(j, st, 1, lease_cutoff=utcnow()), utcnow()), to(Q)
-    ),
+    "requeue": Case(lambda s, j, st: jobstore.requeue(s, Seen(j, st, 1, lease_cutoff=utcnow())), to(Q)),
     "request_cancel": Case(
         lambda s, j, _: jobstore.request_cancel(s, "t1", j),
         {**to(C, QUEUED_ONLY), **stay(sources_for(C) & HELD_ONLY)},
     ),
-    "mark_published": Case(lambda s, j, _: jobstore.mark_published(s, [j]), stay(LIVE), UNPUBLISHED),
-    "claim_publish": Case(
-        lambda s, j, _: jobstore.claim_publish(s, j, None, utcnow()), stay(QUEUED_ONLY), UNPUBLISHED
+    "claim_dispatch": Case(
+        lambda s, j, _: jobstore.claim_dispatch(s, [j], utcnow()), stay(QUEUED_ONLY), UNPUBLISHED
     ),
-    "unclaim_publish": Case(lambda s, j, _: jobstore.unclaim_publish(s, j, PUBLISHED, None), stay(LIVE)),
+    "unclaim_dispatch": Case(lambda s, j, _: jobstore.unclaim_dispatch(s, [j], PUBLISHED), stay(QUEUED_ONLY)),
+    "forget_message": Case(lambda s, j, _: jobstore.forget_message(s, j, PUBLISHED), stay(QUEUED_ONLY)),
     "delete_unpublished": Case(lambda s, j, _: jobstore.delete_unpublished(s, [j]), {Q: None}, UNPUBLISHED),
 }
 
@@ -170,7 +168,7 @@ def test_a_write_on_a_row_that_changed_since_it_was_read_matches_nothing(
     stale = make_job(**ROW, status=R, heartbeat_at=utcnow() - STALE)
     with get_sessionmaker(db_url)() as s:
         assert not jobstore.requeue(
-            s, Seen(fresh, R, 1, lease_cutoff=utcnow() - STALE / 2), utcnow()
+            s, Seen(fresh, R, 1, lease_cutoff=utcnow() - STALE / 2)
         )  # a heartbeat since the cutoff: not lost
         assert not jobstore.fail_lost(s, Seen(stale, R, 2), 2)  # another attempt
         assert not jobstore.cancel_unheld(s, Seen(stale, Q, 1))  # another status
@@ -180,9 +178,7 @@ def test_a_write_on_a_row_that_changed_since_it_was_read_matches_nothing(
     assert _load_status(db_url, fresh) is R and _load_status(db_url, stale) is R
 
 
-def test_insert_queued_then_mark_published_then_delete_the_unpublished(
-    db_url: str, make_job: MakeJob
-) -> None:
+def test_insert_queued_then_dispatch_then_delete_the_unpublished(db_url: str, make_job: MakeJob) -> None:
     specs = [
         JobSpec(IMAGE, (IMAGE,)),
         JobSpec(IMAGE, (IMAGE, IMAGE), (IMAGE, IMAGE)),
@@ -203,7 +199,11 @@ def test_insert_queued_then_mark_published_then_delete_the_unpublished(
         )
         stored = s.execute(text("SELECT status FROM jobs WHERE id = :id"), {"id": ids[0]}).scalar()
         assert type(stored) is str and stored == "queued"  # the same string as before the enum
-        assert jobstore.mark_published(s, ids[:1]) == 1 and jobstore.mark_published(s, ids[:1]) == 0
+        now = utcnow()
+        assert (
+            jobstore.claim_dispatch(s, ids[:1], now) == ids[:1]
+            and jobstore.claim_dispatch(s, ids[:1], now) == []
+        )
         assert jobstore.delete_unpublished(s, ids) == 2
         s.commit()
     assert [_row(db_url, i) is not None for i in ids] == [True, False, False]
@@ -234,7 +234,7 @@ def test_worker_lost_is_written_once_whoever_notices(db_url: str, make_job: Make
     by_claim, by_reconciler = make_job(**spent), make_job(**spent)
     got = worker_jobstore.claim(db_url, by_claim, "cpu@here#1", 60)
     assert got is worker_jobstore.Drop.EXHAUSTED
-    report = reconcile_once(get_sessionmaker(db_url), lambda _: None, requeue_after_s=600, lease_s=60)
+    report = reconcile_once(get_sessionmaker(db_url), publish_grace_s=30, lease_s=60)
     assert report.failed == [by_reconciler]
     facts = [_row(db_url, j) for j in (by_claim, by_reconciler)]
     keys = ("status", "error_code", "error_message", "error_retryable", "attempt")

@@ -1,4 +1,5 @@
-"""The reconciler on real databases: lost messages re-published, dead workers' jobs requeued or failed."""
+"""The reconciler on real databases: jobs of lost messages and dead workers wait again (for the
+dispatch step), or fail when their attempts are spent."""
 
 from __future__ import annotations
 
@@ -43,21 +44,25 @@ def status_of(sessions: sessionmaker[Session], job_id: str) -> Job:
         return job
 
 
-def test_lost_and_unpublished_messages_are_republished(sessions: sessionmaker[Session]) -> None:
-    old = utcnow() - timedelta(hours=1)
-    never = add_job(sessions, published_at=None, updated_at=old)  # API died before publishing
-    publishing = add_job(sessions, published_at=None)  # the API is publishing it right now
+def waiting(sessions: sessionmaker[Session], job_id: str) -> bool:
+    job = status_of(sessions, job_id)
+    return job.status == "queued" and job.published_at is None
+
+
+def test_lost_messages_wait_again_after_the_grace(sessions: sessionmaker[Session]) -> None:
+    """A message not started within the grace is presumed lost: the job waits again, for the
+    dispatch step to publish into a free slot. Waiting jobs are never touched."""
+    old = utcnow() - timedelta(seconds=31)
+    never = add_job(sessions, published_at=None, updated_at=utcnow() - timedelta(hours=1))
     lost = add_job(sessions, published_at=old)
-    fresh = add_job(sessions, published_at=utcnow())
+    fresh = add_job(sessions, published_at=utcnow() - timedelta(seconds=10))  # within the grace
     done = add_job(sessions, status=JobStatus.SUCCEEDED.value, published_at=old)
-    published: list[str] = []
-    report = reconcile_once(sessions, published.append, requeue_after_s=60, lease_s=60)
-    assert sorted(published) == sorted([never, lost]) == sorted(report.republished)
-    assert fresh not in published and done not in published and publishing not in published
-    # A second pass right away publishes nothing: published_at was moved forward.
-    again: list[str] = []
-    reconcile_once(sessions, again.append, requeue_after_s=60, lease_s=60)
-    assert again == []
+    report = reconcile_once(sessions, publish_grace_s=30, lease_s=60)
+    assert report.lost == [lost] and waiting(sessions, lost)
+    assert waiting(sessions, never)
+    assert status_of(sessions, fresh).published_at is not None
+    assert status_of(sessions, done).published_at is not None
+    assert reconcile_once(sessions, publish_grace_s=30, lease_s=60).lost == []  # nothing twice
 
 
 def test_expired_lease_requeues_then_fails_after_max_attempts(sessions: sessionmaker[Session]) -> None:
@@ -65,50 +70,28 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(sessions: sessionm
     dead = add_job(sessions, status="running", attempt=1, max_attempts=3, heartbeat_at=stale)
     spent = add_job(sessions, status="running", attempt=3, max_attempts=3, heartbeat_at=stale)
     alive = add_job(sessions, status="running", attempt=1, heartbeat_at=utcnow())
-    published: list[str] = []
-    report = reconcile_once(sessions, published.append, requeue_after_s=600, lease_s=60)
-    assert report.requeued == [dead] and published == [dead]
-    assert status_of(sessions, dead).status == "queued"
+    report = reconcile_once(sessions, publish_grace_s=30, lease_s=60)
+    assert report.requeued == [dead] and waiting(sessions, dead)  # for the dispatch step
     failed = status_of(sessions, spent)
     assert (failed.status, failed.error_code) == ("failed", "worker_lost")
     assert failed.finished_at is not None
     assert status_of(sessions, alive).status == "running"
 
 
-def test_publish_failure_leaves_job_for_next_pass(sessions: sessionmaker[Session]) -> None:
-    job_id = add_job(sessions, published_at=utcnow() - timedelta(hours=1))
-
-    def broken(_: str) -> None:
-        raise ConnectionError("broker down")
-
-    before = status_of(sessions, job_id).published_at
-    report = reconcile_once(sessions, broken, requeue_after_s=60, lease_s=60)
-    assert report.republished == [] and status_of(sessions, job_id).published_at == before
-    published: list[str] = []
-    reconcile_once(sessions, published.append, requeue_after_s=60, lease_s=60)
-    assert published == [job_id]
-
-
-def test_concurrent_reconcilers_publish_each_job_once(sessions: sessionmaker[Session]) -> None:
+def test_concurrent_reconcilers_take_each_job_once(sessions: sessionmaker[Session]) -> None:
     ids = {add_job(sessions, published_at=utcnow() - timedelta(hours=1)) for _ in range(20)}
-    published: list[str] = []
-    lock = threading.Lock()
+    reports: list[Any] = []
 
-    def publish(job_id: str) -> None:
-        with lock:
-            published.append(job_id)
+    def run() -> None:
+        reports.append(reconcile_once(sessions, publish_grace_s=30, lease_s=60))
 
-    threads = [
-        threading.Thread(
-            target=reconcile_once, args=(sessions, publish), kwargs=dict(requeue_after_s=60, lease_s=60)
-        )
-        for _ in range(4)
-    ]
+    threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(published) == sorted(ids)  # every job once, none twice
+    found = [job_id for r in reports for job_id in r.lost]
+    assert sorted(found) == sorted(ids)  # every job once, none twice
 
 
 def test_reconcile_prunes_expired_idempotency_keys(sessions: sessionmaker[Session]) -> None:
@@ -129,7 +112,21 @@ def test_reconcile_prunes_expired_idempotency_keys(sessions: sessionmaker[Sessio
         )
         s.add(IdempotencyKey(tenant_id="t1", key="new", request_hash="h", status_code=202, response={}))
         s.commit()
-    report = reconcile_once(sessions, lambda _: None, requeue_after_s=60, lease_s=60)
+    report = reconcile_once(sessions, publish_grace_s=30, lease_s=60)
     assert report.pruned_keys == 1
     with sessions() as s:
         assert [k.key for k in s.query(IdempotencyKey).all()] == ["new"]
+
+
+def test_an_idle_slot_is_evidence_of_a_lost_message(sessions: sessionmaker[Session]) -> None:
+    """With a healthy slot idle, a message out for LOST_WHEN_IDLE_S is presumed lost without the grace."""
+    from shared.reconcile import LOST_WHEN_IDLE_S
+
+    lost = add_job(sessions, published_at=utcnow() - timedelta(seconds=LOST_WHEN_IDLE_S + 1))
+    just_sent = add_job(sessions, published_at=utcnow() - timedelta(seconds=1))
+    retry_later = add_job(sessions, published_at=utcnow() + timedelta(minutes=2))  # a backoff's due time
+    busy = reconcile_once(sessions, publish_grace_s=30, lease_s=60, idle_slots=0)
+    assert busy.lost == []  # every slot busy: the message may be waiting for one
+    idle = reconcile_once(sessions, publish_grace_s=30, lease_s=60, idle_slots=1)
+    assert idle.lost == [lost] and waiting(sessions, lost)
+    assert not waiting(sessions, just_sent) and not waiting(sessions, retry_later)

@@ -1,4 +1,4 @@
-"""``stylequeue worker`` and ``reconcile`` (shared/server_cli.py, worker/supervisor.py): start-up checks
+"""``stylequeue worker`` and ``dispatch`` (shared/server_cli.py, worker/supervisor.py): start-up checks
 and the plan of worker processes (no worker is started)."""
 
 from __future__ import annotations
@@ -83,23 +83,29 @@ def test_detect_gpus_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
-def test_reconcile_once_republishes_unpublished_jobs(
+def test_dispatch_once_republishes_lost_jobs(
     settings: Settings,
     make_job: MakeJob,
     load_job: LoadJob,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """``stylequeue dispatch --once`` (and its former name ``reconcile``) re-sends a lost message."""
     import shared.queue
 
     published: list[str] = []
-    monkeypatch.setattr(shared.queue, "publish_job", lambda _app, job_id: published.append(job_id))
+    monkeypatch.setattr(shared.queue, "publish_job", lambda _app, job_id, **_: published.append(job_id))
     from datetime import timedelta
 
-    from shared.models import utcnow
+    from shared.db import session_scope
+    from shared.models import Worker, utcnow
 
-    job_id = make_job(published_at=None, updated_at=utcnow() - timedelta(hours=1))
-    ns = argparse.Namespace(once=True, interval=None, requeue_after=None)
-    assert server_cli.cmd_reconcile(ns) == 0
+    with session_scope(settings.database_url) as session:  # one free slot
+        session.add(
+            Worker(id="w#1", host="h", device="cpu", weights="random", capabilities={}, status="healthy")
+        )
+    job_id = make_job(published_at=utcnow() - timedelta(hours=1))
+    ns = argparse.Namespace(once=True, interval=None)
+    assert server_cli.cmd_dispatch(ns) == 0
     assert published == [job_id] and load_job(job_id).published_at is not None
-    assert "republished=1" in capsys.readouterr().out
+    assert "lost=1 requeued=0 failed=0 dispatched=1" in capsys.readouterr().out
