@@ -115,6 +115,9 @@ def check_owned(session: Session, tenant_id: str, image_ids: Iterable[str]) -> d
                 select(StoredImage.id, StoredImage.width, StoredImage.height)
                 .join(TenantImage, TenantImage.image_id == StoredImage.id)
                 .where(TenantImage.tenant_id == tenant_id, StoredImage.id.in_(valid))
+                # PostgreSQL: FOR KEY SHARE until the submission commits, so retention's
+                # FOR UPDATE SKIP LOCKED never deletes an image a submission is naming
+                .with_for_update(key_share=True, of=StoredImage)
             )
         }
         if valid

@@ -20,10 +20,9 @@ The race with a submission naming an image being deleted: one transaction locks 
 new statement that no job row names them, deletes the rows, then the objects, then commits. A
 submission that wrote a job naming the image as content, or an ownership row, holds a key-share lock
 through the foreign key: the image is skipped, and found named next pass. One after the commit finds
-no row (``unknown_image``; an upload stores the bytes again, the object being gone). Open: a style or
-mask named by id is checked without a lock (``api.imagestore.check_owned``), so a submission checking
-in the milliseconds before the commit fails later with ``input_missing``; ``DELETED_GRACE`` keeps an
-image an hour past its last reference, and ``FOR KEY SHARE`` in that check would close it. A commit
+no row (``unknown_image``; an upload stores the bytes again, the object being gone). An image named by
+id is read ``FOR KEY SHARE`` (``api.imagestore.check_owned``) until the submission commits, so it is
+skipped too; ``DELETED_GRACE`` keeps an image an hour past its last reference besides. A commit
 failing after the objects went leaves unreferenced rows: the next pass deletes them.
 """
 

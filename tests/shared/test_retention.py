@@ -328,3 +328,31 @@ def test_listing_and_bulk_deletes_on_both_backends(swept: Api, monkeypatch: pyte
         list(store.list_objects("../"))
     assert store.delete_many([*keys[:5], "jobs/missing/x"]) == 6
     assert sorted(store.list_keys()) == sorted(keys[5:])
+
+
+def test_a_submission_checking_an_image_id_holds_it(
+    sessions: sessionmaker[Session], store: FolderStorage, tmp_path: Path
+) -> None:
+    """A style or mask named by id is read FOR KEY SHARE (api.imagestore.check_owned): a purge
+    running before that submission commits skips the image instead of deleting it under it."""
+    from api.imagestore import check_owned
+
+    if sessions.kw["bind"].dialect.name != "postgresql":
+        pytest.skip("row locks: PostgreSQL")
+    with sessions() as s:
+        image = _image(s, store, "checked", "t1")
+        _deleted(s, "t1", image, [image])
+        s.commit()
+    result: list[Any] = []
+    with sessions() as submission:
+        assert image in check_owned(submission, "t1", [image])
+        worker = threading.Thread(
+            target=lambda: result.append(purge_once(sessions, store, _settings(tmp_path), now=NOW)),
+            daemon=True,
+        )
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the purge waited for the submission"
+        assert result[0].removed_images == []  # skipped while the submission holds it
+        submission.rollback()
+    assert _images(sessions) == _objects(store) == {image}  # row and object both still there
