@@ -26,3 +26,9 @@ def test_cancel_queued_and_running_jobs(embedded_stack: Stack, images: dict[str,
 def test_duplicate_delivery_is_dropped(embedded_stack: Stack, images: dict[str, bytes]) -> None:
     # One pool process: the duplicate is delivered after the job ended.
     scenarios.duplicate_delivery_dropped(embedded_stack, images, reason="terminal")
+
+
+def test_a_second_tenant_is_not_queued_behind_the_first(
+    embedded_stack: Stack, images: dict[str, bytes]
+) -> None:
+    scenarios.second_tenant_not_behind_first(embedded_stack, images)

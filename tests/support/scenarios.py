@@ -139,3 +139,31 @@ def duplicate_delivery_dropped(stack: Stack, images: dict[str, bytes], reason: s
     )
     assert stack.job(job_id).attempt == 1
     assert result_keys(stack, job_id) == [f"jobs/{job_id}/result.a1.png"]
+
+
+def second_tenant_not_behind_first(stack: Stack, images: dict[str, bytes]) -> None:
+    """With one slot busy with tenant A's batch, tenant B submits a job: the slot that frees next
+    goes to B (nothing in flight), not to A's next job as it would in one FIFO queue."""
+    from api.client import StyleQueueClient
+    from tests.support.stacks import make_key
+
+    contents = ("content_astronaut", "content_chelsea_cat") * 2
+    a_jobs = submit(stack, images, {**LONG, "iterations": 60}, contents)
+    wait_for(lambda: any(stack.job(j).status == "running" for j in a_jobs), 60, "A's first job", interval=0.1)
+    with StyleQueueClient(stack.api_url, make_key(stack.settings), timeout=30) as b:
+        names = ("content_astronaut", "style_hokusai_great_wave")
+        ids = [str(b.upload_image(images[n], f"{n}.png")["id"]) for n in names]
+        b_job = b.submit_batch(ids[:1], ids[1:], params=TINY)["job_ids"][0]
+        waiting = [j for j in a_jobs if stack.job(j).started_at is None]
+        assert len(waiting) >= 2, "A's jobs ran too fast to have a line when B submitted"
+        wait_for(lambda: b.get_job(b_job)["status"] == "succeeded", 90, "B's job", interval=0.1)
+    b_started = stack.job(b_job).started_at
+    assert b_started is not None
+    later = [stack.job(j).started_at for j in waiting]
+    assert all(t is None or t > b_started for t in later), (b_started, later)  # B went first
+    with stack.client() as c:  # leave the stack idle for the next test
+        for job_id in a_jobs:
+            if stack.job(job_id).status in ("queued", "running"):
+                c.cancel(job_id)
+    for job_id in a_jobs:
+        wait_status(stack, job_id, {"canceled", "succeeded", "failed"}, timeout=30)
