@@ -108,17 +108,22 @@ def idle_slots(session: Session, settings: Settings, now: datetime) -> int:
 
 
 def dispatch_once(
-    sessions: sessionmaker[Session], publish: PublishMany, settings: Settings, now: datetime | None = None
+    sessions: sessionmaker[Session],
+    publish: PublishMany,
+    settings: Settings,
+    now: datetime | None = None,
+    *,
+    wait: bool = True,
 ) -> DispatchReport:
     """One pass: claim the next jobs in fair order (``published_at`` := now), commit, publish them;
-    a job the broker did not take is given back (``published_at`` NULL again)."""
+    a job the broker did not take is given back (``published_at`` NULL again). ``wait=False`` (an
+    idle worker asking for work): skip the pass if another one is running (it does the same)."""
     now = now or utcnow()
     report = DispatchReport()
     with sessions() as session:
-        if room(session, settings, now) == 0:
-            return report  # the common case (every slot busy or awaiting its message): no lock
-        _serialise(session)
-        report.room = room(session, settings, now)  # again, now that no other pass runs
+        if not _serialise(session, wait):
+            return report
+        report.room = room(session, settings, now)
         picks = fair_picks(session, report.room, settings, now) if report.room else []
         claimed = jobstore.claim_dispatch(session, picks, now)
         session.commit()
@@ -135,9 +140,14 @@ def dispatch_once(
     return report
 
 
-def _serialise(session: Session) -> None:
-    if session.get_bind().dialect.name == "postgresql":
+def _serialise(session: Session, wait: bool) -> bool:
+    """One pass at a time (PostgreSQL; until this transaction ends); False: another holds it."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True  # SQLite serialises the writers; a few extra messages at worst
+    if wait:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        return True
+    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _LOCK_KEY}))
 
 
 def fair_picks(session: Session, count: int, settings: Settings, now: datetime) -> list[str]:

@@ -223,7 +223,8 @@ class Registration:
         try:
             with _fork_lock:
                 app = get_celery()
-                dispatch.dispatch_once(self._sessions, lambda ids: publish_many(app, ids), self.settings)
+                publish = lambda ids: publish_many(app, ids)  # noqa: E731 - one line, one use
+                dispatch.dispatch_once(self._sessions, publish, self.settings, wait=False)
         except Exception as exc:  # noqa: BLE001 - the dispatcher's own passes cover for this one
             logs.event(logger, "worker_dispatch_failed", kind="worker", level=logging.WARNING, error=exc)
 
