@@ -15,6 +15,7 @@ from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.offload import Admission, cpu_pool
 from api.publisher import CeleryPublisher, Publisher
+from api.ratelimit import RateLimitHeadersMiddleware
 from api.routes import batches, health, images, jobs, results, status
 from shared import logs
 from shared.db import get_sessionmaker
@@ -54,6 +55,7 @@ def create_app(
     app.state.indoubt = InDoubt(get_sessionmaker(settings.database_url))
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(RateLimitHeadersMiddleware)
     for module in (health, images, jobs, results, batches, status):
         app.include_router(module.router)
     if settings.auth == "off":

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,7 +17,7 @@ from api.commit_recovery import InDoubt
 from api.idempotency import IdemRequest
 from api.presenters import Linker
 from api.publisher import Publisher
-from api.ratelimit import RateLimiter, client_address, limiter_for
+from api.ratelimit import STATE_KEY, RateLimiter, client_address, limiter_for
 from shared import logs
 from shared.db import get_sessionmaker, is_db_outage
 from shared.errors import Unauthorized
@@ -102,11 +102,11 @@ def _refuse_remote_when_open(request: Request, settings: Settings) -> None:
 
 
 def current_tenant(
-    request: Request, response: Response, session: SessionDep, settings: SettingsDep, credentials: BearerDep
+    request: Request, session: SessionDep, settings: SettingsDep, credentials: BearerDep
 ) -> TenantCtx:
     """The caller's tenant, under the rate limits (``api.ratelimit``): a sync dependency, so the
     database and the limiter's storage (Redis) are called in the threadpool, never on the event loop.
-    Their RateLimit headers go on the response (kept when the route returns a model)."""
+    Their RateLimit headers go on whatever response the request gets (``RateLimitHeadersMiddleware``)."""
     if settings.auth == "off":
         _refuse_remote_when_open(request, settings)
         cached: TenantCtx | None = getattr(request.app.state, "local_tenant", None)
@@ -121,7 +121,7 @@ def current_tenant(
     auth = _authenticate(session, limiter, client_address(request), token)
     window = limiter.hit_key(auth.key_id, auth.tenant.rate_limit)
     if window is not None:
-        response.headers.update(window.headers())
+        setattr(request.state, STATE_KEY, window.headers())
     return TenantCtx(auth.tenant.id, auth.tenant.name, auth.prefix)
 
 

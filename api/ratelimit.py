@@ -26,9 +26,10 @@ Response headers, after **draft-ietf-httpapi-ratelimit-headers-06** (the separat
                                    counted request leaves it)
     RateLimit-Policy: 20;w=1, 600;w=60     every policy: quota;w=window in seconds
 
-They are on 429 answers (with ``Retry-After``: whole seconds >= 1 until the refusing policy frees a
-request) and on the successful answers FastAPI builds from a route's return value (the GET routes);
-a route that returns a ``Response`` object itself (submissions, downloads) carries them only on 429.
+They are on every answer to an authenticated request: ``current_tenant`` leaves them in the request's
+state and ``RateLimitHeadersMiddleware`` adds them to the response as it starts, whatever built it
+(a model, a ``Response`` of a submission, a streamed download, an error). A 429 carries them too,
+with ``Retry-After``: whole seconds >= 1 until the refusing policy frees a request.
 
 Storage: ``STYLEQUEUE_RATE_LIMIT_STORAGE``; by default the broker's Redis when the broker is Redis
 (counters shared by every API process), else ``memory://`` (per process: N processes allow N times
@@ -56,6 +57,7 @@ from limits import RateLimitItem
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import logs
 from shared.errors import TooManyRequests
@@ -243,6 +245,35 @@ class RateLimiter:
             return None
 
 
+STATE_KEY = "ratelimit_headers"  # in the request's state (scope["state"]): set by current_tenant
+
+
+class RateLimitHeadersMiddleware:
+    """Adds the RateLimit headers ``current_tenant`` left in the request's state to the response
+    (pure ASGI: streamed bodies pass through untouched); a header already set (a 429) is kept."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            window: dict[str, str] | None = scope.get("state", {}).get(STATE_KEY)
+            if message["type"] == "http.response.start" and window:
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                for name, value in window.items():
+                    if name.lower().encode() not in present:
+                        headers.append((name.lower().encode(), value.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def limiter_for(app: Any, settings: Settings) -> RateLimiter:
     """The app's limiter (``app.state.rate_limiter``), built on first use."""
     limiter: RateLimiter | None = getattr(app.state, "rate_limiter", None)
@@ -264,6 +295,8 @@ def limiter_for(app: Any, settings: Settings) -> RateLimiter:
 
 __all__ = [
     "AUTH_FAILURES",
+    "STATE_KEY",
+    "RateLimitHeadersMiddleware",
     "RateLimiter",
     "Window",
     "client_address",

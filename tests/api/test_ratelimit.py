@@ -17,9 +17,9 @@ from sqlalchemy import event, update
 from api.deps import current_tenant
 from api.ratelimit import RateLimiter, storage_uri
 from shared.db import get_engine, session_scope
-from shared.models import Tenant
+from shared.models import Job, Tenant
 from shared.settings import Settings
-from tests.support.apps import Api, build_api, upload
+from tests.support.apps import Api, build_api, submit, upload
 from tests.support.images import image_bytes
 
 
@@ -72,6 +72,33 @@ def test_several_policies_report_the_nearest_to_exhaustion(settings_factory: Cal
     r = api.client.get("/v1/jobs")
     assert r.headers["RateLimit-Policy"] == "2;w=1, 5;w=60"
     assert (r.headers["RateLimit-Limit"], r.headers["RateLimit-Remaining"]) == ("2", "1")
+
+
+def test_every_answer_to_a_key_carries_the_headers(settings_factory: Callable[..., Settings]) -> None:
+    """Submissions (a Response built by the route), streamed downloads and errors, not only GETs of
+    models: each counts, and each says what is left."""
+    api = _limited(settings_factory, "50/minute")
+    content = upload(api.client, image_bytes()).json()["id"]
+    answers = [
+        submit(api.client, content=image_bytes(), styles=[image_bytes()]),  # 202, multipart
+        api.client.post("/v1/batches", json={"contents": [content], "styles": [content]}),  # 202
+        api.client.get("/v1/jobs/nope"),  # 404
+        api.client.post("/v1/jobs", json={"content": content}),  # 400: not multipart
+    ]
+    job_id = answers[0].json()["id"]
+    api.storage.put_bytes(f"jobs/{job_id}/result.png", b"\x89PNG-result")
+    with session_scope(api.settings.database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="succeeded", result_key=f"jobs/{job_id}/result.png")
+        )
+    answers.append(api.client.get(f"/v1/jobs/{job_id}/result"))  # streamed from storage
+    assert [r.status_code for r in answers] == [202, 202, 404, 400, 200], [r.text for r in answers]
+    remaining = [int(r.headers["RateLimit-Remaining"]) for r in answers]
+    assert remaining == [48 - i for i in range(5)], remaining  # the upload took the first request
+    assert all(r.headers["RateLimit-Policy"] == "50;w=60" for r in answers)
+    assert all(len(r.headers.get_list("RateLimit-Limit")) == 1 for r in answers)
 
 
 def test_no_limit_no_headers(api: Api) -> None:

@@ -3,12 +3,17 @@ queued job's ``queue`` (position in its tenant's line, ETA), on SQLite and Postg
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import httpx
+import pytest
 from sqlalchemy import delete, select, update
 
+from api.routes import health
 from shared import workers
 from shared.db import session_scope
 from shared.jobs import JobStatus
@@ -58,7 +63,8 @@ def jobs_of(api: Api, client: Any, count: int) -> list[str]:
     return ids
 
 
-def test_readyz_counts_workers_but_does_not_need_them(any_api: Api) -> None:
+def test_readyz_counts_workers_but_does_not_need_them(any_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(health, "READY_CACHE_S", 0.0)  # every call probes
     body = any_api.client.get("/readyz").json()
     assert body["status"] == "ready" and body["workers"] == {"healthy": 1, "unhealthy": 0}
     add_worker(any_api, "gpu0@box", WorkerStatus.UNHEALTHY, detail=REMEDY)
@@ -78,6 +84,27 @@ def test_readyz_probes_say_down_without_the_exception(settings_factory: Callable
     assert r.json()["checks"] == {"database": "ok", "broker": "down", "storage": "ok"}
     assert "ConnectionError" not in r.text and "broker down" not in r.text
     assert r.json()["workers"] == {"healthy": 1, "unhealthy": 0}
+
+
+def test_a_flood_of_readyz_probes_the_dependencies_once(api: Api) -> None:
+    """Unauthenticated and cheap to send: 40 at once cost one probe of each dependency, answered
+    while later callers wait on the event loop (no thread each), and the answer is the same."""
+    calls: list[float] = []
+    api.publisher.check = lambda: calls.append(time.monotonic())
+
+    async def flood() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api.client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return list(await asyncio.gather(*(client.get("/readyz") for _ in range(40))))
+
+    answers = asyncio.run(flood())
+    assert {r.status_code for r in answers} == {200} and len(calls) == 1
+    assert all(r.json() == answers[0].json() for r in answers)
+    assert [api.client.get("/readyz").status_code for _ in range(3)] == [200] * 3
+    assert len(calls) == 1  # within the second, from any event loop: the same answer
+    app: Any = api.client.app
+    app.state.ready_cache.at -= health.READY_CACHE_S  # a second later: probed again
+    assert api.client.get("/readyz").status_code == 200 and len(calls) == 2
 
 
 def test_status_needs_a_key(api: Api) -> None:
