@@ -35,14 +35,17 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, text
+from sqlalchemy import ColumnElement, Integer, Select, and_, bindparam, case, func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobstore, logs, workers
 from shared.jobs import JobStatus
-from shared.models import Job, Tenant, utcnow
+from shared.models import Job, Tenant, Worker, utcnow
 from shared.settings import Settings
+from shared.workers import WorkerStatus
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +99,12 @@ def room(session: Session, settings: Settings, now: datetime) -> int:
     """How many more messages the broker may hold now (one query)."""
     out = select(func.count()).select_from(Job).where(in_flight()).scalar_subquery()
     row = session.execute(select(workers.slots_query(now=now, lease_s=settings.lease_s), out)).one()
-    slots, flying = int(row[0] or 0), int(row[1] or 0)
-    return max(0, min(MAX_PER_PASS, slots * (1 + max(0, settings.dispatch_ahead)) - flying))
+    return _room(settings, row[0], row[1])
+
+
+def _room(settings: Settings, slots: int | None, flying: int | None) -> int:
+    total = int(slots or 0) * (1 + max(0, settings.dispatch_ahead))
+    return max(0, min(MAX_PER_PASS, total - int(flying or 0)))
 
 
 def idle_slots(session: Session, settings: Settings, now: datetime) -> int:
@@ -123,8 +130,8 @@ def dispatch_once(
     with sessions() as session:
         if not _serialise(session, wait):
             return report
-        report.room = room(session, settings, now)
-        picks = fair_picks(session, report.room, settings, now) if report.room else []
+        report.room, lines = _survey(session, settings, now)
+        picks = _pick(session, lines, report.room) if report.room else []
         claimed = jobstore.claim_dispatch(session, picks, now)
         session.commit()
     if not claimed:
@@ -152,7 +159,10 @@ def _serialise(session: Session, wait: bool) -> bool:
 
 def fair_picks(session: Session, count: int, settings: Settings, now: datetime) -> list[str]:
     """The next ``count`` waiting jobs in fair order (see the module docstring)."""
-    lines = _lines(session, settings, now)
+    return _pick(session, _survey(session, settings, now)[1], count)
+
+
+def _pick(session: Session, lines: dict[str, _Line], count: int) -> list[str]:
     heap = [(line.key(), line.tenant_id) for line in lines.values()]
     heapq.heapify(heap)
     picks: list[str] = []
@@ -175,43 +185,77 @@ def fair_picks(session: Session, count: int, settings: Settings, now: datetime) 
     return picks
 
 
-def _lines(session: Session, settings: Settings, now: datetime) -> dict[str, _Line]:
-    rows = session.execute(
-        select(Job.tenant_id, func.min(Job.created_at), Tenant.weight, Tenant.max_running)
+@cache
+def _survey_query() -> Select[Any]:
+    """Each waiting tenant's line with its charges, and the room, in ONE round trip (a pass on an
+    idle system is on the path from submission to start). Built once: the times are parameters.
+    The room's two counts are uncorrelated scalar subqueries, evaluated once, not per row."""
+    flying = case((in_flight(), 1), else_=0)
+    charged = (
+        select(Job.tenant_id, func.sum(Job.cost).label("cost"), func.sum(flying).label("flying"))
+        .where(or_(in_flight(), Job.started_at >= bindparam("window_start", type_=Job.started_at.type)))
+        .group_by(Job.tenant_id)
+        .subquery()
+    )
+    slots = (
+        select(func.coalesce(func.sum(Worker.slots), 0))
+        .where(
+            Worker.status == str(WorkerStatus.HEALTHY),
+            Worker.heartbeat_at >= bindparam("heard_since", type_=Worker.heartbeat_at.type),
+        )
+        .scalar_subquery()
+    )
+    out = select(func.count()).select_from(Job).where(in_flight()).scalar_subquery()
+    return (
+        select(
+            Job.tenant_id,
+            func.min(Job.created_at),
+            Tenant.weight,
+            Tenant.max_running,
+            func.coalesce(charged.c.cost, 0),
+            func.coalesce(charged.c.flying, 0),
+            slots,
+            out,
+        )
         .join(Tenant, Tenant.id == Job.tenant_id)
+        .outerjoin(charged, charged.c.tenant_id == Job.tenant_id)
         .where(waiting())
-        .group_by(Job.tenant_id, Tenant.weight, Tenant.max_running)
-    ).all()
+        .group_by(Job.tenant_id, Tenant.weight, Tenant.max_running, charged.c.cost, charged.c.flying)
+    )
+
+
+def _survey(session: Session, settings: Settings, now: datetime) -> tuple[int, dict[str, _Line]]:
+    """The room, and the waiting tenants' lines (none waiting: room 0, nothing to fill it with)."""
+    params = {"window_start": now - FAIR_WINDOW, "heard_since": now - timedelta(seconds=settings.lease_s)}
+    rows = session.execute(_survey_query(), params).all()
+    if not rows:
+        return 0, {}
     lines = {
         tenant_id: _Line(
             tenant_id,
             oldest,
             weight=max(1, weight or 1),
+            charged=int(cost),
+            in_flight=int(flying),
             max_running=settings.tenant_max_running if max_running is None else max_running,
         )
-        for tenant_id, oldest, weight, max_running in rows
+        for tenant_id, oldest, weight, max_running, cost, flying, _, _ in rows
     }
-    if not lines:
-        return lines
-    flying = case((in_flight(), 1), else_=0)
-    charged = session.execute(
-        select(Job.tenant_id, func.coalesce(func.sum(Job.cost), 0), func.coalesce(func.sum(flying), 0))
-        .where(or_(in_flight(), Job.started_at >= now - FAIR_WINDOW))
-        .group_by(Job.tenant_id)
-    ).all()
-    for tenant_id, cost, flying_count in charged:
-        if tenant_id in lines:
-            lines[tenant_id].charged, lines[tenant_id].in_flight = int(cost), int(flying_count)
-    return lines
+    return _room(settings, rows[0][6], rows[0][7]), lines
+
+
+@cache
+def _heads_query() -> Select[str, int]:
+    return (
+        select(Job.id, Job.cost)
+        .where(waiting(), Job.tenant_id == bindparam("tenant_id"))
+        .order_by(*line_order())
+        .limit(bindparam("limit", type_=Integer))
+    )
 
 
 def _heads(session: Session, tenant_id: str, limit: int) -> list[tuple[str, int]]:
-    rows = session.execute(
-        select(Job.id, Job.cost)
-        .where(waiting(), Job.tenant_id == tenant_id)
-        .order_by(*line_order())
-        .limit(limit)
-    ).all()
+    rows = session.execute(_heads_query(), {"tenant_id": tenant_id, "limit": limit}).all()
     return [(job_id, int(cost)) for job_id, cost in rows]
 
 
