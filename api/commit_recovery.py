@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobstore, logs
+from shared import jobstore_queue, logs
 from shared.models import Batch, IdempotencyKey, Job
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def undo(session: Session, sub: Submission) -> bool:
     """Delete what ``sub`` may have committed; False if a job already left ``queued``/unpublished
     (then everything is kept: the job is real and its key replays it)."""
     ids = list(sub.job_ids)
-    count = jobstore.delete_unpublished(session, ids)
+    count = jobstore_queue.delete_unpublished(session, ids)
     left = session.scalar(select(Job.id).where(Job.id.in_(ids)).limit(1))
     if left is not None:
         session.rollback()

@@ -3,10 +3,10 @@
 Both routes run the same steps: the ``Idempotency-Key`` header; the body (a multipart form spooled to
 disk within ``api.forms``' limits, or a JSON body); its fingerprint, and for a known key the first
 answer replayed; the form's files read into memory (one upload slot, ``api.offload.admitted``); the
-CPU-bound validation off the event loop (params, the plan of jobs, every image decoded once); then one
-transaction in the threadpool (``create``) and the answer. What differs is data: a route's
-``SubmitRoute`` (its form, file count, count checks and validation) and the ``ValidSubmission`` that
-yields (the images, the plan of jobs, the params, batch or not).
+CPU-bound validation off the event loop (params, the plan of jobs from ``api.plans``, every image
+decoded once); then one transaction in the threadpool (``create``) and the answer. What differs is
+data: a route's ``SubmitRoute`` (its form, file count, count checks and validation) and the
+``ValidSubmission`` that yields (the images, the plan of jobs, the params, batch or not).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 
@@ -43,15 +42,15 @@ from api.job_creation import (
     insert_jobs,
     validate_params,
 )
-from api.masks import MaskPlan, check_batch_masks, check_job_masks, check_masks_used, pair_masks
+from api.masks import check_batch_masks, check_job_masks
 from api.offload import admitted, off_loop
+from api.plans import Plan
 from api.presenters import job_out
 from api.queries import get_job
 from api.safejson import loads
-from api.schemas import BatchCreated, FormSpec, ImageField, Pair
+from api.schemas import BatchCreated, FormSpec, ImageField
 from shared import logs
 from shared.audit import audit
-from shared.errors import InvalidInput
 from shared.idempotency import StoredResponse
 from shared.models import Batch, new_id, utcnow
 from shared.params import JobParams
@@ -59,60 +58,6 @@ from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 D = TypeVar("D")
-
-Plan = list[tuple[int, tuple[int, ...], MaskPlan]]  # (content, style indexes, mask indexes) per job
-_PAIRS = TypeAdapter(list[Pair])  # strict: no true/0.0 indexes
-PAIRS_SHAPE = (
-    "pairs must be a list of [content, style(s)] or [content, style(s), [mask per style]] (integer indexes)"
-)
-
-
-def one_job(n_styles: int, n_masks: int) -> Plan:
-    """The plan of ``POST /v1/jobs``: its content with all its styles (and masks, if any)."""
-    return [(0, tuple(range(n_styles)), tuple(range(n_masks)) if n_masks else None)]
-
-
-def plan_jobs(n_contents: int, n_styles: int, mode: str, pairs: Any, max_jobs: int, n_masks: int = 0) -> Plan:
-    """The jobs of a batch: every content with every style (``product``) or as ``pairs`` list."""
-    if mode not in ("product", "pairs"):
-        raise InvalidInput("invalid_mode", "mode must be 'product' or 'pairs'")
-    if not n_contents:
-        raise InvalidInput("missing_content", "send at least one content image")
-    if not n_styles:
-        raise InvalidInput("missing_style", "send at least one style image")
-    if mode == "product":
-        if pairs:
-            raise InvalidInput("invalid_pairs", "pairs are only used with mode 'pairs'")
-        count = n_contents * n_styles
-        if count > max_jobs:
-            raise InvalidInput("batch_too_large", f"{count} jobs; the maximum is {max_jobs}")
-        check_masks_used(n_masks, mode, [])
-        return [(c, (s,), None) for c in range(n_contents) for s in range(n_styles)]
-    plan = _pairs_plan(n_contents, n_styles, pairs, max_jobs, n_masks)
-    check_masks_used(n_masks, mode, [m for _, _, m in plan])
-    return plan
-
-
-def _pairs_plan(n_contents: int, n_styles: int, pairs: Any, max_jobs: int, n_masks: int) -> Plan:
-    try:
-        parsed = _PAIRS.validate_python(pairs if pairs is not None else [])
-    except ValidationError:
-        raise InvalidInput("invalid_pairs", PAIRS_SHAPE) from None
-    if not parsed:
-        raise InvalidInput("invalid_pairs", "mode 'pairs' needs a non-empty pairs list")
-    if len(parsed) > max_jobs:
-        raise InvalidInput("batch_too_large", f"{len(parsed)} jobs; the maximum is {max_jobs}")
-    plan: Plan = []
-    for pair in parsed:
-        c, s = pair[0], pair[1]
-        styles = (s,) if isinstance(s, int) else tuple(s)
-        if not 0 <= c < n_contents or not styles or any(not 0 <= x < n_styles for x in styles):
-            raise InvalidInput(
-                "invalid_pairs",
-                f"pair [{c}, {s}] is out of range: {n_contents} contents, {n_styles} styles",
-            )
-        plan.append((c, styles, pair_masks(pair, len(styles), n_masks)))
-    return plan
 
 
 @dataclass(frozen=True)
@@ -322,14 +267,10 @@ def _answer(session: Session, ctx: SubmitCtx, job_ids: list[str], batch_id: str 
 
 
 __all__ = [
-    "PAIRS_SHAPE",
     "Draft",
-    "Plan",
     "SubmitRoute",
     "ValidSubmission",
     "create",
-    "one_job",
-    "plan_jobs",
     "read_draft",
     "submit",
     "validated",

@@ -41,7 +41,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Integer, Select, and_, bindparam, case, func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobstore, logs, workers
+from shared import jobstore_queue, logs, workers
 from shared.jobs import JobStatus
 from shared.models import Job, Tenant, Worker, utcnow
 from shared.settings import Settings
@@ -132,7 +132,7 @@ def dispatch_once(
             return report
         report.room, lines = _survey(session, settings, now)
         picks = _pick(session, lines, report.room) if report.room else []
-        claimed = jobstore.claim_dispatch(session, picks, now)
+        claimed = jobstore_queue.claim_dispatch(session, picks, now)
         session.commit()
     if not claimed:
         return report
@@ -141,7 +141,7 @@ def dispatch_once(
     missed = [job_id for job_id in claimed if job_id not in set(sent)]
     if missed:
         with sessions() as session:
-            jobstore.unclaim_dispatch(session, missed, now)
+            jobstore_queue.unclaim_dispatch(session, missed, now)
             session.commit()
     logs.event(logger, "dispatched", job_id=claimed[0], jobs=len(sent), room=report.room, missed=len(missed))
     return report

@@ -1,4 +1,13 @@
-"""The one writer of job rows: every INSERT, UPDATE and DELETE of ``jobs`` is a function here.
+"""Status transitions of job rows, and the map of the jobstore modules: every INSERT, UPDATE and
+DELETE of ``jobs`` is a function of one of them, and no other module writes job rows.
+
+* ``shared.jobstore`` (this module): the submission's INSERT, a tenant's cancel, the worker's claim
+  and fenced writes, and the ends of jobs no live attempt holds (a cancel, ``worker_lost``).
+* ``shared.jobstore_queue``: the dispatch and publish bookkeeping (``published_at``): the
+  dispatcher's claims, the reconciler's requeues and forgotten messages, an in-doubt submission's
+  unpublished jobs deleted.
+* ``shared.jobstore_deletion``: deletes, batch cancels and retention's emptying and removal of rows.
+* ``shared.jobstore_guards``: ``Seen``, the guards and the one status-change primitive they share.
 
 A status change is one guarded UPDATE whose ``WHERE status IN (...)`` is ``shared.jobs.sources_for``
 of the new status, so the transition table is enforced, not decorative. A write that matched no row
@@ -11,9 +20,10 @@ says so with its result and the caller decides what that means.
   applies only while the row still has the status and attempt read (and, for an expired lease, a
   heartbeat still older than the cutoff).
 
-No function here changes a row in a terminal state. Functions take a ``Session`` and never commit:
-the caller owns the transaction (the API commits the jobs of a submission together with its images
-and idempotency key). This is where a later change will emit an event per transition.
+No function here changes a row in a terminal state (``shared.jobstore_deletion`` holds the only
+writes to terminal rows, none of which changes a status or an outcome). Functions take a ``Session``
+and never commit: the caller owns the transaction (the API commits the jobs of a submission together
+with its images and idempotency key). This is where a later change will emit an event per transition.
 """
 
 from __future__ import annotations
@@ -23,28 +33,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    CursorResult,
-    Executable,
-    bindparam,
-    delete,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import ColumnElement, insert, update
 from sqlalchemy.orm import Session
 
-from shared.jobs import INITIAL, TERMINAL, JobStatus, sources_for
+from shared.jobs import INITIAL, JobStatus
+from shared.jobstore_guards import HELD, Seen, allowed_sources, lease_expired, matched, move
 from shared.models import Job, new_id, utcnow
 
 logger = logging.getLogger(__name__)
 
-HELD = JobStatus.RUNNING  # the one status in which an attempt holds a job
 MESSAGE_MAX = 2000  # characters of an error message kept
 WORKER_LOST = "worker_lost"
 # One code, one flag: a job whose worker died in every one of its attempts (graceful hand-backs do
@@ -62,68 +61,11 @@ class JobSpec:
     mask_ids: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
-class Seen:
-    """A job row as its caller read it; a write guarded by it applies only if the row is still so."""
-
-    job_id: str
-    status: JobStatus
-    attempt: int
-    lease_cutoff: datetime | None = None  # also: its heartbeat is still none or older than this
-
-    @classmethod
-    def of(cls, job: Job) -> Seen:
-        return cls(job.id, JobStatus(job.status), job.attempt)
-
-    def guard(self) -> list[ColumnElement[bool]]:
-        where = [Job.id == self.job_id, Job.status == self.status, Job.attempt == self.attempt]
-        if self.lease_cutoff is not None:
-            where.append(lease_expired(self.lease_cutoff))
-        return where
-
-
 class CancelResult(enum.StrEnum):
     """What a tenant's cancel did."""
 
     CANCELED = "canceled"  # a queued job, canceled at once
     REQUESTED = "requested"  # a running job, asked to stop (its worker cancels it)
-
-
-def lease_expired(cutoff: datetime) -> ColumnElement[bool]:
-    """No heartbeat since ``cutoff``: the holder of a running job is presumed lost."""
-    return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
-
-
-def _sources(new: JobStatus, within: frozenset[JobStatus] | None = None) -> ColumnElement[bool]:
-    """``status IN sources_for(new)``, narrowed to ``within``: the guard of every status change."""
-    sources = sources_for(new) if within is None else sources_for(new) & within
-    if not sources:  # a writer asking for a move the table forbids: a bug, not a race
-        raise ValueError(f"no allowed source for {new} within {sorted(within or ())}")
-    return Job.status.in_(sorted(sources))
-
-
-def _live() -> ColumnElement[bool]:
-    """Not terminal: the guard of the bookkeeping writes, so that no write changes a finished job."""
-    return Job.status.not_in(sorted(TERMINAL))
-
-
-def _rows(session: Session, stmt: Executable) -> int:
-    """Run a write and return how many rows it matched (the session's loaded objects are left
-    alone: callers re-read what they show)."""
-    result = session.execute(stmt, execution_options={"synchronize_session": False})
-    return int(cast(CursorResult[Any], result).rowcount or 0)
-
-
-def _move(
-    session: Session,
-    new: JobStatus,
-    where: Sequence[ColumnElement[bool]],
-    within: frozenset[JobStatus] | None = None,
-    **values: Any,
-) -> bool:
-    """One row from an allowed source (and ``where``) to ``new``; True if it moved."""
-    stmt = update(Job).where(_sources(new, within), *where).values(status=new, **values)
-    return _rows(session, stmt) == 1
 
 
 # -- Submission (API) -------------------------------------------------------------------------------
@@ -171,48 +113,11 @@ def insert_queued(
     return [str(row["id"]) for row in rows]
 
 
-def claim_dispatch(session: Session, job_ids: Sequence[str], now: datetime) -> list[str]:
-    """The dispatcher takes these waiting jobs for publishing (``published_at`` NULL → ``now``);
-    returns, in the given order, those it took (another pass, a cancel or a delete may have won)."""
-    if not job_ids:
-        return []
-    stmt = (
-        update(Job)
-        .where(
-            Job.id.in_(list(job_ids)),
-            Job.status == JobStatus.QUEUED,
-            Job.published_at.is_(None),
-            Job.deleted_at.is_(None),
-        )
-        .values(published_at=now)
-        .returning(Job.id)
-    )
-    taken = set(session.execute(stmt, execution_options={"synchronize_session": False}).scalars())
-    return [job_id for job_id in job_ids if job_id in taken]
-
-
-def unclaim_dispatch(session: Session, job_ids: Sequence[str], now: datetime) -> int:
-    """The broker did not take these messages: the jobs wait again (``published_at`` NULL)."""
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED, Job.published_at == now)
-        .values(published_at=None)
-    )
-    return _rows(session, stmt)
-
-
-def delete_unpublished(session: Session, job_ids: Sequence[str]) -> int:
-    """Delete those of these jobs that are still queued and were never published (an in-doubt
-    submission undone); returns how many."""
-    stmt = delete(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.published_at.is_(None))
-    return _rows(session, stmt)
-
-
 def request_cancel(session: Session, tenant_id: str, job_id: str) -> CancelResult | None:
     """Cancel a queued job at once, or ask a running one to stop; None if it is in neither state."""
     now = utcnow()
     mine = (Job.id == job_id, Job.tenant_id == tenant_id)
-    if _move(
+    if move(
         session,
         JobStatus.CANCELED,
         mine,
@@ -224,10 +129,10 @@ def request_cancel(session: Session, tenant_id: str, job_id: str) -> CancelResul
         return CancelResult.CANCELED
     asked = (
         update(Job)
-        .where(_sources(JobStatus.CANCELED, frozenset({HELD})), *mine)
+        .where(allowed_sources(JobStatus.CANCELED, frozenset({HELD})), *mine)
         .values(cancel_requested=True, updated_at=now)
     )
-    return CancelResult.REQUESTED if _rows(session, asked) else None
+    return CancelResult.REQUESTED if matched(session, asked) else None
 
 
 # -- The worker: a claim, then fenced writes by the attempt it took ---------------------------------
@@ -241,7 +146,7 @@ def claim(session: Session, job: Job, worker: str) -> int | None:
     values: dict[str, Any] = {"attempt": attempt, "worker": worker, "heartbeat_at": now}
     if job.started_at is None:
         values["started_at"] = now
-    return attempt if _move(session, JobStatus.RUNNING, Seen.of(job).guard(), **values) else None
+    return attempt if move(session, JobStatus.RUNNING, Seen.of(job).guard(), **values) else None
 
 
 def _held(job_id: str, attempt: int) -> list[ColumnElement[bool]]:
@@ -251,7 +156,7 @@ def _held(job_id: str, attempt: int) -> list[ColumnElement[bool]]:
 def _fenced_move(session: Session, job_id: str, attempt: int, new: JobStatus, **values: Any) -> bool:
     """A status change by the holder of ``attempt``: from running only."""
     mine = (Job.id == job_id, Job.attempt == attempt)
-    return _move(session, new, mine, frozenset({HELD}), **values)
+    return move(session, new, mine, frozenset({HELD}), **values)
 
 
 def heartbeat(session: Session, job_id: str, attempt: int, progress: dict[str, Any] | None = None) -> bool:
@@ -259,13 +164,13 @@ def heartbeat(session: Session, job_id: str, attempt: int, progress: dict[str, A
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
-    return _rows(session, update(Job).where(*_held(job_id, attempt)).values(**values)) == 1
+    return matched(session, update(Job).where(*_held(job_id, attempt)).values(**values)) == 1
 
 
 def record_checkpoints(session: Session, job_id: str, attempt: int, refs: list[dict[str, Any]]) -> bool:
     """Store the holder's checkpoint list (with a heartbeat); False when fenced out."""
     stmt = update(Job).where(*_held(job_id, attempt)).values(checkpoints=refs, heartbeat_at=utcnow())
-    return _rows(session, stmt) == 1
+    return matched(session, stmt) == 1
 
 
 def succeed(session: Session, job_id: str, attempt: int, result_key: str, progress: dict[str, Any]) -> bool:
@@ -326,7 +231,7 @@ def release(
 
 def fail_released(session: Session, job_id: str, code: str, message: str) -> bool:
     """Fail a job given back to the queue whose retries are spent (no attempt holds it)."""
-    return _move(
+    return move(
         session,
         JobStatus.FAILED,
         [Job.id == job_id],
@@ -343,7 +248,7 @@ def fail_released(session: Session, job_id: str, code: str, message: str) -> boo
 
 def cancel_unheld(session: Session, seen: Seen, now: datetime | None = None) -> bool:
     """A job whose cancel was requested and which no live worker runs ends canceled."""
-    return _move(session, JobStatus.CANCELED, seen.guard(), finished_at=now or utcnow())
+    return move(session, JobStatus.CANCELED, seen.guard(), finished_at=now or utcnow())
 
 
 def fail_lost(session: Session, seen: Seen, max_attempts: int, now: datetime | None = None) -> bool:
@@ -352,7 +257,7 @@ def fail_lost(session: Session, seen: Seen, max_attempts: int, now: datetime | N
         f"the worker running this job was lost {seen.attempt} times "
         f"(max_attempts={max_attempts}); its checkpoints are kept"
     )
-    return _move(
+    return move(
         session,
         JobStatus.FAILED,
         seen.guard(),
@@ -363,165 +268,23 @@ def fail_lost(session: Session, seen: Seen, max_attempts: int, now: datetime | N
     )
 
 
-def requeue(session: Session, seen: Seen) -> bool:
-    """A running job whose lease expired goes back to waiting (queued, ``published_at`` NULL): the
-    dispatcher publishes it into a free slot."""
-    return _move(session, JobStatus.QUEUED, seen.guard(), published_at=None, worker=None, heartbeat_at=None)
-
-
-def forget_message(session: Session, job_id: str, published_at: datetime) -> bool:
-    """A queued job's message (sent at ``published_at``) is presumed lost: the job waits again
-    (``published_at`` NULL), for the dispatcher. Guarded by the time read, so one reconciler of
-    several does it."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.published_at == published_at)
-        .values(published_at=None)
-    )
-    return _rows(session, stmt) == 1
-
-
-# -- Deletion and retention -------------------------------------------------------------------------
-# A deleted job is hidden at once (``deleted_at``); once no worker can write it any more (terminal)
-# its objects are deleted and it is marked *emptied* (``result_key`` and ``checkpoints`` cleared,
-# ``EMPTIED`` in its progress), as is a finished job past retention; an emptied deleted row is removed
-# later (``shared.retention`` says when). These are the only writes to terminal rows: none changes a
-# status or an outcome, and each is guarded so that it applies once.
-
-EMPTIED = "result_expired_at"  # progress key: when the job's result and checkpoints were deleted
-
-
-@dataclass(frozen=True)
-class StopCounts:
-    """What a delete or a batch cancel did to the jobs it named."""
-
-    canceled: int  # queued: canceled at once
-    cancel_requested: int  # running: asked to stop (its worker cancels it)
-    already_finished: int  # finished before: left as they were
-
-
-def _scope(tenant_id: str, job_id: str | None, batch_id: str | None) -> list[ColumnElement[bool]]:
-    where = [Job.tenant_id == tenant_id]
-    if job_id is not None:
-        where.append(Job.id == job_id)
-    if batch_id is not None:
-        where.append(Job.batch_id == batch_id)
-    return where
-
-
-def _cancel_asked(session: Session, where: Sequence[ColumnElement[bool]], now: datetime) -> int:
-    """Queued jobs of ``where`` whose cancel was requested end canceled (one guarded UPDATE)."""
-    queued = _sources(JobStatus.CANCELED, frozenset({JobStatus.QUEUED}))
-    stmt = (
-        update(Job)
-        .where(queued, Job.cancel_requested.is_(True), *where)
-        .values(status=JobStatus.CANCELED, finished_at=now, updated_at=now)
-    )
-    return _rows(session, stmt)
-
-
-def mark_deleted(
-    session: Session,
-    tenant_id: str,
-    *,
-    job_id: str | None = None,
-    batch_id: str | None = None,
-    now: datetime | None = None,
-) -> StopCounts:
-    """Hide a tenant's job, or every job of one of its batches, in three UPDATEs whatever their
-    number: live ones are flagged to stop in the same statement that hides them (so a job moving
-    between queued and running meanwhile is flagged either way), then the queued ones are canceled.
-    Jobs already hidden are left alone."""
-    now = now or utcnow()
-    scope = _scope(tenant_id, job_id, batch_id)
-    shown = [*scope, Job.deleted_at.is_(None)]
-    flag = update(Job).where(*shown, _live()).values(cancel_requested=True, deleted_at=now, updated_at=now)
-    flagged = _rows(session, flag)
-    finished = _rows(session, update(Job).where(*shown).values(deleted_at=now))  # the rest: terminal
-    canceled = _cancel_asked(session, [*scope, Job.deleted_at.is_not(None)], now)
-    return StopCounts(canceled, flagged - canceled, finished)
-
-
-def cancel_batch(session: Session, tenant_id: str, batch_id: str, now: datetime | None = None) -> StopCounts:
-    """Cancel every queued job of a batch and ask its running ones to stop (two UPDATEs)."""
-    now = now or utcnow()
-    shown = [*_scope(tenant_id, None, batch_id), Job.deleted_at.is_(None)]
-    total = session.scalar(select(func.count()).select_from(Job).where(*shown)) or 0
-    flag = update(Job).where(*shown, _live()).values(cancel_requested=True, updated_at=now)
-    flagged = _rows(session, flag)
-    canceled = _cancel_asked(session, shown, now)
-    return StopCounts(canceled, flagged - canceled, total - flagged)
-
-
-def cancel_deleted(session: Session, now: datetime | None = None) -> int:
-    """Deleted jobs queued again (given back by their worker after the delete) end canceled."""
-    return _cancel_asked(session, [Job.deleted_at.is_not(None)], now or utcnow())
-
-
-def mark_emptied(session: Session, jobs: Sequence[tuple[str, dict[str, Any] | None]], now: datetime) -> None:
-    """These finished jobs' objects are deleted: clear ``result_key`` and ``checkpoints`` and add
-    ``EMPTIED`` to the progress each had (``jobs``: (id, progress) as read). One executemany."""
-    if not jobs:
-        return
-    finished = or_(*(Job.status == status for status in sorted(TERMINAL)))  # no IN in an executemany
-    stmt = (
-        update(Job)
-        .where(Job.id == bindparam("job"), finished)
-        .values(result_key=None, checkpoints=[], progress=bindparam("emptied"))
-    )
-    stamp = now.isoformat()
-    rows = [{"job": job_id, "emptied": {**(p or {}), EMPTIED: stamp}} for job_id, p in jobs]
-    session.connection().execute(stmt, rows)  # Core executemany (not the ORM's bulk UPDATE by key)
-
-
-def remove_emptied(session: Session, job_ids: Sequence[str]) -> list[tuple[str, set[str]]]:
-    """Delete those of these rows that are deleted, finished and emptied; returns the tenant and
-    the image ids each removed row named."""
-    if not job_ids:
-        return []
-    stmt = (
-        delete(Job)
-        .where(
-            Job.id.in_(list(job_ids)),
-            Job.deleted_at.is_not(None),
-            Job.status.in_(sorted(TERMINAL)),
-            Job.progress[EMPTIED].as_string().is_not(None),
-        )
-        .returning(Job.tenant_id, Job.content_image_id, Job.style_image_ids, Job.mask_image_ids)
-    )
-    rows = session.execute(stmt, execution_options={"synchronize_session": False}).all()
-    return [(tenant, {content, *(styles or []), *(masks or [])}) for tenant, content, styles, masks in rows]
-
-
 __all__ = [
-    "EMPTIED",
     "HELD",
     "WORKER_LOST",
     "CancelResult",
     "JobSpec",
     "Seen",
-    "StopCounts",
     "cancel",
-    "cancel_batch",
-    "cancel_deleted",
     "cancel_unheld",
     "claim",
-    "claim_dispatch",
-    "delete_unpublished",
     "fail",
     "fail_lost",
     "fail_released",
-    "forget_message",
     "heartbeat",
     "insert_queued",
     "lease_expired",
-    "mark_deleted",
-    "mark_emptied",
     "record_checkpoints",
-    "remove_emptied",
     "release",
     "request_cancel",
-    "requeue",
     "succeed",
-    "unclaim_dispatch",
 ]

@@ -17,7 +17,7 @@ from itertools import islice
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import logs, retention, storage_keys
+from shared import logs, purge, retention, storage_keys
 from shared.models import Job, StoredImage, utcnow
 from shared.settings import Settings
 from shared.storage import Listing, Storage, StorageError
@@ -80,7 +80,7 @@ class Housekeeping:
     def __call__(self, now: datetime) -> None:
         scan = self.passes % IMAGE_SCAN_EVERY == 0
         self.passes += 1
-        retention.purge_once(self.sessions, self.storage, self.settings, now, scan_images=scan)
+        purge.purge_once(self.sessions, self.storage, self.settings, now, scan_images=scan)
         if self.last_sweep is None or now - self.last_sweep >= SWEEP_EVERY:
             self.last_sweep = now
             sweep_orphans(self.sessions, self.storage, older_than=ORPHAN_AGE, now=now)

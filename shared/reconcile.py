@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import idempotency, jobstore, logs
+from shared import idempotency, jobstore, jobstore_queue, logs
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
 
@@ -91,7 +91,7 @@ def _expired_leases(
                     )
                 continue
             # Back to waiting: the dispatch step publishes it into a free slot.
-            if jobstore.requeue(session, seen):
+            if jobstore_queue.requeue(session, seen):
                 report.requeued.append(job_id)
                 logs.event(logger, "lease_expired", job_id=job_id, attempt=attempt, level=logging.WARNING)
         session.commit()
@@ -107,7 +107,7 @@ def _lost_messages(sessions: sessionmaker[Session], cutoff: datetime, report: Re
         ).all()
         for job_id, published_at in rows:
             # else another reconciler, a worker or a cancel got there first
-            if published_at is not None and jobstore.forget_message(session, job_id, published_at):
+            if published_at is not None and jobstore_queue.forget_message(session, job_id, published_at):
                 report.lost.append(job_id)
                 logs.event(logger, "message_lost", job_id=job_id, published_at=published_at.isoformat())
         session.commit()

@@ -4,17 +4,21 @@
 
 * ``file:///abs/path`` — a folder; writes are atomic (temp file + ``os.replace``), keys may not
   escape the root, and ``url_for`` returns ``None`` (the API serves those bytes itself).
-* ``s3://bucket/prefix`` — boto3 with SigV4, path-style addressing when
+* ``s3://bucket/prefix`` — ``shared.storage_s3``: boto3 with SigV4, path-style addressing when
   ``settings.s3_endpoint_url`` is set (MinIO, moto...), short timeouts and a few retries;
   ``url_for`` is a presigned GET.
+
+This module holds the interface (``Storage``, ``Listing``), the errors, the key checks both backends
+apply, the folder backend and ``open_storage``.
 
 Keys used across the project: ``images/<sha256>``, ``jobs/<job_id>/result.a<attempt>.<ext>``,
 ``jobs/<job_id>/checkpoints/<step>.pt`` and ``.png``, all built by ``shared.storage_keys`` (with the
 media types objects are stored and served with).
 
 Both backends also have the maintenance side ``Listing`` (``list_objects`` with each object's
-modification time, ``delete_many``), which ``shared.retention`` uses to purge and sweep; it is not
-part of ``Storage``, which is all the API and the workers need.
+modification time, ``delete_many``), which retention (``shared.retention``, ``shared.purge``) and the
+orphan sweep (``shared.orphans``) use; it is not part of ``Storage``, which is all the API and the
+workers need.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from shared.settings import Settings
@@ -44,9 +48,6 @@ class StorageUnavailable(StorageError):
 
 class ObjectNotFound(StorageError):
     """No object under that key."""
-
-
-S3_DELETE_MAX = 1000  # keys per DeleteObjects request (the S3 limit)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Storage(Protocol):
     def check(self) -> None: ...
 
 
-def _clean_key(key: str) -> str:
+def clean_key(key: str) -> str:
     """Reject keys that are empty, absolute or climb out of the root ("..")."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
         raise StorageError(f"invalid storage key {key!r}")
@@ -85,7 +86,7 @@ def _clean_key(key: str) -> str:
     return key
 
 
-def _clean_prefix(prefix: str) -> str:
+def clean_prefix(prefix: str) -> str:
     """A listing prefix: "" (everything), or a key's beginning ("jobs/", "jobs/<id>/result")."""
     if prefix and (prefix.startswith("/") or "\\" in prefix or "\x00" in prefix):
         raise StorageError(f"invalid storage prefix {prefix!r}")
@@ -101,7 +102,7 @@ class FolderStorage:
         self.root = root.expanduser().resolve()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / _clean_key(key)).resolve()
+        path = (self.root / clean_key(key)).resolve()
         if not path.is_relative_to(self.root):
             raise StorageError(f"storage key {key!r} escapes the storage root")
         return path
@@ -149,7 +150,7 @@ class FolderStorage:
 
     def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
         """Every object whose key starts with ``prefix``, in key order (temp files left out)."""
-        prefix = _clean_prefix(prefix)
+        prefix = clean_prefix(prefix)
         base = self.root / prefix.rpartition("/")[0]  # the deepest folder the prefix names
         if not base.is_dir():
             return
@@ -172,121 +173,6 @@ class FolderStorage:
         return len(keys)
 
 
-class S3Storage:
-    """An S3-compatible bucket, every key under ``prefix``."""
-
-    def __init__(self, bucket: str, prefix: str, settings: Settings) -> None:
-        import boto3
-        from botocore.config import Config
-
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        config = Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
-            connect_timeout=5,
-            read_timeout=30,
-            retries={"max_attempts": 3, "mode": "standard"},
-        )
-        self.client: Any = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url or None,
-            region_name=settings.s3_region,
-            config=config,
-        )
-
-    def _key(self, key: str) -> str:
-        key = _clean_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _call(self, op: str, key: str, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return getattr(self.client, op)(**kwargs)
-        except ClientError as exc:
-            err = exc.response.get("Error", {})
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if err.get("Code") in ("NoSuchKey", "404", "NotFound") or status == 404:
-                raise ObjectNotFound(key) from exc
-            if status >= 500 or err.get("Code") in ("SlowDown", "ServiceUnavailable"):
-                raise StorageUnavailable(f"S3 {op} {key}: {err.get('Code')}") from exc
-            raise StorageError(f"S3 {op} {key}: {err.get('Code')} {err.get('Message')}") from exc
-        except BotoCoreError as exc:  # connection refused, timeouts, DNS...
-            raise StorageUnavailable(f"S3 {op} {key}: {exc}") from exc
-
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        extra = {"ContentType": content_type} if content_type else {}
-        self._call("put_object", key, Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
-
-    def get_bytes(self, key: str) -> bytes:
-        resp = self._call("get_object", key, Bucket=self.bucket, Key=self._key(key))
-        try:
-            return bytes(resp["Body"].read())
-        finally:
-            resp["Body"].close()
-
-    def exists(self, key: str) -> bool:
-        try:
-            self._call("head_object", key, Bucket=self.bucket, Key=self._key(key))
-        except ObjectNotFound:
-            return False
-        return True
-
-    def delete(self, key: str) -> None:
-        self._call("delete_object", key, Bucket=self.bucket, Key=self._key(key))
-
-    def url_for(self, key: str, *, expires_s: int) -> str | None:
-        params = {"Bucket": self.bucket, "Key": self._key(key)}
-        url = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
-        return str(url)
-
-    def check(self) -> None:
-        try:
-            self._call("head_bucket", "", Bucket=self.bucket)
-        except ObjectNotFound as exc:
-            raise StorageUnavailable(f"S3 bucket {self.bucket!r} does not exist") from exc
-        except StorageError as exc:
-            raise StorageUnavailable(str(exc)) from exc
-
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
-        """Every key under ``prefix`` (for tests and maintenance; not part of ``Storage``)."""
-        return (obj.key for obj in self.list_objects(prefix))
-
-    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
-        """Every object whose key starts with ``prefix``, in key order, one page at a time."""
-        prefix = _clean_prefix(prefix)
-        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        more: dict[str, str] = {}
-        while True:
-            page = self._call("list_objects_v2", prefix, Bucket=self.bucket, Prefix=full, **more)
-            for obj in page.get("Contents", []):
-                yield StoredObject(obj["Key"][strip:], obj["LastModified"])
-            if not page.get("IsTruncated"):
-                return
-            more = {"ContinuationToken": page["NextContinuationToken"]}
-
-    def delete_many(self, keys: Sequence[str]) -> int:
-        """Delete every key (missing ones too), up to 1000 per request; returns how many were asked
-        for. Raises ``StorageError`` naming the first key the bucket refused."""
-        for start in range(0, len(keys), S3_DELETE_MAX):
-            chunk = [{"Key": self._key(k)} for k in keys[start : start + S3_DELETE_MAX]]
-            resp = self._call(
-                "delete_objects",
-                chunk[0]["Key"],
-                Bucket=self.bucket,
-                Delete={"Objects": chunk, "Quiet": True},
-            )
-            errors = resp.get("Errors") or []
-            if errors:
-                first = errors[0]
-                raise StorageError(
-                    f"S3 delete_objects: {len(errors)} refused, {first.get('Key')}: {first.get('Code')}"
-                )
-        return len(keys)
-
-
 def open_storage(settings: Settings) -> Storage:
     """The storage named by ``settings.storage_url`` (``file:///abs/path`` or ``s3://bucket/prefix``)."""
     url = urlparse(settings.storage_url)
@@ -295,6 +181,8 @@ def open_storage(settings: Settings) -> Storage:
             raise StorageError(f"use file:///abs/path for folders, not {settings.storage_url}")
         return FolderStorage(Path(unquote(url.path)))
     if url.scheme == "s3":
+        from shared.storage_s3 import S3Storage  # here: shared.storage_s3 builds on this module
+
         if not url.netloc:
             raise StorageError(f"S3 storage URL needs a bucket: {settings.storage_url}")
         return S3Storage(url.netloc, url.path, settings)
@@ -305,7 +193,6 @@ __all__ = [
     "FolderStorage",
     "Listing",
     "ObjectNotFound",
-    "S3Storage",
     "Storage",
     "StorageError",
     "StorageUnavailable",

@@ -17,11 +17,12 @@ from api.forms import json_field
 from api.imagestore import Raw
 from api.job_creation import parse_params_json, parse_priority
 from api.limits import MAX_BATCH_FILES
+from api.plans import PAIRS_SHAPE, plan_jobs
 from api.queries import batch_summary, get_batch
 from api.routes.jobs import DeletionOut, deletion_answer
 from api.schemas import BATCH_DOC, BATCH_FORM, ERRORS, BatchCreated, BatchOut, BatchRequest
-from api.submission import PAIRS_SHAPE, Draft, SubmitRoute, ValidSubmission, plan_jobs, submit, validated
-from shared import jobstore, retention
+from api.submission import Draft, SubmitRoute, ValidSubmission, submit, validated
+from shared import jobstore_deletion, retention
 from shared.audit import audit
 from shared.errors import InvalidInput
 from shared.settings import Settings
@@ -141,7 +142,7 @@ class BatchCancelOut(BaseModel):
 def cancel_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchCancelOut:
     """Cancels the batch's queued jobs at once and asks its running ones to stop."""
     get_batch(session, tenant.id, batch_id)
-    counts = jobstore.cancel_batch(session, tenant.id, batch_id)
+    counts = jobstore_deletion.cancel_batch(session, tenant.id, batch_id)
     session.commit()
     audit(
         "cancel_batch", tenant_id=tenant.id, key_prefix=tenant.key_prefix, batch_id=batch_id, **vars(counts)

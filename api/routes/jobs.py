@@ -12,10 +12,11 @@ from pydantic import BaseModel, Field
 from api.deps import SessionDep, SettingsDep, StorageDep, SubmitCtxDep, TenantDep
 from api.job_creation import parse_params_json, parse_priority
 from api.masks import check_mask_count
+from api.plans import one_job
 from api.presenters import Linker, job_out
 from api.queries import MAX_PAGE, get_job, list_jobs
 from api.schemas import ERRORS, JOB_FORM, JOB_FORM_DOC, JobErrorOut, JobList, JobOut
-from api.submission import Draft, SubmitRoute, ValidSubmission, one_job, submit, validated
+from api.submission import Draft, SubmitRoute, ValidSubmission, submit, validated
 from shared import jobstore, logs, queue_position, retention
 from shared.audit import audit
 from shared.errors import Conflict, InvalidInput

@@ -11,7 +11,7 @@ from sqlalchemy import event, select, update
 from shared import jobstore
 from shared.db import get_engine, get_sessionmaker, session_scope
 from shared.models import Batch, Job, StoredImage, utcnow
-from shared.retention import purge_once
+from shared.purge import purge_once
 from tests.support.apps import Api, submit, upload
 from tests.support.images import image_bytes
 

@@ -12,11 +12,11 @@ from shared.settings import Settings
 from shared.storage import (
     FolderStorage,
     ObjectNotFound,
-    S3Storage,
     StorageError,
     StorageUnavailable,
     open_storage,
 )
+from shared.storage_s3 import S3Storage
 from tests.support.servers import S3Endpoint
 
 

@@ -1,5 +1,6 @@
-"""shared.jobstore, the one writer of job rows, on SQLite and PostgreSQL: every write changes a row only
-in the states the transition table allows, terminal rows never change, and no other module writes."""
+"""shared.jobstore and its sibling jobstore modules, the one writer of job rows, on SQLite and
+PostgreSQL: every write changes a row only in the states the transition table allows, terminal rows
+never change, and no other module writes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared import jobstore
+from shared import jobstore, jobstore_queue
 from shared.db import get_sessionmaker
 from shared.jobs import ALLOWED, TERMINAL, JobStatus, can_transition, sources_for
 from shared.jobstore import CancelResult, JobSpec, Seen
@@ -75,17 +76,21 @@ CASES: dict[str, Case] = {
     ),
     "cancel_unheld": Case(lambda s, j, st: jobstore.cancel_unheld(s, Seen(j, st, 1)), to(C)),
     "fail_lost": Case(lambda s, j, st: jobstore.fail_lost(s, Seen(j, st, 1), 1), to(F)),
-    "requeue": Case(lambda s, j, st: jobstore.requeue(s, Seen(j, st, 1, lease_cutoff=utcnow())), to(Q)),
+    "requeue": Case(lambda s, j, st: jobstore_queue.requeue(s, Seen(j, st, 1, lease_cutoff=utcnow())), to(Q)),
     "request_cancel": Case(
         lambda s, j, _: jobstore.request_cancel(s, "t1", j),
         {**to(C, QUEUED_ONLY), **stay(sources_for(C) & HELD_ONLY)},
     ),
     "claim_dispatch": Case(
-        lambda s, j, _: jobstore.claim_dispatch(s, [j], utcnow()), stay(QUEUED_ONLY), UNPUBLISHED
+        lambda s, j, _: jobstore_queue.claim_dispatch(s, [j], utcnow()), stay(QUEUED_ONLY), UNPUBLISHED
     ),
-    "unclaim_dispatch": Case(lambda s, j, _: jobstore.unclaim_dispatch(s, [j], PUBLISHED), stay(QUEUED_ONLY)),
-    "forget_message": Case(lambda s, j, _: jobstore.forget_message(s, j, PUBLISHED), stay(QUEUED_ONLY)),
-    "delete_unpublished": Case(lambda s, j, _: jobstore.delete_unpublished(s, [j]), {Q: None}, UNPUBLISHED),
+    "unclaim_dispatch": Case(
+        lambda s, j, _: jobstore_queue.unclaim_dispatch(s, [j], PUBLISHED), stay(QUEUED_ONLY)
+    ),
+    "forget_message": Case(lambda s, j, _: jobstore_queue.forget_message(s, j, PUBLISHED), stay(QUEUED_ONLY)),
+    "delete_unpublished": Case(
+        lambda s, j, _: jobstore_queue.delete_unpublished(s, [j]), {Q: None}, UNPUBLISHED
+    ),
 }
 
 
@@ -167,7 +172,7 @@ def test_a_write_on_a_row_that_changed_since_it_was_read_matches_nothing(
     fresh = make_job(**ROW, status=R, heartbeat_at=utcnow())
     stale = make_job(**ROW, status=R, heartbeat_at=utcnow() - STALE)
     with get_sessionmaker(db_url)() as s:
-        assert not jobstore.requeue(
+        assert not jobstore_queue.requeue(
             s, Seen(fresh, R, 1, lease_cutoff=utcnow() - STALE / 2)
         )  # a heartbeat since the cutoff: not lost
         assert not jobstore.fail_lost(s, Seen(stale, R, 2), 2)  # another attempt
@@ -201,10 +206,10 @@ def test_insert_queued_then_dispatch_then_delete_the_unpublished(db_url: str, ma
         assert type(stored) is str and stored == "queued"  # the same string as before the enum
         now = utcnow()
         assert (
-            jobstore.claim_dispatch(s, ids[:1], now) == ids[:1]
-            and jobstore.claim_dispatch(s, ids[:1], now) == []
+            jobstore_queue.claim_dispatch(s, ids[:1], now) == ids[:1]
+            and jobstore_queue.claim_dispatch(s, ids[:1], now) == []
         )
-        assert jobstore.delete_unpublished(s, ids) == 2
+        assert jobstore_queue.delete_unpublished(s, ids) == 2
         s.commit()
     assert [_row(db_url, i) is not None for i in ids] == [True, False, False]
 
@@ -262,4 +267,9 @@ def test_no_module_but_shared_jobstore_writes_job_rows() -> None:
         for path in (REPO / folder).rglob("*.py")
         if "migrations" not in path.parts and WRITES.search(path.read_text(encoding="utf-8"))
     )
-    assert writers == ["shared/jobstore.py"]
+    assert writers == [
+        "shared/jobstore.py",
+        "shared/jobstore_deletion.py",
+        "shared/jobstore_guards.py",
+        "shared/jobstore_queue.py",
+    ]

@@ -17,11 +17,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobstore
 from shared.db import get_sessionmaker, session_scope
+from shared.jobstore_deletion import EMPTIED, StopCounts, mark_deleted
 from shared.models import Job, StoredImage, TenantImage, utcnow
 from shared.orphans import sweep_orphans
-from shared.retention import BATCH, purge_once
+from shared.purge import purge_once
+from shared.retention import BATCH
 from shared.settings import Settings
-from shared.storage import FolderStorage, S3Storage, StorageError
+from shared.storage import FolderStorage, StorageError
+from shared.storage_s3 import S3Storage
 from tests.support.apps import Api, build_api, submit, upload
 from tests.support.images import image_bytes
 from tests.support.servers import S3Endpoint
@@ -139,7 +142,7 @@ def _deleted(
         status="canceled",
         finished_at=NOW - 2 * DAY,
         deleted_at=NOW - timedelta(hours=2),
-        progress={jobstore.EMPTIED: "then"},
+        progress={EMPTIED: "then"},
     )
 
 
@@ -174,7 +177,7 @@ def test_an_image_goes_when_no_row_names_it(
     assert _owners(sessions) == {("t1", b), ("t1", m1), ("t1", z), ("t2", shared)}
     with sessions() as s:  # the other tenant deletes its job too: now nobody names the shared image
         s.execute(update(Job).where(Job.tenant_id == "t2").values(status="succeeded", deleted_at=NOW - DAY))
-        s.execute(update(Job).where(Job.tenant_id == "t2").values(progress={jobstore.EMPTIED: "x"}))
+        s.execute(update(Job).where(Job.tenant_id == "t2").values(progress={EMPTIED: "x"}))
         s.commit()
     report = purge_once(sessions, store, _settings(tmp_path), now=NOW, scan_images=False)
     assert report.removed_images == [shared] and shared not in _objects(store)
@@ -250,8 +253,8 @@ def test_a_deleted_job_given_back_to_the_queue_ends_canceled(
         image = _image(s, store, "img", "t1")
         job_id = _job(s, "t1", image, [image], status="running", attempt=1)
         s.commit()
-        assert jobstore.mark_deleted(s, "t1", job_id=job_id) == jobstore.StopCounts(0, 1, 0)
-        assert jobstore.mark_deleted(s, "t1", job_id=job_id) == jobstore.StopCounts(0, 0, 0)  # hidden already
+        assert mark_deleted(s, "t1", job_id=job_id) == StopCounts(0, 1, 0)
+        assert mark_deleted(s, "t1", job_id=job_id) == StopCounts(0, 0, 0)  # hidden already
         assert jobstore.release(s, job_id, 1, graceful=True)  # its worker shut down meanwhile
         s.commit()
     report = purge_once(sessions, store, _settings(tmp_path))
@@ -315,7 +318,7 @@ def test_after_deletes_purges_and_a_sweep_only_named_objects_remain(swept: Api) 
 
 def test_listing_and_bulk_deletes_on_both_backends(swept: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     store = swept.storage
-    monkeypatch.setattr("shared.storage.S3_DELETE_MAX", 2)  # S3: several DeleteObjects requests
+    monkeypatch.setattr("shared.storage_s3.S3_DELETE_MAX", 2)  # S3: several DeleteObjects requests
     keys = [f"jobs/j{i}/result.a1.png" for i in range(5)] + ["images/" + "a" * 64, "other/x"]
     for key in keys:
         store.put_bytes(key, b"x")
