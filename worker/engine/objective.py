@@ -55,6 +55,10 @@ class LossFn:
         self.channels_last = channels_last
         self._norm: torch.Tensor | None = None
         self.start = start
+        # A group (group.py): items whose start is still to be taken (their first evaluation was not
+        # finite) take it from the next call, per item, as a single run does by resetting ``start``
+        self.retake: torch.Tensor | None = None  # (B,) bool
+        self.per_image: torch.Tensor | None = None  # (B, 3) weighted terms of the last call, detached
         # (region, layer) -> the region's mask at that layer's resolution, and its sum (B,)
         self._masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -83,6 +87,9 @@ class LossFn:
         per_image = torch.stack([c, s, tv], dim=1) * t.weights  # (B, 3) weighted
         if self.start is None:
             self.start = per_image.detach().clone()
+        elif self.retake is not None:
+            self.start = torch.where(self.retake[:, None], per_image.detach(), self.start)
+        self.per_image = per_image.detach()
         assert self._norm is not None
         objective = (per_image.sum(dim=1) / self._norm).sum()  # images are independent terms
         terms = per_image.sum(dim=0)  # (3,) summed over the batch

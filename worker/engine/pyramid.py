@@ -270,26 +270,41 @@ class Pyramid:
         if self.on_progress is None:
             return None
         return self.on_progress(
-            Progress(
-                scale=s,
-                scales=len(self.schedule),
-                size=hw,
-                iteration=it,
-                iterations=iters,
-                step=self.step,
-                total_steps=self.total,
-                loss=vals[1],
-                content_loss=vals[2],
-                style_loss=vals[3],
-                tv_loss=vals[4],
-                elapsed=time.perf_counter() - self.t0,
-                lr=self.lr,
-                recoveries=self.recoveries,
-                loss_removed=removed["loss"],
-                content_removed=removed["content"],
-                style_removed=removed["style"],
-                tv_removed=removed["tv"],
-            )
+            self.progress(s, it, vals[1:5], self.start, lr=self.lr, recoveries=self.recoveries)
+        )
+
+    def progress(
+        self,
+        s: int,
+        it: int,
+        vals: list[float],
+        start: list[list[float]] | None,
+        *,
+        lr: float,
+        recoveries: int,
+    ) -> Progress:
+        """The Progress of iteration ``it`` of scale ``s``; ``vals``: total, content, style, tv."""
+        removed = removed_fractions(start, vals)
+        hw, iters = self.schedule[s]
+        return Progress(
+            scale=s,
+            scales=len(self.schedule),
+            size=hw,
+            iteration=it,
+            iterations=iters,
+            step=self.step,
+            total_steps=self.total,
+            loss=vals[0],
+            content_loss=vals[1],
+            style_loss=vals[2],
+            tv_loss=vals[3],
+            elapsed=time.perf_counter() - self.t0,
+            lr=lr,
+            recoveries=recoveries,
+            loss_removed=removed["loss"],
+            content_removed=removed["content"],
+            style_removed=removed["style"],
+            tv_removed=removed["tv"],
         )
 
     def _checkpoint(self, s: int, it: int, stepper: Stepper, end: bool) -> Checkpoint:

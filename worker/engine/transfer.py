@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint
-from .checks import normalise_blend
-from .config import BatchItem, TransferConfig, item_loss_weights
+from .config import BatchItem, TransferConfig
 from .errors import EngineError
-from .images import load_image, pil_to_tensor, tensor_to_pil
-from .inputs import shrink_inputs
-from .items import PreparedItem, prepare_item
-from .losses import autocast
+from .images import tensor_to_pil
+from .inputs import batch_schedule, prepare_items, shrink_inputs
+from .losses import autocast, fast_cuda_math
 from .pyramid import Progress, Pyramid
-from .schedule import Schedule, build_schedule, check_runnable
+from .schedule import Schedule
 from .vgg import AVG_POOL_SCALE, LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
 from .weights import Weights, resolve_weights
+
+if TYPE_CHECKING:
+    from .groups import GroupJob, GroupOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +83,8 @@ class StyleTransfer:
         self, spec: str, device: torch.device, pooling: str, deepest: int, *, pad_replicate: bool = True
     ) -> VGGFeatures:
         key = ModelKey(spec, str(device), pooling, deepest, pad_replicate)
+        if device.type == "cuda":
+            fast_cuda_math()
         if key not in self._models:
             w = self.load_weights(spec)
             features = build_features(pooling, AVG_POOL_SCALE.get(w.kind, 2.0), pad_replicate)
@@ -121,6 +121,12 @@ class StyleTransfer:
             [item], config, on_progress=on_progress, on_checkpoint=on_checkpoint, resume=resume
         )
 
+    def run_group(self, jobs: Sequence[GroupJob], config: TransferConfig, **kw: Any) -> list[GroupOutcome]:
+        """Independent jobs of one shape as one batch, each settled alone (groups.run_group)."""
+        from .groups import run_group
+
+        return run_group(self, jobs, config, **kw)
+
     def run_batch(
         self,
         items: Sequence[BatchItem],
@@ -141,8 +147,8 @@ class StyleTransfer:
         dtype = resolve_precision(config.precision, device)
         layers = [layer_index(n) for n in (*config.content_layers, *config.style_layers)]
         # Inputs and schedule first: an unrunnable job fails before a model is built or a step taken
-        prepared, digest_parts = _prepare(items, config, weights)
-        schedule = _batch_schedule(prepared, config)
+        prepared, digest_parts = prepare_items(items, config, weights)
+        schedule = batch_schedule(prepared, config)
         prepared = shrink_inputs(prepared, schedule, config.style_scale, config.style_upscale)
         model = self.model(spec, device, config.pooling, max(layers), pad_replicate=config.pad_replicate)
         # channels_last (NHWC): the usual win for convolutions on CUDA, and measured 15-25 % faster
@@ -169,18 +175,10 @@ class StyleTransfer:
             x = run.finish(run.run(resume))
         images = [tensor_to_pil(x[i]) for i in range(x.shape[0])]
         meta = {
-            "weights_kind": weights.kind,
-            "weights_source": weights.source,
-            "random_weights": weights.kind == "random",
+            **run_facts(weights, schedule, run.step, device, dtype, config.optimizer),
             "seed": config.seed,
-            "scales": [list(hw) for hw, _ in schedule],
-            "iterations": [n for _, n in schedule],
-            "steps": run.step,
             "seconds": round(time.perf_counter() - t0, 3),
             "nan_recoveries": run.recoveries,
-            "device": str(device),
-            "precision": str(dtype or torch.float32).replace("torch.", ""),
-            "optimizer": config.optimizer,
             "channels_last": channels_last,
             "loss_weights": [list(it.weights) for it in prepared],
             "config_digest": digest,
@@ -193,107 +191,26 @@ class StyleTransfer:
         return Result(images[0], images, meta, x.detach().float().cpu())
 
 
-def _prepare(
-    items: Sequence[BatchItem], config: TransferConfig, weights: Weights
-) -> tuple[list[PreparedItem], list[Any]]:
-    preset = config.loss_weights(weights.kind)
-    prepared, parts = [], []
-    for item in items:
-        content = load_image(item.content)
-        styles = [load_image(s) for s in (item.styles or [])]
-        if not styles:
-            raise EngineError("invalid_config", "give at least one style image")
-        blend = normalise_blend(item.style_blend_weights or config.style_blend_weights, len(styles))
-        w = item_loss_weights(item, preset)
-        masks = load_masks(item.masks, len(styles), (content.height, content.width))
-        p = prepare_item(pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.color)
-        prepared.append(replace(p, masks=None if masks is None else [m for m, _ in masks]))
-        parts.append(
-            [
-                _hash(content),
-                [_hash(s) for s in styles],
-                blend,
-                list(w),
-                None if masks is None else [h for _, h in masks],
-            ]
-        )
-    return prepared, parts
-
-
-def load_masks(
-    masks: Sequence[Any] | None, n_styles: int, content_hw: tuple[int, int]
-) -> list[tuple[torch.Tensor, str]] | None:
-    """Each mask as a (1, 1, h, w) luminance tensor in [0, 1], with its hash; refused
-    (``invalid_mask``) unless there is one per style, each with the content's aspect ratio within
-    MASK_ASPECT_TOLERANCE (the API applies the same rule from the uploads' headers)."""
-    if masks is None:
-        return None
-    if len(masks) != n_styles:
-        raise EngineError(
-            "invalid_mask", f"{len(masks)} masks given for {n_styles} styles; give one mask per style"
-        )
-    out = []
-    for k, source in enumerate(masks, start=1):
-        im = load_image(source).convert("L")
-        if abs(math.log((im.width / im.height) / (content_hw[1] / content_hw[0]))) > MASK_ASPECT_TOLERANCE:
-            raise EngineError(
-                "invalid_mask",
-                f"mask {k} is {im.width}x{im.height} px, the content {content_hw[1]}x{content_hw[0]} "
-                "px: a mask must have the content's aspect ratio",
-            )
-        arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).float().div_(255)
-        if not arr.any():
-            raise EngineError(
-                "invalid_mask",
-                f"mask {k} is black everywhere: its style would apply "
-                "nowhere; white marks where a style applies",
-            )
-        out.append((arr[None, None], _hash(im)))
-    return out
-
-
-# A mask may differ from its content's aspect ratio by 2 % (|log ratio|; it is resized to the content):
-# the same rule as the API's (api/masks.py), which checks it from the upload's header.
-MASK_ASPECT_TOLERANCE = 0.02
-
-
-def _hw(t: torch.Tensor) -> tuple[int, int]:
-    return int(t.shape[-2]), int(t.shape[-1])
-
-
-def _hash(im: Image.Image) -> str:
-    return hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest()[:16]
-
-
-def _batch_schedule(prepared: list[PreparedItem], config: TransferConfig) -> Schedule:
-    schedules = [
-        build_schedule(
-            _hw(p.content),
-            size=config.size,
-            min_size=config.min_size,
-            scale_factor=config.scale_factor,
-            scales=config.scales,
-            iterations=config.iterations,
-            max_scales=config.max_scales,
-            optimizer=config.optimizer,
-        )
-        for p in prepared
-    ]
-    for p, schedule in zip(prepared, schedules, strict=True):  # styles too small at some scale
-        check_runnable(
-            [hw for hw, _ in schedule],
-            [_hw(s) for s in p.styles],
-            config.style_scale,
-            upscale=config.style_upscale,
-        )
-    if any(s != schedules[0] for s in schedules):
-        sizes = sorted({str(s[-1][0]) for s in schedules})
-        raise EngineError(
-            "batch_shape_mismatch",
-            f"batch items must have the same aspect ratio (output sizes {', '.join(sizes)}); "
-            "run them as separate jobs",
-        )
-    return schedules[0]
+def run_facts(
+    weights: Weights,
+    schedule: Schedule,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    optimizer: str,
+) -> dict[str, Any]:
+    """What a result's metadata says about how it was made, for single runs and groups alike."""
+    return {
+        "weights_kind": weights.kind,
+        "weights_source": weights.source,
+        "random_weights": weights.kind == "random",
+        "scales": [list(hw) for hw, _ in schedule],
+        "iterations": [n for _, n in schedule],
+        "steps": steps,
+        "device": str(device),
+        "precision": str(dtype or torch.float32).replace("torch.", ""),
+        "optimizer": optimizer,
+    }
 
 
 def stylize(

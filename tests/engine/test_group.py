@@ -1,0 +1,212 @@
+"""A group of independent jobs in one batch (engine.groups.run_group): each item ends as a run of it
+alone does, whatever else is in the group, and is stopped, recovered, failed and checkpointed alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from worker.engine import BatchItem, Checkpoint, EngineError, Progress, StyleTransfer, TransferConfig
+from worker.engine import objective as objective_mod
+from worker.engine.groups import GroupJob, GroupOutcome, run_group
+from worker.engine.vgg import VGGFeatures
+
+from .conftest import small_config
+
+
+class Stop(Exception):
+    """What a worker's callback raises to stop its job (JobStopped)."""
+
+
+@pytest.fixture
+def jobs(
+    content: Image.Image, content2: Image.Image, style: Image.Image, style2: Image.Image
+) -> list[GroupJob]:
+    """Three jobs of one shape: different contents, styles, blends, weights and seeds."""
+    return [
+        GroupJob(BatchItem(content, [style]), seed=1),
+        GroupJob(BatchItem(content2, [style2], style_weight=5.0), seed=2),
+        GroupJob(BatchItem(content, [style2, style], style_blend_weights=(0.3, 0.7)), seed=3),
+    ]
+
+
+def _alone(engine: StyleTransfer, job: GroupJob, cfg: TransferConfig, **kw: Any) -> Any:
+    return engine.run_batch([job.item], replace(cfg, seed=job.seed), **kw)
+
+
+def _ok(outcome: GroupOutcome) -> torch.Tensor:
+    assert outcome.error is None and outcome.result is not None and outcome.result.tensor is not None
+    return outcome.result.tensor
+
+
+def test_a_group_with_adam_gives_each_job_its_own_result(engine: StyleTransfer, jobs: list[GroupJob]) -> None:
+    cfg = small_config(optimizer="adam", init="noise")
+    outcomes = run_group(engine, jobs, cfg)
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        single = _alone(engine, job, cfg)
+        assert (_ok(outcome) - single.tensor).abs().max() < 1e-5  # float rounding only
+        assert outcome.result is not None
+        assert outcome.result.metadata["config_digest"] == single.metadata["config_digest"]
+        assert outcome.result.metadata["group_size"] == 3
+    assert (_ok(outcomes[0]) - _ok(outcomes[2])).abs().max() > 0.01  # they really differ
+
+
+def test_a_group_with_lbfgs_follows_each_single_run(engine: StyleTransfer, jobs: list[GroupJob]) -> None:
+    """Per-item L-BFGS: each item's losses follow its single run (torch's L-BFGS) step for step;
+    L-BFGS amplifies rounding over steps, so the images agree closely, not bit for bit."""
+    cfg = small_config(optimizer="lbfgs")
+    seen: list[list[Progress]] = [[] for _ in jobs]
+    grouped = [replace(j, on_progress=seen[i].append) for i, j in enumerate(jobs)]
+    outcomes = run_group(engine, grouped, cfg)
+    for i, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
+        alone: list[Progress] = []
+        single = _alone(engine, job, cfg, on_progress=alone.append)
+        assert [p.step for p in seen[i]] == [p.step for p in alone] == list(range(1, 9))
+        for p, q in zip(seen[i], alone, strict=True):
+            assert p.loss == pytest.approx(q.loss, rel=1e-3), (i, p.step)
+        assert (_ok(outcome) - single.tensor).abs().mean() < 1e-3
+
+
+def test_a_canceled_item_leaves_the_others_unchanged_and_the_batch_shrinks(
+    engine: StyleTransfer, jobs: list[GroupJob], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch_sizes: list[int] = []
+    forward = VGGFeatures.forward
+
+    def spy(self: VGGFeatures, x: torch.Tensor, wanted: frozenset[int]) -> dict[int, torch.Tensor]:
+        if x.requires_grad:  # the optimised images, not a target pass
+            batch_sizes.append(int(x.shape[0]))
+        return forward(self, x, wanted)
+
+    def cancel_at_2(p: Progress) -> None:
+        if p.step >= 2:
+            raise Stop("canceled")
+
+    cfg = small_config(optimizer="adam", init="noise")
+    clean = run_group(engine, jobs, cfg)
+    monkeypatch.setattr(VGGFeatures, "forward", spy)
+    stopped = run_group(engine, [jobs[0], replace(jobs[1], on_progress=cancel_at_2), jobs[2]], cfg)
+    assert isinstance(stopped[1].error, Stop) and stopped[1].result is None
+    for i in (0, 2):
+        assert torch.equal(_ok(stopped[i]), _ok(clean[i]))  # masked out: bit for bit the same
+    assert batch_sizes == [3] * 4 + [2] * 4  # dropped at the next scale boundary
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, item: int, steps: Callable[[int], bool]) -> None:
+    """Make ``item``'s loss NaN at the evaluations ``steps`` picks (1-based call count)."""
+    calls = {"n": 0}
+    original = objective_mod.LossFn.__call__
+
+    def poisoned(self: objective_mod.LossFn, x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if steps(calls["n"]):
+            x = x.clone()
+            x[item] = float("nan")
+        return original(self, x)
+
+    monkeypatch.setattr(objective_mod.LossFn, "__call__", poisoned)
+
+
+def test_a_nan_in_one_item_is_recovered_in_that_item_alone(
+    engine: StyleTransfer, jobs: list[GroupJob], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = small_config(optimizer="adam", init="noise")
+    clean = run_group(engine, jobs, cfg)
+    seen: list[Progress] = []
+    _poison(monkeypatch, 1, lambda n: n == 3)
+    outcomes = run_group(engine, [jobs[0], replace(jobs[1], on_progress=seen.append), jobs[2]], cfg)
+    assert torch.equal(_ok(outcomes[0]), _ok(clean[0])) and torch.equal(_ok(outcomes[2]), _ok(clean[2]))
+    assert seen[-1].recoveries == 1 and seen[-1].lr == pytest.approx(0.01)  # its lr halved, once
+    assert not torch.equal(_ok(outcomes[1]), _ok(clean[1]))
+
+
+def test_an_item_that_keeps_diverging_fails_alone(
+    engine: StyleTransfer, jobs: list[GroupJob], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = small_config(optimizer="lbfgs")
+    clean = run_group(engine, jobs, cfg)
+    _poison(monkeypatch, 2, lambda n: n >= 2)
+    outcomes = run_group(engine, jobs, cfg)
+    assert isinstance(outcomes[2].error, EngineError) and outcomes[2].error.code == "diverged"
+    for i in (0, 1):
+        assert torch.equal(_ok(outcomes[i]), _ok(clean[i]))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_an_items_checkpoint_resumes_alone(
+    engine: StyleTransfer, jobs: list[GroupJob], optimizer: str
+) -> None:
+    """Per-item checkpoints are single-job checkpoints: resumed alone (torch's optimiser loads the
+    exported state), the job finishes where the group took it."""
+    cfg = small_config(optimizer=optimizer, init="noise", save_every=2)
+    saved: list[Checkpoint] = []
+    outcomes = run_group(engine, [jobs[0], replace(jobs[1], on_checkpoint=saved.append), jobs[2]], cfg)
+    assert [(c.scale, c.iteration, c.end_of_scale) for c in saved] == [
+        (0, 2, False),
+        (0, 4, True),
+        (1, 2, False),
+        (1, 4, True),
+    ]
+    mid = Checkpoint.from_bytes(saved[2].to_bytes())  # scale 1, iteration 2: mid-scale
+    assert mid.optimizer_state is not None and mid.image.shape[0] == 1
+    resumed = _alone(engine, jobs[1], cfg, resume=mid)
+    assert resumed.metadata["resumed_from_step"] == 6
+    tolerance = 1e-4 if optimizer == "adam" else 2e-2  # L-BFGS: two steps of amplified rounding
+    assert (resumed.tensor - _ok(outcomes[1])).abs().max() < tolerance
+
+
+def test_progress_is_read_every_n_iterations_and_at_scale_ends(
+    engine: StyleTransfer, jobs: list[GroupJob]
+) -> None:
+    cfg = small_config(optimizer="adam", iterations=5)
+    seen: list[Progress] = []
+    run_group(engine, [replace(jobs[0], on_progress=seen.append), jobs[1]], cfg, report_every=2)
+    assert [(p.scale, p.iteration) for p in seen] == [(0, 2), (0, 4), (0, 5), (1, 2), (1, 4), (1, 5)]
+
+
+class _SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values by the host (each a device sync on CUDA)."""
+
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_the_loop_reads_nothing_back_between_reports(
+    engine: StyleTransfer, jobs: list[GroupJob], optimizer: str
+) -> None:
+    """Host reads do not grow with the iterations: the steps themselves never sync."""
+    counts = []
+    for iterations in (3, 9):
+        cfg = small_config(optimizer=optimizer, iterations=iterations)
+        counter = _SyncCounter()
+        with counter:
+            run_group(engine, jobs[:2], cfg, report_every=100)  # reads at the scale ends only
+        counts.append(counter.count)
+    assert counts[0] == counts[1], counts
+
+
+def test_jobs_of_different_shapes_cannot_be_grouped(
+    engine: StyleTransfer, content: Image.Image, style: Image.Image
+) -> None:
+    tall = content.transpose(Image.Transpose.ROTATE_90)
+    with pytest.raises(EngineError) as err:
+        run_group(
+            engine,
+            [GroupJob(BatchItem(content, [style])), GroupJob(BatchItem(tall, [style]))],
+            small_config(),
+        )
+    assert err.value.code == "batch_shape_mismatch"

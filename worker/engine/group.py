@@ -1,0 +1,259 @@
+"""A group of independent jobs run as one batch (GroupPyramid), each settled on its own.
+
+A single job's batch (pyramid.Pyramid) shares one learning rate, one NaN guard and, with L-BFGS, one
+curvature history across its images. A group must not: its items are other tenants' jobs. Here every
+item has its own lr, recovery streak and optimiser state (batched.py), its own seed, digest,
+callbacks, checkpoints and outcome, and the finite check is per item, so item b ends with the image a
+run of b alone gives (to float rounding), whatever else is in the group:
+
+* a non-finite evaluation of item b restores b's last good image and halves b's lr; the others step;
+* an item whose callback raises (the worker's cancel or fencing signal) or that diverges is masked
+  out at once (its updates stop; its gradient never reached the others) and dropped from the batch
+  at the next scale boundary;
+* per-item checkpoints are in the single-job format (batched.py exports torch optimiser states), so
+  an item resumes alone. Resuming *into* a group is not supported: a resumed job runs alone.
+
+Host reads: the loop keeps its values on the device and reads them every ``report_every`` iterations
+and at each scale's end (progress, divergence, checkpoints); in between a step is a fixed sequence of
+kernels with no sync. Departure from a single run: divergence is noticed at those reads, so an item
+may take up to ``report_every`` more restored steps before it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .batched import BatchedAdam, BatchedAverage, BatchedLBFGS
+from .checkpoint import Checkpoint
+from .errors import EngineError
+from .group_state import Member, ScaleRun, col
+from .images import resize
+from .objective import LossFn
+from .optim import LBFGS_STATE_LIMIT_BYTES, diverged
+from .pyramid import CHECKPOINT_NOW, Pyramid
+
+logger = logging.getLogger(__name__)
+
+
+class GroupPyramid(Pyramid):
+    """Pyramid over a group; ``members`` parallel to ``items``. ``run_group()`` -> (B, C, H, W) of
+    every member (rows of members that left hold their last image)."""
+
+    def __init__(self, *args: Any, members: list[Member], report_every: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, on_progress=None, on_checkpoint=None, **kwargs)
+        if self.scaler is not None:
+            raise EngineError("invalid_config", "fp16 jobs run alone (loss scaling is per batch)")
+        self.members, self.report_every = members, max(1, report_every)
+        b = len(members)
+        self.lrs = torch.full((b,), self.lr, device=self.device, dtype=torch.float64)
+        self.streaks = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.counts = torch.zeros(b, dtype=torch.long, device=self.device)  # recoveries per item
+        self.results: dict[int, torch.Tensor] = {}  # member index -> its final image
+
+    def _init_image(self, hw: tuple[int, int]) -> torch.Tensor:
+        if self.cfg.init != "noise":
+            return super()._init_image(hw)
+        # noise from each item's own seed: its start does not depend on its place in the group
+        gens = [torch.Generator().manual_seed(m.seed) for m in self.members]
+        return torch.cat([torch.rand((1, self.channels, *hw), generator=g) for g in gens]).to(self.device)
+
+    def run_group(self) -> None:
+        x: torch.Tensor | None = None
+        adam: BatchedAdam | None = None
+        for s, (hw, _) in enumerate(self.schedule):
+            if x is not None:
+                x, adam = self._compact(x, adam)
+                if x is None:
+                    return  # every member left
+                x = resize(x, hw)
+                if adam is not None:
+                    adam.resized(hw)
+            else:
+                x = self._init_image(hw)
+            x, adam = self._scale(s, x, adam)
+        assert x is not None
+        for b, m in enumerate(self.members):
+            if m.error is None:
+                self.results[m.index] = self.finish_item(x[b : b + 1], b).detach()
+
+    def _compact(
+        self, x: torch.Tensor, adam: BatchedAdam | None
+    ) -> tuple[torch.Tensor | None, BatchedAdam | None]:
+        """Drop the members that left (the batch shrinks only at a scale boundary)."""
+        keep = [b for b, m in enumerate(self.members) if m.error is None]
+        if len(keep) == len(self.members):
+            return x, adam
+        if not keep:
+            return None, None
+        index = torch.tensor(keep, device=self.device)
+        self.members = [self.members[b] for b in keep]
+        self.items = [self.items[b] for b in keep]
+        self.lrs, self.streaks, self.counts = self.lrs[index], self.streaks[index], self.counts[index]
+        if adam is not None:
+            adam.keep(index)
+        return x[index], adam
+
+    def _scale(
+        self, s: int, x0: torch.Tensor, adam: BatchedAdam | None
+    ) -> tuple[torch.Tensor, BatchedAdam | None]:
+        hw, iters = self.schedule[s]
+        cfg = self.cfg
+        loss_fn = LossFn(self.model, self.targets(hw), self.style_weights, self.cast, self.channels_last)
+        x = x0.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+        good = x.detach().clone()
+        b = x.shape[0]
+        if cfg.optimizer == "adam":
+            carry = adam is not None and cfg.carry_optimizer_state
+            opt: BatchedAdam | BatchedLBFGS = (
+                adam if carry and adam is not None else BatchedAdam(x, cfg.betas)
+            )
+        else:
+            opt = BatchedLBFGS(x.detach(), cfg.lbfgs_history)
+        avg = (
+            BatchedAverage(x.detach(), cfg.ema_decay)
+            if cfg.optimizer == "adam" and cfg.ema_decay > 0
+            else None
+        )
+        last = torch.full((b, 3), float("nan"), device=self.device)  # last finite (content, style, tv)
+        started = torch.zeros(b, dtype=torch.bool, device=self.device)
+        active = torch.ones(b, dtype=torch.bool, device=self.device)
+        run = ScaleRun(s, hw, iters, loss_fn, opt, avg, last, started, active)
+        for it in range(1, iters + 1):
+            self._iterate(run, x, good)
+            self.step += 1
+            end = it == iters
+            if end or it % self.report_every == 0:
+                self._read(run, x, it, end)
+        result = avg.get() if avg is not None else x.detach()
+        return result, opt if isinstance(opt, BatchedAdam) else None
+
+    def _iterate(self, run: ScaleRun, x: torch.Tensor, good: torch.Tensor) -> None:
+        """One evaluation and one step of every member still active; no host reads."""
+        with torch.enable_grad():
+            x.grad = None
+            terms = run.loss_fn(x)
+            torch.autograd.backward(terms[0])
+        assert x.grad is not None and run.loss_fn.per_image is not None
+        grad, per_image = x.grad, run.loss_fn.per_image
+        # finite per item: its three terms and its gradient's sum (a single run checks the same)
+        ok = per_image.isfinite().all(dim=1) & grad.flatten(1).sum(dim=1).isfinite()
+        take = ok & run.active
+        with torch.no_grad():
+            run.started |= ok
+            run.loss_fn.retake = ~run.started
+            run.last = torch.where(ok[:, None], per_image, run.last)
+            good.copy_(torch.where(col(ok, x), x.detach(), good))
+            # Adam takes lr in float64 (a single run's step size is lr / bias correction on host
+            # floats); L-BFGS scales its direction in x's dtype, as torch's does
+            lr = self.lrs if isinstance(run.opt, BatchedAdam) else self.lrs.to(x.dtype)
+            run.opt.step(x.detach(), grad.detach(), lr, take)
+            if isinstance(run.opt, BatchedLBFGS):
+                self._cap(run.opt, x, good, take)
+            bad = ~ok & run.active
+            self._recover(run, x, good, bad)
+            x.clamp_(0, 1)
+            if run.avg is not None:
+                run.avg.update(x.detach(), take)
+
+    def _cap(self, opt: BatchedLBFGS, x: torch.Tensor, good: torch.Tensor, take: torch.Tensor) -> None:
+        """optim.Stepper._cap_step per item: shrink a step whose largest pixel change exceeds max_step."""
+        delta = x.detach() - good  # zero for items that did not step
+        biggest = delta.flatten(1).abs().amax(dim=1).clamp_min(1e-30)
+        shrink = torch.where(take, (self.cfg.lbfgs_max_step / biggest).clamp(max=1.0), 1.0)
+        x.sub_(delta * (1.0 - col(shrink, x)))
+        opt.scale_last_step(shrink)
+
+    def _recover(self, run: ScaleRun, x: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> None:
+        """optim.Stepper._recover per item: back to the last good image, half the lr, a fresh
+        L-BFGS history (Adam keeps its moments); a finite step ends the item's streak."""
+        x.copy_(torch.where(col(bad, x), good, x.detach()))
+        self.lrs = torch.where(bad, self.lrs * 0.5, self.lrs)
+        self.streaks = torch.where(bad, self.streaks + 1, torch.where(run.active, 0, self.streaks))
+        self.counts = self.counts + bad.long()
+        if isinstance(run.opt, BatchedLBFGS):
+            run.opt.reset(bad)
+
+    def _read(self, run: ScaleRun, x: torch.Tensor, it: int, end: bool) -> None:
+        """The host read: progress, divergence and checkpoints of every active member."""
+        last, lrs = run.last.tolist(), self.lrs.tolist()
+        streaks, counts = self.streaks.tolist(), self.counts.tolist()
+        starts = run.loss_fn.start.tolist() if run.loss_fn.start is not None else None
+        for b, m in enumerate(self.members):
+            if m.error is not None:
+                continue
+            if streaks[b] > self.cfg.max_recoveries:
+                self._leave(run, b, diverged(streaks[b], lrs[b]))
+                continue
+            start = [starts[b]] if starts is not None else None
+            vals = [sum(last[b]), *last[b]]
+            progress = self.progress(run.s, it, vals, start, lr=lrs[b], recoveries=counts[b])
+            try:
+                asked = m.on_progress(progress) == CHECKPOINT_NOW if m.on_progress else False
+                due = end or asked or (self.cfg.save_every and it % self.cfg.save_every == 0)
+                if m.on_checkpoint is not None and due:
+                    m.on_checkpoint(self._item_checkpoint(run, b, x, it, end, start, lrs[b], counts[b]))
+            except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
+                self._leave(run, b, exc)
+        if end:
+            never = [b for b, m in enumerate(self.members) if m.error is None and streaks[b] >= self.step]
+            for b in never:  # not one finite step in the whole run
+                self._leave(run, b, diverged(streaks[b], lrs[b]))
+
+    def _leave(self, run: ScaleRun, b: int, error: BaseException) -> None:
+        self.members[b].error = error
+        run.active[b] = False
+        logger.info("group member %d left at step %d: %s", self.members[b].index, self.step, error)
+
+    def _item_checkpoint(
+        self,
+        run: ScaleRun,
+        b: int,
+        x: torch.Tensor,
+        it: int,
+        end: bool,
+        start: list[list[float]] | None,
+        lr: float,
+        recoveries: int,
+    ) -> Checkpoint:
+        """Member b's checkpoint in the single-job format (a batch of one)."""
+        result = run.avg.get()[b : b + 1] if run.avg is not None else x.detach()[b : b + 1]
+        own = x.detach()[b : b + 1].float().cpu().clone()
+        return Checkpoint(
+            scale=run.s,
+            iteration=it,
+            step=self.step,
+            image=self.finish_item(result, b).float().cpu().clone(),
+            luminance=result.float().cpu().clone() if self.channels == 1 else None,
+            optimizer_state=self._opt_state(run, b, lr),
+            config_digest=self.members[b].digest,
+            end_of_scale=end,
+            lr=lr,
+            recoveries=recoveries,
+            loss_start=start,
+            iterate=own if run.avg is not None else None,
+            average=run.avg.item_state(b) if run.avg is not None else None,
+        )
+
+    def _opt_state(self, run: ScaleRun, b: int, lr: float) -> dict[str, Any] | None:
+        if isinstance(run.opt, BatchedAdam):
+            return run.opt.item_state(b, lr)
+        held = int(run.opt.count[b])
+        if 2 * held * run.opt.d[b].numel() * run.opt.d.element_size() > LBFGS_STATE_LIMIT_BYTES:
+            return None  # as a single run: too big to checkpoint, the resumed L-BFGS starts afresh
+        return run.opt.item_state(b, lr, loss=0.0)  # prev_loss feeds a tolerance test that is off
+
+    def finish_item(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Pyramid.finish for member b's (1, C, h, w) image."""
+        if self.channels == 3:
+            return x
+        items, self.items = self.items, [self.items[b]]
+        try:
+            return self.finish(x)
+        finally:
+            self.items = items
+
+
+__all__ = ["GroupPyramid"]
