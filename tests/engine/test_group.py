@@ -210,3 +210,30 @@ def test_jobs_of_different_shapes_cannot_be_grouped(
             small_config(),
         )
     assert err.value.code == "batch_shape_mismatch"
+
+
+def test_a_style_shared_by_jobs_is_one_vgg_pass_per_scale(
+    engine: StyleTransfer,
+    content: Image.Image,
+    content2: Image.Image,
+    style: Image.Image,
+    style2: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target_passes: list[int] = []
+    forward = VGGFeatures.forward
+
+    def spy(self: VGGFeatures, x: torch.Tensor, wanted: frozenset[int]) -> dict[int, torch.Tensor]:
+        if not x.requires_grad:
+            target_passes.append(int(x.shape[0]))
+        return forward(self, x, wanted)
+
+    house = style.copy()  # another object with the same pixels: the same style
+    jobs = [
+        GroupJob(BatchItem(content, [style])),
+        GroupJob(BatchItem(content2, [house])),
+        GroupJob(BatchItem(content, [style2])),
+    ]
+    monkeypatch.setattr(VGGFeatures, "forward", spy)
+    run_group(engine, jobs, small_config(optimizer="adam"))
+    assert target_passes == [3, 1, 1] * 2  # per scale: the contents, then 2 distinct styles

@@ -77,11 +77,14 @@ def prepare_items(
         w = item_loss_weights(item, preset)
         masks = load_masks(item.masks, len(styles), (content.height, content.width))
         p = prepare_item(pil_to_tensor(content), [pil_to_tensor(s) for s in styles], blend, w, config.color)
-        prepared.append(replace(p, masks=None if masks is None else [m for m, _ in masks]))
+        style_hashes = [_hash(s) for s in styles]
+        # a style's statistics depend on the content too when colour modes adapt it to the content
+        keys = style_hashes if config.color == "none" else [f"{h}/{_hash(content)}" for h in style_hashes]
+        prepared.append(replace(p, masks=None if masks is None else [m for m, _ in masks], style_keys=keys))
         parts.append(
             [
                 _hash(content),
-                [_hash(s) for s in styles],
+                style_hashes,
                 blend,
                 list(w),
                 None if masks is None else [h for _, h in masks],

@@ -26,6 +26,9 @@ class PreparedItem:
     style_hws: list[tuple[int, int]] = field(default_factory=list)  # native (h, w); [] = as given
     # one (1, 1, h, w) mask in [0, 1] per style (spatial control), at the content's aspect; None: none
     masks: list[torch.Tensor] | None = None
+    # one key per style: equal keys are the same prepared style, whose statistics a batch computes
+    # once per scale (a group's jobs often share a house style); [] = no sharing
+    style_keys: list[str] = field(default_factory=list)
 
     def masks_at(self, hw: tuple[int, int]) -> list[torch.Tensor] | None:
         """The masks resized to a scale's (h, w) (bicubic, antialiased when shrinking, clamped)."""

@@ -194,6 +194,7 @@ class Pyramid:
             if any(m is not None for m in masks)
             else None,
             spec=spec,
+            style_keys=[it.style_keys for it in self.items],
         )
 
     def _run_scale(

@@ -78,17 +78,29 @@ def compute_targets(
     *,
     masks: list[list[torch.Tensor] | None] | None = None,
     spec: StyleSpec | None = None,
+    style_keys: list[list[str]] | None = None,
 ) -> Targets:
-    """contents (B, 3, H, W); one VGG pass for the contents and one per style image. ``masks`` per
-    item: None, or one (1, 1, H, W) mask per style at the contents' size."""
+    """contents (B, 3, H, W); one VGG pass for the contents and one per distinct style image.
+    ``masks`` per item: None, or one (1, 1, H, W) mask per style at the contents' size.
+    ``style_keys`` per item, one per style: styles with equal keys (and size) are one VGG pass."""
     spec = spec or StyleSpec()
     with cast():
         feats = model(contents, frozenset(content_layers))
     content = {i: feats[i].float() for i in content_layers}
     per_item: list[list[RegionRow]] = []  # per item, its regions
+    seen: dict[tuple[str, tuple[int, ...]], dict[int, Moments]] = {}
     for b, item_styles in enumerate(styles):
         item_masks = masks[b] if masks is not None else None
-        stats = [_style_moments(model, image, style_layers, cast) for image, _ in item_styles]
+        keys = style_keys[b] if style_keys is not None and style_keys[b] else [None] * len(item_styles)
+        stats = []
+        for (image, _), key in zip(item_styles, keys, strict=True):
+            if key is None:
+                stats.append(_style_moments(model, image, style_layers, cast))
+                continue
+            cached = seen.get((key, tuple(image.shape)))
+            if cached is None:
+                cached = seen[(key, tuple(image.shape))] = _style_moments(model, image, style_layers, cast)
+            stats.append(cached)
         blends = [blend for _, blend in item_styles]
         if item_masks is None:  # one region: the blend of all styles (moments combine linearly)
             blended = {i: _blend([s[i] for s in stats], blends) for i in style_layers}
