@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.forms import MAX_FIELD_BYTES
@@ -20,9 +22,11 @@ from api.publisher import Publisher
 from api.safejson import loads
 from api.schemas import PRIORITY_LIMIT
 from shared import dispatch, jobstore, logs, quotas
+from shared.buckets import bucket_key
 from shared.db import is_db_outage
 from shared.errors import InvalidInput
 from shared.jobstore import JobSpec
+from shared.models import StoredImage
 from shared.params import JobParams
 from shared.settings import Settings
 
@@ -144,6 +148,7 @@ def insert_jobs(
     costs = [job_cost(params, spec) for spec in specs]
     if not admitted:
         quotas.admit(session, tenant_id, costs, settings)
+    specs = with_buckets(session, specs, params)
     return jobstore.insert_queued(
         session,
         tenant_id=tenant_id,
@@ -154,6 +159,19 @@ def insert_jobs(
         costs=costs,
         priority=priority,
     )
+
+
+def with_buckets(session: Session, specs: Sequence[JobSpec], params: JobParams) -> list[JobSpec]:
+    """Each spec with its bucket (``shared.buckets``), from its content's stored size (one query)."""
+    ids = sorted({spec.content_id for spec in specs})
+    rows = session.execute(
+        select(StoredImage.id, StoredImage.width, StoredImage.height).where(StoredImage.id.in_(ids))
+    )
+    sizes = {image_id: (int(w), int(h)) for image_id, w, h in rows}
+    return [
+        replace(spec, bucket=bucket_key(params, sizes[spec.content_id])) if spec.content_id in sizes else spec
+        for spec in specs
+    ]
 
 
 def admit_jobs(

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, Select, and_, bindparam, case, func, or_, select, text
+from sqlalchemy import ColumnElement, Integer, Label, Select, and_, bindparam, case, func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobstore_queue, logs, workers
@@ -95,10 +95,22 @@ def line_order() -> tuple[ColumnElement[int], ...]:
     return (Job.priority.desc(), Job.created_at.asc(), Job.id.asc())  # type: ignore[return-value]
 
 
+def slots_taken() -> Label[int]:
+    """Slots in use (a scalar subquery): messages out (published, not started) plus the worker
+    processes running jobs. A process counts once however many jobs it runs: a GPU worker running a
+    group of 16 (worker.batch) holds one slot, as a CPU worker running one job does."""
+    out = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.status == JobStatus.QUEUED, Job.published_at.is_not(None))
+    )
+    running = select(func.count(func.distinct(Job.worker))).where(Job.status == JobStatus.RUNNING)
+    return (out.scalar_subquery() + running.scalar_subquery()).label("taken")
+
+
 def room(session: Session, settings: Settings, now: datetime) -> int:
     """How many more messages the broker may hold now (one query)."""
-    out = select(func.count()).select_from(Job).where(in_flight()).scalar_subquery()
-    row = session.execute(select(workers.slots_query(now=now, lease_s=settings.lease_s), out)).one()
+    row = session.execute(select(workers.slots_query(now=now, lease_s=settings.lease_s), slots_taken())).one()
     return _room(settings, row[0], row[1])
 
 
@@ -110,8 +122,8 @@ def _room(settings: Settings, slots: int | None, flying: int | None) -> int:
 def idle_slots(session: Session, settings: Settings, now: datetime) -> int:
     """Healthy slots running no job: with a message out older than a few seconds, proof of its loss."""
     slots = workers.healthy_slots(session, now=now, lease_s=settings.lease_s)
-    running = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.RUNNING))
-    return max(0, slots - (running or 0))
+    running = select(func.count(func.distinct(Job.worker))).where(Job.status == JobStatus.RUNNING)
+    return max(0, slots - (session.scalar(running) or 0))
 
 
 def dispatch_once(
@@ -157,12 +169,15 @@ def _serialise(session: Session, wait: bool) -> bool:
     return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _LOCK_KEY}))
 
 
-def fair_picks(session: Session, count: int, settings: Settings, now: datetime) -> list[str]:
-    """The next ``count`` waiting jobs in fair order (see the module docstring)."""
-    return _pick(session, _survey(session, settings, now)[1], count)
+def fair_picks(
+    session: Session, count: int, settings: Settings, now: datetime, *, bucket: str | None = None
+) -> list[str]:
+    """The next ``count`` waiting jobs in fair order (see the module docstring); with ``bucket``,
+    among the jobs of that bucket only (a GPU worker filling its group, worker.batch)."""
+    return _pick(session, _survey(session, settings, now, bucket)[1], count, bucket)
 
 
-def _pick(session: Session, lines: dict[str, _Line], count: int) -> list[str]:
+def _pick(session: Session, lines: dict[str, _Line], count: int, bucket: str | None = None) -> list[str]:
     heap = [(line.key(), line.tenant_id) for line in lines.values()]
     heapq.heapify(heap)
     picks: list[str] = []
@@ -172,7 +187,7 @@ def _pick(session: Session, lines: dict[str, _Line], count: int) -> list[str]:
         if line.max_running and line.in_flight >= line.max_running:
             continue  # at its cap: the rest of this pass goes to the others
         if not line.fetched:
-            line.heads = _heads(session, tenant_id, count)
+            line.heads = _heads(session, tenant_id, count, bucket)
             line.fetched = True
         if not line.heads:
             continue
@@ -185,8 +200,12 @@ def _pick(session: Session, lines: dict[str, _Line], count: int) -> list[str]:
     return picks
 
 
+def _waiting_in(bucketed: bool) -> ColumnElement[bool]:
+    return and_(waiting(), Job.bucket == bindparam("bucket")) if bucketed else waiting()
+
+
 @cache
-def _survey_query() -> Select[Any]:
+def _survey_query(bucketed: bool = False) -> Select[Any]:
     """Each waiting tenant's line with its charges, and the room, in ONE round trip (a pass on an
     idle system is on the path from submission to start). Built once: the times are parameters.
     The room's two counts are uncorrelated scalar subqueries, evaluated once, not per row."""
@@ -205,7 +224,6 @@ def _survey_query() -> Select[Any]:
         )
         .scalar_subquery()
     )
-    out = select(func.count()).select_from(Job).where(in_flight()).scalar_subquery()
     return (
         select(
             Job.tenant_id,
@@ -215,19 +233,26 @@ def _survey_query() -> Select[Any]:
             func.coalesce(charged.c.cost, 0),
             func.coalesce(charged.c.flying, 0),
             slots,
-            out,
+            slots_taken(),
         )
         .join(Tenant, Tenant.id == Job.tenant_id)
         .outerjoin(charged, charged.c.tenant_id == Job.tenant_id)
-        .where(waiting())
+        .where(_waiting_in(bucketed))
         .group_by(Job.tenant_id, Tenant.weight, Tenant.max_running, charged.c.cost, charged.c.flying)
     )
 
 
-def _survey(session: Session, settings: Settings, now: datetime) -> tuple[int, dict[str, _Line]]:
+def _survey(
+    session: Session, settings: Settings, now: datetime, bucket: str | None = None
+) -> tuple[int, dict[str, _Line]]:
     """The room, and the waiting tenants' lines (none waiting: room 0, nothing to fill it with)."""
-    params = {"window_start": now - FAIR_WINDOW, "heard_since": now - timedelta(seconds=settings.lease_s)}
-    rows = session.execute(_survey_query(), params).all()
+    params: dict[str, Any] = {
+        "window_start": now - FAIR_WINDOW,
+        "heard_since": now - timedelta(seconds=settings.lease_s),
+    }
+    if bucket is not None:
+        params["bucket"] = bucket
+    rows = session.execute(_survey_query(bucket is not None), params).all()
     if not rows:
         return 0, {}
     lines = {
@@ -245,17 +270,20 @@ def _survey(session: Session, settings: Settings, now: datetime) -> tuple[int, d
 
 
 @cache
-def _heads_query() -> Select[str, int]:
+def _heads_query(bucketed: bool = False) -> Select[str, int]:
     return (
         select(Job.id, Job.cost)
-        .where(waiting(), Job.tenant_id == bindparam("tenant_id"))
+        .where(_waiting_in(bucketed), Job.tenant_id == bindparam("tenant_id"))
         .order_by(*line_order())
         .limit(bindparam("limit", type_=Integer))
     )
 
 
-def _heads(session: Session, tenant_id: str, limit: int) -> list[tuple[str, int]]:
-    rows = session.execute(_heads_query(), {"tenant_id": tenant_id, "limit": limit}).all()
+def _heads(session: Session, tenant_id: str, limit: int, bucket: str | None = None) -> list[tuple[str, int]]:
+    params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit}
+    if bucket is not None:
+        params["bucket"] = bucket
+    rows = session.execute(_heads_query(bucket is not None), params).all()
     return [(job_id, int(cost)) for job_id, cost in rows]
 
 

@@ -59,6 +59,7 @@ class JobSpec:
     content_id: str
     style_ids: tuple[str, ...]
     mask_ids: tuple[str, ...] | None = None
+    bucket: str | None = None  # shared.buckets.bucket_key: which jobs it can share a GPU batch with
 
 
 class CancelResult(enum.StrEnum):
@@ -103,6 +104,7 @@ def insert_queued(
             "cancel_requested": False,
             "cost": costs[i] if costs is not None else 0,
             "priority": priority,
+            "bucket": spec.bucket,
             "created_at": now + timedelta(microseconds=i),
             "updated_at": now,
         }

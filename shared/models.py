@@ -104,6 +104,7 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_updated", "status", "updated_at"),
         Index("ix_jobs_dispatch", "status", "tenant_id", "priority", "created_at", "id"),
+        Index("ix_jobs_bucket", "status", "bucket", "created_at"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
@@ -147,6 +148,11 @@ class Job(Base):
     # JobParams.work(): pixels x iterations (upper bound), what fair dispatch charges the tenant.
     cost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)  # hidden; purged when finished
+    # shared.buckets.bucket_key: jobs with equal keys can share a GPU batch; NULL: runs alone
+    bucket: Mapped[str | None] = mapped_column(String(32), default=None)
+    # how the attempt that ended it ran: device, precision, weights, random_weights, group_size,
+    # engine_seconds (worker.batch); NULL until then
+    execution: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -94,14 +94,21 @@ class Broker:
             return taken
 
 
-def start(sessions: sessionmaker[Session], job_ids: Sequence[str]) -> None:
-    """Workers took these jobs (running)."""
+def start(sessions: sessionmaker[Session], job_ids: Sequence[str], process: str | None = None) -> None:
+    """Workers took these jobs (running): one worker process each, or all in ``process`` (a group)."""
     with sessions() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id.in_(list(job_ids)))
-            .values(status=JobStatus.RUNNING, started_at=utcnow(), heartbeat_at=utcnow(), attempt=1)
-        )
+        for i, job_id in enumerate(job_ids):
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    status=JobStatus.RUNNING,
+                    started_at=utcnow(),
+                    heartbeat_at=utcnow(),
+                    attempt=1,
+                    worker=process or f"w@test#{i}-{job_id[:8]}",
+                )
+            )
         s.commit()
 
 
@@ -133,6 +140,22 @@ def test_room_is_free_slots_minus_messages_out(sessions: sessionmaker[Session]) 
     assert dispatch_once(sessions, broker, settings()).published == [ids[3]]  # a slot freed
     # dispatch_ahead keeps that many more messages per slot in the broker
     assert dispatch_once(sessions, broker, settings(dispatch_ahead=1)).published == ids[4:7]
+
+
+def test_a_process_running_a_group_holds_one_slot(sessions: sessionmaker[Session]) -> None:
+    """A GPU worker runs the jobs of a group in one process (worker.batch): one slot, not one per job."""
+    ids = add_jobs(sessions, "t1", 10)
+    add_worker(sessions, "gpu0", slots=3)
+    broker = Broker()
+    assert dispatch_once(sessions, broker, settings()).published == ids[:3]
+    start(sessions, ids[:1])
+    start(sessions, ids[3:7], process="gpu0@box#7")  # it took 4 waiting jobs of its bucket too
+    start(sessions, ids[1:2], process="gpu0@box#7")  # ... into its group
+    # 3 slots: one message out (ids[2]), two processes busy (6 jobs): no room
+    assert dispatch_once(sessions, broker, settings()).published == []
+    start(sessions, ids[2:3])
+    finish(sessions, ids[:1])
+    assert dispatch_once(sessions, broker, settings()).published == [ids[7]]  # one process freed
 
 
 def test_a_small_tenant_is_not_stuck_behind_a_big_backlog(sessions: sessionmaker[Session]) -> None:
@@ -228,3 +251,15 @@ def test_one_pass_sends_lost_and_requeued_jobs_only_into_free_slots(sessions: se
     again = one_pass(sessions, broker, settings())
     assert again.reconciled.lost == [] and len(broker.sent) == 2  # two free slots, fair order
     assert {lost[0], dead[0]} == set(broker.sent)
+
+
+def test_picks_within_a_bucket_keep_the_fair_order(sessions: sessionmaker[Session]) -> None:
+    """A GPU worker filling its group takes only its bucket's jobs, still in fair order."""
+    a1 = add_jobs(sessions, "t1", 4, bucket="a")
+    add_jobs(sessions, "t1", 4, bucket="b", start=10)
+    a2 = add_jobs(sessions, "t2", 2, bucket="a", start=20)
+    with sessions() as s:
+        picks = fair_picks(s, 5, settings(), utcnow(), bucket="a")
+        everything = fair_picks(s, 20, settings(), utcnow())
+    assert picks == [a1[0], a2[0], a1[1], a2[1], a1[2]]  # the tenants alternate (equal costs)
+    assert len(everything) == 10

@@ -1,0 +1,38 @@
+"""Which jobs can run together in one batch on a GPU (``jobs.bucket``), computed at submission.
+
+A group (``worker.engine.groups.run_group``) runs its jobs in lockstep: one batch of images through
+the same scales, iterations and optimiser. Two jobs may share a group when everything that shapes
+that computation agrees: the per-scale sizes (their contents' aspect ratios give the same rounded
+(w, h) at every scale) and iterations, and every parameter except those the engine keeps per item
+(``PER_ITEM``: loss weights, style blend, seed) and those that only shape the output file. The key is
+a digest of exactly those, so equal keys are compatible jobs; the worker still checks (the engine
+refuses a group whose schedules differ, and the worker then runs those jobs one by one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from shared.params import JobParams, fit_long_edge
+
+logger = logging.getLogger(__name__)
+
+BUCKET_VERSION = 1  # bump when the engine's notion of "the same computation" changes
+# per item in a group (worker.engine.config.BatchItem / GroupJob), or the output file only
+PER_ITEM = frozenset(
+    {"style_weights", "content_weight", "style_weight", "tv_weight", "seed", "output_format", "quality"}
+)
+
+
+def bucket_key(params: JobParams, content_wh: tuple[int, int]) -> str:
+    """The group key of a job with these params whose content is ``content_wh`` (w, h) pixels."""
+    shape: dict[str, Any] = {k: v for k, v in params.model_dump(mode="json").items() if k not in PER_ITEM}
+    sizes = [fit_long_edge(content_wh, edge) for edge in params.long_edges()]
+    blob = json.dumps([BUCKET_VERSION, shape, sizes, params.iterations_per_scale()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+__all__ = ["BUCKET_VERSION", "PER_ITEM", "bucket_key"]

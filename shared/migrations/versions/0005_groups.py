@@ -1,0 +1,37 @@
+"""GPU groups: each job's bucket (which jobs can share a batch) and how it was executed
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-01 18:00:00
+
+* ``jobs.bucket``: ``shared.buckets.bucket_key``, set at submission; NULL for jobs submitted before
+  (they run alone). Indexed with the status for the worker's "more waiting jobs of my bucket".
+* ``jobs.execution``: how the attempt that ended the job ran (device, precision, weights, group
+  size, engine seconds), shown by ``GET /v1/jobs/{id}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("bucket", sa.String(32), nullable=True))
+        batch.add_column(sa.Column("execution", sa.JSON(none_as_null=True), nullable=True))
+    op.create_index("ix_jobs_bucket", "jobs", ["status", "bucket", "created_at"], unique=False)
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_bucket", table_name="jobs")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("execution")
+        batch.drop_column("bucket")
