@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     progress_interval_s: float = 1.0  # progress written to the DB at most this often
     checkpoints_keep: int = 3  # latest checkpoints kept per job; older objects are deleted
-    checkpoint_every: int = 50  # also checkpoint every N iterations (0 = only at the end of each scale)
+    # Checkpoints are written at each scale's end and on a shutdown, and on these cadences:
+    checkpoint_interval_s: float = 30.0  # after this much wall time since the last one (0 = off)
+    checkpoint_every: int = 0  # every N iterations (0 = off)
     max_attempts: int = 3  # lost workers (not transient errors) a job may survive
     retry_backoff_s: int = 2  # transient errors: exponential backoff from this (whole seconds)...
     retry_backoff_max_s: int = 120  # ...up to this, with jitter

@@ -6,8 +6,9 @@ message; any other exception fails it with a generic message (its text is only l
 (storage or database unreachable, broker connection) give the job back without using up an attempt
 and propagate, so the Celery task retries with backoff (at most ``max_retries``). Attempts
 (``max_attempts``) count only workers lost mid-job. Every write after the claim is fenced by the
-attempt number. Only the latest ``checkpoints_keep`` checkpoints of a job are kept: older objects
-are deleted once a newer reference is recorded.
+attempt number. Checkpoints are uploaded off the engine's thread, the latest only, and settled
+before a hand-back or the result (``worker.checkpoints``); only the latest ``checkpoints_keep`` of a
+job are kept: older objects are deleted once a newer reference is recorded.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import io
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
-from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from shared import dispatch, logs, storage_keys
@@ -28,10 +28,11 @@ from shared.db import get_sessionmaker
 from shared.models import utcnow
 from shared.queue import get_celery, publish_job, publish_many
 from shared.settings import Settings
-from shared.storage import ObjectNotFound, Storage, StorageUnavailable, open_storage
+from shared.storage import StorageUnavailable, open_storage
 from worker import jobstore
-from worker.config import job_params, load_input_image, transfer_config
-from worker.engine import Checkpoint, EngineError, save_image
+from worker.checkpoints import CheckpointSaver, resume_point
+from worker.config import EngineInputs, Failure, job_params, load_inputs, transfer_config
+from worker.engine import EngineError, save_image
 from worker.engine.schedule import long_edges
 from worker.runtime import get_engine
 from worker.watcher import JobStopped, StopReason, Watcher
@@ -39,7 +40,7 @@ from worker.watcher import JobStopped, StopReason, Watcher
 if TYPE_CHECKING:
     from PIL import Image
 
-    from worker.engine import TransferConfig
+    from worker.engine import Checkpoint, TransferConfig
     from worker.engine_port import EnginePort, EngineResult
 
 logger = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalErr
 def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """One worker event in the service's log shape (shared.logs)."""
     logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
-
-
-class Failure(Exception):
-    """A permanent failure of this job, with its code."""
-
-    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.code, self.message, self.retryable = code, message, retryable
 
 
 # Outcomes after which this worker's slot is free: a dispatch pass refills it at once.
@@ -133,22 +126,21 @@ def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
 
 def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     storage = open_storage(settings)
-    try:
-        params = job_params(claim.params)
-    except ValidationError as exc:
-        raise Failure("invalid_params", f"the job's parameters are not valid: {_problems(exc)}") from exc
+    params = job_params(claim.params)
     config = transfer_config(params, settings)
-    content, styles, inputs = _load_inputs(storage, claim, settings)
-    resume, start_step = _resume_point(storage, claim)
+    content, styles, inputs = load_inputs(storage, claim, settings)
+    resume, start_step = resume_point(storage, claim)
     engine = get_engine(settings)
     edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
     with Watcher(settings, claim.job_id, claim.attempt, start_step, list(edges)) as watcher:
-        saver = CheckpointSaver(storage, settings.database_url, claim, watcher, settings.checkpoints_keep)
-        log_event(claim.job_id, claim.attempt, "started", resume_step=start_step)
-        try:
+        keep = settings.checkpoints_keep
+        with CheckpointSaver(storage, settings.database_url, claim, watcher, keep) as saver:
+            log_event(claim.job_id, claim.attempt, "started", resume_step=start_step)
             result = _run_engine(engine, content, styles, config, watcher, saver, resume, inputs)
-        except JobStopped as stop:
-            return _stopped(settings, claim, stop.reason, saver.last_step)
+        # Leaving the block settled the uploads: a shutdown's checkpoint is recorded before the
+        # hand-back releases the job, the last scale's before the result (worker.checkpoints).
+        if isinstance(result, StopReason):
+            return _stopped(settings, claim, result, saver.last_step)
         final = watcher.progress_now() or {}
     final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
     # One key per attempt: an attempt that lost the job (a newer one took over) can never overwrite
@@ -176,19 +168,6 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     return "succeeded"
 
 
-def _problems(exc: ValidationError) -> str:
-    """Which fields are wrong and why, without pydantic's echo of the input or its links."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()[:5]
-    )
-
-
-class EngineInputs(TypedDict, total=False):
-    """The optional inputs of ``EnginePort.run`` a job has (absent keys are not passed at all)."""
-
-    masks: list[Image.Image]
-
-
 def _run_engine(
     engine: EnginePort,
     content: Image.Image,
@@ -198,132 +177,34 @@ def _run_engine(
     saver: CheckpointSaver,
     resume: Checkpoint | None,
     inputs: EngineInputs,
-) -> EngineResult:
-    """``engine.run`` (+ ``inputs``); a checkpoint it will not resume from is skipped (start afresh)."""
-    try:
+) -> EngineResult | StopReason:
+    """``engine.run`` (+ ``inputs``), or why the watcher stopped it; a checkpoint it will not resume
+    from is skipped (start afresh)."""
+
+    def run(start: Checkpoint | None) -> EngineResult:
         return engine.run(
             content,
             styles,
             config,
             on_progress=watcher.on_progress,
             on_checkpoint=saver,
-            resume=resume,
-            **inputs,
-        )
-    except EngineError as exc:
-        if resume is None or exc.code not in ("checkpoint_mismatch", "checkpoint_invalid"):
-            raise
-        log_event(saver.claim.job_id, saver.claim.attempt, "resume_skipped", logging.WARNING, error=exc.code)
-        watcher.start_step = 0
-        return engine.run(
-            content,
-            styles,
-            config,
-            on_progress=watcher.on_progress,
-            on_checkpoint=saver,
-            resume=None,
+            resume=start,
             **inputs,
         )
 
-
-def _load_inputs(
-    storage: Storage, claim: jobstore.Claim, settings: Settings
-) -> tuple[Image.Image, list[Image.Image], EngineInputs]:
-    """The content, the styles and the masks, decoded under the service's limits (as the API
-    inspected them); ``masks`` (one per style; the engine reads their luminance) only when the job
-    has masks (so an engine without the keyword still runs every other job)."""
-    content = load_input_image(_input_bytes(storage, claim.content_image_id), settings)
-    styles = [load_input_image(_input_bytes(storage, i), settings) for i in claim.style_image_ids]
-    if not styles:
-        raise Failure("invalid_params", "the job has no style image")
-    masks = claim.mask_image_ids
-    if not masks:
-        return content, styles, {}
-    return content, styles, {"masks": [load_input_image(_input_bytes(storage, m), settings) for m in masks]}
-
-
-def _input_bytes(storage: Storage, image_id: str) -> bytes:
     try:
-        return storage.get_bytes(storage_keys.image_key(image_id))
-    except ObjectNotFound as exc:
-        raise Failure("input_missing", f"input image {image_id} is not in storage") from exc
-
-
-def _resume_point(storage: Storage, claim: jobstore.Claim) -> tuple[Checkpoint | None, int]:
-    """The latest recorded checkpoint, or (None, 0) when there is none or it cannot be read."""
-    if not claim.checkpoints:
-        return None, 0
-    ref = claim.checkpoints[-1]
-    try:
-        ckpt = Checkpoint.from_bytes(storage.get_bytes(ref["key"]))
-    except (ObjectNotFound, EngineError, ValueError, KeyError) as exc:
-        log_event(claim.job_id, claim.attempt, "resume_skipped", logging.WARNING, error=exc)
-        return None, 0
-    log_event(claim.job_id, claim.attempt, "resuming", step=ref.get("step"))
-    return ckpt, int(ref.get("step") or 0)
-
-
-class CheckpointSaver:
-    """``on_checkpoint``: upload ``<step>.pt`` and a ``<step>.png`` preview, record the reference, then
-    delete the objects of refs beyond the latest ``keep`` (``settings.checkpoints_keep``)."""
-
-    def __init__(
-        self, storage: Storage, url: str, claim: jobstore.Claim, watcher: Watcher, keep: int
-    ) -> None:
-        self.storage, self.url, self.claim, self.watcher = storage, url, claim, watcher
-        self.keep = keep
-        self.last_step: int | None = None  # the latest checkpoint this attempt recorded
-
-    def __call__(self, ckpt: Checkpoint) -> None:
-        from worker.engine.images import tensor_to_pil
-
-        job_id, attempt = self.claim.job_id, self.claim.attempt
-        step = int(ckpt.step)
-        key, preview_at = storage_keys.checkpoint_key(job_id, step), storage_keys.preview_key(job_id, step)
-        self.storage.put_bytes(key, ckpt.to_bytes(), storage_keys.CHECKPOINT_MEDIA_TYPE)
-        preview = io.BytesIO()
-        tensor_to_pil(ckpt.image).save(preview, format="PNG")
-        self.storage.put_bytes(preview_at, preview.getvalue(), storage_keys.PREVIEW_MEDIA_TYPE)
-        ref = {
-            "key": key,
-            "preview_key": preview_at,
-            "scale": int(ckpt.scale),
-            "iteration": int(ckpt.iteration),
-            "step": step,
-            "end_of_scale": bool(ckpt.end_of_scale),
-            "at": utcnow().isoformat(),
-        }
-        recorded = jobstore.append_checkpoint(self.url, job_id, attempt, ref, self.keep)
-        fields: dict[str, Any] = {"step": step, "scale": ref["scale"]}
-        if recorded is None:  # fenced out: a newer attempt owns the list, delete nothing
-            self.watcher.stop = self.watcher.stop or StopReason.FENCED
-        else:
-            self.last_step = step
-            fields.update(seq=recorded.ref["seq"], pruned=self._delete(recorded.garbage))
-        asked = self.watcher.checkpoint_requested_at
-        if asked is not None and step >= asked:
-            fields["reason"] = "shutdown"
-        log_event(job_id, attempt, "checkpoint", **fields)
-        self.watcher.raise_if_stopped()
-
-    def _delete(self, keys: list[str]) -> int:
-        """Best effort: a delete that fails is logged (the object is left behind), never raised."""
-        deleted = 0
-        for key in keys:
-            try:
-                self.storage.delete(key)
-                deleted += 1
-            except Exception as exc:  # noqa: BLE001 - pruning is best effort; the next prune retries
-                log_event(
-                    self.claim.job_id,
-                    self.claim.attempt,
-                    "checkpoint_delete_failed",
-                    logging.WARNING,
-                    key=key,
-                    error=type(exc).__name__,
-                    detail=repr(str(exc)[:200]),
-                )
-        return deleted
+        try:
+            return run(resume)
+        except EngineError as exc:
+            if resume is None or exc.code not in ("checkpoint_mismatch", "checkpoint_invalid"):
+                raise
+            log_event(
+                saver.claim.job_id, saver.claim.attempt, "resume_skipped", logging.WARNING, error=exc.code
+            )
+            watcher.start_step = 0
+            return run(None)
+    except JobStopped as stop:
+        return stop.reason
 
 
 def _stopped(

@@ -10,8 +10,13 @@ watcher says stop, so the optimisation loop never waits on the database. A backg
 
 On a worker shutdown (SIGTERM, warm) the job is not dropped at once: ``on_progress`` returns the
 engine's ``CHECKPOINT_NOW``, so the engine checkpoints the current iteration and the hand-back loses
-no work; the checkpoint callback then stops the run. Were no checkpoint written, the job is stopped
-at its next iteration anyway.
+no work; the checkpoint callback then stops the run (and the runner waits for that checkpoint's
+upload before it releases the job). Were no checkpoint written, the job is stopped at its next
+iteration anyway.
+
+``on_progress`` also returns ``CHECKPOINT_NOW`` once ``checkpoint_interval_s`` of wall time passed
+since the attempt's last checkpoint (or its start): a checkpoint cadence in time, whatever an
+iteration costs at that size and on that device (``CheckpointCadence``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 import mmap
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shared import logs
@@ -120,6 +126,22 @@ def _paced_eta(
     return per_it * (left_here + left_later * cost)
 
 
+class CheckpointCadence:
+    """Time-based checkpoints: one is due once ``interval_s`` of wall time (``clock``) passed since the
+    attempt's last checkpoint or its start; ``interval_s`` 0 turns it off (scale ends and requests)."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s, self.clock = max(interval_s, 0.0), clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        return self.interval_s > 0 and self.clock() - self.last >= self.interval_s
+
+    def taken(self) -> None:
+        """A checkpoint was made (whatever asked for it): the next one is due an interval from now."""
+        self.last = self.clock()
+
+
 class Watcher:
     """Heartbeat and control thread for one claimed job (use as a context manager)."""
 
@@ -130,6 +152,7 @@ class Watcher:
         attempt: int,
         start_step: int = 0,
         edges: list[int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = settings.database_url
         self.job_id, self.attempt = job_id, attempt
@@ -145,6 +168,7 @@ class Watcher:
         self.stop: StopReason | None = None
         # On shutdown: ask for a checkpoint of the current iteration before stopping (see above).
         self.checkpoint_requested_at: int | None = None  # the step at which it was asked for
+        self.cadence = CheckpointCadence(settings.checkpoint_interval_s, clock)
         self._latest: Progress | None = None
         self._written: Progress | None = None
         self._done = threading.Event()
@@ -168,7 +192,8 @@ class Watcher:
             # The engine checkpoints this iteration; the checkpoint callback then stops the run.
             return CHECKPOINT_NOW
         self.raise_if_stopped()
-        return None
+        # The engine checkpoints this iteration; the checkpoint callback restarts the cadence.
+        return CHECKPOINT_NOW if self.cadence.due() else None
 
     def _shutdown_checkpoint_pending(self, step: int) -> bool:
         """On shutdown, ask once for a checkpoint at ``step`` and keep going until it is saved."""

@@ -16,11 +16,12 @@ def test_a_batch_records_each_jobs_bucket(api: Api) -> None:
     wide = upload(api.client, image_bytes(96, 64)).json()["id"]
     tall = upload(api.client, image_bytes(64, 96)).json()["id"]
     style = upload(api.client, image_bytes()).json()["id"]
-    body = {"contents": [wide, tall], "styles": [style], "params": {"size": 64, "min_size": 32, "iterations": 5}}
+    params = {"size": 64, "min_size": 32, "iterations": 5}
+    body = {"contents": [wide, tall], "styles": [style], "params": params}
     r = api.client.post("/v1/batches", json=body)
     assert r.status_code == 202, r.text
     with session_scope(api.settings.database_url) as s:
         rows = dict(s.execute(select(Job.content_image_id, Job.bucket)).all())
-    params = JobParams(size=64, min_size=32, iterations=5)
-    assert rows == {wide: bucket_key(params, (96, 64)), tall: bucket_key(params, (64, 96))}
+    parsed = JobParams(**params)
+    assert rows == {wide: bucket_key(parsed, (96, 64)), tall: bucket_key(parsed, (64, 96))}
     assert rows[wide] != rows[tall]

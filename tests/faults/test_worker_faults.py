@@ -354,10 +354,12 @@ STORAGE_OUTAGE_S = 3.0
 def test_storage_unreachable_during_job_completes_after_it_returns(
     fs: FaultStack, images: dict[str, bytes]
 ) -> None:
-    """S3 (moto behind a TCP proxy) is unreachable for 3 s mid-job: checkpoint uploads and input
-    reads fail, the job is given back and retried with backoff (up to 3 s in tests) until storage
-    returns, then resumes from its last checkpoint and completes, with one result object. The
-    transient hand-backs do not use up the job's attempts (only lost workers count)."""
+    """S3 (moto behind a TCP proxy) is unreachable for 3 s mid-job. Checkpoints are uploaded in the
+    background (worker.checkpoints): a failed upload is logged and the job runs on, so either it
+    runs through the outage (``checkpoint_failed``, done on attempt 1), or something it needs on
+    the job's own thread (an input, the result) fails: the job is given back and retried with
+    backoff (up to 3 s in tests) until storage returns, then resumes from its last checkpoint. Either
+    way it completes with one result object, and transient hand-backs use up no attempt."""
     assert fs.proxy is not None
     job_id = fs.submit(images, 1)[0]
     fs.random_moment(job_id)
@@ -368,13 +370,17 @@ def test_storage_unreachable_during_job_completes_after_it_returns(
     fs.proxy.restore()
     fs.wait_terminal([job_id], timeout=120)
     events = fs.events(job_id)
-    assert chaos_lib.count(events, "transient_error") >= 1, fs.tails()
+    failed_uploads = chaos_lib.count(events, "checkpoint_failed")
+    handed_back = chaos_lib.count(events, "transient_error")
+    assert failed_uploads + handed_back >= 1, fs.tails()  # the outage was felt
     assert before_restore.status != "succeeded"
     job = fs.stack.job(job_id)
+    if not handed_back:
+        fs.assert_succeeded_once(job_id, attempt=1, resumed_from=None)
+        return
     resumes = [e.int("step") for e in events if e.event == "resuming" and e.attempt == job.attempt]
     assert resumes and resumes[0] == before_restore.checkpoints[-1]["step"], (resumes, fs.tails())
     fs.assert_succeeded_once(job_id, attempt=job.attempt, resumed_from=resumes[0])
-    handed_back = chaos_lib.count(events, "transient_error")
     assert job.attempt == handed_back + 1 and job.max_attempts == FAST["max_attempts"] + handed_back
 
 

@@ -80,7 +80,9 @@ def batch_succeeds(stack: Stack, images: dict[str, bytes]) -> None:
         assert max(Image.open(path).size) == TINY["size"]
         row = stack.job(job_id)
         assert row.attempt == 1 and row.progress["fraction"] == 1.0
-        assert [c["step"] for c in row.checkpoints] == [2, 4]  # each scale's end
+        # each scale's end; uploads are latest-only, so step 2's may be superseded before it is sent
+        steps = [c["step"] for c in row.checkpoints]
+        assert steps in ([2, 4], [4]), steps
         storage = stack.storage()
         for ref in row.checkpoints:
             ckpt = Checkpoint.from_bytes(storage.get_bytes(ref["key"]))

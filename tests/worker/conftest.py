@@ -17,7 +17,7 @@ from shared.storage import open_storage
 from tests.support.images import png
 from tests.support.jobs import CONTENT, STYLE
 from tests.worker.fakes import FakeEngine
-from worker import runner
+from worker import checkpoints, runner
 
 
 @pytest.fixture
@@ -76,3 +76,19 @@ def engine(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
     storage.put_bytes(f"images/{CONTENT}", png())
     storage.put_bytes(f"images/{STYLE}", png((255, 200, 0)))
     return fake
+
+
+@pytest.fixture
+def synchronous_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each checkpoint's upload is waited for in ``on_checkpoint``, as before uploads ran in the
+    background: for tests that count every checkpoint a run records (latest-only uploads may
+    otherwise drop one a newer one replaced before its upload began)."""
+    handed_over = checkpoints.CheckpointSaver.__call__
+
+    def call_and_flush(self: checkpoints.CheckpointSaver, ckpt: Any) -> None:
+        try:
+            handed_over(self, ckpt)
+        finally:  # also when the call stops the run (JobStopped)
+            assert self.flush(30), "a checkpoint upload did not finish"
+
+    monkeypatch.setattr(checkpoints.CheckpointSaver, "__call__", call_and_flush)

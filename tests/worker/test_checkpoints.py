@@ -13,7 +13,7 @@ from shared.settings import Settings
 from shared.storage import FolderStorage, Storage, StorageUnavailable, open_storage
 from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
-from worker import jobstore, runner
+from worker import checkpoints, jobstore, runner
 from worker.watcher import JobStopped, StopReason, Watcher
 
 CKPT_PREFIX = "jobs/{}/checkpoints/"
@@ -61,14 +61,15 @@ def test_only_the_latest_checkpoints_are_kept(
     engine.scales, engine.iterations = 5, 2  # a checkpoint at each scale's end: steps 2, 4, ..., 10
     job_id = make_job()
     seen: list[tuple[int, set[str], set[str]]] = []
-    real = runner.CheckpointSaver.__call__
+    real = checkpoints.CheckpointSaver.__call__
 
-    def watch(self: runner.CheckpointSaver, ckpt: Any) -> None:
-        real(self, ckpt)  # after each checkpoint: what the row names and what storage holds
+    def watch(self: checkpoints.CheckpointSaver, ckpt: Any) -> None:
+        real(self, ckpt)
+        assert self.flush(30)  # after each checkpoint's upload: what the row names and storage holds
         refs = load_job(job_id).checkpoints
         seen.append((len(refs), referenced(refs), stored_checkpoints(keep2, job_id)))
 
-    monkeypatch.setattr(runner.CheckpointSaver, "__call__", watch)
+    monkeypatch.setattr(checkpoints.CheckpointSaver, "__call__", watch)
     assert runner.run_job(job_id, NODE, keep2) == "succeeded"
     job = load_job(job_id)
     assert [(c["seq"], c["step"]) for c in job.checkpoints] == [(3, 8), (4, 10)]
@@ -87,14 +88,15 @@ def test_resume_after_pruning_continues_the_seq(
 ) -> None:
     engine.scales, engine.iterations = 5, 2
     job_id = make_job()
-    real = runner.CheckpointSaver.__call__
+    real = checkpoints.CheckpointSaver.__call__
 
-    def crash_at_step_6(self: runner.CheckpointSaver, ckpt: Any) -> None:
+    def crash_at_step_6(self: checkpoints.CheckpointSaver, ckpt: Any) -> None:
         real(self, ckpt)
+        assert self.flush(30)  # every checkpoint recorded (none replaced by a newer one)
         if self.claim.attempt == 1 and ckpt.step == 6:
             raise ConnectionError("broker gone")  # transient: the job is given back
 
-    monkeypatch.setattr(runner.CheckpointSaver, "__call__", crash_at_step_6)
+    monkeypatch.setattr(checkpoints.CheckpointSaver, "__call__", crash_at_step_6)
     with pytest.raises(ConnectionError):
         runner.run_job(job_id, NODE, keep2)
     assert [(c["seq"], c["step"]) for c in load_job(job_id).checkpoints] == [(1, 4), (2, 6)]
@@ -113,16 +115,20 @@ def test_a_stale_attempt_deletes_nothing(
     claim = jobstore.claim(url, job_id, "cpu@h#1", 60)
     assert isinstance(claim, jobstore.Claim)
     storage = SpyStorage(open_storage(keep2))
-    saver = runner.CheckpointSaver(storage, url, claim, Watcher(keep2, job_id, 1), 2)
-    for step in (2, 4):
-        saver(_checkpoint(step))
-    before = load_job(job_id).checkpoints
-    with get_sessionmaker(url)() as s:  # a newer attempt took the job over
-        s.query(Job).filter(Job.id == job_id).update({"attempt": 2, "worker": "other@h#2"})
-        s.commit()
-    with pytest.raises(JobStopped) as stopped:
+    watch = Watcher(keep2, job_id, 1)
+    with checkpoints.CheckpointSaver(storage, url, claim, watch, 2) as saver:
+        for step in (2, 4):
+            saver(_checkpoint(step))
+            assert saver.flush(30)
+        before = load_job(job_id).checkpoints
+        with get_sessionmaker(url)() as s:  # a newer attempt took the job over
+            s.query(Job).filter(Job.id == job_id).update({"attempt": 2, "worker": "other@h#2"})
+            s.commit()
         saver(_checkpoint(6))  # its record is fenced out: the oldest ref (step 2) must survive
-    assert stopped.value.reason is StopReason.FENCED
+        assert saver.flush(30)
+        with pytest.raises(JobStopped) as stopped:  # the loop sees it at its next callback
+            watch.raise_if_stopped()
+    assert stopped.value.reason is StopReason.FENCED and saver.last_step == 4
     assert storage.deleted == [] and load_job(job_id).checkpoints == before
     assert referenced(before) <= stored_checkpoints(keep2, job_id)
 
@@ -134,6 +140,7 @@ def test_a_failing_delete_does_not_fail_the_job(
     load_job: LoadJob,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    synchronous_checkpoints: None,
 ) -> None:
     engine.scales, engine.iterations = 3, 2
     spies: list[SpyStorage] = []
@@ -145,7 +152,7 @@ def test_a_failing_delete_does_not_fail_the_job(
 
     monkeypatch.setattr(runner, "open_storage", open_failing)
     job_id = make_job()
-    with caplog.at_level(logging.WARNING, logger=runner.logger.name):
+    with caplog.at_level(logging.WARNING, logger=checkpoints.logger.name):
         assert runner.run_job(job_id, NODE, keep2) == "succeeded"
     job = load_job(job_id)
     assert [c["step"] for c in job.checkpoints] == [4, 6]

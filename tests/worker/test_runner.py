@@ -17,12 +17,16 @@ from shared.storage import StorageUnavailable, open_storage
 from tests.support.jobs import CONTENT, NODE, LoadJob, MakeJob
 from tests.support.waiting import wait_for
 from tests.worker.fakes import FakeEngine
-from worker import jobstore, runner, watcher
+from worker import checkpoints, jobstore, runner, watcher
 from worker.engine import ImageError, Progress
 
 
 def test_success_stores_result_and_every_checkpoint(
-    settings: Settings, engine: FakeEngine, make_job: MakeJob, load_job: LoadJob
+    settings: Settings,
+    engine: FakeEngine,
+    make_job: MakeJob,
+    load_job: LoadJob,
+    synchronous_checkpoints: None,
 ) -> None:
     job_id = make_job()
     assert runner.run_job(job_id, NODE, settings) == "succeeded"
@@ -54,15 +58,15 @@ def test_resumes_from_latest_checkpoint(
     job_id = make_job()
     engine.error = None
     calls = {"n": 0}
-    real = runner.CheckpointSaver.__call__
+    real = checkpoints.CheckpointSaver.__call__
 
     def crash_after_first(self: Any, ckpt: Any) -> None:
-        real(self, ckpt)
+        real(self, ckpt)  # handed over, not waited for: the failing run still records it (settled)
         calls["n"] += 1
         if calls["n"] == 1:
             raise ConnectionError("broker gone")  # transient: the job is given back
 
-    runner.CheckpointSaver.__call__ = crash_after_first  # type: ignore[method-assign]
+    checkpoints.CheckpointSaver.__call__ = crash_after_first  # type: ignore[method-assign]
     try:
         with pytest.raises(ConnectionError):
             runner.run_job(job_id, NODE, settings)
@@ -70,7 +74,7 @@ def test_resumes_from_latest_checkpoint(
         assert (job.status, job.attempt) == ("queued", 1)
         assert runner.run_job(job_id, NODE, settings) == "succeeded"
     finally:
-        runner.CheckpointSaver.__call__ = real  # type: ignore[method-assign]
+        checkpoints.CheckpointSaver.__call__ = real  # type: ignore[method-assign]
     assert engine.resumed_from == [None, 3]
     assert load_job(job_id).attempt == 2
 
