@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from api.schemas import CheckpointOut, JobErrorOut, JobOut, ProgressOut
-from api.status_schemas import QueueOut
+from api.status_schemas import ExecutionOut, QueueOut
 from shared.jobs import JobStatus
 from shared.models import Job
 from shared.queue_position import QueueSpot
@@ -47,8 +48,13 @@ def aware(value: datetime | None) -> datetime | None:
 
 
 def _progress(raw: dict[str, Any] | None) -> ProgressOut:
-    fields = ProgressOut.model_fields
-    return ProgressOut(**{k: v for k, v in (raw or {}).items() if k in fields and v is not None})
+    return ProgressOut(**_known(raw, ProgressOut))
+
+
+def _known(raw: dict[str, Any] | None, model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``model`` that ``raw`` (a JSON column) has, not null: a row written by an older
+    or newer worker never breaks the answer."""
+    return {k: v for k, v in (raw or {}).items() if k in model.model_fields and v is not None}
 
 
 def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
@@ -92,6 +98,7 @@ def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
         if job.status == JobStatus.SUCCEEDED
         else None,
         checkpoints=checkpoints,
+        execution=ExecutionOut(**_known(job.execution, ExecutionOut)) if job.execution else None,
         queue=QueueOut(position=queue.position, eta_seconds=queue.eta_seconds)
         if queue is not None and job.status == JobStatus.QUEUED
         else None,

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
-from api.status_schemas import QueueOut
+from api.status_schemas import ExecutionOut, QueueOut
 from shared.params import JobParams
 
 # ``params`` is validated by JobParams in api.job_creation (so its errors get their own codes); the schema
@@ -88,6 +88,7 @@ class JobOut(BaseModel):
     result_url: str | None
     checkpoints: list[CheckpointOut]
     queue: QueueOut | None = Field(None, description="queued jobs only: position in your line, ETA")
+    execution: ExecutionOut | None = Field(None, description="succeeded jobs: how it was run")
 
 
 class JobList(BaseModel):

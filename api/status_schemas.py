@@ -52,7 +52,21 @@ class StatusOut(BaseModel):
     throughput: ThroughputOut
 
 
+class ExecutionOut(BaseModel):
+    """How the attempt that ended the job ran (set by the worker when it succeeds)."""
+
+    device: str | None = Field(None, description="cpu, cuda:0, ...")
+    precision: str | None = Field(None, description="the VGG pass's: float32, bfloat16, float16")
+    weights: str | None = Field(None, description="where the VGG19 weights came from")
+    random_weights: bool | None = Field(
+        None, description="true: seeded random weights, not a real stylisation"
+    )
+    group_size: int | None = Field(None, description="jobs run together in one batch (1: alone)")
+    engine_seconds: float | None = Field(None, description="the engine's run, whole group's when grouped")
+
+
 __all__ = [
+    "ExecutionOut",
     "JobCountsOut",
     "QueueOut",
     "StatusOut",
