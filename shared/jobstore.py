@@ -175,7 +175,15 @@ def record_checkpoints(session: Session, job_id: str, attempt: int, refs: list[d
     return matched(session, stmt) == 1
 
 
-def succeed(session: Session, job_id: str, attempt: int, result_key: str, progress: dict[str, Any]) -> bool:
+def succeed(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    result_key: str,
+    progress: dict[str, Any],
+    execution: dict[str, Any] | None = None,
+) -> bool:
+    """The holder's result is stored; ``execution``: how it ran (``jobs.execution``)."""
     return _fenced_move(
         session,
         job_id,
@@ -183,6 +191,7 @@ def succeed(session: Session, job_id: str, attempt: int, result_key: str, progre
         JobStatus.SUCCEEDED,
         result_key=result_key,
         progress=progress,
+        execution=execution,
         finished_at=utcnow(),
         error_code=None,
         error_message=None,

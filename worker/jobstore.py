@@ -51,6 +51,7 @@ class Claim:
     style_image_ids: list[str]
     checkpoints: list[dict[str, Any]]
     mask_image_ids: list[str] | None = None  # one content mask per style, or None: no masks
+    bucket: str | None = None  # shared.buckets: the jobs it may share a GPU batch with
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ def claim(url: str, job_id: str, me: str, lease_s: float) -> Claim | Drop:
             list(job.style_image_ids or []),
             list(job.checkpoints or []),
             masks,
+            job.bucket,
         )
 
 
@@ -202,9 +204,16 @@ def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any], 
     return Recorded(refs[-1], garbage)
 
 
-def succeed(url: str, job_id: str, attempt: int, result_key: str, progress: dict[str, Any]) -> bool:
+def succeed(
+    url: str,
+    job_id: str,
+    attempt: int,
+    result_key: str,
+    progress: dict[str, Any],
+    execution: dict[str, Any] | None = None,
+) -> bool:
     with session_scope(url) as s:
-        return jobrows.succeed(s, job_id, attempt, result_key, progress)
+        return jobrows.succeed(s, job_id, attempt, result_key, progress, execution)
 
 
 def fail(url: str, job_id: str, attempt: int, code: str, message: str, retryable: bool) -> bool:

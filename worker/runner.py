@@ -13,28 +13,34 @@ job are kept: older objects are deleted once a newer reference is recorded.
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import torch
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
-from shared import dispatch, logs, storage_keys
+from shared import dispatch, logs
 from shared.db import get_sessionmaker
 from shared.models import utcnow
-from shared.queue import get_celery, publish_job, publish_many
+from shared.queue import get_celery, publish_many
 from shared.settings import Settings
 from shared.storage import StorageUnavailable, open_storage
 from worker import jobstore
 from worker.checkpoints import CheckpointSaver, resume_point
 from worker.config import EngineInputs, Failure, job_params, load_inputs, transfer_config
-from worker.engine import EngineError, save_image
+from worker.engine import EngineError
 from worker.engine.schedule import long_edges
 from worker.runtime import get_engine
+from worker.settle import (
+    best_effort,
+    classify_crash,
+    deliver,
+    engine_failed,
+    execution,
+    fail,
+    log_event,
+    stopped,
+)
 from worker.watcher import JobStopped, StopReason, Watcher
 
 if TYPE_CHECKING:
@@ -49,11 +55,6 @@ logger = logging.getLogger(__name__)
 TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalError, ConnectionError)
 
 
-def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """One worker event in the service's log shape (shared.logs)."""
-    logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
-
-
 # Outcomes after which this worker's slot is free: a dispatch pass refills it at once.
 FREES_SLOT = frozenset({"succeeded", "failed", "canceled", "fenced"})
 
@@ -63,7 +64,7 @@ def run_job(job_id: str, nodename: str, settings: Settings) -> str:
     When the job ends, a dispatch pass gives the freed slot its next job (``shared.dispatch``)."""
     outcome = _run_delivery(job_id, nodename, settings)
     if outcome in FREES_SLOT:
-        _best_effort(job_id, 0, lambda: refill(settings))
+        best_effort(job_id, 0, lambda: refill(settings))
     return outcome
 
 
@@ -97,20 +98,20 @@ def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
         # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
         # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
         due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s)  # the retry's latest ETA
-        _best_effort(
+        best_effort(
             job_id,
             got.attempt,
             lambda: jobstore.release(url, job_id, got.attempt, graceful=True, message_due=due),
         )
         raise
     except Failure as exc:
-        return _fail(settings, got, exc.code, exc.message, exc.retryable)
+        return fail(settings, got, exc.code, exc.message, exc.retryable)
     except EngineError as exc:
-        return _engine_failed(settings, got, exc)
+        return engine_failed(settings, got, exc)
     except Exception as exc:  # noqa: BLE001 - any crash fails the job with a code; logged in full
         # Never the exception's text (torch internals, paths, SQL): a generic message with a code,
         # and the whole exception in the log under the job's id.
-        code, message, retryable = _classify_crash(exc)
+        code, message, retryable = classify_crash(exc)
         logs.event(
             logger,
             "crash",
@@ -121,7 +122,7 @@ def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
             code=code,
             error=type(exc).__name__,
         )
-        return _fail(settings, got, code, message, retryable)
+        return fail(settings, got, code, message, retryable)
 
 
 def _execute(claim: jobstore.Claim, settings: Settings) -> str:
@@ -140,32 +141,10 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
         # Leaving the block settled the uploads: a shutdown's checkpoint is recorded before the
         # hand-back releases the job, the last scale's before the result (worker.checkpoints).
         if isinstance(result, StopReason):
-            return _stopped(settings, claim, result, saver.last_step)
+            return stopped(settings, claim, result, saver.last_step)
         final = watcher.progress_now() or {}
     final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
-    # One key per attempt: an attempt that lost the job (a newer one took over) can never overwrite
-    # the result the newer attempt recorded; it deletes its own object instead (below).
-    key = storage_keys.result_key(claim.job_id, claim.attempt, params.output_format)
-    # A newer attempt may hold the job by now (this one was presumed dead): never overwrite the
-    # result it wrote or will write. (A fenced heartbeat: no row changed means not ours any more.)
-    if not jobstore.heartbeat(settings.database_url, claim.job_id, claim.attempt):
-        log_event(claim.job_id, claim.attempt, "fenced", stage="before_result")
-        return "fenced"
-    buf = io.BytesIO()
-    save_image(result.image, buf, format=params.output_format, quality=params.quality)
-    storage.put_bytes(key, buf.getvalue(), storage_keys.result_media_type(params.output_format))
-    if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final):
-        _best_effort(claim.job_id, claim.attempt, lambda: storage.delete(key))
-        log_event(claim.job_id, claim.attempt, "fenced", stage="result")
-        return "fenced"
-    for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
-        _best_effort(
-            claim.job_id,
-            claim.attempt,
-            lambda a=earlier: storage.delete(storage_keys.result_key(claim.job_id, a, params.output_format)),
-        )
-    log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
-    return "succeeded"
+    return deliver(settings, storage, claim, params, result, final, execution(result.metadata, 1))
 
 
 def _run_engine(
@@ -205,92 +184,3 @@ def _run_engine(
             return run(None)
     except JobStopped as stop:
         return stop.reason
-
-
-def _stopped(
-    settings: Settings, claim: jobstore.Claim, reason: StopReason, checkpoint_step: int | None = None
-) -> str:
-    url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
-    if reason is StopReason.CANCELED:
-        jobstore.cancel(url, job_id, attempt)  # no row changed: the API marked it canceled already
-        log_event(job_id, attempt, "canceled")
-        return "canceled"
-    if reason is StopReason.SHUTDOWN:
-        if jobstore.release(url, job_id, attempt, graceful=True):
-            publish_job(get_celery(), job_id)
-        log_event(job_id, attempt, "handed_back", checkpoint_step=checkpoint_step)
-        return "handed_back"
-    log_event(job_id, attempt, "fenced", stage="run")
-    return "fenced"
-
-
-def _fail(settings: Settings, claim: jobstore.Claim, code: str, message: str, retryable: bool) -> str:
-    wrote = jobstore.fail(settings.database_url, claim.job_id, claim.attempt, code, message, retryable)
-    log_event(
-        claim.job_id,
-        claim.attempt,
-        "failed" if wrote else "fenced",
-        logging.WARNING,
-        code=code,
-        message=repr(message[:200]),
-    )
-    return "failed" if wrote else "fenced"
-
-
-def _engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) -> str:
-    """The job's own problem (bad input, config, divergence): the engine's message, written for
-    users, non-retryable. The worker's set-up (weights, device): a generic message, the engine's
-    (server paths, remedies for the operator) logged; retryable once the operator fixed it."""
-    if exc.code not in WORKER_SETUP_CODES:
-        return _fail(settings, claim, exc.code, exc.message or exc.code, False)
-    log_event(
-        claim.job_id,
-        claim.attempt,
-        "worker_setup_error",
-        logging.ERROR,
-        code=exc.code,
-        detail=repr(exc.message[:500]),
-    )
-    return _fail(settings, claim, exc.code, WORKER_SETUP_ERROR, True)
-
-
-WORKER_SETUP_CODES = frozenset({"weights_unavailable", "weights_invalid", "device_unavailable"})
-WORKER_SETUP_ERROR = (
-    "the worker is not set up to run jobs (model weights or device); the error was "
-    "logged with this job's id. Submit the job again later"
-)
-INTERNAL_ERROR = (
-    "the worker failed unexpectedly; the error was logged with this job's id "
-    "(quote it when reporting the problem)"
-)
-
-
-def _classify_crash(exc: Exception) -> tuple[str, str, bool]:
-    """(code, tenant-visible message, retryable) for an exception nothing else handled."""
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return (
-            "time_limit",
-            "the job ran past the worker's time limit; ask for a smaller size or fewer iterations",
-            False,
-        )
-    if isinstance(exc, torch.OutOfMemoryError):
-        return (
-            "out_of_memory",
-            "the worker ran out of memory on this job; ask for a smaller size or fewer style images",
-            False,
-        )
-    return "internal_error", INTERNAL_ERROR, True
-
-
-def _best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> None:
-    try:
-        action()
-    except Exception as exc:  # noqa: BLE001 - the database may be the thing that is down
-        log_event(
-            job_id,
-            attempt,
-            "cleanup_failed",
-            logging.WARNING,
-            error=type(exc).__name__,
-            detail=repr(str(exc)[:200]),
-        )

@@ -27,7 +27,7 @@ from celery.signals import (
 from shared import logs
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
-from worker import jobstore, registry, runner, runtime
+from worker import jobstore, registry, runner, runtime, settle
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class JobTask(Task):
         )
         try:
             if jobstore.fail_released(get_settings().database_url, job_id, "unavailable", message):
-                runner.log_event(
+                settle.log_event(
                     job_id,
                     None,
                     "failed",

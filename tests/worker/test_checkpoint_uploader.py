@@ -19,7 +19,7 @@ from shared.storage import Storage, StorageUnavailable, open_storage
 from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.support.waiting import wait_for
 from tests.worker.fakes import FakeEngine
-from worker import checkpoints, jobstore, runner, watcher
+from worker import checkpoints, jobstore, runner, settle, watcher
 from worker.engine import CHECKPOINT_NOW, Checkpoint, Progress
 from worker.watcher import JobStopped, StopReason, Watcher
 
@@ -258,7 +258,8 @@ def test_a_shutdown_records_its_checkpoint_before_the_job_is_released(
     """The shutdown's checkpoint is uploaded in the background like any other; the runner waits for
     it (flush) before it hands the job back, so the next attempt resumes from that iteration."""
     monkeypatch.setattr(runner, "open_storage", lambda _s: storage)
-    monkeypatch.setattr(runner, "publish_job", lambda _app, _job_id: None)
+    monkeypatch.setattr(settle, "publish_job", lambda _app, _job_id: None)
+    monkeypatch.setattr(settle, "get_celery", lambda: None)
     monkeypatch.setattr(runner, "get_celery", lambda: None)
     at_release, flushing = spy_release_and_flush(monkeypatch, load_job)
     engine.iterations, engine.delay_s = 200, 0.02  # no scale ends for 4 s
@@ -266,7 +267,7 @@ def test_a_shutdown_records_its_checkpoint_before_the_job_is_released(
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, NODE, settings)))
     storage.gate.clear()
-    with caplog.at_level(logging.INFO, logger=runner.logger.name):
+    with caplog.at_level(logging.INFO, logger="worker"):
         thread.start()
         wait_for(lambda: bool(load_job(job_id).progress), 10, "progress", interval=0.02)
         watcher.SHUTDOWN.set()

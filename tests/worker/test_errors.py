@@ -12,7 +12,7 @@ from shared.settings import Settings
 from shared.storage import StorageUnavailable
 from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
-from worker import jobstore, runner
+from worker import jobstore, runner, settle
 from worker.engine import EngineError, WeightsError
 from worker.tasks import run_job
 
@@ -31,13 +31,13 @@ def test_unexpected_exception_is_logged_not_shown(
 ) -> None:
     engine.error = RuntimeError(TORCH_TEXT)
     job_id = make_job()
-    with caplog.at_level(logging.INFO, logger=runner.logger.name):
+    with caplog.at_level(logging.INFO, logger="worker"):
         assert runner.run_job(job_id, NODE, settings) == "failed"
     job = load_job(job_id)
     assert (job.status, job.error_code, job.error_message) == (
         "failed",
         "internal_error",
-        runner.INTERNAL_ERROR,
+        settle.INTERNAL_ERROR,
     )
     assert "Given input size" not in (job.error_message or "")
     crash = [r for r in caplog.records if "event=crash" in r.getMessage()]
@@ -104,12 +104,12 @@ def test_worker_setup_errors_hide_server_details(
 ) -> None:
     engine.error = WeightsError("weights_unavailable", "weights file '/srv/models/vgg19.pth' does not exist")
     job_id = make_job()
-    with caplog.at_level(logging.INFO, logger=runner.logger.name):
+    with caplog.at_level(logging.INFO, logger="worker"):
         assert runner.run_job(job_id, NODE, settings) == "failed"
     job = load_job(job_id)
     assert (job.error_code, job.error_message, job.error_retryable) == (
         "weights_unavailable",
-        runner.WORKER_SETUP_ERROR,
+        settle.WORKER_SETUP_ERROR,
         True,
     )
     assert any(
@@ -140,7 +140,7 @@ def test_spent_retries_do_not_show_the_exception(
     assert isinstance(got, jobstore.Claim)
     jobstore.release(settings.database_url, job_id, got.attempt, graceful=False)
     secret = "endpoint http://10.0.0.7:9000 bucket tenant-private refused"
-    with caplog.at_level(logging.INFO, logger=runner.logger.name):
+    with caplog.at_level(logging.INFO, logger="worker"):
         run_job.on_failure(StorageUnavailable(secret), job_id, (job_id,), {}, None)
     job = load_job(job_id)
     assert (job.status, job.error_code, job.error_retryable) == ("failed", "unavailable", True)

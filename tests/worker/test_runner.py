@@ -17,7 +17,7 @@ from shared.storage import StorageUnavailable, open_storage
 from tests.support.jobs import CONTENT, NODE, LoadJob, MakeJob
 from tests.support.waiting import wait_for
 from tests.worker.fakes import FakeEngine
-from worker import checkpoints, jobstore, runner, watcher
+from worker import checkpoints, jobstore, runner, settle, watcher
 from worker.engine import ImageError, Progress
 
 
@@ -173,7 +173,8 @@ def test_shutdown_hands_job_back_and_republishes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     published: list[str] = []
-    monkeypatch.setattr(runner, "publish_job", lambda _app, job_id: published.append(job_id))
+    monkeypatch.setattr(settle, "publish_job", lambda _app, job_id: published.append(job_id))
+    monkeypatch.setattr(settle, "get_celery", lambda: None)
     monkeypatch.setattr(runner, "get_celery", lambda: None)
     engine.iterations, engine.delay_s = 200, 0.02
     job_id = make_job()
@@ -200,7 +201,8 @@ def test_shutdown_checkpoints_the_current_iteration_before_handing_back(
 ) -> None:
     """The watcher's ``on_progress`` answers a shutdown with ``CHECKPOINT_NOW``; the engine (the fake
     keeps the real one's contract) checkpoints that iteration, mid-scale, before the job goes back."""
-    monkeypatch.setattr(runner, "publish_job", lambda _app, _job_id: None)
+    monkeypatch.setattr(settle, "publish_job", lambda _app, _job_id: None)
+    monkeypatch.setattr(settle, "get_celery", lambda: None)
     monkeypatch.setattr(runner, "get_celery", lambda: None)
     engine.iterations, engine.delay_s = 200, 0.02
     job_id = make_job()

@@ -43,6 +43,9 @@ class GroupJob:
     seed: int = 0  # this job's seed (noise init); the config's seed is not used
     on_progress: Callable[[Progress], Any] | None = None
     on_checkpoint: Callable[[Checkpoint], Any] | None = None
+    # the job's own config, as a run of it alone has it (its per-item values set): its digest names
+    # its checkpoints, so they resume alone; None: the group's config with this seed
+    config: TransferConfig | None = None
 
 
 @dataclass
@@ -81,7 +84,7 @@ def run_group(
         model.to(memory_format=torch.channels_last)
     # each job's digest is the one a run of it alone computes, so its checkpoints resume alone
     digests = [
-        replace(config, seed=j.seed).digest([spec, weights.kind, [p]])
+        (j.config or replace(config, seed=j.seed)).digest([spec, weights.kind, [p]])
         for j, p in zip(jobs, parts, strict=True)
     ]
     members = members_for(

@@ -1,0 +1,169 @@
+"""How a job's attempt ends, for a job run alone (worker.runner) or in a group (worker.batch): its
+result delivered, a stop (cancel, fencing, hand-back), a failure with a code and a message for the
+tenant. Every write is fenced by the attempt.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+
+from shared import logs, storage_keys
+from shared.params import JobParams
+from shared.queue import get_celery, publish_job
+from shared.settings import Settings
+from shared.storage import Storage
+from worker import jobstore
+from worker.engine import EngineError, save_image
+from worker.watcher import StopReason
+
+if TYPE_CHECKING:
+    from worker.engine_port import EngineResult
+
+logger = logging.getLogger(__name__)
+
+
+def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """One worker event in the service's log shape (shared.logs)."""
+    logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
+
+
+def execution(meta: Mapping[str, Any], group_size: int) -> dict[str, Any]:
+    """``jobs.execution`` from a result's metadata (worker.engine ``Result.metadata``)."""
+    return {
+        "device": meta.get("device"),
+        "precision": meta.get("precision"),
+        "weights": meta.get("weights_source"),
+        "random_weights": meta.get("random_weights"),
+        "group_size": group_size,
+        "engine_seconds": meta.get("seconds"),
+    }
+
+
+def deliver(
+    settings: Settings,
+    storage: Storage,
+    claim: jobstore.Claim,
+    params: JobParams,
+    result: EngineResult,
+    final: dict[str, Any],
+    ran: dict[str, Any],
+) -> str:
+    """Store the result (one object per attempt) and record it, unless a newer attempt holds the job."""
+    # One key per attempt: an attempt that lost the job (a newer one took over) can never overwrite
+    # the result the newer attempt recorded; it deletes its own object instead (below).
+    key = storage_keys.result_key(claim.job_id, claim.attempt, params.output_format)
+    # A newer attempt may hold the job by now (this one was presumed dead): never overwrite the
+    # result it wrote or will write. (A fenced heartbeat: no row changed means not ours any more.)
+    if not jobstore.heartbeat(settings.database_url, claim.job_id, claim.attempt):
+        log_event(claim.job_id, claim.attempt, "fenced", stage="before_result")
+        return "fenced"
+    buf = io.BytesIO()
+    save_image(result.image, buf, format=params.output_format, quality=params.quality)
+    storage.put_bytes(key, buf.getvalue(), storage_keys.result_media_type(params.output_format))
+    if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final, ran):
+        best_effort(claim.job_id, claim.attempt, lambda: storage.delete(key))
+        log_event(claim.job_id, claim.attempt, "fenced", stage="result")
+        return "fenced"
+    for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
+        best_effort(
+            claim.job_id,
+            claim.attempt,
+            lambda a=earlier: storage.delete(storage_keys.result_key(claim.job_id, a, params.output_format)),
+        )
+    log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
+    return "succeeded"
+
+
+def stopped(
+    settings: Settings, claim: jobstore.Claim, reason: StopReason, checkpoint_step: int | None = None
+) -> str:
+    url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
+    if reason is StopReason.CANCELED:
+        jobstore.cancel(url, job_id, attempt)  # no row changed: the API marked it canceled already
+        log_event(job_id, attempt, "canceled")
+        return "canceled"
+    if reason is StopReason.SHUTDOWN:
+        if jobstore.release(url, job_id, attempt, graceful=True):
+            publish_job(get_celery(), job_id)
+        log_event(job_id, attempt, "handed_back", checkpoint_step=checkpoint_step)
+        return "handed_back"
+    log_event(job_id, attempt, "fenced", stage="run")
+    return "fenced"
+
+
+def fail(settings: Settings, claim: jobstore.Claim, code: str, message: str, retryable: bool) -> str:
+    wrote = jobstore.fail(settings.database_url, claim.job_id, claim.attempt, code, message, retryable)
+    log_event(
+        claim.job_id,
+        claim.attempt,
+        "failed" if wrote else "fenced",
+        logging.WARNING,
+        code=code,
+        message=repr(message[:200]),
+    )
+    return "failed" if wrote else "fenced"
+
+
+def engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) -> str:
+    """The job's own problem (bad input, config, divergence): the engine's message, written for
+    users, non-retryable. The worker's set-up (weights, device): a generic message, the engine's
+    (server paths, remedies for the operator) logged; retryable once the operator fixed it."""
+    if exc.code not in WORKER_SETUP_CODES:
+        return fail(settings, claim, exc.code, exc.message or exc.code, False)
+    log_event(
+        claim.job_id,
+        claim.attempt,
+        "worker_setup_error",
+        logging.ERROR,
+        code=exc.code,
+        detail=repr(exc.message[:500]),
+    )
+    return fail(settings, claim, exc.code, WORKER_SETUP_ERROR, True)
+
+
+WORKER_SETUP_CODES = frozenset({"weights_unavailable", "weights_invalid", "device_unavailable"})
+WORKER_SETUP_ERROR = (
+    "the worker is not set up to run jobs (model weights or device); the error was "
+    "logged with this job's id. Submit the job again later"
+)
+INTERNAL_ERROR = (
+    "the worker failed unexpectedly; the error was logged with this job's id "
+    "(quote it when reporting the problem)"
+)
+
+
+def classify_crash(exc: Exception) -> tuple[str, str, bool]:
+    """(code, tenant-visible message, retryable) for an exception nothing else handled."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return (
+            "time_limit",
+            "the job ran past the worker's time limit; ask for a smaller size or fewer iterations",
+            False,
+        )
+    if isinstance(exc, torch.OutOfMemoryError):
+        return (
+            "out_of_memory",
+            "the worker ran out of memory on this job; ask for a smaller size or fewer style images",
+            False,
+        )
+    return "internal_error", INTERNAL_ERROR, True
+
+
+def best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> None:
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - the database may be the thing that is down
+        log_event(
+            job_id,
+            attempt,
+            "cleanup_failed",
+            logging.WARNING,
+            error=type(exc).__name__,
+            detail=repr(str(exc)[:200]),
+        )
