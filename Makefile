@@ -26,6 +26,7 @@ lint: install
 
 bench: install
 	$(PY) bench/engine.py
+	$(PY) bench/gpu.py --quick
 	$(PY) bench/service.py
 	$(PY) bench/service_worker.py
 	$(PY) bench/chaos.py --jobs 50 --kills 20
