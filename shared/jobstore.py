@@ -218,7 +218,13 @@ def cancel(session: Session, job_id: str, attempt: int) -> bool:
 
 
 def release(
-    session: Session, job_id: str, attempt: int, *, graceful: bool, message_due: datetime | None = None
+    session: Session,
+    job_id: str,
+    attempt: int,
+    *,
+    graceful: bool,
+    message_due: datetime | None = None,
+    waiting: bool = False,
 ) -> bool:
     """Give a running job back to the queue (attempt kept: the next claim bumps it).
 
@@ -228,12 +234,14 @@ def release(
 
     A message follows: at once (a hand-back), or the task's retry after its backoff, ``message_due``
     at the latest; ``published_at`` is set to that time, so the reconciler does not take the retry
-    waiting out its backoff for a lost message.
+    waiting out its backoff for a lost message. ``waiting``: no message follows (a job a GPU group
+    took from the table, worker.batch): it waits in the table again (``published_at`` NULL) for
+    the dispatcher.
     """
     values: dict[str, Any] = {
         "worker": None,
         "heartbeat_at": None,
-        "published_at": message_due or utcnow(),
+        "published_at": None if waiting else message_due or utcnow(),
     }
     if graceful:
         values["max_attempts"] = Job.max_attempts + 1

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # Checkpoints are written at each scale's end and on a shutdown, and on these cadences:
     checkpoint_interval_s: float = 30.0  # after this much wall time since the last one (0 = off)
     checkpoint_every: int = 0  # every N iterations (0 = off)
+    # A GPU worker runs up to batch_max jobs of one bucket (shared.buckets) as one batch (worker.batch):
+    # the delivered job and waiting ones it takes from the table. None = auto: 16 on CUDA, 1 on CPU.
+    batch_max: int | None = None
+    batch_wait_ms: int = 250  # with some found, wait at most this long for more to fill the group
     max_attempts: int = 3  # lost workers (not transient errors) a job may survive
     retry_backoff_s: int = 2  # transient errors: exponential backoff from this (whole seconds)...
     retry_backoff_max_s: int = 120  # ...up to this, with jitter

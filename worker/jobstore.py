@@ -227,11 +227,19 @@ def cancel(url: str, job_id: str, attempt: int) -> bool:
 
 
 def release(
-    url: str, job_id: str, attempt: int, *, graceful: bool, message_due: datetime | None = None
+    url: str,
+    job_id: str,
+    attempt: int,
+    *,
+    graceful: bool,
+    message_due: datetime | None = None,
+    waiting: bool = False,
 ) -> bool:
     """Give a running job back to the queue; graceful: not counted as an attempt (``shared.jobstore``)."""
     with session_scope(url) as s:
-        return jobrows.release(s, job_id, attempt, graceful=graceful, message_due=message_due)
+        return jobrows.release(
+            s, job_id, attempt, graceful=graceful, message_due=message_due, waiting=waiting
+        )
 
 
 def fail_released(url: str, job_id: str, code: str, message: str) -> bool:

@@ -14,30 +14,24 @@ job are kept: older objects are deleted once a newer reference is recorded.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import OperationalError
-
-from shared import dispatch, logs
+from shared import dispatch
 from shared.db import get_sessionmaker
-from shared.models import utcnow
 from shared.queue import get_celery, publish_many
 from shared.settings import Settings
-from shared.storage import StorageUnavailable, open_storage
-from worker import jobstore
+from shared.storage import open_storage
+from worker import batch, jobstore
 from worker.checkpoints import CheckpointSaver, resume_point
-from worker.config import EngineInputs, Failure, job_params, load_inputs, transfer_config
+from worker.config import EngineInputs, job_params, load_inputs, transfer_config
 from worker.engine import EngineError
 from worker.engine.schedule import long_edges
 from worker.runtime import get_engine
 from worker.settle import (
     best_effort,
-    classify_crash,
     deliver,
-    engine_failed,
     execution,
-    fail,
+    guarded,
     log_event,
     stopped,
 )
@@ -50,10 +44,6 @@ if TYPE_CHECKING:
     from worker.engine_port import EnginePort, EngineResult
 
 logger = logging.getLogger(__name__)
-
-# Errors worth retrying later: the task declares these in ``autoretry_for``.
-TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalError, ConnectionError)
-
 
 # Outcomes after which this worker's slot is free: a dispatch pass refills it at once.
 FREES_SLOT = frozenset({"succeeded", "failed", "canceled", "fenced"})
@@ -83,46 +73,10 @@ def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
         log_event(job_id, None, "dropped", reason=got.value)
         return f"dropped:{got.value}"
     log_event(job_id, got.attempt, "claimed", worker=nodename)
-    try:
-        return _execute(got, settings)
-    except TRANSIENT as exc:
-        log_event(
-            job_id,
-            got.attempt,
-            "transient_error",
-            logging.WARNING,
-            error=type(exc).__name__,
-            detail=str(exc)[:200],
-        )
-        # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
-        # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
-        # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
-        due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s)  # the retry's latest ETA
-        best_effort(
-            job_id,
-            got.attempt,
-            lambda: jobstore.release(url, job_id, got.attempt, graceful=True, message_due=due),
-        )
-        raise
-    except Failure as exc:
-        return fail(settings, got, exc.code, exc.message, exc.retryable)
-    except EngineError as exc:
-        return engine_failed(settings, got, exc)
-    except Exception as exc:  # noqa: BLE001 - any crash fails the job with a code; logged in full
-        # Never the exception's text (torch internals, paths, SQL): a generic message with a code,
-        # and the whole exception in the log under the job's id.
-        code, message, retryable = classify_crash(exc)
-        logs.event(
-            logger,
-            "crash",
-            job_id=job_id,
-            attempt=got.attempt,
-            level=logging.ERROR,
-            exc_info=True,
-            code=code,
-            error=type(exc).__name__,
-        )
-        return fail(settings, got, code, message, retryable)
+    grouped = batch.run_grouped(got, nodename, settings)  # a GPU worker: with its bucket's waiting jobs
+    if grouped is not None:
+        return grouped
+    return guarded(settings, got, lambda: _execute(got, settings))
 
 
 def _execute(claim: jobstore.Claim, settings: Settings) -> str:

@@ -8,17 +8,21 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
 
 from shared import logs, storage_keys
+from shared.models import utcnow
 from shared.params import JobParams
 from shared.queue import get_celery, publish_job
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import Storage, StorageUnavailable
 from worker import jobstore
+from worker.config import Failure
 from worker.engine import EngineError, save_image
 from worker.watcher import StopReason
 
@@ -27,10 +31,68 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Errors worth retrying later: the task declares these in ``autoretry_for``.
+TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalError, ConnectionError)
+
 
 def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """One worker event in the service's log shape (shared.logs)."""
     logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
+
+
+def guarded(
+    settings: Settings, claim: jobstore.Claim, action: Callable[[], str], *, retried: bool = True
+) -> str:
+    """``action()`` (the attempt's run), its exceptions made outcomes: a job's own problem fails it
+    with a code, a crash with a generic message (the exception is logged in full), and a transient
+    error (storage or database unreachable) gives the job back without using up an attempt.
+    ``retried``: the delivery's task retries it (the error is raised on; the job is due by the
+    retry's latest ETA); False (a job a group took from the table, with no message): it waits again."""
+    try:
+        return action()
+    except TRANSIENT as exc:
+        log_event(
+            claim.job_id,
+            claim.attempt,
+            "transient_error",
+            logging.WARNING,
+            error=type(exc).__name__,
+            detail=str(exc)[:200],
+        )
+        # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
+        # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
+        # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
+        due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s) if retried else None
+        url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
+        best_effort(
+            job_id,
+            attempt,
+            lambda: jobstore.release(
+                url, job_id, attempt, graceful=True, message_due=due, waiting=not retried
+            ),
+        )
+        if retried:
+            raise
+        return "handed_back"
+    except Failure as exc:
+        return fail(settings, claim, exc.code, exc.message, exc.retryable)
+    except EngineError as exc:
+        return engine_failed(settings, claim, exc)
+    except Exception as exc:  # noqa: BLE001 - any crash fails the job with a code; logged in full
+        # Never the exception's text (torch internals, paths, SQL): a generic message with a code,
+        # and the whole exception in the log under the job's id.
+        code, message, retryable = classify_crash(exc)
+        logs.event(
+            logger,
+            "crash",
+            job_id=claim.job_id,
+            attempt=claim.attempt,
+            level=logging.ERROR,
+            exc_info=True,
+            code=code,
+            error=type(exc).__name__,
+        )
+        return fail(settings, claim, code, message, retryable)
 
 
 def execution(meta: Mapping[str, Any], group_size: int) -> dict[str, Any]:

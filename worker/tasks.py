@@ -65,7 +65,7 @@ class JobTask(Task):
     bind=True,
     base=JobTask,
     acks_late=True,
-    autoretry_for=runner.TRANSIENT,
+    autoretry_for=settle.TRANSIENT,
     retry_backoff=max(1, _settings.retry_backoff_s),
     retry_backoff_max=max(1, _settings.retry_backoff_max_s),
     retry_jitter=True,

@@ -1,0 +1,116 @@
+"""A GPU worker's group (worker.batch) with the real engine on CPU (random weights, 32 px), SQLite and
+folder storage, STYLEQUEUE_BATCH_MAX=4: the delivered job takes waiting jobs of its bucket, and every
+member is settled on its own (result, cancel, bad input), with the execution recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from shared.buckets import bucket_key
+from shared.db import get_sessionmaker
+from shared.models import Job
+from shared.params import JobParams
+from shared.settings import Settings
+from shared.storage import open_storage
+from tests.support.images import png
+from tests.support.jobs import CONTENT, NODE, STYLE, LoadJob, MakeJob
+from worker import batch, runner
+from worker.watcher import StopReason, Watcher
+
+PARAMS = {"size": 32, "min_size": 16, "scale_factor": 2, "iterations": 3}
+BUCKET = bucket_key(JobParams(**PARAMS), (48, 48))  # the conftest's images are 48 x 48
+
+
+@pytest.fixture
+def grouped(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Batching on (4 per group) with the real engine; the inputs in storage; no dispatch pass."""
+    storage = open_storage(settings)
+    storage.put_bytes(f"images/{CONTENT}", png())
+    storage.put_bytes(f"images/{STYLE}", png((255, 200, 0)))
+    monkeypatch.setattr(runner, "refill", lambda _settings: None)
+    return settings.model_copy(update={"batch_max": 4, "batch_wait_ms": 0})
+
+
+def _jobs(make_job: MakeJob, n: int, **fields: Any) -> list[str]:
+    fields.setdefault("bucket", BUCKET)
+    fields.setdefault("params", PARAMS)
+    return [make_job(**fields) for _ in range(n)]
+
+
+def test_the_delivered_job_runs_with_the_waiting_jobs_of_its_bucket(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob
+) -> None:
+    first, *mates = _jobs(make_job, 4)
+    other = make_job(bucket="another-bucket", params=PARAMS)
+    too_many = _jobs(make_job, 1)  # a fifth of the bucket: the group holds 4
+    assert runner.run_job(first, NODE, grouped) == "succeeded"
+    for job_id in (first, *mates):
+        job = load_job(job_id)
+        assert (job.status, job.attempt) == ("succeeded", 1), job.error_message
+        assert job.execution is not None and job.execution["group_size"] == 4
+        assert job.execution["device"] == "cpu" and job.execution["random_weights"] is True
+        assert open_storage(grouped).exists(job.result_key or "")
+    assert load_job(other).status == "queued" and load_job(too_many[0]).status == "queued"
+
+
+def test_per_item_values_differ_within_a_group(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob
+) -> None:
+    first = _jobs(make_job, 1)[0]
+    heavy = _jobs(make_job, 1, params={**PARAMS, "style_weight": 50.0, "seed": 3})[0]
+    assert runner.run_job(first, NODE, grouped) == "succeeded"
+    assert load_job(heavy).status == "succeeded"
+    results = [open_storage(grouped).get_bytes(load_job(j).result_key or "") for j in (first, heavy)]
+    assert results[0] != results[1]
+
+
+def test_a_canceled_member_stops_alone(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, victim, third = _jobs(make_job, 3)
+    seen = Watcher.on_progress
+
+    def on_progress(self: Watcher, p: Any) -> str | None:
+        if self.job_id == victim and p.step >= 2:
+            self.stop = StopReason.CANCELED  # what its watcher thread sets on seeing the request
+        return seen(self, p)
+
+    monkeypatch.setattr(Watcher, "on_progress", on_progress)
+    assert runner.run_job(first, NODE, grouped) == "succeeded"
+    assert [load_job(j).status for j in (first, victim, third)] == ["succeeded", "canceled", "succeeded"]
+
+
+def test_a_member_with_bad_input_fails_alone(grouped: Settings, make_job: MakeJob, load_job: LoadJob) -> None:
+    first = _jobs(make_job, 1)[0]
+    missing = _jobs(make_job, 1)[0]
+    with get_sessionmaker(grouped.database_url)() as s:
+        s.execute(update(Job).where(Job.id == missing).values(style_image_ids=["f" * 64]))
+        s.commit()
+    assert runner.run_job(first, NODE, grouped) == "succeeded"
+    job = load_job(missing)
+    assert (job.status, job.error_code) == ("failed", "input_missing")
+
+
+def test_a_job_with_a_checkpoint_is_not_taken_into_a_group(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob
+) -> None:
+    first = _jobs(make_job, 1)[0]
+    resumable = _jobs(make_job, 1, checkpoints=[{"key": "jobs/x/checkpoints/3.pt", "step": 3}])[0]
+    assert runner.run_job(first, NODE, grouped) == "succeeded"
+    job = load_job(first)
+    assert job.execution is not None and job.execution["group_size"] == 1  # it ran alone
+    resumed = load_job(resumable)
+    assert (resumed.status, resumed.published_at) == ("queued", None)  # waiting, no attempt used
+
+
+@pytest.mark.parametrize(
+    ("device", "batch_max", "expected"), [("cpu", None, 1), ("cuda:0", None, 16), ("cpu", 4, 4)]
+)
+def test_the_batch_limit(
+    settings_factory: Callable[..., Settings], device: str, batch_max: int | None, expected: int
+) -> None:
+    assert batch.batch_limit(settings_factory(device=device, batch_max=batch_max)) == expected
