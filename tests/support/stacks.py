@@ -150,6 +150,7 @@ def stack_env(tmp: Path, **values: Any) -> dict[str, str]:
         lease_s=20,
         checkpoint_every=100,
         queue_name=f"sq-test-{uuid.uuid4().hex[:8]}",
+        rate_limit="",  # the tests poll fast with one key; the limits have their own tests
     )
     base.update(values)
     env.update({f"STYLEQUEUE_{k.upper()}": str(v) for k, v in base.items()})

@@ -7,7 +7,7 @@ from .checkpoint import Checkpoint
 from .config import BatchItem, TransferConfig
 from .errors import EngineError, ImageError, WeightsError
 from .images import load_image, save_image
-from .pyramid import CHECKPOINT_NOW, Progress
+from .progress import CHECKPOINT_NOW, Progress
 from .transfer import Result, StyleTransfer, stylize
 
 __all__ = [

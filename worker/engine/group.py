@@ -33,7 +33,8 @@ from .group_state import Member, ScaleRun, col
 from .images import resize
 from .objective import LossFn
 from .optim import LBFGS_STATE_LIMIT_BYTES, diverged
-from .pyramid import CHECKPOINT_NOW, Pyramid
+from .progress import CHECKPOINT_NOW
+from .pyramid import Pyramid
 
 logger = logging.getLogger(__name__)
 

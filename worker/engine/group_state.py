@@ -11,7 +11,7 @@ import torch
 from .batched import BatchedAdam, BatchedAverage, BatchedLBFGS
 from .checkpoint import Checkpoint
 from .objective import LossFn
-from .pyramid import Progress
+from .progress import Progress
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .group_state import members_for
 from .images import tensor_to_pil
 from .inputs import batch_schedule, prepare_items, shrink_inputs
 from .losses import autocast
-from .pyramid import Progress
+from .progress import Progress
 from .vgg import layer_index
 
 if TYPE_CHECKING:

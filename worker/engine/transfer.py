@@ -17,7 +17,8 @@ from .errors import EngineError
 from .images import tensor_to_pil
 from .inputs import batch_schedule, prepare_items, shrink_inputs
 from .losses import autocast, fast_cuda_math
-from .pyramid import Progress, Pyramid
+from .progress import Progress
+from .pyramid import Pyramid
 from .schedule import Schedule
 from .vgg import AVG_POOL_SCALE, LAYER_INDEX, ModelKey, VGGFeatures, build_features, layer_index
 from .weights import Weights, resolve_weights
