@@ -2,7 +2,7 @@
 
 A deleted job is hidden at once (``deleted_at``); once no worker can write it any more (terminal)
 its objects are deleted and it is marked *emptied* (``result_key`` and ``checkpoints`` cleared,
-``EMPTIED`` in its progress), as is a finished job past retention; an emptied deleted row is removed
+``emptied_at`` set), as is a finished job past retention; an emptied deleted row is removed
 later (``shared.retention`` says when). These are the only writes to terminal rows: none changes a
 status or an outcome, and each is guarded so that it applies once. Like every jobstore module:
 functions take a ``Session`` and never commit.
@@ -13,16 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.jobs import TERMINAL, JobStatus
 from shared.jobstore_guards import allowed_sources, matched, not_terminal
 from shared.models import Job, utcnow
-
-EMPTIED = "result_expired_at"  # progress key: when the job's result and checkpoints were deleted
 
 
 @dataclass(frozen=True)
@@ -96,20 +93,17 @@ def cancel_deleted(session: Session, now: datetime | None = None) -> int:
     return _cancel_asked(session, [Job.deleted_at.is_not(None)], now or utcnow())
 
 
-def mark_emptied(session: Session, jobs: Sequence[tuple[str, dict[str, Any] | None]], now: datetime) -> None:
-    """These finished jobs' objects are deleted: clear ``result_key`` and ``checkpoints`` and add
-    ``EMPTIED`` to the progress each had (``jobs``: (id, progress) as read). One executemany."""
-    if not jobs:
+def mark_emptied(session: Session, job_ids: Sequence[str], now: datetime) -> None:
+    """These finished jobs' objects are deleted: clear ``result_key`` and ``checkpoints``, set
+    ``emptied_at``."""
+    if not job_ids:
         return
-    finished = or_(*(Job.status == status for status in sorted(TERMINAL)))  # no IN in an executemany
     stmt = (
         update(Job)
-        .where(Job.id == bindparam("job"), finished)
-        .values(result_key=None, checkpoints=[], progress=bindparam("emptied"))
+        .where(Job.id.in_(list(job_ids)), Job.status.in_(sorted(TERMINAL)))
+        .values(result_key=None, checkpoints=[], emptied_at=now)
     )
-    stamp = now.isoformat()
-    rows = [{"job": job_id, "emptied": {**(p or {}), EMPTIED: stamp}} for job_id, p in jobs]
-    session.connection().execute(stmt, rows)  # Core executemany (not the ORM's bulk UPDATE by key)
+    session.execute(stmt, execution_options={"synchronize_session": False})
 
 
 def remove_emptied(session: Session, job_ids: Sequence[str]) -> list[tuple[str, set[str]]]:
@@ -123,7 +117,7 @@ def remove_emptied(session: Session, job_ids: Sequence[str]) -> list[tuple[str, 
             Job.id.in_(list(job_ids)),
             Job.deleted_at.is_not(None),
             Job.status.in_(sorted(TERMINAL)),
-            Job.progress[EMPTIED].as_string().is_not(None),
+            Job.emptied_at.is_not(None),
         )
         .returning(Job.tenant_id, Job.content_image_id, Job.style_image_ids, Job.mask_image_ids)
     )
@@ -132,7 +126,6 @@ def remove_emptied(session: Session, job_ids: Sequence[str]) -> list[tuple[str, 
 
 
 __all__ = [
-    "EMPTIED",
     "StopCounts",
     "cancel_batch",
     "cancel_deleted",

@@ -153,6 +153,8 @@ class Job(Base):
     # how the attempt that ended it ran: device, precision, weights, random_weights, group_size,
     # engine_seconds (worker.batch); NULL until then
     execution: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    # when retention or a delete removed its result and checkpoints (410 result_expired after)
+    emptied_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

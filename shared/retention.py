@@ -2,7 +2,7 @@
 
 A delete hides rows at once (``deleted_at``) and asks live jobs to stop. A hidden job is *emptied*
 once no worker can write it any more (terminal): result, checkpoints and every attempt's result
-deleted, ``EMPTIED`` in its progress (by the API if finished, else by the pass after its worker
+deleted, ``emptied_at`` set (by the API if finished, else by the pass after its worker
 stopped); it is *removed* ``DELETED_GRACE`` after the delete, then its batch if deleted and empty,
 and the images no job row names any more. Retention empties a finished job ``retention_days`` after
 ``finished_at`` and keeps it visible (410 ``result_expired``). Rows are written first, objects
@@ -62,7 +62,7 @@ class Deletion:
 
 def result_expired(job: Job) -> bool:
     """The job's result and checkpoints were deleted (retention, or a delete)."""
-    return bool((job.progress or {}).get(jobstore_deletion.EMPTIED))
+    return job.emptied_at is not None
 
 
 def terminal() -> ColumnElement[bool]:
@@ -71,9 +71,8 @@ def terminal() -> ColumnElement[bool]:
 
 
 def emptied() -> ColumnElement[bool]:
-    """Emptied: the job's objects were deleted (``EMPTIED`` in its progress)."""
-    marked: ColumnElement[bool] = Job.progress[jobstore_deletion.EMPTIED].as_string().is_not(None)
-    return marked
+    """Emptied: the job's objects were deleted (``emptied_at`` set)."""
+    return Job.emptied_at.is_not(None)
 
 
 def delete_jobs(
@@ -123,11 +122,11 @@ def empty_jobs(
 ) -> tuple[list[str], bool]:
     """Empty the finished jobs of ``where``: rows first (committed), then their objects. Returns
     their ids, and False if storage failed (the orphan sweep gets what is left)."""
-    query = select(Job.id, Job.attempt, Job.params, Job.result_key, Job.checkpoints, Job.progress)
+    query = select(Job.id, Job.attempt, Job.params, Job.result_key, Job.checkpoints)
     rows = session.execute(query.where(*where, terminal(), ~emptied()).order_by(Job.id).limit(limit)).all()
     if not rows:
         return [], True
-    jobstore_deletion.mark_emptied(session, [(r.id, r.progress) for r in rows], now)
+    jobstore_deletion.mark_emptied(session, [r.id for r in rows], now)
     session.commit()
     keys = set().union(*(job_keys(r.id, r.attempt, r.params, r.result_key, r.checkpoints) for r in rows))
     try:

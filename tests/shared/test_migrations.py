@@ -59,3 +59,34 @@ def test_unfinished_jobs_get_raw_loss_terms(old_db: str) -> None:
         assert {k: v for k, v in params.items() if k != "loss_terms"} == {
             k: v for k, v in before.items() if k != "loss_terms"
         }
+
+
+def test_emptied_marks_move_from_progress_to_their_column(old_db: str) -> None:
+    """Migration 0005: ``progress["result_expired_at"]`` becomes ``jobs.emptied_at``."""
+    upgrade(old_db, "0004")
+    engine = create_engine(old_db)
+    marks = {
+        "emptied": {"loss": 1.5, "result_expired_at": "2026-11-30T10:00:00+00:00"},
+        "kept": {"loss": 2.0},
+    }
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": NOW})
+        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": NOW})
+        for job_id, progress in marks.items():
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
+                    "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
+                    "updated_at) VALUES (:id, 't', 'succeeded', '{}', 'i', '[\"i\"]', :p, 1, 3, false, "
+                    "'[]', :n, :n)"
+                ),
+                {"id": job_id, "p": json.dumps(progress), "n": NOW},
+            )
+    upgrade(old_db)
+    with engine.connect() as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(text("SELECT id, progress, emptied_at FROM jobs")).all()}
+    engine.dispose()
+    progress = {k: v if isinstance(v, dict) else json.loads(v) for k, (v, _) in rows.items()}
+    assert progress == {"emptied": {"loss": 1.5}, "kept": {"loss": 2.0}}
+    assert rows["emptied"][1] is not None and str(rows["emptied"][1]).startswith("2026-11-30")
+    assert rows["kept"][1] is None

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobstore
 from shared.db import get_sessionmaker, session_scope
-from shared.jobstore_deletion import EMPTIED, StopCounts, mark_deleted
+from shared.jobstore_deletion import StopCounts, mark_deleted
 from shared.models import Job, StoredImage, TenantImage, utcnow
 from shared.orphans import sweep_orphans
 from shared.purge import purge_once
@@ -142,7 +142,7 @@ def _deleted(
         status="canceled",
         finished_at=NOW - 2 * DAY,
         deleted_at=NOW - timedelta(hours=2),
-        progress={EMPTIED: "then"},
+        emptied_at=utcnow(),
     )
 
 
@@ -177,7 +177,7 @@ def test_an_image_goes_when_no_row_names_it(
     assert _owners(sessions) == {("t1", b), ("t1", m1), ("t1", z), ("t2", shared)}
     with sessions() as s:  # the other tenant deletes its job too: now nobody names the shared image
         s.execute(update(Job).where(Job.tenant_id == "t2").values(status="succeeded", deleted_at=NOW - DAY))
-        s.execute(update(Job).where(Job.tenant_id == "t2").values(progress={EMPTIED: "x"}))
+        s.execute(update(Job).where(Job.tenant_id == "t2").values(emptied_at=utcnow()))
         s.commit()
     report = purge_once(sessions, store, _settings(tmp_path), now=NOW, scan_images=False)
     assert report.removed_images == [shared] and shared not in _objects(store)
