@@ -22,7 +22,7 @@ from api.publisher import Publisher
 from api.safejson import loads
 from api.schemas import PRIORITY_LIMIT
 from shared import dispatch, jobstore, logs, quotas
-from shared.buckets import bucket_key
+from shared.buckets import bucket_key, groupable
 from shared.db import is_db_outage
 from shared.errors import InvalidInput
 from shared.jobstore import JobSpec
@@ -163,6 +163,8 @@ def insert_jobs(
 
 def with_buckets(session: Session, specs: Sequence[JobSpec], params: JobParams) -> list[JobSpec]:
     """Each spec with its bucket (``shared.buckets``), from its content's stored size (one query)."""
+    if not groupable(params):
+        return list(specs)
     ids = sorted({spec.content_id for spec in specs})
     rows = session.execute(
         select(StoredImage.id, StoredImage.width, StoredImage.height).where(StoredImage.id.in_(ids))

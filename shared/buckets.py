@@ -27,6 +27,11 @@ PER_ITEM = frozenset(
 )
 
 
+def groupable(params: JobParams) -> bool:
+    """fp16 jobs run alone: their dynamic loss scaling is one scale per batch (worker.engine.scaler)."""
+    return params.precision != "fp16"
+
+
 def bucket_key(params: JobParams, content_wh: tuple[int, int]) -> str:
     """The group key of a job with these params whose content is ``content_wh`` (w, h) pixels."""
     shape: dict[str, Any] = {k: v for k, v in params.model_dump(mode="json").items() if k not in PER_ITEM}
@@ -35,4 +40,4 @@ def bucket_key(params: JobParams, content_wh: tuple[int, int]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-__all__ = ["BUCKET_VERSION", "PER_ITEM", "bucket_key"]
+__all__ = ["BUCKET_VERSION", "PER_ITEM", "bucket_key", "groupable"]

@@ -38,7 +38,21 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, Label, Select, and_, bindparam, case, func, or_, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Label,
+    Select,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobstore_queue, logs, workers
@@ -201,7 +215,12 @@ def _pick(session: Session, lines: dict[str, _Line], count: int, bucket: str | N
 
 
 def _waiting_in(bucketed: bool) -> ColumnElement[bool]:
-    return and_(waiting(), Job.bucket == bindparam("bucket")) if bucketed else waiting()
+    """Waiting jobs; ``bucketed``: of one bucket, and without a checkpoint (such a job resumes
+    alone: a group does not take it, worker.batch)."""
+    if not bucketed:
+        return waiting()
+    fresh = cast(Job.checkpoints, Text) == "[]"
+    return and_(waiting(), Job.bucket == bindparam("bucket"), fresh)
 
 
 @cache

@@ -73,10 +73,18 @@ def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
         log_event(job_id, None, "dropped", reason=got.value)
         return f"dropped:{got.value}"
     log_event(job_id, got.attempt, "claimed", worker=nodename)
-    grouped = batch.run_grouped(got, nodename, settings)  # a GPU worker: with its bucket's waiting jobs
+    alone = _run_alone(settings)
+    grouped = batch.run_grouped(got, nodename, settings, alone)  # a GPU worker: its bucket's waiting jobs
     if grouped is not None:
         return grouped
     return guarded(settings, got, lambda: _execute(got, settings))
+
+
+def _run_alone(settings: Settings) -> batch.Alone:
+    def alone(claim: jobstore.Claim) -> str:
+        return _execute(claim, settings)
+
+    return alone
 
 
 def _execute(claim: jobstore.Claim, settings: Settings) -> str:

@@ -179,8 +179,13 @@ class Watcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the thread (heartbeats end): idempotent, so a group may end a member's early."""
         self._done.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     # --- engine side (called in the engine's thread, cheap) ---
     def on_progress(self, p: Progress) -> str | None:

@@ -154,6 +154,9 @@ def test_an_items_checkpoint_resumes_alone(
     ]
     mid = Checkpoint.from_bytes(saved[2].to_bytes())  # scale 1, iteration 2: mid-scale
     assert mid.optimizer_state is not None and mid.image.shape[0] == 1
+    group_settings = mid.optimizer_state["param_groups"][0]
+    if optimizer == "lbfgs":  # a single run's L-BFGS: no tolerance stops it (optim.Stepper)
+        assert group_settings["tolerance_grad"] == group_settings["tolerance_change"] == 0.0
     resumed = _alone(engine, jobs[1], cfg, resume=mid)
     assert resumed.metadata["resumed_from_step"] == 6
     tolerance = 1e-4 if optimizer == "adam" else 2e-2  # L-BFGS: two steps of amplified rounding

@@ -8,7 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from shared.buckets import bucket_key
 from shared.db import get_sessionmaker
@@ -114,3 +117,57 @@ def test_the_batch_limit(
     settings_factory: Callable[..., Settings], device: str, batch_max: int | None, expected: int
 ) -> None:
     assert batch.batch_limit(settings_factory(device=device, batch_max=batch_max)) == expected
+
+
+def test_when_the_group_fails_as_a_whole_each_job_runs_alone(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.engine import StyleTransfer
+
+    def refuse(self: StyleTransfer, jobs: Any, config: Any, **kw: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(StyleTransfer, "run_group", refuse)
+    jobs = _jobs(make_job, 3)
+    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
+    for job_id in jobs:
+        job = load_job(job_id)
+        assert (job.status, job.attempt) == ("succeeded", 1)
+        assert job.execution is not None and job.execution["group_size"] == 1
+
+
+def test_a_time_limit_ends_every_member(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.engine import StyleTransfer
+
+    def too_long(self: StyleTransfer, jobs: Any, config: Any, **kw: Any) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(StyleTransfer, "run_group", too_long)
+    jobs = _jobs(make_job, 3)
+    assert runner.run_job(jobs[0], NODE, grouped) == "failed"
+    assert {(load_job(j).status, load_job(j).error_code) for j in jobs} == {("failed", "time_limit")}
+
+
+def test_a_database_outage_while_filling_the_group_gives_every_job_back(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, mate, third = _jobs(make_job, 3)
+    real = batch._take_waiting
+    calls = {"n": 0}
+
+    def flaky(settings: Settings, bucket: str, count: int) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(settings, bucket, 1)  # one mate taken, then the database goes away
+        raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(batch, "_take_waiting", flaky)
+    with pytest.raises(OperationalError):  # its Celery task retries it
+        runner.run_job(first, NODE, grouped.model_copy(update={"batch_wait_ms": 60_000}))
+    delivered, taken, untouched = load_job(first), load_job(mate), load_job(third)
+    assert (delivered.status, delivered.max_attempts) == ("queued", 4)  # no attempt used up
+    assert delivered.published_at is not None  # its retry message is due
+    assert (taken.status, taken.published_at, taken.max_attempts) == ("queued", None, 4)  # waiting again
+    assert (untouched.status, untouched.attempt) == ("queued", 0)

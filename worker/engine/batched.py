@@ -186,10 +186,9 @@ class BatchedLBFGS:
         self.t = self.t * shrink
 
     def reset(self, items: torch.Tensor) -> None:
-        """Forget the history of these items (a NaN recovery: a fresh L-BFGS, as a single run's)."""
-        col = items[None, :, None]
-        self.S = torch.where(col, 0.0, self.S)
-        self.Y = torch.where(col, 0.0, self.Y)
+        """Forget the history of these items (a NaN recovery: a fresh L-BFGS, as a single run's).
+        Their pairs stay in S and Y (finite: only finite steps are kept) but with rho 0 they add
+        nothing, and new pairs overwrite them; not copying S and Y keeps this cheap at every step."""
         self.rho = torch.where(items[None, :], 0.0, self.rho)
         for name in ("head", "count", "n_iter"):
             setattr(self, name, torch.where(items, 0, getattr(self, name)))
@@ -198,7 +197,10 @@ class BatchedLBFGS:
     def item_state(self, b: int, lr: float, loss: float) -> dict[str, Any]:
         """Item b as a torch.optim.LBFGS state_dict (history oldest first), as optim.Stepper makes."""
         param = torch.zeros(self.d.shape[1])
-        opt = torch.optim.LBFGS([param], lr=lr, max_iter=1, history_size=self.h)
+        # the hyperparameters optim.Stepper runs with: load_state_dict takes them from the dict
+        opt = torch.optim.LBFGS(
+            [param], lr=lr, max_iter=1, history_size=self.h, tolerance_grad=0.0, tolerance_change=0.0
+        )
         count, head = int(self.count[b]), int(self.head[b])
         slots = [(head - count + k) % self.h for k in range(count)]
         n_iter = int(self.n_iter[b])

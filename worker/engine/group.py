@@ -180,7 +180,7 @@ class GroupPyramid(Pyramid):
     def _read(self, run: ScaleRun, x: torch.Tensor, it: int, end: bool) -> None:
         """The host read: progress, divergence and checkpoints of every active member."""
         last, lrs = run.last.tolist(), self.lrs.tolist()
-        streaks, counts = self.streaks.tolist(), self.counts.tolist()
+        streaks, counts, started = self.streaks.tolist(), self.counts.tolist(), run.started.tolist()
         starts = run.loss_fn.start.tolist() if run.loss_fn.start is not None else None
         for b, m in enumerate(self.members):
             if m.error is not None:
@@ -188,7 +188,7 @@ class GroupPyramid(Pyramid):
             if streaks[b] > self.cfg.max_recoveries:
                 self._leave(run, b, diverged(streaks[b], lrs[b]))
                 continue
-            start = [starts[b]] if starts is not None else None
+            start = [starts[b]] if starts is not None and started[b] else None  # None: not taken yet
             vals = [sum(last[b]), *last[b]]
             progress = self.progress(run.s, it, vals, start, lr=lrs[b], recoveries=counts[b])
             try:
@@ -198,15 +198,25 @@ class GroupPyramid(Pyramid):
                     m.on_checkpoint(self._item_checkpoint(run, b, x, it, end, start, lrs[b], counts[b]))
             except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
                 self._leave(run, b, exc)
-        if end:
+        if end and run.s == len(self.schedule) - 1:
             never = [b for b, m in enumerate(self.members) if m.error is None and streaks[b] >= self.step]
             for b in never:  # not one finite step in the whole run
                 self._leave(run, b, diverged(streaks[b], lrs[b]))
 
     def _leave(self, run: ScaleRun, b: int, error: BaseException) -> None:
-        self.members[b].error = error
+        expected = isinstance(error, EngineError) or type(error).__name__ == "JobStopped"
+        logger.log(
+            logging.INFO if expected else logging.WARNING,
+            "group member %d left at step %d: %r",
+            self.members[b].index,
+            self.step,
+            error,
+            exc_info=None if expected else error,
+        )
+        # Without its traceback: the frames it holds (this loop's tensors, the L-BFGS history)
+        # would outlive the group through the exception until a full garbage collection.
+        self.members[b].error = error.with_traceback(None)
         run.active[b] = False
-        logger.info("group member %d left at step %d: %s", self.members[b].index, self.step, error)
 
     def _item_checkpoint(
         self,
