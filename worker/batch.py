@@ -42,6 +42,7 @@ from worker.config import job_params, load_inputs, transfer_config
 from worker.engine.schedule import long_edges
 from worker.runtime import get_engine
 from worker.settle import TRANSIENT, best_effort, deliver, execution, guarded, log_event, stopped
+from worker.startup_check import device_of
 from worker.watcher import JobStopped, Watcher
 
 if TYPE_CHECKING:
@@ -54,15 +55,13 @@ BATCH_POLL_S = 0.05  # between looks for more members, within batch_wait_ms
 AUTO_BATCH_CUDA = 16
 
 
-def batch_limit(settings: Settings) -> int:
-    """``STYLEQUEUE_BATCH_MAX``, or auto: 16 on CUDA, 1 on CPU (a CPU is saturated by one job)."""
+def batch_limit(settings: Settings, device_kind: str | None = None) -> int:
+    """``STYLEQUEUE_BATCH_MAX``, or auto: 16 on CUDA, 1 on CPU (a CPU is saturated by one job).
+    The device is found without initialising CUDA (the Celery main process must not)."""
     if settings.batch_max is not None:
         return max(1, settings.batch_max)
-    if settings.device == "auto":
-        import torch
-
-        return AUTO_BATCH_CUDA if torch.cuda.is_available() else 1
-    return AUTO_BATCH_CUDA if settings.device.startswith("cuda") else 1
+    kind = device_kind or device_of(settings.device)[1]
+    return AUTO_BATCH_CUDA if kind == "cuda" else 1
 
 
 @dataclass

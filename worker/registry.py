@@ -40,6 +40,7 @@ from shared import dispatch, logs, workers
 from shared.queue import get_celery, publish_many
 from shared.settings import Settings, get_settings
 from shared.workers import WorkerStatus
+from worker.batch import batch_limit
 from worker.startup_check import WeightsCheck, capabilities, check_weights, device_of, engine_detail
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,9 @@ class Registration:
             host=self.host,
             device=self.device,
             weights=self.weights[:300],
-            capabilities=capabilities(self.device_kind, self.weights_kind),
+            capabilities=capabilities(
+                self.device_kind, self.weights_kind, batch_limit(get_settings(), self.device_kind)
+            ),
             slots=self.slots,
             status=self.status,
             detail=self.detail,

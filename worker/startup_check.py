@@ -104,9 +104,10 @@ def device_of(spec: str) -> tuple[str, str, str | None]:
     return spec, kind, None
 
 
-def capabilities(device_kind: str, weights_kind: str | None) -> dict[str, Any]:
-    """What the ``workers`` row advertises."""
+def capabilities(device_kind: str, weights_kind: str | None, batch_max: int = 1) -> dict[str, Any]:
+    """What the ``workers`` row advertises (``batch_max``: jobs it runs as one batch, worker.batch)."""
     return {
+        "batch_max": batch_max,
         "style_loss": list(STYLE_LOSSES),
         "masks": True,
         "device_kind": device_kind,
