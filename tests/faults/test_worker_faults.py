@@ -37,7 +37,7 @@ from shared.queue import make_celery, publish_job
 from tests.support import chaos_lib, scenarios
 from tests.support.chaos_lib import PrivateRedis, TcpProxy
 from tests.support.servers import free_port, port_open, require, temporary_database
-from tests.support.stacks import Stack, make_key, stack_env, stack_settings, start
+from tests.support.stacks import FAST_TIMING, Stack, make_key, stack_env, stack_settings, start
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -45,15 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # 2 scales (24 and 48 px) x 50 iterations = 100 steps, a checkpoint every 10: ~5 s a job here.
 JOB = {"size": 48, "min_size": 24, "scale_factor": 2, "iterations": 50}
 TOTAL_STEPS = 100
-FAST = dict(
-    heartbeat_s=0.3,
-    lease_s=4,
-    publish_grace_s=4,
-    dispatch_interval_s=0.5,
-    progress_interval_s=0.2,
-    checkpoint_every=10,
-    max_attempts=3,
-)
+FAST = FAST_TIMING
 # Transient errors: retried after a random 0..min(3, 2**n) s (8 retries: ~10 s of outage covered).
 RETRY_ENV = {"STYLEQUEUE_RETRY_BACKOFF_S": "1", "STYLEQUEUE_RETRY_BACKOFF_MAX_S": "3"}
 TERMINAL = {"succeeded", "failed", "canceled"}

@@ -138,6 +138,18 @@ class Stack:
         self.procs.clear()
 
 
+# The fault tests' timings: a worker or job silent for 4 s is presumed dead, a pass every 0.5 s.
+FAST_TIMING: dict[str, Any] = dict(
+    heartbeat_s=0.3,
+    lease_s=4,
+    publish_grace_s=4,
+    dispatch_interval_s=0.5,
+    progress_interval_s=0.2,
+    checkpoint_every=10,
+    max_attempts=3,
+)
+
+
 def stack_env(tmp: Path, **values: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
     base: dict[str, Any] = dict(

@@ -75,6 +75,8 @@ class GroupPyramid(Pyramid):
             else:
                 x = self._init_image(hw)
             x, adam = self._scale(s, x, adam)
+            if all(m.error is not None for m in self.members):
+                return
         assert x is not None
         for b, m in enumerate(self.members):
             if m.error is None:
@@ -128,6 +130,8 @@ class GroupPyramid(Pyramid):
             end = it == iters
             if end or it % self.report_every == 0:
                 self._read(run, x, it, end)
+                if all(m.error is not None for m in self.members):
+                    break  # every member left (canceled, fenced, handed back): stop now
         result = avg.get() if avg is not None else x.detach()
         return result, opt if isinstance(opt, BatchedAdam) else None
 

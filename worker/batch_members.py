@@ -1,0 +1,194 @@
+"""The members of a GPU group (worker.batch): each job prepared with its own watcher, inputs and
+checkpoint saver; a cancel that ends it at once; its settlement once the group has run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shared.params import JobParams
+from shared.settings import Settings
+from shared.storage import Storage
+from worker import jobstore
+from worker.checkpoints import CheckpointSaver
+from worker.config import job_params, load_inputs, transfer_config
+from worker.engine.schedule import long_edges
+from worker.settle import best_effort, deliver, execution, guarded, log_event, stopped
+from worker.watcher import JobStopped, StopReason, Watcher
+
+if TYPE_CHECKING:
+    from worker.engine import Checkpoint, Progress, TransferConfig
+    from worker.engine.groups import GroupJob, GroupOutcome
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    claim: jobstore.Claim
+    params: JobParams
+    config: TransferConfig  # the job's own, as a run of it alone has it
+    shared: TransferConfig  # without its per-item values: what the group's members agree on
+    job: GroupJob
+    watcher: Watcher
+    saver: CheckpointSaver
+
+
+def give_back(settings: Settings, claim: jobstore.Claim) -> None:
+    """Back to waiting, no attempt used (a no-op for a job that was settled meanwhile)."""
+    jobstore.release(settings.database_url, claim.job_id, claim.attempt, graceful=True, waiting=True)
+    log_event(claim.job_id, claim.attempt, "ungrouped")
+
+
+def settle_all(
+    settings: Settings,
+    storage: Storage,
+    members: list[Member],
+    results: list[GroupOutcome],
+    delivered: str,
+    group: str,
+    outcomes: dict[str, str],
+) -> None:
+    """Each member's outcome, the delivered job last: its transient error is raised on (its task
+    retries it), after the others are settled."""
+    pairs = sorted(zip(members, results, strict=True), key=lambda pair: pair[0].claim.job_id == delivered)
+    for m, outcome in pairs:
+
+        def end(m: Member = m, outcome: GroupOutcome = outcome) -> str:
+            return _settle(settings, storage, m, outcome, len(members))
+
+        ended = guarded(settings, m.claim, end, retried=m.claim.job_id == delivered)
+        outcomes[m.claim.job_id] = ended
+        m.watcher.close()  # settled: its heartbeat may stop
+        log_event(m.claim.job_id, m.claim.attempt, "group_member_ended", group=group, outcome=ended)
+
+
+def watch_all(
+    settings: Settings, claims: list[jobstore.Claim], stack: ExitStack, outcomes: dict[str, str]
+) -> list[tuple[jobstore.Claim, JobParams, Watcher]]:
+    """Each claim's params and a running watcher (a job whose params are bad is failed at once)."""
+    watched = []
+    for i, claim in enumerate(claims):
+        found: list[tuple[jobstore.Claim, JobParams, Watcher]] = []
+
+        def watch(claim: jobstore.Claim = claim, found: list[Any] = found) -> str:
+            params = job_params(claim.params)
+            edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
+            watcher = stack.enter_context(Watcher(settings, claim.job_id, claim.attempt, 0, list(edges)))
+            found.append((claim, params, watcher))
+            return "watched"
+
+        outcome = guarded(settings, claim, watch, retried=i == 0)
+        if found:
+            watched.extend(found)
+        else:
+            outcomes[claim.job_id] = outcome
+    return watched
+
+
+def prepare_members(
+    settings: Settings,
+    storage: Storage,
+    watched: list[tuple[jobstore.Claim, JobParams, Watcher]],
+    stack: ExitStack,
+    outcomes: dict[str, str],
+) -> list[Member]:
+    """Each watched job with its inputs and checkpoint saver (entered on ``stack``); a job whose
+    inputs are bad, or whose config differs from the first's, is settled at once and left out."""
+    from worker.engine.config import BatchItem
+    from worker.engine.groups import GroupJob
+
+    members: list[Member] = []
+    for i, (claim, params, watcher) in enumerate(watched):
+
+        def prepare(
+            claim: jobstore.Claim = claim, params: JobParams = params, watcher: Watcher = watcher
+        ) -> str:
+            config = transfer_config(params, settings)
+            shared = _shared_config(config)
+            if members and shared != members[0].shared:  # the bucket said yes, the configs say no
+                give_back(settings, claim)
+                return "handed_back"
+            content, styles, inputs = load_inputs(storage, claim, settings)
+            saver = stack.enter_context(
+                CheckpointSaver(storage, settings.database_url, claim, watcher, settings.checkpoints_keep)
+            )
+            item = BatchItem(content, styles, masks=inputs.get("masks"), **_item_weights(config))
+            early = EarlyCancel(settings, claim, watcher)
+            job = GroupJob(item, config.seed, early.on_progress, early.wrap(saver), config)
+            members.append(Member(claim, params, config, shared, job, watcher, saver))
+            log_event(claim.job_id, claim.attempt, "started", resume_step=0)
+            return "prepared"
+
+        outcome = guarded(settings, claim, prepare, retried=i == 0 and claim is watched[0][0])
+        if outcome != "prepared":
+            outcomes[claim.job_id] = outcome
+            watcher.close()
+    return members
+
+
+def _item_weights(config: TransferConfig) -> dict[str, Any]:
+    return {
+        "style_blend_weights": config.style_blend_weights,
+        "content_weight": config.content_weight,
+        "style_weight": config.style_weight,
+        "tv_weight": config.tv_weight,
+    }
+
+
+def _shared_config(config: TransferConfig) -> TransferConfig:
+    """What the members of a group must agree on: the config without its per-item values."""
+    return dataclasses.replace(
+        config, content_weight=None, style_weight=None, tv_weight=None, style_blend_weights=None, seed=0
+    )
+
+
+class EarlyCancel:
+    """A member's callbacks: a cancel its watcher saw ends the job at once (canceled, watcher
+    stopped), while the group runs on without it; its settlement after the group says so."""
+
+    def __init__(self, settings: Settings, claim: jobstore.Claim, watcher: Watcher) -> None:
+        self.settings, self.claim, self.watcher = settings, claim, watcher
+
+    def on_progress(self, p: Progress) -> str | None:
+        try:
+            return self.watcher.on_progress(p)
+        except JobStopped as stop:
+            self._stopped(stop)
+            raise
+
+    def wrap(self, saver: CheckpointSaver) -> Callable[[Checkpoint], None]:
+        def on_checkpoint(ckpt: Checkpoint) -> None:
+            try:
+                saver(ckpt)
+            except JobStopped as stop:
+                self._stopped(stop)
+                raise
+
+        return on_checkpoint
+
+    def _stopped(self, stop: JobStopped) -> None:
+        if stop.reason is StopReason.CANCELED and self.watcher.stop is StopReason.CANCELED:
+            url, job_id, attempt = self.settings.database_url, self.claim.job_id, self.claim.attempt
+            best_effort(job_id, attempt, lambda: jobstore.cancel(url, job_id, attempt))
+            self.watcher.close()
+
+
+def _settle(settings: Settings, storage: Storage, m: Member, outcome: GroupOutcome, size: int) -> str:
+    if isinstance(outcome.error, JobStopped):
+        return stopped(settings, m.claim, outcome.error.reason, m.saver.last_step)
+    if outcome.error is not None:
+        raise outcome.error  # guarded() makes it the job's outcome (an engine error, a crash)
+    assert outcome.result is not None
+    final = m.watcher.progress_now() or {}
+    final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
+    return deliver(
+        settings, storage, m.claim, m.params, outcome.result, final, execution(outcome.result.metadata, size)
+    )
+
+
+__all__ = ["EarlyCancel", "Member", "give_back", "prepare_members", "settle_all", "watch_all"]
