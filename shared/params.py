@@ -138,6 +138,12 @@ class JobParams(BaseModel):
     )
     style_scale: float = Field(1.0, gt=0.05, le=4.0)
     style_upscale: bool = Field(False, description="resize a small style past its native size")
+    exact_aspect: bool = Field(
+        False,
+        description="run at the content's exact aspect ratio; by default one within 3 % of a common "
+        "ratio (1:1, 5:4, 4:3, 3:2, 16:9, 2:1, or their transposes) runs at that ratio, so that it "
+        "can share a GPU batch, and the result is resized back to the exact aspect",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     pooling: Literal["max", "avg"] = "max"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

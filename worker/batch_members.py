@@ -15,7 +15,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from worker import jobstore
 from worker.checkpoints import CheckpointSaver
-from worker.config import job_params, load_inputs, transfer_config
+from worker.config import at_run_size, job_params, load_inputs, transfer_config
 from worker.engine.schedule import long_edges
 from worker.settle import best_effort, deliver, execution, guarded, log_event, stopped
 from worker.watcher import JobStopped, StopReason, Watcher
@@ -36,6 +36,7 @@ class Member:
     job: GroupJob
     watcher: Watcher
     saver: CheckpointSaver
+    exact_wh: tuple[int, int] | None = None  # ran at a snapped aspect: the result goes back to this
 
 
 def give_back(settings: Settings, claim: jobstore.Claim) -> None:
@@ -114,13 +115,14 @@ def prepare_members(
                 give_back(settings, claim)
                 return "handed_back"
             content, styles, inputs = load_inputs(storage, claim, settings)
+            content, inputs, exact_wh = at_run_size(params, content, inputs)
             saver = stack.enter_context(
                 CheckpointSaver(storage, settings.database_url, claim, watcher, settings.checkpoints_keep)
             )
             item = BatchItem(content, styles, masks=inputs.get("masks"), **_item_weights(config))
             early = EarlyCancel(settings, claim, watcher)
             job = GroupJob(item, config.seed, early.on_progress, early.wrap(saver), config)
-            members.append(Member(claim, params, config, shared, job, watcher, saver))
+            members.append(Member(claim, params, config, shared, job, watcher, saver, exact_wh))
             log_event(claim.job_id, claim.attempt, "started", resume_step=0)
             return "prepared"
 
@@ -186,9 +188,8 @@ def _settle(settings: Settings, storage: Storage, m: Member, outcome: GroupOutco
     assert outcome.result is not None
     final = m.watcher.progress_now() or {}
     final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
-    return deliver(
-        settings, storage, m.claim, m.params, outcome.result, final, execution(outcome.result.metadata, size)
-    )
+    ran = execution(outcome.result.metadata, size)
+    return deliver(settings, storage, m.claim, m.params, outcome.result, final, ran, m.exact_wh)
 
 
 __all__ = ["EarlyCancel", "Member", "give_back", "prepare_members", "settle_all", "watch_all"]

@@ -18,8 +18,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from shared import storage_keys
+from shared.buckets import run_size
 from shared.imagecheck import image_limits
-from shared.params import JobParams
+from shared.params import JobParams, fit_long_edge
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, Storage
 from worker.engine import TransferConfig, load_image
@@ -101,6 +102,23 @@ def load_inputs(
     if not masks:
         return content, styles, {}
     return content, styles, {"masks": [load_input_image(_input_bytes(storage, m), settings) for m in masks]}
+
+
+def at_run_size(
+    params: JobParams, content: Image.Image, inputs: EngineInputs
+) -> tuple[Image.Image, EngineInputs, tuple[int, int] | None]:
+    """The content, and its masks, resized to the aspect ratio the job runs at
+    (``shared.buckets.run_size``: a common ratio within 3 %, unless ``exact_aspect``), and the exact
+    (w, h) the result is resized back to (None: it runs at its own aspect)."""
+    exact = content.size
+    run = run_size(params, exact)
+    if run == exact:
+        return content, inputs, None
+    content = content.resize(run, Image.Resampling.LANCZOS)
+    if "masks" in inputs:  # a mask keeps its resolution and takes the content's new aspect
+        masks = [m.resize(fit_long_edge(run, max(m.size)), Image.Resampling.LANCZOS) for m in inputs["masks"]]
+        inputs = {**inputs, "masks": masks}
+    return content, inputs, exact
 
 
 def _input_bytes(storage: Storage, image_id: str) -> bytes:

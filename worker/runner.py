@@ -23,7 +23,7 @@ from shared.settings import Settings
 from shared.storage import open_storage
 from worker import batch, jobstore
 from worker.checkpoints import CheckpointSaver, resume_point
-from worker.config import EngineInputs, job_params, load_inputs, transfer_config
+from worker.config import EngineInputs, at_run_size, job_params, load_inputs, transfer_config
 from worker.engine import EngineError
 from worker.engine.schedule import long_edges
 from worker.runtime import get_engine
@@ -92,6 +92,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     params = job_params(claim.params)
     config = transfer_config(params, settings)
     content, styles, inputs = load_inputs(storage, claim, settings)
+    content, inputs, exact_wh = at_run_size(params, content, inputs)
     resume, start_step = resume_point(storage, claim)
     engine = get_engine(settings)
     edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
@@ -106,7 +107,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
             return stopped(settings, claim, result, saver.last_step)
         final = watcher.progress_now() or {}
     final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
-    return deliver(settings, storage, claim, params, result, final, execution(result.metadata, 1))
+    return deliver(settings, storage, claim, params, result, final, execution(result.metadata, 1), exact_wh)
 
 
 def _run_engine(

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
 from sqlalchemy.exc import OperationalError
 
 from shared import logs, storage_keys
 from shared.models import utcnow
-from shared.params import JobParams
+from shared.params import JobParams, fit_long_edge
 from shared.queue import get_celery, publish_job
 from shared.settings import Settings
 from shared.storage import Storage, StorageUnavailable
@@ -115,8 +116,11 @@ def deliver(
     result: EngineResult,
     final: dict[str, Any],
     ran: dict[str, Any],
+    exact_wh: tuple[int, int] | None = None,
 ) -> str:
-    """Store the result (one object per attempt) and record it, unless a newer attempt holds the job."""
+    """Store the result (one object per attempt) and record it, unless a newer attempt holds the job.
+    ``exact_wh``: the content's own size, when the job ran at a snapped aspect ratio: the result is
+    resized back to that aspect (``worker.config.at_run_size``)."""
     # One key per attempt: an attempt that lost the job (a newer one took over) can never overwrite
     # the result the newer attempt recorded; it deletes its own object instead (below).
     key = storage_keys.result_key(claim.job_id, claim.attempt, params.output_format)
@@ -126,7 +130,10 @@ def deliver(
         log_event(claim.job_id, claim.attempt, "fenced", stage="before_result")
         return "fenced"
     buf = io.BytesIO()
-    save_image(result.image, buf, format=params.output_format, quality=params.quality)
+    image = result.image
+    if exact_wh is not None:
+        image = image.resize(fit_long_edge(exact_wh, max(image.size)), Image.Resampling.LANCZOS)
+    save_image(image, buf, format=params.output_format, quality=params.quality)
     storage.put_bytes(key, buf.getvalue(), storage_keys.result_media_type(params.output_format))
     if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final, ran):
         best_effort(claim.job_id, claim.attempt, lambda: storage.delete(key))

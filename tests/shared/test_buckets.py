@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shared.buckets import PER_ITEM, bucket_key
+from shared.buckets import PER_ITEM, bucket_key, snapped
 from shared.params import JobParams
 
 
@@ -46,3 +46,14 @@ def test_contents_share_a_bucket_when_every_scale_has_the_same_size() -> None:
     assert key((640, 480)) == key((1280, 960)) == key((641, 481))  # 4:3 at every scale
     assert key((640, 480)) != key((480, 640))  # portrait
     assert key((640, 480)) != key((640, 360))  # 16:9
+
+
+def test_nearly_common_aspect_ratios_snap_to_it() -> None:
+    assert snapped((650, 480)) == (650, 488)  # 1.354 -> 4:3 (1.6 % off), the long edge kept
+    assert snapped((480, 650)) == (488, 650)
+    assert snapped((1920, 1080)) == (1920, 1080)  # 16:9 already
+    assert snapped((700, 480)) == (700, 467)  # 1.458: 2.8 % from 3:2
+    assert snapped((700, 500)) == (700, 500)  # 1.4: 5 % from 4:3, 7 % from 3:2: kept
+    assert snapped((370, 100)) == (370, 100)  # 3.7:1 is no common ratio: kept
+    assert key((650, 480)) == key((640, 480))  # so they share a bucket
+    assert key((650, 480), exact_aspect=True) != key((640, 480), exact_aspect=True)

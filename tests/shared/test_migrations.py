@@ -56,8 +56,9 @@ def test_unfinished_jobs_get_raw_loss_terms(old_db: str) -> None:
     for job_id, (_, before, after) in JOBS.items():
         params = rows[job_id] if isinstance(rows[job_id], dict) else json.loads(rows[job_id])
         assert params.get("loss_terms") == after, (job_id, params)
-        assert {k: v for k, v in params.items() if k != "loss_terms"} == {
-            k: v for k, v in before.items() if k != "loss_terms"
+        later = ("loss_terms", "exact_aspect")  # exact_aspect: migration 0005, tested below
+        assert {k: v for k, v in params.items() if k not in later} == {
+            k: v for k, v in before.items() if k not in later
         }
 
 
@@ -90,3 +91,33 @@ def test_emptied_marks_move_from_progress_to_their_column(old_db: str) -> None:
     assert progress == {"emptied": {"loss": 1.5}, "kept": {"loss": 2.0}}
     assert rows["emptied"][1] is not None and str(rows["emptied"][1]).startswith("2026-11-30")
     assert rows["kept"][1] is None
+
+
+def test_unfinished_jobs_keep_their_exact_aspect(old_db: str) -> None:
+    """Migration 0005: jobs queued or running keep the aspect ratio they were submitted (and
+    checkpointed) with; finished ones are left as they were."""
+    upgrade(old_db, "0004")
+    engine = create_engine(old_db)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": NOW})
+        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": NOW})
+        for job_id, status in (("q", "queued"), ("r", "running"), ("s", "succeeded")):
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
+                    "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
+                    "updated_at) VALUES (:id, 't', :s, '{\"size\": 64}', 'i', '[\"i\"]', '{}', 0, 3, "
+                    "false, '[]', :n, :n)"
+                ),
+                {"id": job_id, "s": status, "n": NOW},
+            )
+    upgrade(old_db)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, params FROM jobs")).all())
+    engine.dispose()
+    params = {k: v if isinstance(v, dict) else json.loads(v) for k, v in rows.items()}
+    assert params == {
+        "q": {"size": 64, "exact_aspect": True},
+        "r": {"size": 64, "exact_aspect": True},
+        "s": {"size": 64},
+    }

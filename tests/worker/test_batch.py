@@ -4,22 +4,24 @@ member is settled on its own (result, cancel, bad input), with the execution rec
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from shared.buckets import bucket_key
 from shared.db import get_sessionmaker
-from shared.models import Job
+from shared.models import Job, StoredImage
 from shared.params import JobParams
 from shared.settings import Settings
 from shared.storage import open_storage
-from tests.support.images import png
+from tests.support.images import png, png_bytes
 from tests.support.jobs import CONTENT, NODE, STYLE, LoadJob, MakeJob
 from worker import batch, runner
 from worker.watcher import StopReason, Watcher
@@ -171,3 +173,38 @@ def test_a_database_outage_while_filling_the_group_gives_every_job_back(
     assert delivered.published_at is not None  # its retry message is due
     assert (taken.status, taken.published_at, taken.max_attempts) == ("queued", None, 4)  # waiting again
     assert (untouched.status, untouched.attempt) == ("queued", 0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_nearly_square_content_runs_square_and_comes_back_at_its_own_aspect(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch, exact: bool
+) -> None:
+    """49 x 48 is within 3 % of 1:1: it runs as 49 x 49 (so it can share a bucket with square
+    contents) and its result is resized back to 49:48; ``exact_aspect`` runs it as it is."""
+    from worker.engine import StyleTransfer
+
+    image_id = "a" * 64
+    open_storage(grouped).put_bytes(f"images/{image_id}", png_bytes(7, 49, 48))
+    with get_sessionmaker(grouped.database_url)() as s:
+        s.add(
+            StoredImage(
+                id=image_id, format="PNG", width=49, height=48, bytes=1, storage_key=f"images/{image_id}"
+            )
+        )
+        s.commit()
+    seen: list[tuple[int, int]] = []
+    run = StyleTransfer.run
+
+    def spy(self: StyleTransfer, content: Any, *args: Any, **kw: Any) -> Any:
+        seen.append(content.size)
+        return run(self, content, *args, **kw)
+
+    monkeypatch.setattr(StyleTransfer, "run", spy)
+    job_id = make_job(params={**PARAMS, "exact_aspect": exact})
+    with get_sessionmaker(grouped.database_url)() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(content_image_id=image_id))
+        s.commit()
+    assert runner.run_job(job_id, NODE, grouped) == "succeeded"
+    assert seen == [(49, 48) if exact else (49, 49)]
+    result = Image.open(io.BytesIO(open_storage(grouped).get_bytes(load_job(job_id).result_key or "")))
+    assert result.size == (32, 31)  # 49:48 at the 32 px long edge, either way

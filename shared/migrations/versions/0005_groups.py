@@ -10,6 +10,8 @@ Create Date: 2026-12-01 18:00:00
   size, engine seconds), shown by ``GET /v1/jobs/{id}``.
 * ``jobs.emptied_at``: when retention or a delete removed the job's result and checkpoints (it was
   a ``result_expired_at`` key in ``progress``, moved here).
+* Unfinished jobs get ``params.exact_aspect = true``: they were submitted to run at their content's
+  exact aspect ratio, and their checkpoints were made that way (a snapped run would not resume them).
 """
 
 from __future__ import annotations
@@ -32,6 +34,19 @@ def upgrade() -> None:
         batch.add_column(sa.Column("emptied_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_jobs_bucket", "jobs", ["status", "bucket", "created_at"], unique=False)
     _move_emptied_marks()
+    _keep_exact_aspect()
+
+
+def _keep_exact_aspect() -> None:
+    jobs = sa.table(
+        "jobs", sa.column("id", sa.String), sa.column("status", sa.String), sa.column("params", sa.JSON)
+    )
+    bind = op.get_bind()
+    unfinished = jobs.c.status.in_(["queued", "running"])
+    for job_id, params in bind.execute(sa.select(jobs.c.id, jobs.c.params).where(unfinished)).all():
+        bind.execute(
+            jobs.update().where(jobs.c.id == job_id).values(params={**(params or {}), "exact_aspect": True})
+        )
 
 
 def _move_emptied_marks() -> None:
