@@ -59,7 +59,12 @@ def _add_migrate(sub: Any) -> None:
 def _add_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help=SUMMARY["worker"])
     p.add_argument("--gpus", help="comma-separated GPU indices (default: every visible GPU)")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs at once per worker (default 1)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="pool processes per worker, so per GPU (default 1; 2-4 under CUDA MPS, see README)",
+    )
     p.add_argument("--loglevel", default="info", help="Celery log level (default info)")
     p.add_argument("--cpu", action="store_true", help="one CPU worker even if GPUs are present")
     p.set_defaults(func=cmd_worker)
