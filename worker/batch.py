@@ -81,23 +81,22 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings, alone:
     for claim in (first, *mates):
         log_event(claim.job_id, claim.attempt, "grouped", group=group, jobs=1 + len(mates))
     try:
-        outcomes = _run(settings, [first, *mates], group, engine)
+        outcomes, ran = _run(settings, [first, *mates], group, engine)
     except BaseException:  # the first's transient error (its task retries it) after the others settled
         for mate in mates:
             best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
         raise
-    if outcomes is None:
-        # The group as a whole failed (the engine refused it, out of memory, ...): each job runs
-        # alone here, now, rather than going back to be grouped (and to fail) again.
-        for mate in mates:
+    if not ran:
+        # The group as a whole failed (the engine refused it, out of memory, ...): each job not
+        # settled yet runs alone here, now, rather than going back to be grouped (and fail) again.
+        for mate in (m for m in mates if m.job_id not in outcomes):
 
             def run_alone(mate: jobstore.Claim = mate) -> str:
                 return alone(mate)
 
             ended = guarded(settings, mate, run_alone, retried=False)
             log_event(mate.job_id, mate.attempt, "group_member_ended", group=group, outcome=ended)
-        return None
-    return outcomes[first.job_id]
+    return outcomes.get(first.job_id)  # None: the first runs alone (the caller)
 
 
 def _raiser(exc: BaseException) -> Callable[[], str]:
@@ -134,8 +133,11 @@ def _take_waiting(settings: Settings, bucket: str, count: int) -> list[str]:
     return taken
 
 
-def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any) -> dict[str, str] | None:
-    """Run the group; each member's outcome by job id (None: the group as a whole failed).
+def _run(
+    settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any
+) -> tuple[dict[str, str], bool]:
+    """Run the group: the outcomes by job id of the members settled, and whether the group ran
+    (False: it failed as a whole; only members settled before it started have an outcome).
 
     Every member's watcher (heartbeat, cancel, fencing) runs from before its inputs are read until
     it is settled; the checkpoint uploads of all are settled first (a shutdown's checkpoint is
@@ -147,12 +149,12 @@ def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: A
         with ExitStack() as saving:
             members = prepare_members(settings, storage, watchers, saving, outcomes)
             if not members:
-                return outcomes
+                return outcomes, True
             results = _run_engine(engine, members, group)
         if results is None:
-            return None
+            return outcomes, False
         settle_all(settings, storage, members, results, claims[0].job_id, group, outcomes)
-    return outcomes
+    return outcomes, True
 
 
 def _run_engine(engine: Any, members: list[Member], group: str) -> list[GroupOutcome] | None:

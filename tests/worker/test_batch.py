@@ -131,11 +131,25 @@ def test_when_the_group_fails_as_a_whole_each_job_runs_alone(
 
     monkeypatch.setattr(StyleTransfer, "run_group", refuse)
     jobs = _jobs(make_job, 3)
+    missing = _jobs(make_job, 1)[0]  # settled (failed) while the group was prepared: not run again
+    with get_sessionmaker(grouped.database_url)() as s:
+        s.execute(update(Job).where(Job.id == missing).values(style_image_ids=["f" * 64]))
+        s.commit()
+    runs = []
+    alone = runner._execute
+
+    def count(claim: Any, settings: Settings) -> str:
+        runs.append(claim.job_id)
+        return alone(claim, settings)
+
+    monkeypatch.setattr(runner, "_execute", count)
     assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
     for job_id in jobs:
         job = load_job(job_id)
         assert (job.status, job.attempt) == ("succeeded", 1)
         assert job.execution is not None and job.execution["group_size"] == 1
+    assert (load_job(missing).status, load_job(missing).error_code) == ("failed", "input_missing")
+    assert sorted(runs) == sorted(jobs)  # each alone once; the failed one not at all
 
 
 def test_a_time_limit_ends_every_member(
