@@ -147,7 +147,7 @@ def _run(
     with ExitStack() as watching:
         watchers = watch_all(settings, claims, watching, outcomes)
         with ExitStack() as saving:
-            members = prepare_members(settings, storage, watchers, saving, outcomes)
+            members = prepare_members(settings, storage, watchers, saving, outcomes, claims[0].job_id)
             if not members:
                 return outcomes, True
             results = _run_engine(engine, members, group)

@@ -97,14 +97,16 @@ def prepare_members(
     watched: list[tuple[jobstore.Claim, JobParams, Watcher]],
     stack: ExitStack,
     outcomes: dict[str, str],
+    delivered: str,
 ) -> list[Member]:
     """Each watched job with its inputs and checkpoint saver (entered on ``stack``); a job whose
-    inputs are bad, or whose config differs from the first's, is settled at once and left out."""
+    inputs are bad, or whose config differs from the first's, is settled at once and left out.
+    ``delivered``: the job whose message this is (its transient errors are raised: its task retries)."""
     from worker.engine.config import BatchItem
     from worker.engine.groups import GroupJob
 
     members: list[Member] = []
-    for i, (claim, params, watcher) in enumerate(watched):
+    for claim, params, watcher in watched:
 
         def prepare(
             claim: jobstore.Claim = claim, params: JobParams = params, watcher: Watcher = watcher
@@ -126,7 +128,7 @@ def prepare_members(
             log_event(claim.job_id, claim.attempt, "started", resume_step=0)
             return "prepared"
 
-        outcome = guarded(settings, claim, prepare, retried=i == 0 and claim is watched[0][0])
+        outcome = guarded(settings, claim, prepare, retried=claim.job_id == delivered)
         if outcome != "prepared":
             outcomes[claim.job_id] = outcome
             watcher.close()
