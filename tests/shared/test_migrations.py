@@ -113,7 +113,7 @@ def test_unfinished_jobs_keep_their_exact_aspect(old_db: str) -> None:
             )
     upgrade(old_db)
     with engine.connect() as conn:
-        rows = dict(conn.execute(text("SELECT id, params FROM jobs")).all())
+        rows: dict[str, Any] = dict(conn.execute(text("SELECT id, params FROM jobs")).all())
     engine.dispose()
     params = {k: v if isinstance(v, dict) else json.loads(v) for k, v in rows.items()}
     assert params == {
