@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from worker.engine import BatchItem, Progress, StyleTransfer, TransferConfig  # noqa: E402
+from worker.engine.diagnostics import HostReads  # noqa: E402
 from worker.engine.groups import DEFAULT_REPORT_EVERY_CUDA, GroupJob, run_group  # noqa: E402
 from worker.engine.schedule import Schedule, build_schedule  # noqa: E402
 from worker.engine.transfer import resolve_device, resolve_precision  # noqa: E402
@@ -320,21 +321,6 @@ def cross_check(engine: StyleTransfer, plan: Plan) -> None:
 
 
 # ----------------------------------------------------------------------------------------- syncs
-
-
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts reads of tensor values by the host (each a device sync on CUDA)."""
-
-    READS = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in self.READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_syncs(

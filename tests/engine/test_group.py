@@ -13,6 +13,7 @@ from PIL import Image
 
 from worker.engine import BatchItem, Checkpoint, EngineError, Progress, StyleTransfer, TransferConfig
 from worker.engine import objective as objective_mod
+from worker.engine.diagnostics import HostReads
 from worker.engine.groups import GroupJob, GroupOutcome, run_group
 from worker.engine.vgg import VGGFeatures
 
@@ -172,21 +173,6 @@ def test_progress_is_read_every_n_iterations_and_at_scale_ends(
     assert [(p.scale, p.iteration) for p in seen] == [(0, 2), (0, 4), (0, 5), (1, 2), (1, 4), (1, 5)]
 
 
-class _SyncCounter(torch.overrides.TorchFunctionMode):
-    """Counts reads of tensor values by the host (each a device sync on CUDA)."""
-
-    READS = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in self.READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
 def test_the_loop_reads_nothing_back_between_reports(
     engine: StyleTransfer, jobs: list[GroupJob], optimizer: str
@@ -195,7 +181,7 @@ def test_the_loop_reads_nothing_back_between_reports(
     counts = []
     for iterations in (3, 9):
         cfg = small_config(optimizer=optimizer, iterations=iterations)
-        counter = _SyncCounter()
+        counter = HostReads()
         with counter:
             run_group(engine, jobs[:2], cfg, report_every=100)  # reads at the scale ends only
         counts.append(counter.count)

@@ -89,3 +89,16 @@ class FakeEngine:
 
 # mypy checks that the fake fits the seam the runner uses, as the real engine does (worker/runner.py).
 _FITS_THE_SEAM: EnginePort = FakeEngine()
+
+
+def checkpoint(step: int, end_of_scale: bool = False) -> Checkpoint:
+    """A small checkpoint at ``step`` (an 8 x 8 image, no optimiser state)."""
+    return Checkpoint(
+        scale=0,
+        iteration=step,
+        step=step,
+        image=torch.rand(1, 3, 8, 8),
+        optimizer_state=None,
+        config_digest="d",
+        end_of_scale=end_of_scale,
+    )

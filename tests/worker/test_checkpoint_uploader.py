@@ -12,15 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from shared.settings import Settings
 from shared.storage import Storage, StorageUnavailable, open_storage
 from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.support.waiting import wait_for
-from tests.worker.fakes import FakeEngine
+from tests.worker.fakes import FakeEngine, checkpoint
 from worker import checkpoints, jobstore, runner, settle, watcher
-from worker.engine import CHECKPOINT_NOW, Checkpoint, Progress
+from worker.engine import CHECKPOINT_NOW, Progress
 from worker.watcher import JobStopped, StopReason, Watcher
 
 WAIT_S = 30  # an upper bound for events that happen at once; never waited out when all is well
@@ -307,18 +306,6 @@ def spy_release_and_flush(
     monkeypatch.setattr(jobstore, "release", release)
     monkeypatch.setattr(checkpoints.CheckpointSaver, "flush", flush)
     return at_release, flushing
-
-
-def checkpoint(step: int, end_of_scale: bool = False) -> Checkpoint:
-    return Checkpoint(
-        scale=0,
-        iteration=step,
-        step=step,
-        image=torch.rand(1, 3, 8, 8),
-        optimizer_state=None,
-        config_digest="d",
-        end_of_scale=end_of_scale,
-    )
 
 
 def progress(step: int) -> Progress:

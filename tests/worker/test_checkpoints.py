@@ -12,7 +12,7 @@ from shared.models import Job
 from shared.settings import Settings
 from shared.storage import FolderStorage, Storage, StorageUnavailable, open_storage
 from tests.support.jobs import NODE, LoadJob, MakeJob
-from tests.worker.fakes import FakeEngine
+from tests.worker.fakes import FakeEngine, checkpoint
 from worker import checkpoints, jobstore, runner
 from worker.watcher import JobStopped, StopReason, Watcher
 
@@ -118,13 +118,13 @@ def test_a_stale_attempt_deletes_nothing(
     watch = Watcher(keep2, job_id, 1)
     with checkpoints.CheckpointSaver(storage, url, claim, watch, 2) as saver:
         for step in (2, 4):
-            saver(_checkpoint(step))
+            saver(checkpoint(step))
             assert saver.flush(30)
         before = load_job(job_id).checkpoints
         with get_sessionmaker(url)() as s:  # a newer attempt took the job over
             s.query(Job).filter(Job.id == job_id).update({"attempt": 2, "worker": "other@h#2"})
             s.commit()
-        saver(_checkpoint(6))  # its record is fenced out: the oldest ref (step 2) must survive
+        saver(checkpoint(6))  # its record is fenced out: the oldest ref (step 2) must survive
         assert saver.flush(30)
         with pytest.raises(JobStopped) as stopped:  # the loop sees it at its next callback
             watch.raise_if_stopped()
@@ -161,19 +161,3 @@ def test_a_failing_delete_does_not_fail_the_job(
     assert f"{first}.pt" in stored_checkpoints(keep2, job_id)
     failed = [r.getMessage() for r in caplog.records if "event=checkpoint_delete_failed" in r.getMessage()]
     assert len(failed) == 2 and all(f"job_id={job_id}" in m for m in failed)
-
-
-def _checkpoint(step: int) -> Any:
-    import torch
-
-    from worker.engine import Checkpoint
-
-    return Checkpoint(
-        scale=0,
-        iteration=step,
-        step=step,
-        image=torch.rand(1, 3, 8, 8),
-        optimizer_state=None,
-        config_digest="d",
-        end_of_scale=False,
-    )
