@@ -153,6 +153,13 @@ class FaultStack:
     def last_checkpoint(self, job_id: str) -> int:
         return int(self.stack.job(job_id).checkpoints[-1]["step"])
 
+    def checkpoint_after_requeue(self, job_id: str) -> int:
+        """The last checkpoint once the reconciler has requeued the job of a killed worker: the
+        dead attempt can write no more by then (checkpoints are recorded by a background thread,
+        whose last commit may still land just after the kill)."""
+        wait_for(lambda: self.stack.job(job_id).status == "queued", 60, f"{job_id} requeued", interval=0.1)
+        return self.last_checkpoint(job_id)
+
     def wait_terminal(self, job_ids: list[str], timeout: float = 90) -> None:
         def done() -> bool:
             return all(self.stack.job(j).status in TERMINAL for j in job_ids)
@@ -270,11 +277,10 @@ def test_kill9_whole_worker_mid_job_resumes_from_last_checkpoint(
     The message stays unacknowledged in the dead worker's kombu state (restored only after the
     visibility timeout): the reconciler requeues the job once its lease expires."""
     jobs = fs.submit(images, 2)
-    resumed_from: dict[str, int] = {}
     for job_id in jobs:  # both workers die (one after the other) before new ones start
         fs.random_moment(job_id)
         fs.kill_whole(fs.worker_of(job_id))
-        resumed_from[job_id] = fs.last_checkpoint(job_id)  # the dead attempt writes no more
+    resumed_from = {job_id: fs.checkpoint_after_requeue(job_id) for job_id in jobs}
     fs.ensure_running()  # new workers
     fs.wait_terminal(jobs)
     for job_id in jobs:
@@ -495,7 +501,7 @@ def test_embedded_default_whole_worker_killed_mid_job_completes(
     job_id = fs.submit(images, 1)[0]
     fs.random_moment(job_id)
     fs.kill_whole("worker")
-    resumed_from = fs.last_checkpoint(job_id)
+    resumed_from = fs.checkpoint_after_requeue(job_id)
     fs.ensure_running()
     fs.wait_terminal([job_id], timeout=90)
     fs.assert_succeeded_once(job_id, attempt=2, resumed_from=resumed_from)
