@@ -94,6 +94,26 @@ class Settings(BaseSettings):
     tenant_daily_budget_mpi: int = 1_000_000  # megapixel-iterations a tenant may submit per UTC day
     key_rotate_overlap_s: float = 86400.0  # after a rotation the old key still works this long
 
+    # --- webhooks (shared.webhooks; delivered by ``stylequeue webhooks``, a Celery worker of their own) ---
+    # Targets also allowed when private or plain http: comma-separated hosts or CIDRs (tests, LANs).
+    webhook_allow_hosts: str = ""
+    webhook_timeout_s: float = 10.0  # one delivery attempt, connect to last byte
+    webhook_max_response_bytes: int = 64 * 1024  # of a receiver's answer read (the rest is dropped)
+    webhook_retry_window_s: float = 24 * 3600.0  # retries of one event stop this long after it
+    webhook_backoff_s: float = 5.0  # first retry after about this, doubling, with jitter...
+    webhook_backoff_max_s: float = 3600.0  # ...up to this
+    webhook_concurrency: int = 8  # deliveries at once per ``stylequeue webhooks`` process
+
+    # --- live events (GET /v1/jobs/{id}/events, Server-Sent Events) ---
+    events_poll_s: float = 0.5  # a stream looks at its job(s) this often (progress: a few a second)
+    events_max_streams: int = 20  # open streams per tenant (more get 429)
+    events_max_duration_s: float = 600.0  # a stream ends after this; clients resume (Last-Event-ID)
+
+    # --- metrics (prometheus-client; never public by default) ---
+    metrics_token: str = ""  # GET /metrics on the API needs "Authorization: Bearer <token>"; "" = 404
+    worker_metrics_port: int = 0  # each worker host serves /metrics here (0 = off)
+    dispatcher_metrics_port: int = 0  # the dispatcher serves DB gauges (jobs by status, tenant) here
+
     # --- retention ---
     retention_days: float = 30.0  # finished jobs' results and checkpoints are purged after (0 = never)
 
