@@ -13,10 +13,12 @@ from fastapi import FastAPI
 from api.commit_recovery import InDoubt
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
+from api.metrics import MetricsMiddleware
+from api.metrics import router as metrics_router
 from api.offload import Admission, cpu_pool
 from api.publisher import CeleryPublisher, Publisher
 from api.ratelimit import RateLimitHeadersMiddleware
-from api.routes import batches, health, images, jobs, results, status
+from api.routes import batches, events, health, images, jobs, results, status, webhooks
 from shared import logs
 from shared.db import get_sessionmaker
 from shared.settings import Settings, get_settings
@@ -56,7 +58,9 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RateLimitHeadersMiddleware)
-    for module in (health, images, jobs, results, batches, status):
+    app.add_middleware(MetricsMiddleware)  # outermost: it sees the body limit's answers too
+    app.include_router(metrics_router)  # GET /metrics: 404 unless STYLEQUEUE_METRICS_TOKEN is set
+    for module in (health, images, jobs, results, batches, status, webhooks, events):
         app.include_router(module.router)
     if settings.auth == "off":
         logs.event(

@@ -21,6 +21,7 @@ from api.forms import MAX_FIELD_BYTES
 from api.publisher import Publisher
 from api.safejson import loads
 from api.schemas import PRIORITY_LIMIT
+from api.webhook_input import WebhookRequest
 from shared import dispatch, jobstore, logs, quotas
 from shared.buckets import bucket_key, groupable
 from shared.db import is_db_outage
@@ -141,6 +142,7 @@ def insert_jobs(
     settings: Settings,
     priority: int = 0,
     admitted: bool = False,
+    webhook: WebhookRequest | None = None,
 ) -> list[str]:
     """Admit the jobs under the tenant's quotas (``shared.quotas``: refused, nothing is created;
     ``admitted``: the caller did, with ``admit_jobs``, before it stored anything), then bulk-insert
@@ -158,6 +160,8 @@ def insert_jobs(
         max_attempts=settings.max_attempts,
         costs=costs,
         priority=priority,
+        webhook=webhook.url if webhook else None,
+        webhook_events=list(webhook.events) if webhook else None,
     )
 
 

@@ -28,7 +28,7 @@ def base_url(settings: Settings) -> str:
 
 
 class Linker:
-    def __init__(self, request: Request, settings: Settings, storage: Storage) -> None:
+    def __init__(self, request: Request | None, settings: Settings, storage: Storage) -> None:
         self.base = base_url(settings)
         self.storage = storage
         self.expires = settings.presign_expiry_s

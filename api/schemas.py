@@ -143,6 +143,12 @@ class BatchRequest(BaseModel):
         strict=True,
         description="within this tenant's share: higher runs first (never ahead of other tenants)",
     )
+    webhook: str | None = Field(
+        None, max_length=2048, description="an https URL: its events are POSTed there, signed"
+    )
+    webhook_events_filter: list[Literal["start", "checkpoint", "completed", "batch.completed"]] | None = (
+        Field(None, max_length=8, description="default: completed and batch.completed")
+    )
 
 
 # Multipart requests, declared once: the allowed-field check (api.forms.check_fields), the reader
@@ -234,6 +240,18 @@ PRIORITY_FIELD = TextField(
         "share, higher runs first (never ahead of other tenants)",
     },
 )
+WEBHOOK_FIELD = TextField(
+    "webhook",
+    {"type": "string", "maxLength": 2048, "description": "an https URL: the job's events are POSTed there"},
+)
+WEBHOOK_EVENTS_FIELD = TextField(
+    "webhook_events_filter",
+    {
+        "type": "string",
+        "description": "events to send, comma-separated or a JSON list: start, checkpoint, completed "
+        "(default completed; batches also batch.completed, in their default)",
+    },
+)
 _JOB_MASKS = (
     "none, or one per style: mask i (files first, then ids) applies to style i "
     "(style files first, then style ids); greyscale, white = the style applies here, "
@@ -244,7 +262,7 @@ JOB_FORM = FormSpec(
     ImageField("content", "the content image (one)", single=True),
     ImageField("style", "the style images"),
     ImageField("mask", "content masks", _JOB_MASKS),
-    (PARAMS_FIELD, PRIORITY_FIELD),
+    (PARAMS_FIELD, PRIORITY_FIELD, WEBHOOK_FIELD, WEBHOOK_EVENTS_FIELD),
     name_fields_in_errors=True,
 )
 BATCH_FORM = FormSpec(
@@ -254,6 +272,8 @@ BATCH_FORM = FormSpec(
     (
         PARAMS_FIELD,
         PRIORITY_FIELD,
+        WEBHOOK_FIELD,
+        WEBHOOK_EVENTS_FIELD,
         TextField("mode", {"type": "string", "enum": ["product", "pairs"]}),
         TextField(
             "pairs",

@@ -49,6 +49,7 @@ from api.presenters import job_out
 from api.queries import get_job
 from api.safejson import loads
 from api.schemas import BatchCreated, FormSpec, ImageField
+from api.webhook_input import WebhookRequest
 from shared import logs
 from shared.audit import audit
 from shared.idempotency import StoredResponse
@@ -81,6 +82,7 @@ class ValidSubmission:
     params: JobParams
     batch: bool  # a batch row, answered BatchCreated; else one job, answered JobOut
     priority: int = 0  # within the tenant's line (shared.dispatch)
+    webhook: WebhookRequest | None = None  # where its events go (api.webhook_input)
 
 
 def validated(
@@ -93,6 +95,7 @@ def validated(
     *,
     batch: bool,
     priority: int = 0,
+    webhook: WebhookRequest | None = None,
 ) -> ValidSubmission:
     """The params for the plan's jobs, then every image (decoded once). CPU-bound: off the loop."""
     # a masked job has one style region per style: W2 pays its eigendecompositions once per region
@@ -101,7 +104,7 @@ def validated(
     items = resolve_items([*contents, *styles, *masks], settings)  # one pixel budget for all
     n_c, n_s = len(contents), len(styles)
     return ValidSubmission(
-        items[:n_c], items[n_c : n_c + n_s], items[n_c + n_s :], plan, params, batch, priority
+        items[:n_c], items[n_c : n_c + n_s], items[n_c + n_s :], plan, params, batch, priority, webhook
     )
 
 
@@ -196,7 +199,7 @@ def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
         _check_images(sub, image_dims(session, tenant_id, items))
         admit_jobs(session, tenant_id, specs, sub.params, ctx.settings)  # before any object is stored
         persist_images(session, ctx.storage, tenant_id, [i for i in items if not isinstance(i, str)])
-        batch_id = _add_batch(session, tenant_id, sub.params, len(specs)) if sub.batch else None
+        batch_id = _add_batch(session, tenant_id, sub, len(specs)) if sub.batch else None
         job_ids = insert_jobs(
             session,
             tenant_id=tenant_id,
@@ -206,6 +209,7 @@ def create(ctx: SubmitCtx, sub: ValidSubmission) -> tuple[StoredResponse, bool]:
             settings=ctx.settings,
             priority=sub.priority,
             admitted=True,
+            webhook=sub.webhook,
         )
         answer = _answer(session, ctx, job_ids, batch_id)
         record = Submission(tenant_id, tuple(job_ids), batch_id, ctx.idem.key if ctx.idem else None)
@@ -244,13 +248,15 @@ def _specs(sub: ValidSubmission) -> list[JobSpec]:
     ]
 
 
-def _add_batch(session: Session, tenant_id: str, params: JobParams, job_count: int) -> str:
+def _add_batch(session: Session, tenant_id: str, sub: ValidSubmission, job_count: int) -> str:
     batch = Batch(
         id=new_id(),
         tenant_id=tenant_id,
-        params=params.model_dump(mode="json"),
+        params=sub.params.model_dump(mode="json"),
         job_count=job_count,
         created_at=utcnow(),
+        webhook=sub.webhook.url if sub.webhook else None,
+        webhook_events=list(sub.webhook.events) if sub.webhook else None,
     )
     session.add(batch)
     session.flush()

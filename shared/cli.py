@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "tenants": "shared.tenant_cli",
     "worker": "shared.server_cli",
     "dispatch": "shared.server_cli",
+    "webhooks": "shared.server_cli",
     "reconcile": "shared.server_cli",
     # client: talk to a running API over HTTP
     "submit": "api.client_cli",

@@ -3,7 +3,10 @@
 1. the reconciler (``shared.reconcile``): jobs of expired leases and of lost messages made waiting
    again, Idempotency-Keys past their retention pruned;
 2. fair dispatch (``shared.dispatch``): waiting jobs published into free worker slots;
-3. retention (``shared.retention``): deleted jobs' and expired results' objects purged, unreferenced
+3. webhooks (``shared.webhook_outbox``): events due (new ones a process could not publish, retries
+   whose time has come, those of a sender killed mid-attempt) published to the sender's queue, and
+   settled events past retention removed;
+4. retention (``shared.retention``): deleted jobs' and expired results' objects purged, unreferenced
    images removed, now and then an orphan sweep of storage; and long-dead worker rows pruned.
 
 Several dispatchers may run at once (each step is guarded; dispatch passes are serialised on
@@ -21,7 +24,7 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import dispatch, logs, reconcile, workers
+from shared import dispatch, logs, reconcile, webhook_outbox, workers
 from shared.dispatch import PublishMany
 from shared.models import utcnow
 from shared.settings import Settings
@@ -29,6 +32,7 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 WORKER_ROWS_KEPT = timedelta(days=1)  # a worker silent this long is forgotten
+WEBHOOK_EVENTS_KEPT_DAYS = 30.0  # settled webhook events, when retention_days is 0 (never)
 
 
 @dataclass
@@ -43,12 +47,16 @@ def one_pass(
     settings: Settings,
     housekeeping: Callable[[datetime], None] | None = None,
     now: datetime | None = None,
+    publish_webhooks: PublishMany | None = None,
 ) -> PassReport:
-    """Reconcile, then dispatch, then ``housekeeping`` (retention); each step's failure is logged
-    and does not keep the others from running."""
+    """Reconcile, then dispatch, then publish due webhook events (with ``publish_webhooks``), then
+    ``housekeeping`` (retention); each step's failure is logged and does not keep the others from
+    running."""
     now = now or utcnow()
     reconciled = _step("reconcile", lambda: _reconcile(sessions, settings, now))
     dispatched = _step("dispatch", lambda: dispatch.dispatch_once(sessions, publish, settings, now=now))
+    if publish_webhooks is not None:
+        _step("webhooks", lambda: _webhooks(sessions, publish_webhooks, settings, now))
     _step("prune_workers", lambda: _prune_workers(sessions, now))
     if housekeeping is not None:
         _step("housekeeping", lambda: housekeeping(now))
@@ -88,6 +96,18 @@ def _step(name: str, fn: Callable[[], T]) -> T | None:
         return None
 
 
+def _webhooks(
+    sessions: sessionmaker[Session], publish: PublishMany, settings: Settings, now: datetime
+) -> None:
+    with sessions() as session:
+        ids = webhook_outbox.due(session, now, settings.publish_grace_s)
+        days = settings.retention_days or WEBHOOK_EVENTS_KEPT_DAYS
+        webhook_outbox.prune(session, now - timedelta(days=days))
+        session.commit()
+    if ids:
+        publish(ids)  # one not published now is published again after publish_grace_s
+
+
 def _prune_workers(sessions: sessionmaker[Session], now: datetime) -> None:
     with sessions() as session:
         workers.prune(session, now=now, older_than=WORKER_ROWS_KEPT.total_seconds())
@@ -102,11 +122,12 @@ def run_forever(
     housekeeping: Callable[[datetime], None] | None = None,
     interval_s: float | None = None,
     stop: Callable[[], bool] = lambda: False,
+    publish_webhooks: PublishMany | None = None,
 ) -> None:
     """A pass every ``interval_s`` (default ``dispatch_interval_s``) until ``stop()``."""
     interval = settings.dispatch_interval_s if interval_s is None else interval_s
     while not stop():
-        r = one_pass(sessions, publish, settings, housekeeping).reconciled
+        r = one_pass(sessions, publish, settings, housekeeping, publish_webhooks=publish_webhooks).reconciled
         if r.lost or r.requeued or r.failed:
             logger.info(
                 "reconcile lost=%d requeued=%d failed=%d",

@@ -38,6 +38,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, insert, update
 from sqlalchemy.orm import Session
 
+from shared import webhooks
 from shared.jobs import INITIAL, JobStatus
 from shared.jobstore_guards import HELD, Seen, allowed_sources, lease_expired, matched, move
 from shared.models import Job, new_id, utcnow
@@ -82,10 +83,12 @@ def insert_queued(
     max_attempts: int,
     costs: Sequence[int] | None = None,
     priority: int = 0,
+    webhook: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> list[str]:
     """Bulk-insert queued jobs (one statement). Returns their ids in order. ``costs``: each job's
     pixels x iterations (``JobParams.work``), what fair dispatch charges; ``priority``: within the
-    tenant's share, higher first."""
+    tenant's share, higher first; ``webhook``: where their events go (``shared.webhooks``)."""
     now = utcnow()  # + i microseconds: (created_at, id) order is the submission order
     rows: list[dict[str, Any]] = [
         {
@@ -105,6 +108,8 @@ def insert_queued(
             "cost": costs[i] if costs is not None else 0,
             "priority": priority,
             "bucket": spec.bucket,
+            "webhook": webhook,
+            "webhook_events": webhook_events,
             "created_at": now + timedelta(microseconds=i),
             "updated_at": now,
         }
@@ -169,10 +174,23 @@ def heartbeat(session: Session, job_id: str, attempt: int, progress: dict[str, A
     return matched(session, update(Job).where(*_held(job_id, attempt)).values(**values)) == 1
 
 
-def record_checkpoints(session: Session, job_id: str, attempt: int, refs: list[dict[str, Any]]) -> bool:
-    """Store the holder's checkpoint list (with a heartbeat); False when fenced out."""
-    stmt = update(Job).where(*_held(job_id, attempt)).values(checkpoints=refs, heartbeat_at=utcnow())
-    return matched(session, stmt) == 1
+def record_checkpoints(
+    session: Session, job_id: str, attempt: int, refs: list[dict[str, Any]], *, new: bool = True
+) -> bool:
+    """Store the holder's checkpoint list (with a heartbeat); False when fenced out. ``new``: the list
+    gained a checkpoint (its webhook ``checkpoint`` event), rather than only losing old ones."""
+    stmt = (
+        update(Job)
+        .where(*_held(job_id, attempt))
+        .values(checkpoints=refs, heartbeat_at=utcnow())
+        .returning(Job.id, Job.tenant_id, Job.batch_id, Job.webhook, Job.webhook_events)
+    )
+    row = session.execute(stmt, execution_options={"synchronize_session": False}).first()
+    if row is None:
+        return False
+    if new:
+        webhooks.on_checkpoint(session, webhooks.Moved(*row))
+    return True
 
 
 def succeed(

@@ -17,8 +17,9 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from shared import webhooks
 from shared.jobs import TERMINAL, JobStatus
-from shared.jobstore_guards import allowed_sources, matched, not_terminal
+from shared.jobstore_guards import allowed_sources, matched, moved_rows, not_terminal
 from shared.models import Job, utcnow
 
 
@@ -48,7 +49,7 @@ def _cancel_asked(session: Session, where: Sequence[ColumnElement[bool]], now: d
         .where(queued, Job.cancel_requested.is_(True), *where)
         .values(status=JobStatus.CANCELED, finished_at=now, updated_at=now)
     )
-    return matched(session, stmt)
+    return len(moved_rows(session, stmt, webhooks.COMPLETED))
 
 
 def mark_deleted(

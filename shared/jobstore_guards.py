@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Executable, or_, update
+from sqlalchemy import ColumnElement, CursorResult, Executable, Update, or_, update
 from sqlalchemy.orm import Session
 
+from shared import webhooks
 from shared.jobs import TERMINAL, JobStatus, sources_for
 from shared.models import Job
 
@@ -77,9 +78,31 @@ def move(
     within: frozenset[JobStatus] | None = None,
     **values: Any,
 ) -> bool:
-    """One row from an allowed source (and ``where``) to ``new``; True if it moved."""
+    """One row from an allowed source (and ``where``) to ``new``; True if it moved. A move that
+    starts or ends a job emits its webhook event in the same transaction (``shared.webhooks``)."""
     stmt = update(Job).where(allowed_sources(new, within), *where).values(status=new, **values)
-    return matched(session, stmt) == 1
+    name = webhooks.event_of(new, values)
+    if name is None:
+        return matched(session, stmt) == 1
+    return len(moved_rows(session, stmt, name)) == 1
 
 
-__all__ = ["HELD", "Seen", "allowed_sources", "lease_expired", "matched", "move", "not_terminal"]
+def moved_rows(session: Session, stmt: Update, name: str) -> list[webhooks.Moved]:
+    """Run a status move with RETURNING and emit event ``name`` for the rows it moved."""
+    returning = stmt.returning(Job.id, Job.tenant_id, Job.batch_id, Job.webhook, Job.webhook_events)
+    result = session.execute(returning, execution_options={"synchronize_session": False})
+    rows = [webhooks.Moved(*row) for row in result.all()]
+    webhooks.on_moved(session, name, rows)
+    return rows
+
+
+__all__ = [
+    "HELD",
+    "Seen",
+    "allowed_sources",
+    "lease_expired",
+    "matched",
+    "move",
+    "moved_rows",
+    "not_terminal",
+]

@@ -52,6 +52,11 @@ class Tenant(Base):
     max_running: Mapped[int | None] = mapped_column(Integer, default=None)
     daily_budget_mpi: Mapped[int | None] = mapped_column(BigInteger, default=None)
     rate_limit: Mapped[str | None] = mapped_column(String(200), default=None)
+    # Standard Webhooks signing secret ("whsec_..."), made on first use; after a rotation the
+    # previous one also signs until webhook_secret_previous_until (receivers switch over meanwhile).
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), default=None)
+    webhook_secret_previous: Mapped[str | None] = mapped_column(String(100), default=None)
+    webhook_secret_previous_until: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):
@@ -96,6 +101,12 @@ class Batch(Base):
     job_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The batch's webhook (its jobs carry it too) and its event filter (shared.webhooks.EVENTS)
+    webhook: Mapped[str | None] = mapped_column(String(2048), default=None)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    # Jobs of a webhook batch that reached a terminal state: the one that makes it job_count emits
+    # batch.completed (counted in the transaction of each job's last move, so exactly once).
+    finished_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Job(Base):
@@ -155,6 +166,9 @@ class Job(Base):
     execution: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     # when retention or a delete removed its result and checkpoints (410 result_expired after)
     emptied_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Where to POST its events (an https URL checked by shared.webhook_guard) and which ones
+    webhook: Mapped[str | None] = mapped_column(String(2048), default=None)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -203,3 +217,41 @@ class Worker(Base):
     detail: Mapped[str | None] = mapped_column(Text, default=None)  # why unhealthy, and the remedy
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEvent(Base):
+    """The outbox: one event to deliver (shared.webhooks), written in the transaction of the change
+    it reports; its id is the ``webhook-id`` of every attempt, so receivers can drop repeats."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_due", "state", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_<32 hex>
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)  # no FK: outlives
+    batch_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)  # purges
+    event: Mapped[str] = mapped_column(String(32))  # start | checkpoint | completed | batch.completed
+    url: Mapped[str] = mapped_column(String(2048))
+    # The body, frozen at the first attempt so that every retry sends the same bytes
+    payload: Mapped[str | None] = mapped_column(Text, default=None)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(default=None)  # a message is on its way
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)  # an attempt is under way
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookAttempt(Base):
+    """One delivery attempt of an event (``GET /v1/jobs/{id}/webhooks``)."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_job", "job_id", "id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    latency_ms: Mapped[float | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(String(300), default=None)
+    at: Mapped[datetime] = mapped_column(default=utcnow)

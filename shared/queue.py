@@ -19,6 +19,12 @@ from shared.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "stylequeue.run_job"
+WEBHOOK_TASK = "stylequeue.deliver_webhook"  # api.webhook_task, on webhook_queue(settings)
+
+
+def webhook_queue(settings: Settings) -> str:
+    """The webhook sender's own queue: GPU workers never consume it."""
+    return f"{settings.queue_name}.webhooks"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -75,14 +81,19 @@ def publish_job(app: Celery, job_id: str, **options: object) -> None:
 _RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
-def publish_many(app: Celery, job_ids: Sequence[str]) -> list[str]:
+def publish_many(app: Celery, job_ids: Sequence[str], *, webhooks_to: str | None = None) -> list[str]:
     """Publish in order over ONE producer (one broker connection); on a broker failure log, stop,
-    and return the ids published so far."""
+    and return the ids published so far. ``webhooks_to``: these are webhook event ids, for the
+    sender's queue of that name (``webhook_queue``)."""
     done: list[str] = []
     try:
         with app.producer_or_acquire() as producer:
             for job_id in job_ids:
-                publish_job(app, job_id, producer=producer, retry=True, retry_policy=_RETRY_POLICY)
+                options = {"producer": producer, "retry": True, "retry_policy": _RETRY_POLICY}
+                if webhooks_to is None:
+                    publish_job(app, job_id, **options)
+                else:
+                    app.send_task(WEBHOOK_TASK, args=[job_id], queue=webhooks_to, **options)
                 done.append(job_id)
     except Exception as exc:  # noqa: BLE001 - broker down, timeouts...: the jobs are published later
         missed = job_ids[len(done)] if len(done) < len(job_ids) else "-"

@@ -1,4 +1,5 @@
-"""The server commands: ``api``, ``migrate``, ``worker`` and ``reconcile`` (``keys``: shared/tenant_cli.py).
+"""The server commands: ``api``, ``migrate``, ``worker``, ``dispatch`` and ``webhooks`` (``keys``:
+shared/tenant_cli.py).
 
 Every image has them (the API image too: none imports torch). Each handler imports what it needs
 (uvicorn, SQLAlchemy, Celery, ``worker.supervisor``) so ``stylequeue --help`` stays fast.
@@ -25,6 +26,7 @@ SUMMARY = {
     "worker": "run GPU workers (one Celery worker per GPU)",
     "dispatch": "publish queued jobs fairly into free worker slots; recover lost ones; purge expired",
     "reconcile": "the same as dispatch (its former name)",
+    "webhooks": "deliver webhook events (a Celery worker of the webhook queue; no GPU, no torch)",
 }
 
 
@@ -36,6 +38,7 @@ def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
         "worker": _add_worker,
         "dispatch": _add_dispatch,
         "reconcile": _add_dispatch,
+        "webhooks": _add_webhooks,
     }
     for name in SUMMARY if names is None else names:
         if adders[name] is _add_dispatch:
@@ -80,6 +83,48 @@ def _add_dispatch(sub: Any, name: str = "dispatch") -> None:
         help="seconds between passes (default STYLEQUEUE_DISPATCH_INTERVAL_S)",
     )
     r.set_defaults(func=cmd_dispatch)
+
+
+def _add_webhooks(sub: Any) -> None:
+    p = sub.add_parser("webhooks", help=SUMMARY["webhooks"])
+    p.add_argument("--loglevel", default="info", help="Celery log level (default info)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="deliveries at once (default STYLEQUEUE_WEBHOOK_CONCURRENCY)",
+    )
+    p.set_defaults(func=cmd_webhooks)
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """A Celery worker of the webhook queue only, in threads (deliveries wait on the network)."""
+    import socket
+
+    from api.webhook_task import app
+    from shared.queue import webhook_queue
+
+    settings = get_settings()
+    if settings.embedded:
+        prepare_embedded(settings)
+    app.worker_main(
+        [
+            "worker",
+            "-P",
+            "threads",
+            "-c",
+            str(max(1, args.concurrency or settings.webhook_concurrency)),
+            "-Q",
+            webhook_queue(settings),
+            "-n",
+            f"webhooks@{socket.gethostname()}",
+            "--loglevel",
+            args.loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -149,7 +194,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     """The dispatcher loop (``shared.dispatcher``); several may run at once."""
     from shared.db import get_sessionmaker
     from shared.dispatcher import one_pass, run_forever
-    from shared.queue import make_celery, publish_many
+    from shared.queue import make_celery, publish_many, webhook_queue
 
     settings = get_settings()
     if settings.embedded:
@@ -160,15 +205,23 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     def publish(job_ids: Sequence[str]) -> list[str]:
         return publish_many(app, job_ids)
 
+    def publish_webhooks(event_ids: Sequence[str]) -> list[str]:
+        return publish_many(app, event_ids, webhooks_to=webhook_queue(settings))
+
     housekeeping = _housekeeping(settings, sessions)
     if args.once:
-        report = one_pass(sessions, publish, settings, housekeeping)
+        report = one_pass(sessions, publish, settings, housekeeping, publish_webhooks=publish_webhooks)
         r = report.reconciled
         print(
             f"lost={len(r.lost)} requeued={len(r.requeued)} failed={len(r.failed)} "
             f"dispatched={len(report.dispatched.published)}"
         )
         return 0
+    if settings.dispatcher_metrics_port:  # the database gauges: this process only, not the API's
+        from shared.metrics import serve_dispatcher_metrics
+
+        port, token = settings.dispatcher_metrics_port, settings.metrics_token
+        serve_dispatcher_metrics(sessions, port=port, token=token, lease_s=settings.lease_s)
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
@@ -186,6 +239,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         housekeeping=housekeeping,
         interval_s=args.interval,
         stop=lambda: bool(stopping),
+        publish_webhooks=publish_webhooks,
     )
     return 0
 

@@ -19,21 +19,29 @@ from celery.signals import (
     celeryd_after_setup,
     setup_logging,
     worker_process_init,
+    worker_process_shutdown,
     worker_ready,
     worker_shutdown,
     worker_shutting_down,
 )
 
-from shared import logs
-from shared.queue import RUN_JOB_TASK, get_celery
+from shared import logs, webhooks
+from shared.db import get_sessionmaker
+from shared.queue import RUN_JOB_TASK, get_celery, publish_many, webhook_queue
 from shared.settings import get_settings
-from worker import jobstore, registry, runner, runtime, settle
+from worker import jobstore, metrics, registry, runner, runtime, settle
 
 logger = logging.getLogger(__name__)
 
 app = get_celery()
 
 _settings = get_settings()
+# Webhook events this worker's commits wrote (a job started, checkpointed, ended) go to the
+# sender's queue at once; the dispatcher's pass publishes any this misses.
+webhooks.publish_after_commit(
+    get_sessionmaker(_settings.database_url),
+    lambda ids: publish_many(app, ids, webhooks_to=webhook_queue(_settings)),
+)
 
 
 class JobTask(Task):
@@ -56,6 +64,7 @@ class JobTask(Task):
                     error=type(exc).__name__,
                     detail=repr(str(exc)[:200]),
                 )
+                metrics.attempt_ended(job_id, "failed", "unavailable")
         except Exception:  # noqa: BLE001 - logged; the reconciler fails the job when its lease ends
             logs.event(logger, "fail_after_retries_failed", job_id=job_id, level=logging.ERROR, exc_info=True)
 
@@ -74,7 +83,12 @@ class JobTask(Task):
     soft_time_limit=max(1, _settings.task_time_limit_s - 30),
 )
 def run_job(self: Task, job_id: str) -> str:
-    return runner.run_job(job_id, self.request.hostname or "worker@localhost", get_settings())
+    metrics.attempt_started(job_id)  # the delivery's claim: its attempt is timed from here
+    with metrics.delivery():
+        outcome: str = runner.run_job(job_id, self.request.hostname or "worker@localhost", get_settings())
+    if outcome.startswith("dropped:"):
+        metrics.delivery_dropped(outcome.partition(":")[2])
+    return outcome
 
 
 @setup_logging.connect
@@ -94,4 +108,5 @@ worker_shutting_down.connect(registry.on_shutting_down, weak=False)
 worker_shutdown.connect(registry.on_shutdown, weak=False)
 # Each pool process: load the engine in the background.
 worker_process_init.connect(_init_pool_process, weak=False)
+worker_process_shutdown.connect(metrics.process_exited, weak=False)  # its live gauges leave the sums
 worker_shutting_down.connect(runtime.on_worker_shutting_down, weak=False)

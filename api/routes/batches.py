@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ValidationError
 
+from api import webhook_input
 from api.deps import SessionDep, StorageDep, SubmitCtxDep, TenantDep
 from api.forms import json_field
 from api.imagestore import Raw
@@ -26,11 +27,14 @@ from shared import jobstore_deletion, retention
 from shared.audit import audit
 from shared.errors import InvalidInput
 from shared.settings import Settings
+from shared.webhooks import BATCH_EVENTS
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-# contents, styles, masks, mode, pairs, params, priority
-Parsed = tuple[list[Raw], list[Raw], list[Raw], str, Any, dict[str, Any], int]
+# contents, styles, masks, mode, pairs, params, priority, webhook (url, events filter)
+Parsed = tuple[
+    list[Raw], list[Raw], list[Raw], str, Any, dict[str, Any], int, tuple[str | None, list[str] | None]
+]
 
 
 def _from_json(body: Any, settings: Settings) -> Parsed:
@@ -41,6 +45,10 @@ def _from_json(body: Any, settings: Settings) -> Parsed:
         where = tuple(err.get("loc", ()))
         if where[:1] == ("pairs",) and len(where) > 1:  # one pair (not the list) is malformed
             raise InvalidInput("invalid_pairs", f"pairs.{where[1]}: {PAIRS_SHAPE}") from None
+        if where[:1] == ("webhook_events_filter",):
+            raise InvalidInput(
+                "invalid_webhook_events", f"webhook_events_filter: one or more of {', '.join(BATCH_EVENTS)}"
+            ) from None
         loc = ".".join(str(x) for x in where)[:100]
         code = {"extra_forbidden": "unknown_field", "too_long": "batch_too_large"}.get(
             str(err.get("type")), "invalid_request"
@@ -61,6 +69,7 @@ def _from_json(body: Any, settings: Settings) -> Parsed:
         req.pairs,
         req.params,
         req.priority,
+        (req.webhook, None if req.webhook_events_filter is None else list(req.webhook_events_filter)),
     )
 
 
@@ -78,11 +87,15 @@ def _planned(
     pairs: Any,
     raw_params: dict[str, Any],
     priority: int,
+    webhook: tuple[str | None, list[str] | None],
     settings: Settings,
 ) -> ValidSubmission:
-    """The plan, the params, then every image (decoded once)."""
+    """The plan, the params, the webhook, then every image (decoded once)."""
     plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs, len(masks))
-    return validated(contents, styles, masks, plan, raw_params, settings, batch=True, priority=priority)
+    hook = webhook_input.checked(*webhook, settings, batch=True)
+    return validated(
+        contents, styles, masks, plan, raw_params, settings, batch=True, priority=priority, webhook=hook
+    )
 
 
 def _validate_form(draft: Draft, settings: Settings) -> ValidSubmission:
@@ -96,6 +109,7 @@ def _validate_form(draft: Draft, settings: Settings) -> ValidSubmission:
         pairs,
         raw_params,
         parse_priority(draft.texts["priority"]),
+        (draft.texts["webhook"], webhook_input.parse_events_field(draft.texts["webhook_events_filter"])),
         settings,
     )
 

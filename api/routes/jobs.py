@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from api import webhook_input
 from api.deps import SessionDep, SettingsDep, StorageDep, SubmitCtxDep, TenantDep
 from api.job_creation import parse_params_json, parse_priority
 from api.masks import check_mask_count
@@ -52,6 +53,12 @@ def _validate(draft: Draft, settings: Settings) -> ValidSubmission:
         settings,
         batch=False,
         priority=parse_priority(draft.texts["priority"]),
+        webhook=webhook_input.checked(
+            draft.texts["webhook"],
+            webhook_input.parse_events_field(draft.texts["webhook_events_filter"]),
+            settings,
+            batch=False,
+        ),
     )
 
 
