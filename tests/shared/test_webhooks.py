@@ -136,7 +136,7 @@ def test_concurrent_last_jobs_emit_batch_completed_exactly_once(db_url: str) -> 
             assert jobstore.succeed(s, job_id, attempt, "r", {})
             s.commit()
 
-    threads = [threading.Thread(target=finish, args=pair) for pair in zip(ids, attempts)]
+    threads = [threading.Thread(target=finish, args=pair) for pair in zip(ids, attempts, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
@@ -218,7 +218,7 @@ def test_an_event_fails_when_its_retry_window_ends(db_url: str, make_job: MakeJo
 def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
     rng = random.Random(7)
     delays = [POLICY.delay(n, rng) for n in (1, 2, 3, 4, 5)]
-    for delay, full in zip(delays, (10, 20, 40, 40, 40)):
+    for delay, full in zip(delays, (10, 20, 40, 40, 40), strict=True):
         assert full / 2 <= delay <= full
     assert len({round(d, 3) for d in delays}) == len(delays)  # jittered
 

@@ -1,0 +1,126 @@
+"""api.webhook_sender against a real receiver on loopback: signed per Standard Webhooks (verified by
+the receiver with the library), the body the job as GET shows it, the same id and bytes on every
+retry after a 500 and a timeout, both secrets signing during a rotation, and a target refused at
+delivery time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import select
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from api.webhook_sender import Sender
+from shared import jobstore, webhook_secrets
+from shared.db import get_sessionmaker
+from shared.migrate import upgrade
+from shared.models import Job, StoredImage, Tenant, WebhookAttempt, WebhookEvent
+from shared.settings import Settings
+from shared.storage import open_storage
+from tests.support.receiver import HANG, Receiver
+
+IMAGE = "a" * 64
+
+
+@pytest.fixture
+def settings(settings_factory: Callable[..., Settings], sqlite_url: str) -> Settings:
+    s = settings_factory(
+        database_url=sqlite_url,
+        webhook_allow_hosts="127.0.0.1",
+        webhook_timeout_s=1.0,
+        webhook_backoff_s=0.001,  # the next attempt is due at once
+        webhook_backoff_max_s=0.001,
+    )
+    upgrade(s.database_url)
+    with get_sessionmaker(s.database_url)() as session:
+        session.add(Tenant(id="t1", name="t1"))
+        session.add(StoredImage(id=IMAGE, format="PNG", width=8, height=8, bytes=1, storage_key="k"))
+        session.commit()
+    return s
+
+
+@pytest.fixture
+def receiver(settings: Settings) -> Iterator[Receiver]:
+    def secret() -> str:
+        with get_sessionmaker(settings.database_url)() as s:
+            return webhook_secrets.get(s, "t1").current
+
+    r = Receiver(secret).start()
+    yield r
+    r.stop()
+
+
+def _sender(settings: Settings) -> Sender:
+    return Sender(get_sessionmaker(settings.database_url), settings, open_storage(settings))
+
+
+def _completed_event(settings: Settings, url: str) -> tuple[str, str]:
+    with get_sessionmaker(settings.database_url)() as s:
+        job = Job(tenant_id="t1", content_image_id=IMAGE, style_image_ids=[IMAGE], webhook=url)
+        s.add(job)
+        s.flush()
+        assert jobstore.request_cancel(s, "t1", job.id) is jobstore.CancelResult.CANCELED
+        s.commit()
+        event_id = s.scalar(select(WebhookEvent.id).where(WebhookEvent.job_id == job.id))
+        return job.id, str(event_id)
+
+
+def test_a_delivery_is_signed_and_carries_the_job(settings: Settings, receiver: Receiver) -> None:
+    job_id, event_id = _completed_event(settings, receiver.url)
+    assert _sender(settings).deliver(event_id) == "delivered"
+    (got,) = receiver.deliveries
+    assert got.verified and got.id == event_id and got.event == "completed"
+    assert got.body["id"] == job_id and got.body["status"] == "canceled"
+    assert _sender(settings).deliver(event_id) is None  # settled: never sent again
+
+
+def test_retries_after_a_500_and_a_timeout_send_the_same_id_and_bytes(
+    settings: Settings, receiver: Receiver
+) -> None:
+    receiver.script = [500, HANG]
+    _, event_id = _completed_event(settings, receiver.url)
+    sender = _sender(settings)
+    assert [sender.deliver(event_id) for _ in range(3)] == ["pending", "pending", "delivered"]
+    assert len({d.id for d in receiver.deliveries}) == 1
+    assert len({d.raw for d in receiver.deliveries}) == 1
+    assert all(d.verified for d in receiver.deliveries)
+    with get_sessionmaker(settings.database_url)() as s:
+        rows = s.execute(
+            select(WebhookAttempt.attempt, WebhookAttempt.status_code, WebhookAttempt.error).order_by(
+                WebhookAttempt.attempt
+            )
+        ).all()
+    assert [(a, code) for a, code, _ in rows] == [(1, 500), (2, None), (3, 200)]
+    assert rows[1][2] is not None and "timeout" in rows[1][2]
+
+
+def test_both_secrets_sign_during_a_rotation(settings: Settings, receiver: Receiver) -> None:
+    sessions = get_sessionmaker(settings.database_url)
+    with sessions() as s:
+        old = webhook_secrets.get(s, "t1").current
+        new = webhook_secrets.rotate(s, "t1", overlap_s=3600).current
+        s.commit()
+    _, event_id = _completed_event(settings, receiver.url)
+    assert _sender(settings).deliver(event_id) == "delivered"
+    (got,) = receiver.deliveries
+    assert got.verified  # with the current secret
+    assert len(got.headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):  # either verifies the same delivery
+        Webhook(secret).verify(got.raw, got.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(webhook_secrets.make_secret()).verify(got.raw, got.headers)
+
+
+def test_a_target_that_turned_private_is_refused_at_delivery(settings: Settings) -> None:
+    _, event_id = _completed_event(settings, "https://hooks.example.com/in")
+
+    def resolve(host: str, port: int) -> list[str]:
+        return ["10.0.0.7"]  # the name now points inside the network (DNS rebinding)
+
+    sender = _sender(settings)
+    sender.resolve = resolve
+    assert sender.deliver(event_id) == "pending"
+    with get_sessionmaker(settings.database_url)() as s:
+        error = s.scalar(select(WebhookAttempt.error))
+    assert error is not None and error.startswith("refused:")
