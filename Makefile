@@ -31,6 +31,7 @@ bench: install
 	$(PY) bench/service_worker.py
 	$(PY) bench/chaos.py --jobs 50 --kills 20
 	$(PY) bench/fairness.py
+	$(PY) bench/webhooks.py
 	$(PY) bench/hostile.py
 	$(PY) bench/fuzz.py --requests 10000
 

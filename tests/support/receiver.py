@@ -28,6 +28,7 @@ class Delivery:
     at: float  # time.monotonic() when it arrived
     answered: int  # what the receiver answered (HANG: nothing)
     headers: dict[str, str]  # lower-case names
+    wall: float  # time.time() when it arrived (to compare with database times)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Receiver:
                     time.monotonic(),
                     answer,
                     headers,
+                    time.time(),
                 )
             )
             self.arrived.notify_all()
