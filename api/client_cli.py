@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     from api.client import StyleQueueClient
 
 MAX_JOB_BARS = 16  # beyond this many jobs, one overall bar
-POLL_S = 1.0
+JOB_EVENTS = frozenset({"status", "progress", "checkpoint"})  # a batch stream's events about one job
 
 SUMMARY = {
     "submit": "submit contents x styles over HTTP",
@@ -142,7 +141,8 @@ def submit(args: argparse.Namespace, params: dict[str, Any]) -> int:
 
 
 def wait(client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> list[dict[str, Any]]:
-    """Poll until every job is finished, with tqdm bars (one per job for small batches)."""
+    """Follow the batch's live events until every job is finished, with tqdm bars (one per job for
+    small batches); then the jobs as listed once (what ``download`` needs)."""
     from tqdm import tqdm
 
     per_job = len(names) <= MAX_JOB_BARS
@@ -161,25 +161,28 @@ def wait(client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> list
         else {"all": tqdm(total=len(names), desc="jobs finished")}
     )
     try:
-        while True:
-            jobs = client.list_jobs(batch_id=batch_id)
-            finished = [j for j in jobs if j["status"] in TERMINAL]
-            if per_job:
-                for job in jobs:
-                    bar = bars[job["id"]]
-                    bar.n = round(100 * float(job["progress"].get("fraction") or 0))
-                    eta = job["progress"].get("eta_seconds")
-                    bar.set_postfix_str(job["status"] + (f" eta {eta:.0f}s" if eta else ""))
-                    bar.refresh()
-            else:
-                bars["all"].n = len(finished)
-                bars["all"].refresh()
-            if len(finished) == len(names):
-                return jobs
-            time.sleep(POLL_S)
+        for event in client.batch_events(batch_id):
+            if event.event in ("batch", "completed"):
+                if not per_job:
+                    counts = event.json()["counts"]
+                    bars["all"].n = sum(counts.get(str(s), 0) for s in TERMINAL)
+                    bars["all"].refresh()
+            elif per_job and event.event in JOB_EVENTS:
+                _show(bars, event.json())
+        return client.list_jobs(batch_id=batch_id)
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def _show(bars: dict[str, Any], job: dict[str, Any]) -> None:
+    bar = bars.get(job["id"])
+    if bar is None:
+        return
+    bar.n = round(100 * float(job["progress"].get("fraction") or 0))
+    eta = job["progress"].get("eta_seconds")
+    bar.set_postfix_str(job["status"] + (f" eta {eta:.0f}s" if eta else ""))
+    bar.refresh()
 
 
 def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[str, str], out: Path) -> int:

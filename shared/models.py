@@ -16,6 +16,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -252,6 +253,6 @@ class WebhookAttempt(Base):
     job_id: Mapped[str | None] = mapped_column(String(36), default=None)
     attempt: Mapped[int] = mapped_column(Integer)
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
-    latency_ms: Mapped[float | None] = mapped_column(default=None)
+    latency_ms: Mapped[float | None] = mapped_column(Float, default=None)
     error: Mapped[str | None] = mapped_column(String(300), default=None)
     at: Mapped[datetime] = mapped_column(default=utcnow)
