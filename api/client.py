@@ -88,14 +88,27 @@ class StyleQueueClient:
         pairs: list[list[Any]] | None = None,
         params: dict[str, Any] | None = None,
         masks: list[str] | None = None,
+        webhook: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> dict[str, Any]:
-        """``masks``: mask image ids, named by index as a pair's third element."""
+        """``masks``: mask image ids, named by index as a pair's third element; ``webhook``: an https
+        URL for the batch's events (``webhook_events``: which; default completed, batch.completed)."""
         body: dict[str, Any] = {"contents": contents, "styles": styles, "mode": mode, "params": params or {}}
         if pairs is not None:
             body["pairs"] = pairs
         if masks:
             body["masks"] = masks
+        if webhook:
+            body["webhook"] = webhook
+        if webhook_events is not None:
+            body["webhook_events_filter"] = webhook_events
         return dict(self._json(self.http.post("/v1/batches", json=body)))
+
+    def webhook_secret(self, *, rotate: bool = False) -> dict[str, Any]:
+        """The tenant's webhook signing secret; ``rotate``: a new one (the old one signs for a while)."""
+        if rotate:
+            return dict(self._json(self.http.post("/v1/webhooks/secret/rotate")))
+        return dict(self._json(self.http.get("/v1/webhooks/secret")))
 
     def submit_job(
         self,

@@ -26,12 +26,13 @@ JOB_EVENTS = frozenset({"status", "progress", "checkpoint"})  # a batch stream's
 SUMMARY = {
     "submit": "submit contents x styles over HTTP",
     "status": "show a job or a batch",
+    "webhook-secret": "show (or --rotate) your webhook signing secret",
 }
 
 
 def register(subparsers: Any, names: Iterable[str] | None = None) -> None:
-    """Add `submit` and `status` (or those of them in ``names``) to an argparse subparsers object."""
-    adders = {"submit": _add_submit, "status": _add_status}
+    """Add the client commands (or those in ``names``) to an argparse subparsers object."""
+    adders = {"submit": _add_submit, "status": _add_status, "webhook-secret": _add_webhook_secret}
     for name in SUMMARY if names is None else names:
         adders[name](subparsers)
 
@@ -55,8 +56,21 @@ def _add_submit(sub: Any) -> None:
     )
     p.add_argument("--wait", action="store_true", help="show progress, then download results")
     p.add_argument("-o", "--output", default="stylequeue-out", help="folder for results")
+    p.add_argument("--webhook", metavar="URL", help="an https URL to POST the batch's signed events to")
+    p.add_argument(
+        "--webhook-events",
+        metavar="E1,E2",
+        help="start, checkpoint, completed, batch.completed (default: completed,batch.completed)",
+    )
     _client_args(p)
     p.set_defaults(func=cmd_submit)
+
+
+def _add_webhook_secret(sub: Any) -> None:
+    p = sub.add_parser("webhook-secret", help=SUMMARY["webhook-secret"])
+    p.add_argument("--rotate", action="store_true", help="make a new one (the old one signs for a while)")
+    _client_args(p)
+    p.set_defaults(func=cmd_webhook_secret)
 
 
 def _add_status(sub: Any) -> None:
@@ -98,6 +112,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status(args)
 
 
+def cmd_webhook_secret(args: argparse.Namespace) -> int:
+    from api.client import ApiError, StyleQueueClient
+
+    with StyleQueueClient(args.url, args.key) as client:
+        try:
+            got = client.webhook_secret(rotate=args.rotate)
+        except ApiError as exc:
+            print(f"refused: {exc}", file=sys.stderr)
+            return 1
+    if got.get("previous_valid_until"):
+        print(f"the previous secret also signs until {got['previous_valid_until']}")
+    print(got["secret"])
+    return 0
+
+
+def _events_list(raw: str | None) -> list[str] | None:
+    return None if raw is None else [e.strip() for e in raw.split(",") if e.strip()]
+
+
 def _plan_names(contents: list[Path], styles: list[Path], mode: str) -> list[str]:
     if mode == "pairs":
         return [f"{c.stem}__{s.stem}" for c, s in zip(contents, styles, strict=True)]
@@ -126,6 +159,8 @@ def submit(args: argparse.Namespace, params: dict[str, Any]) -> int:
                 mode=args.mode,
                 pairs=pairs,
                 params=params,
+                webhook=args.webhook,
+                webhook_events=_events_list(args.webhook_events),
             )
         except ApiError as exc:
             print(f"rejected: {exc}", file=sys.stderr)

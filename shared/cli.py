@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     # client: talk to a running API over HTTP
     "submit": "api.client_cli",
     "status": "api.client_cli",
+    "webhook-secret": "api.client_cli",
 }
 
 # What an image may leave out: the API image has no torch (nor worker/run_cli.py, see

@@ -174,3 +174,23 @@ def test_the_api_never_imports_torch_or_the_worker() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_webhook_secret_and_submit_with_a_webhook(
+    live: tuple[str, Api], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, api = live
+    common = ["--url", url, "--key", api.key]
+    assert main(["webhook-secret", *common]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert first.startswith("whsec_")
+    assert main(["webhook-secret", "--rotate", *common]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("whsec_") and out[-1] != first and "previous secret also signs" in out[0]
+    path = tmp_path / "a.png"
+    path.write_bytes(image_bytes())
+    # a private target is refused with its reason, and nothing is created
+    refused = ["submit", str(path), "--style", str(path), "--webhook", "https://10.0.0.1/hook", *common]
+    assert main(refused) == 1
+    assert "webhook_forbidden" in capsys.readouterr().err
+    assert api.counts()["jobs"] == 0
