@@ -22,6 +22,18 @@ Figures, each printed as soon as it is measured:
   tensor values), as count differences between two iteration counts;
 - a default 512 job at B = 1 end to end (CUDA only), and default jobs per hour at each B estimated
   from the s/it figures (the default schedule's iterations x s/it interpolated by pixel count / B);
+- eager vs graph: the same one-scale case run eager, then with the VGG evaluation (forward and its
+  backward) under torch.compile (worker.engine.graph; --graph, default mode "reduce-overhead": inductor
+  and CUDA graphs), at B in {1, 16} x the largest size x both precisions, both optimisers: s/it eager,
+  s/it graph, the speed-up, and the compile and capture time apart (the graph run's one-time less
+  eager's). The whole model is tried first, then with conv1_1 eager (inductor's
+  replication_pad2d_backward fails a stride assertion under channels_last); a failed attempt is
+  printed as "graph: failed (<type>: <message>)" and the run goes on. Graph cells get what the grid
+  leaves of the budget (at least --graph-reserve seconds), a cell is skipped when the last one's time
+  no longer fits, and an attempt still compiling past the budget (+30 s) is stopped. A last line says
+  whether graph mode was faster and by how much; the engine's production path stays eager either way;
+- (--quick: the graph path with torch.compile's aot_eager backend, which traces but generates no
+  code: it checks the code path on the CPU, its ratio is no speed figure)
 - the issue's targets, with MISSED where one is not met (exit status 1; --quick never fails on them).
 Cases that would not fit the time budget (--budget) are skipped and listed; a case that fails (out
 of memory, say) is printed and the run goes on.
@@ -31,11 +43,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import platform
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -51,9 +67,11 @@ if str(ROOT) not in sys.path:
 
 from worker.engine import BatchItem, Progress, StyleTransfer, TransferConfig  # noqa: E402
 from worker.engine.diagnostics import HostReads  # noqa: E402
+from worker.engine.graph import BACKENDS, MODES, compiled_features, cudagraph_skips  # noqa: E402
 from worker.engine.groups import DEFAULT_REPORT_EVERY_CUDA, GroupJob, run_group  # noqa: E402
 from worker.engine.schedule import Schedule, build_schedule  # noqa: E402
 from worker.engine.transfer import resolve_device, resolve_precision  # noqa: E402
+from worker.engine.vgg import VGGFeatures, layer_index  # noqa: E402
 
 GFLOP_512 = 379.0  # VGG19 to relu5_1, forward + backward to the input, one 512x512 image (the issue's)
 PEAK_TFLOPS = 790.0  # H200 dense bf16, as measured on this workplace's machines
@@ -64,6 +82,9 @@ TARGET_SPEEDUP = 10.0  # images/s at B = 16 over B = 1, at 512
 TARGET_BATCH = 16
 NO_READS = 10**6  # report_every that leaves only the scale-end read
 STYLES = 4  # distinct style images in a group (targets cost is per distinct style)
+GRAPH_VARIANTS = (("whole model", False), ("conv1_1 eager", True))  # (name, eager_head), in order
+GRAPH_GRACE_S = 30.0  # a graph attempt still running this long past the budget is stopped
+GRAPH_FIRST_S = {True: 5.0, False: 60.0}  # (quick?) seconds a first graph cell is assumed to need
 
 
 def say(*parts: Any) -> None:
@@ -82,6 +103,9 @@ class Plan:
     sync_counts: tuple[int, int]  # iterations of the two sync-counting runs
     sync_every: int  # their report_every when counting with host reads (the CUDA default: 10)
     budget_s: float
+    graph_mode: str  # a torch.compile mode or backend (worker.engine.graph), or "off"
+    graph_batches: tuple[int, ...]
+    graph_reserve_s: float  # of the budget, kept from the grid for the graph cells
     t0: float = field(default_factory=time.perf_counter)
 
     def left(self) -> float:
@@ -135,6 +159,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--precisions", help="fp32,bf16 (default both; bf16 only where supported)")
     ap.add_argument("--optimizers", default="lbfgs,adam", help="lbfgs,adam (default both)")
     ap.add_argument("--budget", type=float, help="seconds for the whole run (default 420; --quick 120)")
+    ap.add_argument(
+        "--graph",
+        choices=(*MODES, *BACKENDS, "off"),
+        help="torch.compile mode or backend of the graph cells (default reduce-overhead; --quick aot_eager)",
+    )
+    ap.add_argument("--graph-batches", help="B of the graph cells (default 1,16; --quick 1)")
+    ap.add_argument(
+        "--graph-reserve",
+        type=float,
+        help="seconds the grid leaves for the graph cells (default 150; --quick 30)",
+    )
     return ap.parse_args(argv)
 
 
@@ -159,6 +194,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sync_counts=(4, 8) if q else (10, 30),
         sync_every=2 if q else DEFAULT_REPORT_EVERY_CUDA,
         budget_s=args.budget or (120.0 if q else 420.0),
+        graph_mode=args.graph or ("aot_eager" if q else "reduce-overhead"),
+        graph_batches=_ints(args.graph_batches or ("1" if q else "1,16")),
+        graph_reserve_s=args.graph_reserve if args.graph_reserve is not None else (30.0 if q else 150.0),
     )
 
 
@@ -196,7 +234,14 @@ def header(plan: Plan) -> None:
         f"L-BFGS timed with its {TransferConfig().lbfgs_history}-pair history "
         + ("full (the costliest step, as in most of a real job)" if full else "not yet full (short run)")
     )
-    say("graph: not implemented (the engine runs eager: no CUDA graph / torch.compile path yet)")
+    if plan.graph_mode == "off":
+        say("graph: off (--graph off): eager only")
+    else:
+        say(
+            f"graph: torch.compile {plan.graph_mode!r} of the VGG evaluation vs eager at B "
+            f"{plan.graph_batches}, {graph_size(plan)} px, {graph_precisions(plan)}; the engine runs eager"
+        )
+    say("progress reads on cuda: one non-blocking copy to pinned memory + an event wait per report")
 
 
 @lru_cache(maxsize=256)
@@ -409,7 +454,7 @@ def run_case(
     if key in failed and case.batch > failed[key]:
         skipped.append(f"{case.label()} (B={failed[key]} failed)")
         return say(f"spi {case.label()} skipped: B={failed[key]} failed at this size")
-    est, left = estimate(case, done), plan.left()
+    est, left = estimate(case, done), plan.left() - (plan.graph_reserve_s if plan.graph_mode != "off" else 0)
     if left <= 0 or (est is not None and est > left):
         why = f"estimated {est:.0f} s > {max(left, 0):.0f} s left" if est else "the time budget is spent"
         skipped.append(f"{case.label()} ({why})")
@@ -438,6 +483,186 @@ def run_grid(engine: StyleTransfer, plan: Plan) -> tuple[dict[Case, Measured], l
     for case in grid_cases(plan):
         run_case(engine, case, plan, failed, done, skipped)
     return done, skipped
+
+
+# ------------------------------------------------------------------------------------------ graph
+
+
+@dataclass
+class GraphRow:
+    case: Case
+    eager: Measured
+    graph: Measured
+    variant: str
+
+    def speedup(self) -> float:
+        return self.eager.spi / self.graph.spi
+
+    def compile_s(self) -> float:  # compile and capture: the graph run's one-time cost over eager's
+        return self.graph.one_time() - self.eager.one_time()
+
+
+@dataclass
+class GraphState:
+    rows: list[GraphRow] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # variant -> its first failure
+    cell_s: list[float] = field(default_factory=list)  # wall time of each graph cell run
+    notes: list[str] = field(default_factory=list)  # why cells went unmeasured
+    stopped: bool = False  # the deadline hit: no more graph attempts (torch state unknown)
+
+
+def graph_size(plan: Plan) -> int:
+    return min(plan.sizes) if plan.quick else max(plan.sizes)
+
+
+def graph_precisions(plan: Plan) -> tuple[str, ...]:
+    """Both in the full run (default first); --quick: the default one (a compile per precision)."""
+    ordered = tuple(sorted(plan.precisions, key=lambda p: p != plan.default_precision()))
+    return ordered[:1] if plan.quick else ordered
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
+@contextmanager
+def _deadline(plan: Plan) -> Iterator[None]:
+    """Raise TimeoutError in an attempt still running GRAPH_GRACE_S past the budget: a compile cannot
+    be stopped between cells, and the whole run must end in time (POSIX main thread only)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running {GRAPH_GRACE_S:.0f} s past the {plan.budget_s:.0f} s budget")
+
+    previous = signal.signal(signal.SIGALRM, stop) or signal.SIG_DFL
+    signal.setitimer(signal.ITIMER_REAL, max(plan.left() + GRAPH_GRACE_S, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def graph_model(engine: StyleTransfer, case: Case, plan: Plan) -> VGGFeatures:
+    """The engine's cached model that run_group will use for this case (the same key)."""
+    cfg = one_scale(case, plan, 1)
+    deepest = max(layer_index(n) for n in (*cfg.content_layers, *cfg.style_layers))
+    spec = cfg.weights or engine.weights
+    device = resolve_device(cfg.device or engine.device)
+    return engine.model(spec, device, cfg.pooling, deepest, pad_replicate=cfg.pad_replicate)
+
+
+def print_graph_row(row: GraphRow, plan: Plan, skips: int) -> None:
+    note = f"  (CUDA graphs skipped {skips}x: inductor kernels only)" if skips else ""
+    say(
+        f"graph {row.case.label()} eager {row.eager.spi:10.5f} s/it  graph {row.graph.spi:10.5f} s/it  "
+        f"speed-up {row.speedup():5.2f}x  compile+capture {row.compile_s():6.1f} s  "
+        f"[{row.variant}, {plan.graph_mode}]{note}"
+    )
+
+
+def graph_attempt(
+    engine: StyleTransfer,
+    plan: Plan,
+    eager: dict[Case, Measured],
+    variant: tuple[str, bool],
+    rows: list[GraphRow],
+) -> None:
+    """The cell's cases under one graph variant (one compile, shared by the optimisers), each row
+    printed and added to ``rows`` as it is measured; raises what the attempt raised."""
+    model = graph_model(engine, next(iter(eager)), plan)
+    skips0 = cudagraph_skips()
+    with _deadline(plan), compiled_features(model, plan.graph_mode, eager_head=variant[1]) as calls:
+        for case, e in eager.items():
+            measured = time_case(engine, case, plan)
+            if calls.compiled == 0:  # the run used another model object: nothing ran compiled
+                raise RuntimeError("the compiled forward was never called")
+            rows.append(GraphRow(case, e, measured, variant[0]))
+            print_graph_row(rows[-1], plan, cudagraph_skips() - skips0)
+
+
+def graph_cell(engine: StyleTransfer, plan: Plan, cases: list[Case], state: GraphState) -> None:
+    """One (precision, size, B): eager first, then the graph variants until one runs."""
+    eager: dict[Case, Measured] = {}
+    for case in cases:
+        try:
+            eager[case] = time_case(engine, case, plan)
+        except Exception as exc:  # noqa: BLE001 - a bench case fails alone; the run goes on
+            say(f"graph {case.label()} eager: failed ({_short(exc)})")
+    if not eager:
+        return state.notes.append(f"{cases[0].label()}: eager failed")
+    for variant, head in GRAPH_VARIANTS:
+        if variant in state.failed:
+            say(f"graph {cases[0].label()} [{variant}] not retried: failed before ({state.failed[variant]})")
+            continue
+        rows: list[GraphRow] = []
+        try:
+            graph_attempt(engine, plan, eager, (variant, head), rows)
+        except Exception as exc:  # noqa: BLE001 - a graph attempt fails alone; the run goes on
+            state.failed[variant] = _short(exc)
+            # past the deadline torch's state is unknown (a compile or a capture was cut): stop there
+            state.stopped = isinstance(exc, TimeoutError) or plan.left() + GRAPH_GRACE_S <= 0
+            say(f"graph {cases[0].label()} [{variant}] graph: failed ({_short(exc)})")
+        state.rows += rows
+        _reset_memory(plan)  # outside the except: the traceback no longer holds the attempt's tensors
+        if rows or state.stopped:
+            return None
+    return state.notes.append(f"{cases[0].label()}: every graph variant failed")
+
+
+def run_graphs(engine: StyleTransfer, plan: Plan) -> GraphState:
+    size = graph_size(plan)
+    say(
+        f"\n# eager vs graph: s/it of the same one-scale run, eager, then the VGG evaluation under "
+        f"torch.compile {plan.graph_mode!r}; compile+capture = the graph run's one-time less eager's"
+    )
+    state = GraphState()
+    if plan.graph_mode == "off":
+        state.notes.append("--graph off")
+        say("graph: skipped (--graph off)")
+        return state
+    for prec in graph_precisions(plan):
+        for b in plan.graph_batches:
+            cases = [Case(o, prec, size, b) for o in plan.optimizers]
+            # the last cell's time: its variants are the ones this cell will try (a failed one is
+            # not retried, so the first cell is the dearest)
+            need = state.cell_s[-1] if state.cell_s else GRAPH_FIRST_S[plan.quick]
+            why = "a graph attempt was stopped at the deadline" if state.stopped else None
+            if why is None and plan.left() < need:
+                why = f"estimated {need:.0f} s > {max(plan.left(), 0):.0f} s left"
+            if why is not None:
+                state.notes.append(f"{cases[0].label()} skipped")
+                say(f"graph {cases[0].label()} skipped: {why}")
+                continue
+            t0 = time.perf_counter()
+            graph_cell(engine, plan, cases, state)
+            state.cell_s.append(time.perf_counter() - t0)
+    return state
+
+
+def graph_verdict(plan: Plan, state: GraphState) -> None:
+    """The last word on graph mode: faster or not, by how much, or why it could not be measured."""
+    tail = "; the engine's production path stays eager (not switched)"
+    if not state.rows:
+        why = "; ".join([*(f"{v}: {e}" for v, e in state.failed.items()), *state.notes]) or "no cell ran"
+        return say(f"graph verdict: could not be measured ({why}){tail}")
+    ups = sorted(state.rows, key=GraphRow.speedup)
+    mean = math.exp(sum(math.log(r.speedup()) for r in ups) / len(ups))
+    faster = sum(r.speedup() > 1 for r in ups)
+    spread = (
+        f"{mean:.2f}x eager's speed, geometric mean of {len(ups)} rows, faster in {faster}; from "
+        f"{ups[0].speedup():.2f}x ({ups[0].case.label().strip()}) to {ups[-1].speedup():.2f}x "
+        f"({ups[-1].case.label().strip()}); compile+capture up to {max(r.compile_s() for r in ups):.1f} s"
+    )
+    if plan.quick:
+        return say(
+            f"graph verdict: not a speed measurement (--quick: CPU toy sizes): the graph path ran "
+            f"({plan.graph_mode}; {spread}){tail}"
+        )
+    verdict = "faster" if mean > 1 else "not faster"
+    return say(f"graph verdict: graph mode ({plan.graph_mode}) {verdict}: {spread}{tail}")
 
 
 # ------------------------------------------------------------------------------------ default job
@@ -619,14 +844,20 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args)
     header(plan)
     engine = StyleTransfer(weights="random", device=plan.device, seed=0)
-    say("\n# host syncs per iteration: (count(N2) - count(N1)) / (N2 - N1), B=2 at the smallest size")
+    say(
+        "\n# host syncs per iteration: (count(N2) - count(N1)) / (N2 - N1), B=2 at the smallest size; on "
+        "cuda a report's event wait counts as 1 host read (set_sync_debug_mode does not see event waits)"
+    )
     sync_lines(engine, plan)
     warm_job = default_job(engine, plan)
     say("\n# two-run check (the robust way) at the largest size, B=1")
     cross_check(engine, plan)
     done, skipped = run_grid(engine, plan)
     say(f"skipped: {len(skipped)}" + "".join(f"\n  {s}" for s in skipped))
+    graphs = run_graphs(engine, plan)
     ok = summary(done, plan, warm_job)
+    say("")
+    graph_verdict(plan, graphs)
     say(f"\ndone in {time.perf_counter() - plan.t0:.0f} s of a {plan.budget_s:.0f} s budget")
     if plan.quick:
         return 0  # CPU toy sizes: the targets are no verdict here

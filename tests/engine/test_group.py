@@ -14,7 +14,9 @@ from PIL import Image
 from worker.engine import BatchItem, Checkpoint, EngineError, Progress, StyleTransfer, TransferConfig
 from worker.engine import objective as objective_mod
 from worker.engine.diagnostics import HostReads
+from worker.engine.group import GroupPyramid
 from worker.engine.groups import GroupJob, GroupOutcome, run_group
+from worker.engine.readback import PinnedReadback
 from worker.engine.vgg import VGGFeatures
 
 from .conftest import small_config
@@ -226,3 +228,83 @@ def test_a_style_shared_by_jobs_is_one_vgg_pass_per_scale(
     monkeypatch.setattr(VGGFeatures, "forward", spy)
     run_group(engine, jobs, small_config(optimizer="adam"))
     assert target_passes == [3, 1, 1] * 2  # per scale: the contents, then 2 distinct styles
+
+
+class FakeEvent:
+    """torch.cuda.Event's part the reader uses, on the CPU: ``done`` says what query() answers."""
+
+    def __init__(self, done: bool = True) -> None:
+        self.done, self.recorded, self.synchronized = done, 0, 0
+
+    def record(self) -> None:
+        self.recorded += 1
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+        self.done = True
+
+
+def test_the_pinned_reader_gives_what_tolist_gives_in_one_host_read() -> None:
+    events: list[FakeEvent] = []
+
+    def make_event() -> FakeEvent:
+        events.append(FakeEvent(done=False))  # the copy still in flight at the read: it waits
+        return events[-1]
+
+    last = torch.tensor([[1.5, 2.25, 1e-8], [float("nan"), 3.0, 0.1]], dtype=torch.float32)
+    lrs = torch.tensor([0.02, 0.02 / 3], dtype=torch.float64)
+    counts = torch.tensor([0, 2**40 + 1])
+    started = torch.tensor([True, False])
+    reader = PinnedReadback(2, 6, pin=False, event=make_event)
+    with pytest.raises(RuntimeError):
+        reader.read()  # nothing staged
+    with pytest.raises(ValueError):
+        reader.stage([last, lrs])  # 4 of 6 columns
+    with HostReads() as reads:
+        reader.stage([last, lrs, counts, started])
+        assert reads.count == 0  # staging is a copy, not a read
+        got = reader.read()
+    assert reads.count == 1 and (reader.reads, reader.waits) == (1, 1)
+    assert events[0].recorded == 1 and events[0].synchronized == 1
+    want = [last.tolist(), lrs.tolist(), counts.tolist(), started.tolist()]
+    assert repr(got) == repr(want)  # equal values and types (int, bool); NaN included
+    with pytest.raises(RuntimeError):
+        reader.read()  # one read per stage: a second would be stale
+    reader.stage([last, lrs, counts, started])
+    reader.read()
+    assert (reader.reads, reader.waits, events[0].synchronized) == (2, 1, 1)  # the copy was done
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_a_group_read_through_the_pinned_buffer_ends_as_with_the_plain_read(
+    engine: StyleTransfer, jobs: list[GroupJob], optimizer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA read path on the CPU (an unpinned buffer, a fake event): the same progress, the
+    same images bit for bit, and one host read per report instead of one per tensor."""
+    cfg = small_config(optimizer=optimizer, init="noise", iterations=5)
+
+    def run() -> tuple[list[GroupOutcome], list[Progress], int]:
+        seen: list[Progress] = []
+        with HostReads() as reads:
+            outcomes = run_group(
+                engine, [replace(jobs[0], on_progress=seen.append), *jobs[1:]], cfg, report_every=2
+            )
+        return outcomes, seen, reads.count
+
+    plain, plain_seen, plain_reads = run()
+    readers: list[PinnedReadback] = []
+
+    def pinned(self: GroupPyramid, rows: int) -> PinnedReadback:
+        readers.append(PinnedReadback(rows, 10, pin=False, event=FakeEvent))
+        return readers[-1]
+
+    monkeypatch.setattr(GroupPyramid, "_readback", pinned)
+    staged, seen, reads = run()
+    assert len(readers) == 2 and [r.reads for r in readers] == [3, 3]  # iterations 2, 4, 5 per scale
+    assert [replace(p, elapsed=0.0) for p in seen] == [replace(p, elapsed=0.0) for p in plain_seen]
+    for a, b in zip(plain, staged, strict=True):
+        assert torch.equal(_ok(a), _ok(b))
+    assert plain_reads - reads == 2 * 3 * 5  # per report, 6 .tolist() became 1

@@ -15,8 +15,9 @@ run of b alone gives (to float rounding), whatever else is in the group:
 
 Host reads: the loop keeps its values on the device and reads them every ``report_every`` iterations
 and at each scale's end (progress, divergence, checkpoints); in between a step is a fixed sequence of
-kernels with no sync. Departure from a single run: divergence is noticed at those reads, so an item
-may take up to ``report_every`` more restored steps before it fails.
+kernels with no sync. On CUDA a read is one non-blocking copy to pinned memory and an event wait
+(readback.py) rather than a blocking ``.tolist()`` per tensor. Departure from a single run: divergence
+is noticed at those reads, so an item may take up to ``report_every`` more restored steps before it fails.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .objective import LossFn
 from .optim import LBFGS_STATE_LIMIT_BYTES, diverged
 from .progress import CHECKPOINT_NOW
 from .pyramid import Pyramid
+from .readback import PinnedReadback
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class GroupPyramid(Pyramid):
         self.streaks = torch.zeros(b, dtype=torch.long, device=self.device)
         self.counts = torch.zeros(b, dtype=torch.long, device=self.device)  # recoveries per item
         self.results: dict[int, torch.Tensor] = {}  # member index -> its final image
+        self.readback: PinnedReadback | None = None  # this scale's (CUDA only: _readback)
 
     def _init_image(self, hw: tuple[int, int]) -> torch.Tensor:
         if self.cfg.init != "noise":
@@ -124,6 +127,7 @@ class GroupPyramid(Pyramid):
         started = torch.zeros(b, dtype=torch.bool, device=self.device)
         active = torch.ones(b, dtype=torch.bool, device=self.device)
         run = ScaleRun(s, hw, iters, loss_fn, opt, avg, last, started, active)
+        self.readback = self._readback(b)
         for it in range(1, iters + 1):
             self._iterate(run, x, good)
             self.step += 1
@@ -181,11 +185,29 @@ class GroupPyramid(Pyramid):
         if isinstance(run.opt, BatchedLBFGS):
             run.opt.reset(bad)
 
+    def _readback(self, rows: int) -> PinnedReadback | None:
+        """The pinned reader of a scale with ``rows`` members, on CUDA; None: the plain read (pinned
+        memory needs a CUDA device). Its width: last (3), lr, streak, recoveries, started, start (3)."""
+        return PinnedReadback(rows, 10) if self.device.type == "cuda" else None
+
+    def _values(self, run: ScaleRun) -> list[Any]:
+        """[last, lrs, streaks, counts, started, starts] as host lists (starts: None until taken)."""
+        start = run.loss_fn.start
+        if self.readback is None or start is None:  # start: set by the scale's first evaluation
+            return [
+                run.last.tolist(),
+                self.lrs.tolist(),
+                self.streaks.tolist(),
+                self.counts.tolist(),
+                run.started.tolist(),
+                start.tolist() if start is not None else None,
+            ]
+        self.readback.stage([run.last, self.lrs, self.streaks, self.counts, run.started, start])
+        return self.readback.read()
+
     def _read(self, run: ScaleRun, x: torch.Tensor, it: int, end: bool) -> None:
         """The host read: progress, divergence and checkpoints of every active member."""
-        last, lrs = run.last.tolist(), self.lrs.tolist()
-        streaks, counts, started = self.streaks.tolist(), self.counts.tolist(), run.started.tolist()
-        starts = run.loss_fn.start.tolist() if run.loss_fn.start is not None else None
+        last, lrs, streaks, counts, started, starts = self._values(run)
         for b, m in enumerate(self.members):
             if m.error is not None:
                 continue
