@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import metrics
 from shared import logs
 from shared.db import is_db_outage
 from shared.errors import DomainError
@@ -31,6 +32,8 @@ _STATUS_CODES = {
 
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    """An error answer's body; counted by its code (``stylequeue_api_rejections_total``)."""
+    metrics.rejected(code)
     return {"error": {"code": code, "message": message, **details}}
 
 

@@ -33,7 +33,7 @@ from shared.db import get_sessionmaker
 from shared.models import new_id, utcnow
 from shared.settings import Settings
 from shared.storage import open_storage
-from worker import jobstore
+from worker import jobstore, metrics
 from worker.batch_members import Member, give_back, prepare_members, settle_all, watch_all
 from worker.runtime import get_engine
 from worker.settle import TRANSIENT, best_effort, guarded, log_event
@@ -75,6 +75,7 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings, alone:
         for mate in mates:
             best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
         return guarded(settings, first, _raiser(exc))  # given back; its task retries
+    metrics.group_formed(1 + len(mates))
     if not mates:
         return None
     group = new_id()[:8]
@@ -116,6 +117,7 @@ def gather(settings: Settings, bucket: str, me: str, want: int, mates: list[jobs
             if not isinstance(got, jobstore.Claim):
                 log_event(job_id, None, "dropped", reason=got.value)
             else:
+                metrics.attempt_started(got.job_id)
                 mates.append(got)
         if not mates or len(mates) >= want or time.monotonic() >= deadline:
             break

@@ -22,7 +22,7 @@ from shared.params import JobParams, fit_long_edge
 from shared.queue import get_celery, publish_job
 from shared.settings import Settings
 from shared.storage import Storage, StorageUnavailable
-from worker import jobstore
+from worker import jobstore, metrics
 from worker.config import Failure
 from worker.engine import EngineError, save_image
 from worker.watcher import StopReason
@@ -72,6 +72,7 @@ def guarded(
                 url, job_id, attempt, graceful=True, message_due=due, waiting=not retried
             ),
         )
+        metrics.attempt_ended(claim.job_id, "transient")
         if retried:
             raise
         return "handed_back"
@@ -128,7 +129,7 @@ def deliver(
     # result it wrote or will write. (A fenced heartbeat: no row changed means not ours any more.)
     if not jobstore.heartbeat(settings.database_url, claim.job_id, claim.attempt):
         log_event(claim.job_id, claim.attempt, "fenced", stage="before_result")
-        return "fenced"
+        return ended(settings, claim, "fenced")
     buf = io.BytesIO()
     image = result.image
     if exact_wh is not None:
@@ -138,7 +139,7 @@ def deliver(
     if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final, ran):
         best_effort(claim.job_id, claim.attempt, lambda: storage.delete(key))
         log_event(claim.job_id, claim.attempt, "fenced", stage="result")
-        return "fenced"
+        return ended(settings, claim, "fenced")
     for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
         best_effort(
             claim.job_id,
@@ -146,7 +147,8 @@ def deliver(
             lambda a=earlier: storage.delete(storage_keys.result_key(claim.job_id, a, params.output_format)),
         )
     log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
-    return "succeeded"
+    metrics.delivered(result.metadata)
+    return ended(settings, claim, "succeeded")
 
 
 def stopped(
@@ -156,14 +158,14 @@ def stopped(
     if reason is StopReason.CANCELED:
         jobstore.cancel(url, job_id, attempt)  # no row changed: the API marked it canceled already
         log_event(job_id, attempt, "canceled")
-        return "canceled"
+        return ended(settings, claim, "canceled")
     if reason is StopReason.SHUTDOWN:
         if jobstore.release(url, job_id, attempt, graceful=True):
             publish_job(get_celery(), job_id)
         log_event(job_id, attempt, "handed_back", checkpoint_step=checkpoint_step)
-        return "handed_back"
+        return ended(settings, claim, "handed_back")
     log_event(job_id, attempt, "fenced", stage="run")
-    return "fenced"
+    return ended(settings, claim, "fenced")
 
 
 def fail(settings: Settings, claim: jobstore.Claim, code: str, message: str, retryable: bool) -> str:
@@ -176,7 +178,14 @@ def fail(settings: Settings, claim: jobstore.Claim, code: str, message: str, ret
         code=code,
         message=repr(message[:200]),
     )
-    return "failed" if wrote else "fenced"
+    return ended(settings, claim, "failed", code) if wrote else ended(settings, claim, "fenced")
+
+
+def ended(settings: Settings, claim: jobstore.Claim, outcome: str, code: str | None = None) -> str:
+    """``outcome``, counted (``worker.metrics``): the attempt's, and a job's end (its queue wait)."""
+    metrics.attempt_ended(claim.job_id, outcome, code)
+    metrics.job_ended(settings.database_url, claim.job_id, outcome)
+    return outcome
 
 
 def engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) -> str:

@@ -91,17 +91,21 @@ def plan(args: argparse.Namespace, settings: Settings) -> list[tuple[str, dict[s
 
 
 def start(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the planned workers and supervise them until they exit; their exit code."""
+    """Start the planned workers and supervise them until they exit; their exit code. With
+    ``STYLEQUEUE_WORKER_METRICS_PORT`` this process serves every worker's metrics (``shared.metrics``)."""
+    from shared.metrics import host_metrics
+
     children: list[subprocess.Popen[bytes]] = []
-    for node, extra in plan(args, settings):
-        env = {**os.environ, **extra}
-        logger.info("starting worker %s (CUDA_VISIBLE_DEVICES=%r)", node, extra["CUDA_VISIBLE_DEVICES"])
-        children.append(
-            subprocess.Popen(
-                celery_command(node, args, settings), env=env, preexec_fn=_own_group_dies_with_parent
+    with host_metrics(settings.worker_metrics_port, settings.metrics_token) as metrics_env:
+        for node, extra in plan(args, settings):
+            env = {**os.environ, **extra, **metrics_env}
+            logger.info("starting worker %s (CUDA_VISIBLE_DEVICES=%r)", node, extra["CUDA_VISIBLE_DEVICES"])
+            children.append(
+                subprocess.Popen(
+                    celery_command(node, args, settings), env=env, preexec_fn=_own_group_dies_with_parent
+                )
             )
-        )
-    return supervise(children)
+        return supervise(children)
 
 
 def _own_group_dies_with_parent() -> None:

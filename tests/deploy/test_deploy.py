@@ -388,7 +388,7 @@ def test_compose_config_validates(tmp_path: Path) -> None:
     if cmd is None:
         pytest.skip("no docker compose / docker-compose here")
     text = (DEPLOY / ".env.example").read_text()
-    filled = re.sub(r"^(\w*(?:PASSWORD|SECRET)\w*)=$", r"\1=test-not-a-secret-\1", text, flags=re.M)
+    filled = re.sub(r"^(\w*(?:PASSWORD|SECRET|TOKEN)\w*)=$", r"\1=test-not-a-secret-\1", text, flags=re.M)
     filled = filled.replace(
         "STYLEQUEUE_S3_PUBLIC_URL=\n", "STYLEQUEUE_S3_PUBLIC_URL=https://s3.example.com\n"
     )
@@ -473,7 +473,7 @@ def test_api_image_cli_has_its_commands_and_no_engine(tmp_path: Path) -> None:
         [sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    listed = re.findall(r"^    (\w+) ", out.stdout.split("options:")[0], flags=re.M)
+    listed = re.findall(r"^    ([\w-]+)(?: |$)", out.stdout.split("options:")[0], flags=re.M)
     assert listed == [
         "api",
         "migrate",
@@ -481,9 +481,11 @@ def test_api_image_cli_has_its_commands_and_no_engine(tmp_path: Path) -> None:
         "tenants",
         "worker",
         "dispatch",
+        "webhooks",
         "reconcile",
         "submit",
         "status",
+        "webhook-secret",
     ]
 
 
