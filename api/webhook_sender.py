@@ -14,27 +14,31 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from urllib.parse import urlsplit
 
-from shared.webhook_guard import Resolver, Target, WebhookForbidden, check_url, system_resolver
-from shared.webhook_http import Response, post
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
 from api.presenters import Linker, job_out
 from api.queries import batch_summary
 from api.schemas import BatchOut
+from api.webhook_breaker import FAILURES, Breaker
 from api.webhook_input import allow_list
 from shared import logs, webhook_outbox, webhook_secrets
 from shared.models import Batch, Job, utcnow
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.webhook_guard import Resolver, Target, WebhookForbidden, check_url, system_resolver
+from shared.webhook_http import Response, post
 
 logger = logging.getLogger(__name__)
 
 Post = Callable[..., Response]
+DEFER_S = 1.0  # an attempt given back unsent (its tenant's share is in flight) is due again after this
 
 
 def policy_of(settings: Settings) -> webhook_outbox.RetryPolicy:
@@ -66,24 +70,34 @@ class Sender:
     storage: Storage
     resolve: Resolver = system_resolver
     post: Post = field(default=post)
+    breaker: Breaker = field(default_factory=Breaker)  # per tenant and host (api.webhook_breaker)
+    # A tenant's attempts in flight in this process: at most half the threads, so that one tenant's
+    # slow receiver never holds every thread (its other events wait DEFER_S and come back).
+    in_flight: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tenant_cap(self) -> int:
+        return max(1, (self.settings.webhook_concurrency + 1) // 2)
 
     def deliver(self, event_id: str) -> str | None:
-        """One attempt; returns the event's new state, or None when there was nothing to do (it is
-        settled, not due, or another attempt holds it)."""
+        """One attempt; returns the event's new state, ``deferred`` (its tenant's share of this
+        sender is in flight), or None when there was nothing to do (it is settled, not due, or
+        another attempt holds it)."""
         lease_s = self.settings.webhook_timeout_s * 2 + 10  # longer than any attempt's deadline
         with self.sessions() as s:
             claimed = webhook_outbox.claim(s, event_id, utcnow(), lease_s)
-            if claimed is None:
+            if claimed is not None and not self._enter(claimed.tenant_id):
+                webhook_outbox.defer(s, claimed, DEFER_S)
+                claimed = None
                 s.commit()
-                return None
-            payload = claimed.payload
-            if payload is None:
-                payload = self.render(s, claimed)
-                webhook_outbox.freeze_payload(s, claimed.id, payload)
-            secrets = webhook_secrets.get(s, claimed.tenant_id)
+                return "deferred"
             s.commit()
-        now = utcnow()
-        outcome = self.attempt(claimed, payload, secrets.signing(now), now)
+        if claimed is None:
+            return None
+        try:
+            outcome = self._send(claimed)
+        finally:
+            self._leave(claimed.tenant_id)
         with self.sessions() as s:
             state = webhook_outbox.record(s, claimed, outcome, policy_of(self.settings))
             s.commit()
@@ -102,14 +116,48 @@ class Sender:
         )
         return state
 
+    def _send(self, claimed: webhook_outbox.Claimed) -> webhook_outbox.Outcome:
+        """The body (rendered and frozen the first time) and the secrets, then the attempt."""
+        with self.sessions() as s:
+            payload = claimed.payload
+            if payload is None:
+                payload = self.render(s, claimed)
+                webhook_outbox.freeze_payload(s, claimed.id, payload)
+            secrets = webhook_secrets.get(s, claimed.tenant_id)
+            s.commit()
+        now = utcnow()
+        return self.attempt(claimed, payload, secrets.signing(now), now)
+
+    def _enter(self, tenant_id: str) -> bool:
+        with self.lock:
+            if self.in_flight.get(tenant_id, 0) >= self.tenant_cap():
+                return False
+            self.in_flight[tenant_id] = self.in_flight.get(tenant_id, 0) + 1
+            return True
+
+    def _leave(self, tenant_id: str) -> None:
+        with self.lock:
+            left = self.in_flight.get(tenant_id, 1) - 1
+            if left > 0:
+                self.in_flight[tenant_id] = left
+            else:
+                self.in_flight.pop(tenant_id, None)
+
     def attempt(
         self, claimed: webhook_outbox.Claimed, payload: str, secrets: list[str], now: datetime
     ) -> webhook_outbox.Outcome:
+        # per tenant and host: one tenant's failing URL never defers another tenant's deliveries
+        host = f"{claimed.tenant_id} {(urlsplit(claimed.url).hostname or '').lower()}"
+        if not self.breaker.allow(host):  # before the lookup too: a dead host's DNS may hang
+            return webhook_outbox.Outcome(
+                None, 0.0, f"not sent: circuit open ({FAILURES} failed attempts in a row at this host)"
+            )
         try:
             target: Target = check_url(
                 claimed.url, allow_list(self.settings.webhook_allow_hosts), self.resolve
             )
         except WebhookForbidden as exc:
+            self.breaker.record(host, False)
             return webhook_outbox.Outcome(None, 0.0, f"refused: {exc.message}")
         headers = signed_headers(claimed.id, claimed.event, payload, secrets, now)
         answer = self.post(
@@ -122,6 +170,8 @@ class Sender:
         error = answer.error
         if error is None and answer.status_code is not None and not 200 <= answer.status_code < 300:
             error = f"HTTP {answer.status_code}"
+        alive = answer.error is None and answer.status_code is not None and answer.status_code < 500
+        self.breaker.record(host, alive)
         return webhook_outbox.Outcome(answer.status_code, answer.latency_ms, error)
 
     def render(self, session: Session, claimed: webhook_outbox.Claimed) -> str:

@@ -175,6 +175,23 @@ def record(
     return str(values.get("state", PENDING))
 
 
+def defer(session: Session, claimed: Claimed, seconds: float, now: datetime | None = None) -> None:
+    """Give a claimed attempt back unsent (its tenant has its share of the sender in flight): it is
+    not counted, and is due again in ``seconds`` (the dispatcher's pass publishes it)."""
+    now = now or utcnow()
+    session.execute(
+        update(WebhookEvent)
+        .where(WebhookEvent.id == claimed.id, WebhookEvent.state == PENDING)
+        .values(
+            lease_until=None,
+            published_at=None,
+            attempts=WebhookEvent.attempts - 1,
+            next_attempt_at=now + timedelta(seconds=seconds),
+        ),
+        execution_options={"synchronize_session": False},
+    )
+
+
 def prune(session: Session, before: datetime, limit: int = 1000) -> int:
     """Delete settled events (and, by cascade, their attempts) finished before ``before``."""
     ids = list(
@@ -198,6 +215,7 @@ __all__ = [
     "Outcome",
     "RetryPolicy",
     "claim",
+    "defer",
     "due",
     "freeze_payload",
     "prune",

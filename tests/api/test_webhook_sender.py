@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from api.webhook_breaker import FAILURES
 from api.webhook_sender import Sender
 from shared import jobstore, webhook_secrets
 from shared.db import get_sessionmaker
@@ -18,6 +19,8 @@ from shared.migrate import upgrade
 from shared.models import Job, StoredImage, Tenant, WebhookAttempt, WebhookEvent
 from shared.settings import Settings
 from shared.storage import open_storage
+from shared.webhook_guard import Target
+from shared.webhook_http import Response
 from tests.support.receiver import HANG, Receiver
 
 IMAGE = "a" * 64
@@ -55,12 +58,12 @@ def _sender(settings: Settings) -> Sender:
     return Sender(get_sessionmaker(settings.database_url), settings, open_storage(settings))
 
 
-def _completed_event(settings: Settings, url: str) -> tuple[str, str]:
+def _completed_event(settings: Settings, url: str, tenant: str = "t1") -> tuple[str, str]:
     with get_sessionmaker(settings.database_url)() as s:
-        job = Job(tenant_id="t1", content_image_id=IMAGE, style_image_ids=[IMAGE], webhook=url)
+        job = Job(tenant_id=tenant, content_image_id=IMAGE, style_image_ids=[IMAGE], webhook=url)
         s.add(job)
         s.flush()
-        assert jobstore.request_cancel(s, "t1", job.id) is jobstore.CancelResult.CANCELED
+        assert jobstore.request_cancel(s, tenant, job.id) is jobstore.CancelResult.CANCELED
         s.commit()
         event_id = s.scalar(select(WebhookEvent.id).where(WebhookEvent.job_id == job.id))
         return job.id, str(event_id)
@@ -124,3 +127,58 @@ def test_a_target_that_turned_private_is_refused_at_delivery(settings: Settings)
     with get_sessionmaker(settings.database_url)() as s:
         error = s.scalar(select(WebhookAttempt.error))
     assert error is not None and error.startswith("refused:")
+
+
+def test_a_dead_receiver_stops_taking_attempts_after_failures_in_a_row(settings: Settings) -> None:
+    calls: list[str] = []
+
+    def dead(target: Target, body: bytes, headers: dict[str, str], **_: object) -> Response:
+        calls.append(headers["webhook-id"])
+        return Response(None, 1000.0, "timeout", b"")
+
+    sender = _sender(settings)
+    sender.post = dead
+    events = [_completed_event(settings, "http://127.0.0.1:9/hook")[1] for _ in range(FAILURES + 3)]
+    for event_id in events:
+        assert sender.deliver(event_id) == "pending"
+    assert len(calls) == FAILURES  # the rest were not sent: no thread waited on them
+    with get_sessionmaker(settings.database_url)() as s:
+        errors = list(s.scalars(select(WebhookAttempt.error).order_by(WebhookAttempt.id)))
+    assert errors[:FAILURES] == ["timeout"] * FAILURES
+    assert all(e is not None and "circuit open" in e for e in errors[FAILURES:])
+
+
+def test_one_tenants_slow_receiver_holds_at_most_its_share_of_the_sender(
+    settings_factory: Callable[..., Settings], settings: Settings
+) -> None:
+    import threading
+
+    with get_sessionmaker(settings.database_url)() as s:
+        s.add(Tenant(id="t2", name="t2"))
+        s.commit()
+    settings = settings.model_copy(update={"webhook_concurrency": 2})  # a share: 1 in flight
+    entered, release = threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def slow(target: Target, body: bytes, headers: dict[str, str], **_: object) -> Response:
+        sent.append(headers["webhook-id"])
+        if len(sent) == 1:
+            entered.set()
+            release.wait(30)
+        return Response(200, 1.0, None, b"")
+
+    sender = _sender(settings)
+    sender.post = slow
+    first, second = (_completed_event(settings, "http://127.0.0.1:9/a")[1] for _ in range(2))
+    other = _completed_event(settings, "http://127.0.0.1:9/b", tenant="t2")[1]
+    held = threading.Thread(target=sender.deliver, args=(first,))
+    held.start()
+    assert entered.wait(30)
+    assert sender.deliver(second) == "deferred"  # t1's share is in flight: not sent, not counted
+    assert sender.deliver(other) == "delivered"  # another tenant is not held up
+    release.set()
+    held.join(30)
+    assert sent == [first, other]
+    with get_sessionmaker(settings.database_url)() as s:
+        attempts = s.scalar(select(WebhookEvent.attempts).where(WebhookEvent.id == second))
+    assert attempts == 0

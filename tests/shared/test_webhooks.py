@@ -80,7 +80,7 @@ def test_every_path_to_a_terminal_state_emits_completed(db_url: str, make_job: M
         assert jobstore.request_cancel(s, "t1", queued_cancel) is jobstore.CancelResult.CANCELED
         assert jobstore.fail_lost(s, Seen(lost, JobStatus.RUNNING, 3), 3)
         s.commit()
-    assert sorted(j for j, _, e in events(db_url) if e == "completed") == sorted([queued_cancel, lost])
+    assert sorted(str(j) for j, _, e in events(db_url) if e == "completed") == sorted([queued_cancel, lost])
 
 
 def _batch(url: str, n: int, events_filter: list[str] | None = None) -> tuple[str, list[str]]:
@@ -118,7 +118,7 @@ def test_batch_completed_once_when_its_last_job_ends_by_any_path(db_url: str) ->
         assert jobstore.cancel(s, b, 1)
         s.commit()
     got = events(db_url)
-    assert sorted(j for j, _, e in got if e == "completed") == sorted([a, b, c, d])
+    assert sorted(str(j) for j, _, e in got if e == "completed") == sorted([a, b, c, d])
     assert [(j, bid) for j, bid, e in got if e == "batch.completed"] == [(None, batch_id)]
 
 
