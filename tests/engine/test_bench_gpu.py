@@ -1,6 +1,6 @@
 """bench/gpu.py (the GPU throughput bench) runs its code paths on the CPU (--quick) and imports only what
-a GPU machine with no project install has: the standard library, torch, torchvision, PIL, numpy and
-worker.engine."""
+a GPU machine with no project install has: the standard library, torch, torchvision, PIL, numpy,
+worker.engine and its own sections, the sibling modules bench/gpu_*.py."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from worker.engine.graph import compiled_features
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu.py"
+# the script and its sections (bench/ is no package: the script puts bench/ on sys.path to import them)
+FILES = sorted((REPO / "bench").glob("gpu*.py"))
+SIBLINGS = {path.stem for path in FILES if path != SCRIPT}
 THIRD_PARTY = {"torch", "torchvision", "PIL", "numpy"}
 FORBIDDEN = {"api", "shared", "celery", "sqlalchemy", "pydantic", "boto3", "botocore", "redis", "kombu"}
 
@@ -82,16 +85,53 @@ def _imported_modules(tree: ast.Module) -> list[str]:
     return names
 
 
-def test_the_script_imports_only_the_standard_library_torch_and_the_engine() -> None:
-    names = _imported_modules(ast.parse(SCRIPT.read_text()))
-    assert "worker.engine" in names
-    allowed = set(sys.stdlib_module_names) | THIRD_PARTY
+def _disallowed(names: list[str]) -> list[str]:
+    """The imported modules a GPU machine with no project install may lack."""
+    allowed = set(sys.stdlib_module_names) | THIRD_PARTY | SIBLINGS | {"__future__"}
+    bad = []
     for name in names:
         top = name.split(".")[0]
         if top == "worker":
-            assert name == "worker.engine" or name.startswith("worker.engine."), name
+            ok = name == "worker.engine" or name.startswith("worker.engine.")
         else:
-            assert top in allowed or top == "__future__", name
+            ok = top in allowed and (top not in SIBLINGS or name == top)
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+def test_the_script_imports_only_the_standard_library_torch_and_the_engine() -> None:
+    assert SCRIPT in FILES and {"gpu_common", "gpu_graph", "gpu_summary", "gpu_timing"} <= SIBLINGS
+    script = _imported_modules(ast.parse(SCRIPT.read_text()))
+    assert "worker.engine" in script and set(script) >= SIBLINGS  # no stray gpu_*.py: each is a section
+    for path in FILES:
+        names = _imported_modules(ast.parse(path.read_text()))
+        assert not _disallowed(names), (path.name, _disallowed(names))
+
+
+def test_the_import_check_refuses_the_service_and_its_libraries() -> None:
+    source = "\n".join(
+        [
+            "import os",
+            "import torch.nn",
+            "from gpu_common import Plan",
+            "from worker.engine.groups import run_group",
+            "import shared.cli",
+            "from celery import Celery",
+            "import worker.tasks",
+            "import workerx",
+            "from api.app import app",
+            "import gpu_common.x",
+        ]
+    )
+    assert _disallowed(_imported_modules(ast.parse(source))) == [
+        "shared.cli",
+        "celery",
+        "worker.tasks",
+        "workerx",
+        "api.app",
+        "gpu_common.x",
+    ]
 
 
 def test_loading_the_script_pulls_in_none_of_the_service() -> None:
@@ -108,14 +148,15 @@ def test_loading_the_script_pulls_in_none_of_the_service() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = proc.stdout.split()
-    assert "worker.engine.groups" in loaded
+    assert "worker.engine.groups" in loaded and set(loaded) >= SIBLINGS  # the sections, found
     assert not {m.split(".")[0] for m in loaded} & FORBIDDEN
     project = [m for m in loaded if m.split(".")[0] == "worker"]
     assert all(m in ("worker", "worker.engine") or m.startswith("worker.engine.") for m in project), project
 
 
 def _bench() -> ModuleType:
-    """bench/gpu.py loaded in this process (once: its dataclasses look their module up by name)."""
+    """bench/gpu.py loaded in this process, once (its sections, bench/gpu_*.py, are imported once, as
+    top-level modules, and their dataclasses look their module up by name)."""
     name = "gpu_bench_in_process"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, SCRIPT)
@@ -123,6 +164,11 @@ def _bench() -> ModuleType:
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
+
+
+def _graph_section() -> ModuleType:
+    """bench/gpu_graph.py, as the script imported it (the module whose globals its functions read)."""
+    return sys.modules[_bench().run_graphs.__module__]
 
 
 def _graph_run(bench: ModuleType, engine: StyleTransfer, *argv: str) -> tuple[Any, Any]:
@@ -151,7 +197,8 @@ def test_a_failing_graph_attempt_is_reported_and_the_run_goes_on(
     assert "[conv1_1 eager] graph: failed (RuntimeError: stride assertion)" in out
     assert re.search(r"^graph verdict: could not be measured \(whole model: RuntimeError", out, re.M)
     assert "more lines" not in out
-    model = bench.graph_model(engine, bench.Case("adam", "fp32", 16, 1), plan)
+    graph = _graph_section()
+    model = graph.graph_model(engine, graph.Case("adam", "fp32", 16, 1), plan)
     assert "forward" not in vars(model)  # eager again
 
 
@@ -164,8 +211,8 @@ def test_graph_cells_past_the_budget_are_skipped_or_stopped_with_a_reason(
     assert re.search(r"^graph adam .* skipped: estimated 5 s > 0 s left", out, re.M), out
     assert "graph verdict: could not be measured" in out
     # a cell that starts in time but outruns the deadline is stopped, and the cells after it skipped
-    monkeypatch.setattr(bench, "GRAPH_FIRST_S", {True: -1.0, False: -1.0})
-    monkeypatch.setattr(bench, "GRAPH_GRACE_S", 0.0)
+    monkeypatch.setattr(_graph_section(), "GRAPH_FIRST_S", {True: -1.0, False: -1.0})
+    monkeypatch.setattr(_graph_section(), "GRAPH_GRACE_S", 0.0)
     _graph_run(bench, engine, "--budget", "0.001", "--graph-batches", "1,2")
     out = capsys.readouterr().out
     assert "[whole model] graph: failed (TimeoutError: still running 0 s past" in out, out
