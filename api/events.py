@@ -195,16 +195,22 @@ def changes(prev: JobView | None, cur: JobView) -> list[str]:
     return kinds
 
 
+MAX_STREAMS = 500  # open streams in one API process, every tenant's together
+POLL_THREADS = 8  # streams' database polls at once (their own limiter: sync routes keep anyio's)
+
+
 class StreamSlots:
-    """Open streams per tenant in this process (entries only while a tenant has one open)."""
+    """Open streams per tenant in this process (entries only while a tenant has one open), at most
+    ``MAX_STREAMS`` in all; their polls share a thread limiter of their own."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
+        self.polls = anyio.CapacityLimiter(POLL_THREADS)
 
     def acquire(self, tenant_id: str, limit: int) -> bool:
         with self._lock:
-            if self._open.get(tenant_id, 0) >= limit:
+            if self._open.get(tenant_id, 0) >= limit or sum(self._open.values()) >= MAX_STREAMS:
                 return False
             self._open[tenant_id] = self._open.get(tenant_id, 0) + 1
             return True
@@ -242,6 +248,7 @@ class Watch(Protocol):
 class StreamLimits:
     poll_s: float
     max_duration_s: float
+    polls: anyio.CapacityLimiter | None = None  # the streams' own thread limiter (StreamSlots.polls)
 
 
 async def event_stream(
@@ -255,7 +262,7 @@ async def event_stream(
     yield f"retry: {RETRY_MS}\n\n"
     try:
         while True:
-            chunks, done = await anyio.to_thread.run_sync(watch.poll)
+            chunks, done = await anyio.to_thread.run_sync(watch.poll, limiter=limits.polls)
             now = anyio.current_time()
             if chunks:
                 sent, quiet_since = sent + len(chunks), now

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 
+from api import webhook_input
 from api.commit_recovery import Submission
 from api.deps import SubmitCtx
 from api.forms import check_fields, files, read_body, read_form, read_items, text, texts
@@ -161,6 +162,8 @@ async def _validate_and_create(
     request: Request, ctx: SubmitCtx, validate: Callable[[D, Settings], ValidSubmission], draft: D
 ) -> Response:
     sub = await off_loop(request, validate, draft, ctx.settings)
+    if sub.webhook is not None:  # its host's lookup, in a pool of its own (api.webhook_input)
+        sub = replace(sub, webhook=await webhook_input.resolved(sub.webhook, ctx.settings, ctx.tenant.id))
     answer, replayed = await run_in_threadpool(create, ctx, sub)
     return respond(answer, replayed=replayed)
 

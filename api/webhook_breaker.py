@@ -1,5 +1,6 @@
-"""A circuit breaker per receiving host, in each sender process: a tenant's dead receiver must not
-hold the sender's threads.
+"""Two protections of a sender process's threads from one tenant's receivers: a circuit breaker per
+tenant and receiving host (``Breaker``), and a cap on each tenant's attempts in flight
+(``TenantShares``).
 
 Every attempt at a black-hole receiver waits out the whole timeout; a thousand events for one would
 keep a sender's threads busy for hours and every other tenant's webhooks waiting. After
@@ -68,9 +69,40 @@ class Breaker:
                 cooldown = min(COOLDOWN_MAX_S, COOLDOWN_S * 2 ** (state.openings - 1))
                 state.open_until = self._clock() + cooldown
 
+    def abandon(self, host: str) -> None:
+        """An attempt that learnt nothing (it was not sent): a half-open probe may go again."""
+        with self._lock:
+            state = self._hosts.get(host)
+            if state is not None:
+                state.probing = False
+
     def _forget_one(self) -> None:
         closed = next((h for h, s in self._hosts.items() if s.failures < FAILURES), None)
         self._hosts.pop(closed if closed is not None else next(iter(self._hosts)))
 
 
-__all__ = ["COOLDOWN_S", "FAILURES", "Breaker"]
+class TenantShares:
+    """Attempts in flight per tenant, at most ``cap`` each (a slow receiver holds threads too)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, tenant_id: str) -> bool:
+        with self._lock:
+            if self._in_flight.get(tenant_id, 0) >= self.cap:
+                return False
+            self._in_flight[tenant_id] = self._in_flight.get(tenant_id, 0) + 1
+            return True
+
+    def leave(self, tenant_id: str) -> None:
+        with self._lock:
+            left = self._in_flight.get(tenant_id, 1) - 1
+            if left > 0:
+                self._in_flight[tenant_id] = left
+            else:
+                self._in_flight.pop(tenant_id, None)
+
+
+__all__ = ["COOLDOWN_S", "FAILURES", "Breaker", "TenantShares"]

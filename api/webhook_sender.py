@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,19 +26,18 @@ from standardwebhooks.webhooks import Webhook
 from api.presenters import Linker, job_out
 from api.queries import batch_summary
 from api.schemas import BatchOut
-from api.webhook_breaker import FAILURES, Breaker
+from api.webhook_breaker import FAILURES, Breaker, TenantShares
 from api.webhook_input import allow_list
 from shared import logs, webhook_outbox, webhook_secrets
 from shared.models import Batch, Job, utcnow
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.webhook_guard import Resolver, Target, WebhookForbidden, check_url, system_resolver
+from shared.webhook_guard import Resolver, ResolverBusy, WebhookForbidden, check_url, system_resolver
 from shared.webhook_http import Response, post
 
 logger = logging.getLogger(__name__)
 
 Post = Callable[..., Response]
-DEFER_S = 1.0  # an attempt given back unsent (its tenant's share is in flight) is due again after this
 
 
 def policy_of(settings: Settings) -> webhook_outbox.RetryPolicy:
@@ -71,13 +70,12 @@ class Sender:
     resolve: Resolver = system_resolver
     post: Post = field(default=post)
     breaker: Breaker = field(default_factory=Breaker)  # per tenant and host (api.webhook_breaker)
-    # A tenant's attempts in flight in this process: at most half the threads, so that one tenant's
-    # slow receiver never holds every thread (its other events wait DEFER_S and come back).
-    in_flight: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # A tenant's attempts in flight here: at most half the threads, so that one tenant's slow
+    # receivers never hold every thread (its other events wait and come back, uncounted).
+    shares: TenantShares = field(init=False)
 
-    def tenant_cap(self) -> int:
-        return max(1, (self.settings.webhook_concurrency + 1) // 2)
+    def __post_init__(self) -> None:
+        self.shares = TenantShares(max(1, (self.settings.webhook_concurrency + 1) // 2))
 
     def deliver(self, event_id: str) -> str | None:
         """One attempt; returns the event's new state, ``deferred`` (its tenant's share of this
@@ -86,18 +84,22 @@ class Sender:
         lease_s = self.settings.webhook_timeout_s * 2 + 10  # longer than any attempt's deadline
         with self.sessions() as s:
             claimed = webhook_outbox.claim(s, event_id, utcnow(), lease_s)
-            if claimed is not None and not self._enter(claimed.tenant_id):
-                webhook_outbox.defer(s, claimed, DEFER_S)
-                claimed = None
-                s.commit()
-                return "deferred"
             s.commit()
         if claimed is None:
             return None
+        if not self.shares.enter(claimed.tenant_id):
+            wait = self.settings.webhook_timeout_s / 2 * random.uniform(0.5, 1.5)
+            with self.sessions() as s:  # if this fails, the lease ends and the event comes back
+                webhook_outbox.defer(s, claimed, max(1.0, wait))
+                s.commit()
+            return "deferred"
         try:
             outcome = self._send(claimed)
+        except Exception:  # noqa: BLE001 - a bug or an outage preparing the body: logged, retried, bounded
+            logger.exception("webhook_prepare_failed event_id=%s", claimed.id)
+            outcome = webhook_outbox.Outcome(None, 0.0, "not sent: the event could not be prepared")
         finally:
-            self._leave(claimed.tenant_id)
+            self.shares.leave(claimed.tenant_id)
         with self.sessions() as s:
             state = webhook_outbox.record(s, claimed, outcome, policy_of(self.settings))
             s.commit()
@@ -128,21 +130,6 @@ class Sender:
         now = utcnow()
         return self.attempt(claimed, payload, secrets.signing(now), now)
 
-    def _enter(self, tenant_id: str) -> bool:
-        with self.lock:
-            if self.in_flight.get(tenant_id, 0) >= self.tenant_cap():
-                return False
-            self.in_flight[tenant_id] = self.in_flight.get(tenant_id, 0) + 1
-            return True
-
-    def _leave(self, tenant_id: str) -> None:
-        with self.lock:
-            left = self.in_flight.get(tenant_id, 1) - 1
-            if left > 0:
-                self.in_flight[tenant_id] = left
-            else:
-                self.in_flight.pop(tenant_id, None)
-
     def attempt(
         self, claimed: webhook_outbox.Claimed, payload: str, secrets: list[str], now: datetime
     ) -> webhook_outbox.Outcome:
@@ -152,26 +139,31 @@ class Sender:
             return webhook_outbox.Outcome(
                 None, 0.0, f"not sent: circuit open ({FAILURES} failed attempts in a row at this host)"
             )
+        alive: bool | None = False  # None: no verdict on the receiver
         try:
-            target: Target = check_url(
-                claimed.url, allow_list(self.settings.webhook_allow_hosts), self.resolve
+            target = check_url(claimed.url, allow_list(self.settings.webhook_allow_hosts), self.resolve)
+            answer = self.post(
+                target,
+                payload.encode("utf-8"),
+                signed_headers(claimed.id, claimed.event, payload, secrets, now),
+                timeout_s=self.settings.webhook_timeout_s,
+                max_response_bytes=self.settings.webhook_max_response_bytes,
             )
         except WebhookForbidden as exc:
-            self.breaker.record(host, False)
             return webhook_outbox.Outcome(None, 0.0, f"refused: {exc.message}")
-        headers = signed_headers(claimed.id, claimed.event, payload, secrets, now)
-        answer = self.post(
-            target,
-            payload.encode("utf-8"),
-            headers,
-            timeout_s=self.settings.webhook_timeout_s,
-            max_response_bytes=self.settings.webhook_max_response_bytes,
-        )
+        except ResolverBusy:
+            alive = None  # this process's lookups are all taken: nothing learnt about the receiver
+            return webhook_outbox.Outcome(None, 0.0, "not sent: host name lookups busy")
+        else:
+            alive = answer.error is None and answer.status_code is not None and answer.status_code < 500
+        finally:  # every path settles the breaker (a half-open probe included)
+            if alive is None:
+                self.breaker.abandon(host)
+            else:
+                self.breaker.record(host, alive)
         error = answer.error
         if error is None and answer.status_code is not None and not 200 <= answer.status_code < 300:
             error = f"HTTP {answer.status_code}"
-        alive = answer.error is None and answer.status_code is not None and answer.status_code < 500
-        self.breaker.record(host, alive)
         return webhook_outbox.Outcome(answer.status_code, answer.latency_ms, error)
 
     def render(self, session: Session, claimed: webhook_outbox.Claimed) -> str:

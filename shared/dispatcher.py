@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 WORKER_ROWS_KEPT = timedelta(days=1)  # a worker silent this long is forgotten
 WEBHOOK_EVENTS_KEPT_DAYS = 30.0  # settled webhook events, when retention_days is 0 (never)
+WEBHOOK_PRUNE_EVERY_S = 600.0
+_next_prune = [0.0]  # monotonic time of this process's next prune of settled webhook events
 
 
 @dataclass
@@ -101,8 +103,10 @@ def _webhooks(
 ) -> None:
     with sessions() as session:
         ids = webhook_outbox.due(session, now, settings.publish_grace_s)
-        days = settings.retention_days or WEBHOOK_EVENTS_KEPT_DAYS
-        webhook_outbox.prune(session, now - timedelta(days=days))
+        if time.monotonic() >= _next_prune[0]:  # settled events past retention, now and then
+            days = settings.retention_days or WEBHOOK_EVENTS_KEPT_DAYS
+            webhook_outbox.prune(session, now - timedelta(days=days))
+            _next_prune[0] = time.monotonic() + WEBHOOK_PRUNE_EVERY_S
         session.commit()
     if ids:
         publish(ids)  # one not published now is published again after publish_grace_s

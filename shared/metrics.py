@@ -97,8 +97,13 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes are not logged."""
 
 
-def serve(port: int, registry: CollectorRegistry, token: str = "", host: str = "0.0.0.0") -> WSGIServer:
-    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread; ``shutdown()`` stops it."""
+def serve(port: int, registry: CollectorRegistry, token: str = "", host: str | None = None) -> WSGIServer:
+    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread; ``shutdown()`` stops it.
+    Without a token only on loopback (tenant names and counts are not for everyone on the network);
+    with one on every interface."""
+    host = host or ("0.0.0.0" if token else "127.0.0.1")
+    if not token:
+        logger.warning("metrics on port %d without STYLEQUEUE_METRICS_TOKEN: serving on 127.0.0.1 only", port)
     httpd = make_server(host, port, guarded(make_wsgi_app(registry), token), _Server, _QuietHandler)
     threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
     logs.event(logger, "metrics_serving", kind="metrics", port=port, token="set" if token else "none")

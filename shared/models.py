@@ -225,7 +225,10 @@ class WebhookEvent(Base):
     it reports; its id is the ``webhook-id`` of every attempt, so receivers can drop repeats."""
 
     __tablename__ = "webhook_events"
-    __table_args__ = (Index("ix_webhook_events_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_events_due", "state", "next_attempt_at"),
+        Index("ix_webhook_events_finished", "finished_at"),  # retention's prune
+    )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_<32 hex>
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)  # no FK: outlives

@@ -46,6 +46,12 @@ _LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _ATON_PART = re.compile(r"0x([0-9a-f]*)|0([0-7]+)|([1-9][0-9]*|0)")  # hex, octal, decimal
 _HTTPS_ONLY = "The webhook URL must use https."
+# The same words whether a name does not resolve or resolves to a private address: a tenant must not
+# learn which internal names the service's resolver knows.
+_NOT_PUBLIC = (
+    "The webhook host {} must resolve to public addresses only "
+    "(it does not resolve, or resolves to a private or reserved address)."
+)
 _SPECIAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain", ".home.arpa")
 
 # 0/8 unspecified, RFC 1918, 100.64/10 CGNAT (Alibaba metadata 100.100.100.200), loopback, 169.254/16
@@ -125,11 +131,16 @@ class Target:
     addresses: tuple[str, ...]  # every address the host resolved to, all checked; connect to these only
 
 
+class ResolverBusy(OSError):
+    """Too many lookups pending (slow name servers): try again later. Not the target's fault."""
+
+
 def system_resolver(host: str, port: int) -> list[str]:
-    """getaddrinfo for TCP, deduplicated, order kept; OSError (TimeoutError) after RESOLVE_TIMEOUT_S."""
+    """getaddrinfo for TCP, deduplicated, order kept; OSError (TimeoutError) after RESOLVE_TIMEOUT_S;
+    ResolverBusy when MAX_PENDING_LOOKUPS are still running."""
     slots = _lookup_slots
     if not slots.acquire(blocking=False):
-        raise OSError(f"more than {MAX_PENDING_LOOKUPS} host name lookups pending")
+        raise ResolverBusy(f"more than {MAX_PENDING_LOOKUPS} host name lookups pending")
     done = threading.Event()
     found: list[str] = []
     failed: list[OSError] = []
@@ -164,8 +175,11 @@ def check_syntax(url: str, allow: AllowList) -> None:
 
 
 def check_url(url: str, allow: AllowList, resolve: Resolver = system_resolver) -> Target:
-    """check_syntax, then resolve and check EVERY address; raises WebhookForbidden."""
+    """check_syntax, then resolve and check EVERY address; raises WebhookForbidden, or ResolverBusy
+    (the lookup could not even start: nothing is known about the target)."""
     parsed, literal = _parse(url)
+    if len(parsed.url) > MAX_URL_LENGTH:  # normalising may lengthen it (%-encoding)
+        raise WebhookForbidden(f"The webhook URL is longer than {MAX_URL_LENGTH} characters once encoded.")
     _check_policy(parsed, literal, allow)
     if literal is not None:
         return replace(parsed, addresses=(parsed.host,))
@@ -192,11 +206,13 @@ def _check_policy(parsed: Target, literal: IPAddress | None, allow: AllowList) -
 def _resolve_checked(parsed: Target, allow: AllowList, resolve: Resolver) -> tuple[str, ...]:
     try:
         addresses = [ipaddress.ip_address(a) for a in dict.fromkeys(resolve(parsed.host, parsed.port))]
+    except ResolverBusy:
+        raise
     except (OSError, ValueError) as exc:  # ValueError: the resolver answered something not an address
         logger.info("webhook host %s: lookup failed: %r", parsed.host, exc)
-        raise WebhookForbidden(f"The webhook host {parsed.host} could not be resolved.") from exc
+        raise WebhookForbidden(_NOT_PUBLIC.format(parsed.host)) from exc
     if not addresses:
-        raise WebhookForbidden(f"The webhook host {parsed.host} does not resolve.")
+        raise WebhookForbidden(_NOT_PUBLIC.format(parsed.host))
     if allow.allows_host(parsed.host) or all(allow.allows_address(a) for a in addresses):
         return tuple(str(a) for a in addresses)
     if _is_local_name(parsed.host):
@@ -206,7 +222,7 @@ def _resolve_checked(parsed: Target, allow: AllowList, resolve: Resolver) -> tup
     refused = [a for a in addresses if not allow.allows_address(a) and not _is_public(a)]
     if refused:
         logger.warning("webhook host %s refused: resolves to %s", parsed.host, ", ".join(map(str, refused)))
-        raise WebhookForbidden(f"The webhook host {parsed.host} resolves to a private or reserved address.")
+        raise WebhookForbidden(_NOT_PUBLIC.format(parsed.host))
     return tuple(str(a) for a in addresses)
 
 

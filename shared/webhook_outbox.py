@@ -14,14 +14,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import CursorResult, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import WebhookAttempt, WebhookEvent, utcnow
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+STALE = "stale"  # what ``record`` says of an attempt a newer one overtook (its row is kept)
 ERROR_MAX = 300  # characters of an attempt's error kept
 
 
@@ -144,7 +145,7 @@ def record(
     rng: random.Random | None = None,
 ) -> str:
     """Record the attempt and settle the event: delivered, failed (its window is over) or pending
-    with its next attempt scheduled. Returns the new state."""
+    with its next attempt scheduled. Returns the new state (``STALE``: a newer attempt holds it)."""
     now = now or utcnow()
     session.execute(
         insert(WebhookAttempt).values(
@@ -158,9 +159,8 @@ def record(
         )
     )
     values: dict[str, Any] = {"lease_until": None, "published_at": None}
-    created = (
-        claimed.created_at if claimed.created_at.tzinfo else claimed.created_at.replace(tzinfo=now.tzinfo)
-    )
+    created = claimed.created_at
+    created = created if created.tzinfo else created.replace(tzinfo=now.tzinfo)
     next_at = now + timedelta(seconds=policy.delay(claimed.attempt, rng))
     if outcome.ok:
         values.update(state=DELIVERED, finished_at=now)
@@ -168,10 +168,16 @@ def record(
         values.update(state=FAILED, finished_at=now)
     else:
         values.update(next_attempt_at=next_at)
-    session.execute(
-        update(WebhookEvent).where(WebhookEvent.id == claimed.id).values(**values),
-        execution_options={"synchronize_session": False},
+    # Only while this attempt is still the event's latest: one that outlived its lease (a newer
+    # attempt claimed the event) must not clear the newer one's lease or schedule.
+    stmt = update(WebhookEvent).where(
+        WebhookEvent.id == claimed.id,
+        WebhookEvent.attempts == claimed.attempt,
+        WebhookEvent.state == PENDING,
     )
+    done = session.execute(stmt.values(**values), execution_options={"synchronize_session": False})
+    if not cast(CursorResult[Any], done).rowcount:
+        return STALE
     return str(values.get("state", PENDING))
 
 

@@ -65,19 +65,24 @@ def get(session: Session, tenant_id: str) -> SigningSecrets:
 
 
 def rotate(session: Session, tenant_id: str, overlap_s: float, now: datetime | None = None) -> SigningSecrets:
-    """A new current secret; the old one signs too for ``overlap_s`` (the caller commits)."""
+    """A new current secret; the old one signs too for ``overlap_s`` (the caller commits). One
+    UPDATE: concurrent rotations each keep the secret the other made as their previous one."""
     now = now or utcnow()
-    old = get(session, tenant_id)
+    get(session, tenant_id)  # there is a current secret to keep as the previous one
     fresh = make_secret()
     until = now + timedelta(seconds=overlap_s)
-    session.execute(
+    stmt = (
         update(Tenant)
         .where(Tenant.id == tenant_id)
         .values(
-            webhook_secret=fresh, webhook_secret_previous=old.current, webhook_secret_previous_until=until
+            webhook_secret=fresh,
+            webhook_secret_previous=Tenant.webhook_secret,
+            webhook_secret_previous_until=until,
         )
+        .returning(Tenant.webhook_secret_previous)
     )
-    return SigningSecrets(fresh, old.current, until)
+    previous = session.execute(stmt, execution_options={"synchronize_session": False}).scalar_one()
+    return SigningSecrets(fresh, previous, until)
 
 
 __all__ = ["PREFIX", "SigningSecrets", "get", "make_secret", "rotate"]

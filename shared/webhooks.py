@@ -36,6 +36,7 @@ BATCH_EVENTS = (*JOB_EVENTS, BATCH_COMPLETED)
 DEFAULT_JOB_EVENTS = (COMPLETED,)
 DEFAULT_BATCH_EVENTS = (COMPLETED, BATCH_COMPLETED)
 _PENDING_KEY = "stylequeue.webhook_events"  # session.info: ids written, to publish after commit
+_PUBLISHES_KEY = "stylequeue.publishes_webhooks"  # session.info: its commits publish (no re-send)
 
 
 class Moved(NamedTuple):
@@ -115,7 +116,7 @@ def _count_finished(session: Session, batch_id: str, finished: int) -> None:
 def _row(
     tenant_id: str, url: str, name: str, *, job_id: str | None = None, batch_id: str | None = None
 ) -> dict[str, Any]:
-    now = utcnow()
+    now = utcnow()  # published_at: set by _insert when the session's commit publishes
     return {
         "id": new_event_id(),
         "tenant_id": tenant_id,
@@ -134,6 +135,8 @@ def _row(
 def _insert(session: Session, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
+    if session.info.get(_PUBLISHES_KEY):  # the dispatcher leaves it for publish_grace_s
+        rows = [{**r, "published_at": r["created_at"]} for r in rows]
     session.execute(insert(WebhookEvent), rows)
     session.info.setdefault(_PENDING_KEY, []).extend(r["id"] for r in rows)
 
@@ -150,6 +153,7 @@ def publish_after_commit(sessions: sessionmaker[Session], publish: Callable[[lis
     def _after_rollback(session: Session) -> None:
         session.info.pop(_PENDING_KEY, None)
 
+    sessions.configure(info={**(sessions.kw.get("info") or {}), _PUBLISHES_KEY: True})
     sa_event.listen(sessions, "after_commit", _after_commit)
     sa_event.listen(sessions, "after_rollback", _after_rollback)
 

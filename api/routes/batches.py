@@ -92,7 +92,7 @@ def _planned(
 ) -> ValidSubmission:
     """The plan, the params, the webhook, then every image (decoded once)."""
     plan = plan_jobs(len(contents), len(styles), mode, pairs, settings.max_batch_jobs, len(masks))
-    hook = webhook_input.checked(*webhook, settings, batch=True)
+    hook = webhook_input.parsed(*webhook, settings, batch=True)
     return validated(
         contents, styles, masks, plan, raw_params, settings, batch=True, priority=priority, webhook=hook
     )

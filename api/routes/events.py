@@ -241,10 +241,11 @@ def _stream(
     if not slots.acquire(tenant.id, settings.events_max_streams):
         raise TooManyRequests(
             "too_many_streams",
-            f"{settings.events_max_streams} event streams are already open for this tenant; close one first",
+            f"{settings.events_max_streams} event streams are already open for this tenant (or the "
+            "server is at its limit of streams); close one first",
             retry_after_s=TOO_MANY_RETRY_S,
         )
-    limits = StreamLimits(settings.events_poll_s, settings.events_max_duration_s)
+    limits = StreamLimits(settings.events_poll_s, settings.events_max_duration_s, slots.polls)
     return EventStreamResponse(
         event_stream(watch, limits, job_id=job_id, batch_id=batch_id),
         on_close=lambda: slots.release(tenant.id),

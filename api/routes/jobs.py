@@ -53,7 +53,7 @@ def _validate(draft: Draft, settings: Settings) -> ValidSubmission:
         settings,
         batch=False,
         priority=parse_priority(draft.texts["priority"]),
-        webhook=webhook_input.checked(
+        webhook=webhook_input.parsed(
             draft.texts["webhook"],
             webhook_input.parse_events_field(draft.texts["webhook_events_filter"]),
             settings,

@@ -182,3 +182,17 @@ def test_one_tenants_slow_receiver_holds_at_most_its_share_of_the_sender(
     with get_sessionmaker(settings.database_url)() as s:
         attempts = s.scalar(select(WebhookEvent.attempts).where(WebhookEvent.id == second))
     assert attempts == 0
+
+
+def test_an_event_that_cannot_be_prepared_is_recorded_and_frees_its_share(settings: Settings) -> None:
+    sender = _sender(settings)
+
+    def broken(session: object, claimed: object) -> str:
+        raise RuntimeError("rendering failed")
+
+    sender.render = broken  # type: ignore[method-assign]
+    _, event_id = _completed_event(settings, "http://127.0.0.1:9/hook")
+    assert sender.deliver(event_id) == "pending"  # recorded, retried with backoff, window-bounded
+    with get_sessionmaker(settings.database_url)() as s:
+        assert s.scalar(select(WebhookAttempt.error)) == "not sent: the event could not be prepared"
+    assert all(sender.shares.enter("t1") for _ in range(sender.shares.cap))  # no slot leaked

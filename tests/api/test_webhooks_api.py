@@ -155,3 +155,52 @@ def test_a_jobs_attempts_are_listed_to_its_tenant_only(api: Api) -> None:
     ]
     assert {i["event_id"] for i in items} == {"msg_" + "a" * 32}
     assert api.as_tenant("mallory").get(f"/v1/jobs/{job_id}/webhooks").status_code == 404
+
+
+def test_a_tenants_slow_webhook_lookups_never_hold_up_other_tenants(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mallory's webhook hosts resolve slowly: she gets her lookups' share (then 429), and Bob's
+    submission, which needs no lookup, is answered meanwhile (no image-decoding thread is held)."""
+    import threading
+
+    from api import webhook_input
+
+    api = build_api(settings_factory(decode_threads=1))
+    started, release = threading.Semaphore(0), threading.Event()
+    gave_up: list[str] = []  # a lookup that waited 20 s: Bob's answer was held behind it
+
+    def slow(host: str, port: int) -> list[str]:
+        started.release()
+        if not release.wait(20):
+            gave_up.append(host)
+        return ["93.184.216.34"]
+
+    monkeypatch.setattr(webhook_input, "RESOLVER", slow)
+    mallory = api.as_tenant("mallory")
+    answers: list[int] = []
+
+    def submit_slow(i: int) -> None:
+        hook = {"webhook": f"https://h{i}.slow.example/x"}
+        answers.append(submit(mallory, content=image_bytes(), styles=[image_bytes()], data=hook).status_code)
+
+    threads = [
+        threading.Thread(target=submit_slow, args=(i,)) for i in range(webhook_input.LOOKUPS_PER_TENANT)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for _ in threads:
+            assert started.acquire(timeout=30)  # both of her lookups are under way
+        third = submit(
+            mallory, content=image_bytes(), styles=[image_bytes()], data={"webhook": "https://h9.x.example/"}
+        )
+        assert third.status_code == 429 and _error(third) == "webhook_lookups_busy"
+        bob = submit(api.client, content=image_bytes(), styles=[image_bytes()])
+        assert bob.status_code == 202, bob.text
+        assert not gave_up  # answered while her lookups still hung
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert answers == [202, 202]

@@ -25,6 +25,11 @@ from shared.webhook_guard import (
     system_resolver,
 )
 
+NOT_PUBLIC = (
+    "The webhook host hooks.example.com must resolve to public addresses only "
+    "(it does not resolve, or resolves to a private or reserved address)."
+)
+
 NONE = AllowList.parse("")
 PUBLIC_V4 = "93.184.216.34"
 PUBLIC_V6 = "2606:2800:220:1:248:1893:25c8:1946"
@@ -255,7 +260,7 @@ def test_a_name_with_any_non_public_address_is_refused(addresses: list[str]) -> 
 
 def test_a_name_that_resolves_to_nothing_is_refused() -> None:
     error = refused("https://hooks.example.com/", names=Names({"hooks.example.com": []}))
-    assert error.message == "The webhook host hooks.example.com does not resolve."
+    assert error.message == NOT_PUBLIC
 
 
 @pytest.mark.parametrize(
@@ -268,12 +273,12 @@ def test_a_failing_lookup_is_refused_with_a_neutral_message(failure: OSError) ->
 
     with pytest.raises(WebhookForbidden) as info:
         check_url("https://hooks.example.com/", NONE, resolve)
-    assert info.value.message == "The webhook host hooks.example.com could not be resolved."
+    assert info.value.message == NOT_PUBLIC  # the same words as a private answer: no oracle
 
 
 def test_a_resolver_answer_that_is_not_an_address_is_refused() -> None:
     error = refused("https://hooks.example.com/", names=Names({"hooks.example.com": ["localhost"]}))
-    assert "could not be resolved" in error.message
+    assert error.message == NOT_PUBLIC
 
 
 def test_a_public_name_gives_its_checked_addresses() -> None:
@@ -430,7 +435,7 @@ def test_system_resolver_gives_up_on_a_hanging_lookup(monkeypatch: pytest.Monkey
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             system_resolver("hooks.example.com", 443)
-        with pytest.raises(WebhookForbidden, match="could not be resolved"):
+        with pytest.raises(WebhookForbidden, match="must resolve to public addresses only"):
             check_url("https://hooks.example.com/", NONE)
         assert time.monotonic() - started < 5
     finally:
@@ -458,3 +463,17 @@ def test_system_resolver_raises_lookup_errors(monkeypatch: pytest.MonkeyPatch) -
     patch_getaddrinfo(monkeypatch, fail)
     with pytest.raises(socket.gaierror):
         system_resolver("hooks.example.com", 443)
+
+
+def test_a_busy_resolver_is_not_a_verdict_on_the_target() -> None:
+    def busy(host: str, port: int) -> list[str]:
+        raise webhook_guard.ResolverBusy("more than 32 host name lookups pending")
+
+    with pytest.raises(webhook_guard.ResolverBusy):
+        check_url("https://hooks.example.com/in", AllowList.parse(""), busy)
+
+
+def test_a_url_too_long_once_encoded_is_refused() -> None:
+    url = "https://hooks.example.com/" + "é" * 400  # 426 characters, 2,426 once %-encoded
+    with pytest.raises(WebhookForbidden, match="once encoded"):
+        check_url(url, AllowList.parse(""), lambda host, port: ["93.184.216.34"])

@@ -243,3 +243,66 @@ def test_event_ids_are_unique_and_standard_shaped() -> None:
     ids = {webhooks.new_event_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(i.startswith("msg_") and len(i) == 36 for i in ids)
+
+
+def test_an_attempt_that_outlived_its_lease_does_not_clear_the_newer_one(
+    db_url: str, make_job: MakeJob
+) -> None:
+    event_id = _one_event(db_url, make_job)
+    now = utcnow()
+    with get_sessionmaker(db_url)() as s:
+        old = webhook_outbox.claim(s, event_id, now, lease_s=30)
+        new = webhook_outbox.claim(s, event_id, now + timedelta(seconds=31), lease_s=30)
+        assert old is not None and new is not None
+        late = webhook_outbox.Outcome(500, 40_000.0, "HTTP 500")
+        assert webhook_outbox.record(s, old, late, POLICY, now=now + timedelta(seconds=40)) == "stale"
+        s.commit()
+        lease = s.scalar(select(WebhookEvent.lease_until).where(WebhookEvent.id == event_id))
+        assert lease is not None  # the newer attempt still holds it: no third POST meanwhile
+        assert webhook_outbox.due(s, now + timedelta(seconds=45), grace_s=5) == []
+        assert s.scalar(select(WebhookAttempt.attempt)) == 1  # the late attempt is still on record
+
+
+def test_events_a_publishing_session_wrote_are_not_published_again_by_the_pass(
+    db_url: str, make_job: MakeJob
+) -> None:
+    sessions = get_sessionmaker(db_url)
+    published: list[list[str]] = []
+    maker = type(sessions)(bind=sessions.kw["bind"])  # a sessionmaker of its own for the listener
+    webhooks.publish_after_commit(maker, published.append)
+    job_id = make_job(webhook=HOOK)
+    with maker() as s:
+        assert jobstore.request_cancel(s, "t1", job_id) is jobstore.CancelResult.CANCELED
+        s.commit()
+    assert len(published) == 1 and len(published[0]) == 1
+    now = utcnow()
+    with sessions() as s:
+        assert webhook_outbox.due(s, now, grace_s=30) == []  # on its way already
+        assert webhook_outbox.due(s, now + timedelta(seconds=31), grace_s=30) == published[0]  # lost?
+
+
+def test_concurrent_rotations_keep_both_secrets_real(db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers: the race needs PostgreSQL's row locks")
+    sessions = get_sessionmaker(db_url)
+    with sessions() as s:
+        first = webhook_secrets.get(s, "t1").current
+        s.commit()
+    start = threading.Barrier(2)
+    got: list[webhook_secrets.SigningSecrets] = []
+
+    def rotate() -> None:
+        with sessions() as s:
+            start.wait()
+            got.append(webhook_secrets.rotate(s, "t1", overlap_s=60))
+            s.commit()
+
+    threads = [threading.Thread(target=rotate) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with sessions() as s:
+        stored = webhook_secrets.get(s, "t1")
+    assert {stored.current, stored.previous} == {g.current for g in got}  # neither rotation lost
+    assert first in {g.previous for g in got}

@@ -60,6 +60,7 @@ def upgrade() -> None:
         sa.Column("finished_at", _TZ, nullable=True),
     )
     op.create_index("ix_webhook_events_due", "webhook_events", ["state", "next_attempt_at"])
+    op.create_index("ix_webhook_events_finished", "webhook_events", ["finished_at"])
     op.create_index("ix_webhook_events_tenant_id", "webhook_events", ["tenant_id"])
     op.create_index("ix_webhook_events_job_id", "webhook_events", ["job_id"])
     op.create_index("ix_webhook_events_batch_id", "webhook_events", ["batch_id"])
