@@ -71,6 +71,9 @@ def _expired_leases(
         rows = session.execute(
             select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested)
             .where(Job.status == JobStatus.RUNNING, jobstore.lease_expired(cutoff))
+            # one order for every reconciler: rows (and the batch rows a webhook batch's last job
+            # counts into) are locked in the same order, so two concurrent passes cannot deadlock
+            .order_by(Job.id)
             .limit(BATCH)
         ).all()
         for job_id, attempt, max_attempts, cancel in rows:
