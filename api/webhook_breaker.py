@@ -22,6 +22,7 @@ FAILURES = 5
 COOLDOWN_S = 30.0
 COOLDOWN_MAX_S = 600.0
 MAX_HOSTS = 10_000  # hosts tracked; beyond this the oldest healthy ones are forgotten
+SLOW_S = 1.0  # an attempt in flight this long counts against its tenant's share
 
 
 @dataclass
@@ -82,26 +83,34 @@ class Breaker:
 
 
 class TenantShares:
-    """Attempts in flight per tenant, at most ``cap`` each (a slow receiver holds threads too)."""
+    """A tenant's SLOW attempts in flight, at most ``cap``: an attempt counts once it has run for
+    ``slow_s``. Fast receivers never wait (one tenant alone may use every thread); a tenant whose
+    receivers hang fills only its share, and its further events are given back for a while."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, slow_s: float = SLOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.cap = cap
-        self._in_flight: dict[str, int] = {}
+        self.slow_s = slow_s
+        self._clock = clock
+        self._in_flight: dict[str, dict[int, float]] = {}  # tenant -> attempt token -> start
+        self._next = 0
         self._lock = threading.Lock()
 
-    def enter(self, tenant_id: str) -> bool:
+    def enter(self, tenant_id: str) -> int | None:
+        """A token for the attempt, or None: the tenant has ``cap`` slow attempts in flight."""
         with self._lock:
-            if self._in_flight.get(tenant_id, 0) >= self.cap:
-                return False
-            self._in_flight[tenant_id] = self._in_flight.get(tenant_id, 0) + 1
-            return True
+            mine = self._in_flight.setdefault(tenant_id, {})
+            cutoff = self._clock() - self.slow_s
+            if sum(1 for started in mine.values() if started <= cutoff) >= self.cap:
+                return None
+            self._next += 1
+            mine[self._next] = self._clock()
+            return self._next
 
-    def leave(self, tenant_id: str) -> None:
+    def leave(self, tenant_id: str, token: int) -> None:
         with self._lock:
-            left = self._in_flight.get(tenant_id, 1) - 1
-            if left > 0:
-                self._in_flight[tenant_id] = left
-            else:
+            mine = self._in_flight.get(tenant_id, {})
+            mine.pop(token, None)
+            if not mine:
                 self._in_flight.pop(tenant_id, None)
 
 

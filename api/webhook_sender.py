@@ -70,7 +70,7 @@ class Sender:
     resolve: Resolver = system_resolver
     post: Post = field(default=post)
     breaker: Breaker = field(default_factory=Breaker)  # per tenant and host (api.webhook_breaker)
-    # A tenant's attempts in flight here: at most half the threads, so that one tenant's slow
+    # A tenant's slow attempts in flight here: at most half the threads, so that one tenant's slow
     # receivers never hold every thread (its other events wait and come back, uncounted).
     shares: TenantShares = field(init=False)
 
@@ -87,7 +87,8 @@ class Sender:
             s.commit()
         if claimed is None:
             return None
-        if not self.shares.enter(claimed.tenant_id):
+        token = self.shares.enter(claimed.tenant_id)
+        if token is None:
             wait = self.settings.webhook_timeout_s / 2 * random.uniform(0.5, 1.5)
             with self.sessions() as s:  # if this fails, the lease ends and the event comes back
                 webhook_outbox.defer(s, claimed, max(1.0, wait))
@@ -99,7 +100,7 @@ class Sender:
             logger.exception("webhook_prepare_failed event_id=%s", claimed.id)
             outcome = webhook_outbox.Outcome(None, 0.0, "not sent: the event could not be prepared")
         finally:
-            self.shares.leave(claimed.tenant_id)
+            self.shares.leave(claimed.tenant_id, token)
         with self.sessions() as s:
             state = webhook_outbox.record(s, claimed, outcome, policy_of(self.settings))
             s.commit()

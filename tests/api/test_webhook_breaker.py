@@ -43,3 +43,21 @@ def test_a_success_between_failures_resets_the_count() -> None:
             b.record("t h", False)
         b.record("t h", True)
     assert b.allow("t h")
+
+
+def test_only_slow_attempts_count_against_a_tenants_share() -> None:
+    from api.webhook_breaker import TenantShares
+
+    clock = Clock()
+    shares = TenantShares(cap=2, slow_s=1.0, clock=clock)
+    fast = [shares.enter("t") for _ in range(10)]  # all just started: none is slow yet
+    assert all(t is not None for t in fast)
+    for token in fast[2:]:
+        assert token is not None
+        shares.leave("t", token)
+    clock.now += 1.5  # the two left in flight are now slow: t's share is full
+    assert shares.enter("t") is None
+    assert shares.enter("other") is not None  # another tenant is not held up
+    assert fast[0] is not None
+    shares.leave("t", fast[0])
+    assert shares.enter("t") is not None
