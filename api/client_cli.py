@@ -1,27 +1,31 @@
-"""The client commands: ``stylequeue submit`` and ``stylequeue status``, over HTTP (``api.client``).
+"""The client commands: ``stylequeue submit``, ``status`` and ``webhook-secret``, over HTTP (``api.client``).
 
-httpx and tqdm are imported by the handlers, so ``stylequeue --help`` stays fast.
+httpx and tqdm are imported by the handlers, so ``stylequeue --help`` stays fast. What they print is
+for a terminal: no log line per request (httpx logs each at INFO; ``-v`` shows them), no presigned
+storage URL, and an API that cannot be reached is one line naming its URL, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin
 
-from shared.jobs import TERMINAL, JobStatus
+from api.client_wait import wait
+from shared.jobs import JobStatus
 from shared.storage_keys import result_extension
 
 if TYPE_CHECKING:
     from api.client import StyleQueueClient
 
-MAX_JOB_BARS = 16  # beyond this many jobs, one overall bar
-JOB_EVENTS = frozenset({"status", "progress", "checkpoint"})  # a batch stream's events about one job
+Handler = Callable[[argparse.Namespace], int]
 
 SUMMARY = {
     "submit": "submit contents x styles over HTTP",
@@ -104,14 +108,55 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
+def client_command(handler: Handler) -> Handler:
+    """A client command's handler, quiet and with one line for an API it cannot reach: httpx's
+    per-request INFO lines are off (unless ``-v``), and a connection failure or an answer left
+    unhandled is printed as ``stylequeue: ...`` with exit status 1, never a traceback."""
+
+    @wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        import httpx
+
+        from api.client import ApiError
+
+        if not getattr(args, "verbose", False):
+            for name in ("httpx", "httpcore"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            return handler(args)
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            print(
+                f"stylequeue: cannot reach the API at {args.url} ({unreachable_reason(exc)})", file=sys.stderr
+            )
+        except ApiError as exc:
+            print(f"stylequeue: {exc}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def unreachable_reason(exc: Exception) -> str:
+    """A connection failure in a few words: ``connection refused``, ``timed out``, ..."""
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    text = text or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
+@client_command
 def cmd_submit(args: argparse.Namespace) -> int:
     return submit(args, parse_params(args.param))
 
 
+@client_command
 def cmd_status(args: argparse.Namespace) -> int:
     return status(args)
 
 
+@client_command
 def cmd_webhook_secret(args: argparse.Namespace) -> int:
     from api.client import ApiError, StyleQueueClient
 
@@ -175,51 +220,6 @@ def submit(args: argparse.Namespace, params: dict[str, Any]) -> int:
         return download(client, jobs, names, Path(args.output))
 
 
-def wait(client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> list[dict[str, Any]]:
-    """Follow the batch's live events until every job is finished, with tqdm bars (one per job for
-    small batches); then the jobs as listed once (what ``download`` needs)."""
-    from tqdm import tqdm
-
-    per_job = len(names) <= MAX_JOB_BARS
-    bars = (
-        {
-            jid: tqdm(
-                total=100,
-                desc=names[jid][:30],
-                position=i,
-                leave=True,
-                bar_format="{desc:<30} {percentage:3.0f}%|{bar}| {postfix}",
-            )
-            for i, jid in enumerate(names)
-        }
-        if per_job
-        else {"all": tqdm(total=len(names), desc="jobs finished")}
-    )
-    try:
-        for event in client.batch_events(batch_id):
-            if event.event in ("batch", "completed"):
-                if not per_job:
-                    counts = event.json()["counts"]
-                    bars["all"].n = sum(counts.get(str(s), 0) for s in TERMINAL)
-                    bars["all"].refresh()
-            elif per_job and event.event in JOB_EVENTS:
-                _show(bars, event.json())
-        return client.list_jobs(batch_id=batch_id)
-    finally:
-        for bar in bars.values():
-            bar.close()
-
-
-def _show(bars: dict[str, Any], job: dict[str, Any]) -> None:
-    bar = bars.get(job["id"])
-    if bar is None:
-        return
-    bar.n = round(100 * float(job["progress"].get("fraction") or 0))
-    eta = job["progress"].get("eta_seconds")
-    bar.set_postfix_str(job["status"] + (f" eta {eta:.0f}s" if eta else ""))
-    bar.refresh()
-
-
 def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[str, str], out: Path) -> int:
     failed = 0
     for job in jobs:
@@ -238,34 +238,45 @@ def download(client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[s
 
 
 def status(args: argparse.Namespace) -> int:
-    from api.client import ApiError, StyleQueueClient
+    """The job with this id, else the batch; ``no job or batch ID`` when neither is yours."""
+    from api.client import StyleQueueClient
 
     with StyleQueueClient(args.url, args.key) as client:
-        try:
-            job = client.get_job(args.id)
-        except ApiError as exc:
-            if exc.status != 404:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            job = None
+        job = _found(lambda: client.get_job(args.id))
         if job is not None:
-            prog = job["progress"]
-            print(
-                f"job {job['id']}: {job['status']} {100 * (prog.get('fraction') or 0):.0f}%"
-                f" attempts={job['attempts']}"
-            )
-            if job["error"]:
-                print(f"  error {job['error']['code']}: {job['error']['message']}")
-            if job["result_url"]:
-                print(f"  result {urljoin(args.url.rstrip('/') + '/', job['result_url'])}")
+            _print_job(job, args.url)
             return 0
-        try:
-            batch = client.get_batch(args.id)
-        except ApiError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        batch = _found(lambda: client.get_batch(args.id))
+        if batch is None:
+            print(f"stylequeue: no job or batch {args.id} (for this API key)", file=sys.stderr)
             return 1
         counts = " ".join(f"{k}={v}" for k, v in batch["counts"].items() if v)
         print(
             f"batch {batch['id']}: {batch['job_count']} job(s), {100 * batch['progress']:.0f}% done; {counts}"
         )
         return 0
+
+
+def _found(get: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """What ``get`` answers, or None for a 404 (any other error is raised)."""
+    from api.client import ApiError
+
+    try:
+        return get()
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _print_job(job: dict[str, Any], url: str) -> None:
+    prog = job["progress"]
+    handed = f" (+{job['handed_back']} handed back)" if job.get("handed_back") else ""
+    print(
+        f"job {job['id']}: {job['status']} {100 * (prog.get('fraction') or 0):.0f}%"
+        f" attempts={job['attempts']}{handed}"
+    )
+    if job["error"]:
+        print(f"  error {job['error']['code']}: {job['error']['message']}")
+    if job["result_url"]:  # the API's route (it redirects to storage): never a presigned link
+        print(f"  result {url.rstrip('/')}/v1/jobs/{job['id']}/result")

@@ -1,15 +1,16 @@
 """Turning job rows into API responses, with links to results and checkpoints.
 
 On S3 the links are presigned GETs (``storage.url_for``); for folder storage they point at the API's
-own ``/v1/jobs/{id}/result`` and ``/v1/jobs/{id}/checkpoints/{index}[/preview]`` routes.
+own ``/v1/jobs/{id}/result`` and ``/v1/jobs/{id}/checkpoints/{step}[/preview]`` routes.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel
 
 from api.schemas import CheckpointOut, JobErrorOut, JobOut, ProgressOut
@@ -27,11 +28,31 @@ def base_url(settings: Settings) -> str:
     return settings.public_url.rstrip("/")
 
 
+def with_location(response: Response, settings: Settings, collection: str) -> Response:
+    """A 202 submission answer (a replay too) names what it created: ``Location`` is the URL of
+    the job or batch (``collection``: ``/v1/jobs`` or ``/v1/batches``), with the links' base."""
+    if response.status_code == 202:
+        created = json.loads(bytes(response.body))
+        response.headers["Location"] = f"{base_url(settings)}{collection}/{created['id']}"
+    return response
+
+
+def counted_attempts(job: Job, configured_max: int) -> tuple[int, int]:
+    """(attempts that counted, hand-backs) of a job. A graceful hand-back (a worker's shutdown, a
+    transient error: ``shared.jobstore.release``) keeps ``attempt`` (the next claim bumps it) and
+    raises ``max_attempts`` by one, so the hand-backs are ``max_attempts`` less the configured
+    limit the job was created with (``STYLEQUEUE_MAX_ATTEMPTS``), bounded by the attempts made."""
+    attempt = job.attempt or 0
+    handed_back = min(max((job.max_attempts or configured_max) - configured_max, 0), attempt)
+    return attempt - handed_back, handed_back
+
+
 class Linker:
     def __init__(self, request: Request | None, settings: Settings, storage: Storage) -> None:
         self.base = base_url(settings)
         self.storage = storage
         self.expires = settings.presign_expiry_s
+        self.max_attempts = settings.max_attempts
 
     def link(self, key: str | None, api_path: str) -> str | None:
         if not key:
@@ -57,18 +78,25 @@ def _known(raw: dict[str, Any] | None, model: type[BaseModel]) -> dict[str, Any]
     return {k: v for k, v in (raw or {}).items() if k in model.model_fields and v is not None}
 
 
+def _checkpoint(cp: dict[str, Any], position: int, base: str, linker: Linker) -> CheckpointOut:
+    """A checkpoint, linked by its step (``api.routes.results``); a ref without one (none is
+    written so) by its seq, which the route also accepts."""
+    step = cp.get("step")
+    ref = step if step is not None else cp.get("seq", position)
+    return CheckpointOut(
+        scale=cp.get("scale"),
+        iteration=cp.get("iteration"),
+        step=step,
+        url=linker.link(cp.get("key"), f"{base}/{ref}"),
+        preview_url=linker.link(cp.get("preview_key"), f"{base}/{ref}/preview"),
+    )
+
+
 def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
     """``queue``: the job's place in its tenant's line (``shared.queue_position.spots``), if queued."""
     path = f"/v1/jobs/{job.id}"
     checkpoints = [
-        CheckpointOut(
-            scale=cp.get("scale"),
-            iteration=cp.get("iteration"),
-            step=cp.get("step"),
-            url=linker.link(cp.get("key"), f"{path}/checkpoints/{cp.get('seq', i)}"),
-            preview_url=linker.link(cp.get("preview_key"), f"{path}/checkpoints/{cp.get('seq', i)}/preview"),
-        )
-        for i, cp in enumerate(job.checkpoints or [])
+        _checkpoint(cp, i, f"{path}/checkpoints", linker) for i, cp in enumerate(job.checkpoints or [])
     ]
     error = (
         JobErrorOut(code=job.error_code, message=job.error_message or "", retryable=job.error_retryable)
@@ -76,6 +104,7 @@ def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
         else None
     )
     progress = _progress(job.progress)
+    attempts, handed_back = counted_attempts(job, linker.max_attempts)
     if job.status == JobStatus.SUCCEEDED:
         progress.fraction = 1.0
     return JobOut(
@@ -88,7 +117,8 @@ def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
         params=job.params or {},
         priority=job.priority or 0,
         progress=progress,
-        attempts=job.attempt,
+        attempts=attempts,
+        handed_back=handed_back,
         cancel_requested=job.cancel_requested,
         created_at=aware(job.created_at) or job.created_at,
         started_at=aware(job.started_at),
@@ -105,4 +135,4 @@ def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
     )
 
 
-__all__ = ["Linker", "base_url", "job_out"]
+__all__ = ["Linker", "base_url", "counted_attempts", "job_out", "with_location"]

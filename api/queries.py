@@ -11,7 +11,8 @@ import binascii
 import json
 import re
 from collections import Counter
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -25,6 +26,7 @@ from shared.models import Batch, Job
 
 MAX_PAGE = 200
 MAX_CURSOR = 200  # characters; the cursors this API returns are about 100
+MAX_DATETIME = 64  # characters of a created_after / created_before value
 # Job and batch ids are lowercase UUIDs (shared.models.new_id): anything else names nothing, and is
 # answered without a query (PostgreSQL text cannot even hold some of what a client may send).
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -96,24 +98,80 @@ def _status(raw: str | None) -> JobStatus | None:
         raise InvalidInput("invalid_status", f"status must be one of: {allowed}") from None
 
 
+def parse_datetime(raw: str, name: str) -> datetime:
+    """An ISO 8601 date or date-time (``Z`` or an offset; none means UTC), as an aware UTC time;
+    ``invalid_datetime`` for anything else."""
+    try:
+        if len(raw) > MAX_DATETIME:
+            raise ValueError("too long")
+        text = raw.strip()
+        if text.endswith(("Z", "z")):  # what Python 3.10's fromisoformat does not read
+            text = text[:-1] + "+00:00"
+        value = datetime.fromisoformat(text)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise InvalidInput(
+            "invalid_datetime",
+            f"{name} {_shown(raw)} is not an ISO 8601 date-time, e.g. 2026-05-01T12:00:00Z or 2026-05-01",
+            parameter=name,
+        ) from None
+
+
+@dataclass(frozen=True)
+class JobFilters:
+    """What a job listing is narrowed to: every filter given must hold."""
+
+    status: JobStatus | None = None
+    batch_id: str | None = None
+    created_after: datetime | None = None  # at or after
+    created_before: datetime | None = None  # strictly before
+
+    @classmethod
+    def parse(
+        cls,
+        status: str | None = None,
+        batch_id: str | None = None,
+        created_after: str | None = None,
+        created_before: str | None = None,
+    ) -> JobFilters:
+        """The query parameters checked: 422 ``invalid_status``, ``invalid_batch_id``,
+        ``invalid_datetime``, or ``invalid_time_range`` (created_after not before created_before)."""
+        wanted = _status(status)
+        if batch_id and not is_row_id(batch_id):
+            raise InvalidInput("invalid_batch_id", f"batch_id {_shown(batch_id)} is not a batch id")
+        after = parse_datetime(created_after, "created_after") if created_after else None
+        before = parse_datetime(created_before, "created_before") if created_before else None
+        if after is not None and before is not None and after >= before:
+            raise InvalidInput("invalid_time_range", "created_after must be earlier than created_before")
+        return cls(wanted, batch_id or None, after, before)
+
+    def where(self) -> list[Any]:
+        clauses: list[Any] = []
+        if self.status is not None:
+            clauses.append(Job.status == self.status)
+        if self.batch_id:
+            clauses.append(Job.batch_id == self.batch_id)
+        if self.created_after is not None:
+            clauses.append(Job.created_at >= self.created_after)
+        if self.created_before is not None:
+            clauses.append(Job.created_at < self.created_before)
+        return clauses
+
+
 def list_jobs(
     session: Session,
     tenant_id: str,
+    filters: JobFilters,
     *,
-    status: str | None,
-    batch_id: str | None,
     limit: int,
     cursor: str | None,
 ) -> tuple[list[Job], str | None]:
-    """Newest first, by (created_at, id): stable under concurrent inserts, no duplicates."""
-    wanted = _status(status)
-    if batch_id and not is_row_id(batch_id):
-        raise InvalidInput("invalid_batch_id", f"batch_id {_shown(batch_id)} is not a batch id")
-    query = select(Job).where(Job.tenant_id == tenant_id, Job.deleted_at.is_(None))
-    if wanted is not None:
-        query = query.where(Job.status == wanted)
-    if batch_id:
-        query = query.where(Job.batch_id == batch_id)
+    """Newest first, by (created_at, id): stable under concurrent inserts, no duplicates. A cursor
+    only says where the last page ended, so a page after it is right for any filters (the client
+    sends the same ones again)."""
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.deleted_at.is_(None), *filters.where())
     if cursor:
         at, last_id = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id)))
@@ -154,6 +212,7 @@ def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
 
 __all__ = [
     "MAX_PAGE",
+    "JobFilters",
     "batch_summary",
     "is_row_id",
     "decode_cursor",
@@ -161,4 +220,5 @@ __all__ = [
     "get_batch",
     "get_job",
     "list_jobs",
+    "parse_datetime",
 ]

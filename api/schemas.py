@@ -60,9 +60,11 @@ class JobErrorOut(BaseModel):
 
 
 class CheckpointOut(BaseModel):
-    scale: int | None = None
-    iteration: int | None = None
-    step: int | None = None
+    scale: int | None = Field(None, description="0-based: the first scale is 0")
+    iteration: int | None = Field(None, description="iterations done within its scale")
+    step: int | None = Field(
+        None, description="iterations done in all scales; names it: /v1/jobs/{id}/checkpoints/{step}"
+    )
     url: str | None = None
     preview_url: str | None = None
 
@@ -79,7 +81,11 @@ class JobOut(BaseModel):
     params: dict[str, Any]
     priority: int = Field(0, description="within your line: higher runs first")
     progress: ProgressOut
-    attempts: int
+    attempts: int = Field(
+        description="attempts that counted against the limit (STYLEQUEUE_MAX_ATTEMPTS): runs started, "
+        "less those handed back (a worker's shutdown, a transient error), which do not count"
+    )
+    handed_back: int = Field(0, description="runs handed back to the queue and resumed: not counted")
     cancel_requested: bool
     created_at: datetime
     started_at: datetime | None

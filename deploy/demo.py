@@ -1,10 +1,12 @@
 """``make demo``: the whole service on this machine, no servers needed, in a few minutes on a CPU.
 
-Starts ``stylequeue api`` and ``stylequeue worker`` on the embedded default (SQLite, kombu's SQL
-transport and a folder, all in a fresh ``demo-out/.stylequeue``), creates an API key, submits ONE batch
-over HTTP (4 content photos x 2 paintings from examples/images), shows progress, downloads the 8
-results into demo-out/ and writes demo-out/contact_sheet.png (content | style | result per row).
-Everything it started is stopped on success, failure or Ctrl-C.
+Starts ``stylequeue api``, ``stylequeue worker`` and ``stylequeue dispatch`` on the embedded default
+(SQLite, kombu's SQL transport and a folder, all in a fresh ``demo-out/.stylequeue``), creates an API
+key, submits ONE batch over HTTP (4 content photos x 2 paintings from examples/images), shows
+progress, downloads the 8 results into demo-out/ and writes demo-out/contact_sheet.png (content |
+style | result per row). There is no deadline while the jobs make progress (a busy machine is only
+slower); after ``--stall-timeout`` seconds without any, it stops, keeping the results that finished
+and a contact sheet of them. Everything it started is stopped on success, failure or Ctrl-C.
 
     python deploy/demo.py --weights imagenet     # real stylisation (VGG19 weights needed)
     python deploy/demo.py --weights random       # no download: runs the machinery, not the art
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +30,44 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from api.client import ApiError, StyleQueueClient  # noqa: E402
+from deploy.demo_report import (  # noqa: E402
+    DemoError,
+    Stalled,
+    Watchdog,
+    contact_sheet,
+    describe,
+    progress_line,
+    progress_state,
+    sheet_caption,
+)
 
 IMAGES = REPO / "examples" / "images"
 STYLES = ("style_vangogh_night_cafe.jpg", "style_hokusai_great_wave.jpg")
 WEIGHTS_CODES = {"weights_unavailable", "weights_invalid"}
 TERMINAL = {"succeeded", "failed", "canceled"}
+STALL_S = 300.0  # no job moved for this long: something is stuck (a worker that never started, ...)
 
 
-class DemoError(Exception):
-    """A failure with a message for the person running the demo."""
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deploy/demo.py", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--weights", default="imagenet", help="imagenet (default) or random")
     p.add_argument("--out", type=Path, default=REPO / "demo-out", help="output folder")
     p.add_argument("--size", type=int, default=192, help="result long edge (px)")
     p.add_argument("--iterations", type=int, default=50, help="iterations per scale")
-    p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
-    args = p.parse_args()
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=STALL_S,
+        help=f"stop after this many seconds in which no job made progress (default {STALL_S:.0f})",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=0, help="also stop after this many seconds in all (0: never)"
+    )
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
     demo = Demo(args)
     started = time.monotonic()
@@ -71,6 +93,8 @@ class Demo:
         self.logs = self.out / "logs"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.port = _free_port()
+        self.clock: Callable[[], float] = time.monotonic
+        self.sleep: Callable[[float], None] = time.sleep
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
         self.env.update(
             STYLEQUEUE_DATA_DIR=str(self.data),
@@ -136,9 +160,24 @@ class Demo:
         self.wait_api(url)
         with StyleQueueClient(url, key, timeout=60) as client:
             names, batch = self.submit(client)
-            jobs = self.follow(client, batch)
-            pairs = self.download(client, jobs, names)
-        contact_sheet(pairs, self.out / "contact_sheet.png")
+            self.finish(client, batch, names)
+
+    def finish(self, client: StyleQueueClient, batch_id: str, names: dict[str, str]) -> None:
+        """Follow the batch; then save what succeeded and its contact sheet, all of it or, when
+        the batch stalled or some jobs failed, the part that finished (and say so)."""
+        try:
+            jobs = self.follow(client, batch_id)
+        except Stalled:
+            self.deliver(client, client.list_jobs(batch_id=batch_id), names)
+            raise
+        self.deliver(client, jobs, names)
+        bad = [j for j in jobs if j["status"] != "succeeded"]
+        if bad:
+            err = bad[0].get("error") or {}
+            raise DemoError(
+                f"{len(bad)} job(s) did not succeed, e.g. {bad[0]['id']}: "
+                f"{bad[0]['status']} {err.get('code')}: {err.get('message')}"
+            )
 
     def wait_api(self, url: str) -> None:
         import httpx
@@ -162,52 +201,43 @@ class Demo:
         for path in [*contents, *(IMAGES / s for s in STYLES)]:
             names[client.upload_path(path)] = path.name
         ids = list(names)
-        params: dict[str, Any] = {
+        params = self.params()
+        batch = client.submit_batch(ids[: len(contents)], ids[len(contents) :], params=params)
+        print(f"submitted batch {batch['id']}: {describe(len(contents), len(STYLES), params)}")
+        return names, str(batch["id"])
+
+    def params(self) -> dict[str, Any]:
+        return {
             "size": self.args.size,
             "min_size": max(16, self.args.size // 2),
             "scale_factor": 2,
             "iterations": self.args.iterations,
         }
-        batch = client.submit_batch(ids[: len(contents)], ids[len(contents) :], params=params)
-        print(f"submitted batch {batch['id']}: {len(contents)} contents x {len(STYLES)} styles, {params}")
-        return names, str(batch["id"])
 
     def follow(self, client: StyleQueueClient, batch_id: str) -> list[dict[str, Any]]:
-        started, last = time.monotonic(), ""
+        watchdog = Watchdog(self.args.stall_timeout, self.args.timeout, self.clock)
+        last, warned = "", False
         while True:
             self.check_alive()
             jobs = client.list_jobs(batch_id=batch_id)
-            weights_error = next(
-                (j for j in jobs if (j.get("error") or {}).get("code") in WEIGHTS_CODES), None
-            )
-            if weights_error:
-                raise DemoError(
-                    f"the worker has no VGG19 weights: {weights_error['error']['message']}\n"
-                    "  remedy: `stylequeue weights fetch` (needs the internet once), or run the "
-                    "demo without them: `make demo WEIGHTS=random`"
-                )
+            _check_weights(jobs)
             line = progress_line(jobs)
             if line != last:
-                print(f"[{time.monotonic() - started:5.0f}s] {line}", flush=True)
+                print(f"[{self.clock() - watchdog.started:5.0f}s] {line}", flush=True)
                 last = line
             if jobs and all(j["status"] in TERMINAL for j in jobs):
-                bad = [j for j in jobs if j["status"] != "succeeded"]
-                if bad:
-                    err = bad[0].get("error") or {}
-                    raise DemoError(
-                        f"{len(bad)} job(s) did not succeed, e.g. {bad[0]['id']}: "
-                        f"{bad[0]['status']} {err.get('code')}: {err.get('message')}"
-                    )
                 return jobs
-            if time.monotonic() - started > self.args.timeout:
-                raise DemoError(f"the batch did not finish within {self.args.timeout:.0f}s")
-            time.sleep(1)
+            quiet = watchdog.observe(progress_state(jobs))
+            if quiet > watchdog.stall_s / 2 and not warned:
+                print(f"no progress for {quiet:.0f}s; still waiting (logs in {self.logs})", flush=True)
+            warned = quiet > watchdog.stall_s / 2
+            self.sleep(1)
 
-    def download(
-        self, client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[str, str]
-    ) -> list[tuple[Path, Path, Path]]:
+    def deliver(self, client: StyleQueueClient, jobs: list[dict[str, Any]], names: dict[str, str]) -> int:
+        """Download the results that succeeded and write the contact sheet of them."""
         rows = []
-        for job in sorted(jobs, key=lambda j: (names[j["content_id"]], names[j["style_ids"][0]])):
+        done = [j for j in jobs if j["status"] == "succeeded"]
+        for job in sorted(done, key=lambda j: (names[j["content_id"]], names[j["style_ids"][0]])):
             content, style = names[job["content_id"]], names[job["style_ids"][0]]
             dest = self.out / f"{Path(content).stem}__{Path(style).stem}.png"
             try:
@@ -215,45 +245,22 @@ class Demo:
             except ApiError as exc:
                 raise DemoError(f"could not download the result of {job['id']}: {exc}") from exc
             rows.append((IMAGES / content, IMAGES / style, dest))
-        print(f"downloaded {len(rows)} results into {self.out}")
-        return rows
+        if rows:
+            contact_sheet(rows, self.out / "contact_sheet.png", sheet_caption(done, len(jobs)))
+        partial = f" (of {len(jobs)} jobs)" if len(rows) < len(jobs) else ""
+        sheet = " and contact_sheet.png" if rows else ""
+        print(f"downloaded {len(rows)} results{partial}{sheet} into {self.out}")
+        return len(rows)
 
 
-def progress_line(jobs: list[dict[str, Any]]) -> str:
-    counts = {s: sum(j["status"] == s for j in jobs) for s in ("queued", "running", "succeeded")}
-    fractions = [float((j.get("progress") or {}).get("fraction") or 0) for j in jobs]
-    overall = 100 * sum(fractions) / max(len(jobs), 1)
-    running = [j for j in jobs if j["status"] == "running"]
-    now = ""
-    prog = (running[0].get("progress") or {}) if running else {}
-    if prog.get("scales"):
-        eta = prog.get("eta_seconds")
-        now = (
-            f"; now scale {int(prog.get('scale') or 0) + 1}/{prog.get('scales', '?')} "
-            f"{100 * float(prog.get('fraction') or 0):.0f}%"
-            + (f", eta {eta:.0f}s" if isinstance(eta, (int, float)) else "")
+def _check_weights(jobs: list[dict[str, Any]]) -> None:
+    weights_error = next((j for j in jobs if (j.get("error") or {}).get("code") in WEIGHTS_CODES), None)
+    if weights_error:
+        raise DemoError(
+            f"the worker has no VGG19 weights: {weights_error['error']['message']}\n"
+            "  remedy: `stylequeue weights fetch` (needs the internet once), or run the "
+            "demo without them: `make demo WEIGHTS=random`"
         )
-    return (
-        f"{overall:5.1f}% of {len(jobs)} jobs: {counts['succeeded']} done, "
-        f"{counts['running']} running, {counts['queued']} queued{now}"
-    )
-
-
-def contact_sheet(rows: list[tuple[Path, Path, Path]], dest: Path, cell: int = 200) -> None:
-    """One row per result: content | style | result, each fitted into a ``cell`` square."""
-    from PIL import Image, ImageDraw, ImageOps
-
-    pad, label = 8, 16
-    sheet = Image.new("RGB", (3 * cell + 4 * pad, len(rows) * (cell + label + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, paths in enumerate(rows):
-        y = pad + r * (cell + label + pad)
-        for c, path in enumerate(paths):
-            im = ImageOps.contain(Image.open(path).convert("RGB"), (cell, cell))  # up or down
-            x = pad + c * (cell + pad)
-            sheet.paste(im, (x + (cell - im.width) // 2, y + label + (cell - im.height) // 2))
-            draw.text((x, y + 2), path.stem[:32], fill="black")
-    sheet.save(dest)
 
 
 def _interrupt(signum: int, frame: object) -> None:

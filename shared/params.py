@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -26,6 +26,7 @@ ADAM_FIRST, ADAM_LATER, ADAM_EDGE = 1000, 500, 512  # Adam's (worker.engine.sche
 # The W2 style loss costs one eigendecomposition per style layer per iteration, whatever the image
 # size: measured on the 2-core CPU about as much as a VGG19 pass over a 256 x 256 image.
 W2_WORK_PER_ITERATION = 256 * 256
+DEFAULT_MIN_SIZE = 128  # the first scale's long edge unless given (or size, when size is smaller)
 
 # Weights are finite and bounded: NaN, Infinity and 1e400 are refused (PostgreSQL's JSON cannot
 # store them, and they make no picture).
@@ -87,7 +88,11 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     size: Edge = Field(512, description="long edge of the result in pixels")
-    min_size: Edge = Field(128, description="long edge of the first (coarsest) scale")
+    min_size: Edge = Field(
+        DEFAULT_MIN_SIZE,
+        description=f"long edge of the first (coarsest) scale; when not given, {DEFAULT_MIN_SIZE} or "
+        "size if size is smaller (then one scale); a given min_size above size is refused",
+    )
     scale_factor: float = Field(
         2**0.5,
         ge=MIN_SCALE_FACTOR,
@@ -166,6 +171,15 @@ class JobParams(BaseModel):
             raise ValueError("scales must be strictly increasing (the last one is the result's size)")
         return v
 
+    @field_validator("min_size")
+    @classmethod
+    def _not_above_size(cls, v: int, info: ValidationInfo) -> int:
+        """A min_size the client gave (a default is never validated here) must not exceed size."""
+        size = info.data.get("size")  # absent when size itself was refused
+        if isinstance(size, int) and v > size:
+            raise ValueError(f"min_size {v} must not exceed size {size}")
+        return v
+
     @field_validator("style_weights")
     @classmethod
     def _positive_blend(cls, v: list[float] | None) -> list[float] | None:
@@ -175,8 +189,8 @@ class JobParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobParams:
-        if self.min_size > self.size:
-            raise ValueError("min_size must not exceed size")
+        if self.min_size > self.size:  # the default (a given one is refused above): follow size,
+            object.__setattr__(self, "min_size", self.size)  # one scale, as `stylequeue run` does
         if self.preserve_color and self.color == "histogram":
             raise ValueError('preserve_color means color "luminance"; it cannot be "histogram"')
         edges = self.long_edges()  # closed form: refuses too many scales before anything is built

@@ -19,8 +19,9 @@ from api.imagestore import Raw
 from api.job_creation import parse_params_json, parse_priority
 from api.limits import MAX_BATCH_FILES
 from api.plans import PAIRS_SHAPE, plan_jobs
+from api.presenters import with_location
 from api.queries import batch_summary, get_batch
-from api.routes.jobs import DeletionOut, deletion_answer
+from api.routes.jobs import DeletionOut, created_doc, deletion_answer
 from api.schemas import BATCH_DOC, BATCH_FORM, ERRORS, BatchCreated, BatchOut, BatchRequest
 from api.submission import Draft, SubmitRoute, ValidSubmission, submit, validated
 from shared import jobstore_deletion, retention
@@ -131,14 +132,14 @@ SUBMIT_BATCH = SubmitRoute(
     "",
     status_code=202,
     response_model=BatchCreated,
-    responses=ERRORS,
+    responses=created_doc("batch"),
     openapi_extra=BATCH_DOC,
     summary="Submit many jobs: JSON naming image ids, or multipart files",
 )
 async def submit_batch(request: Request, ctx: SubmitCtxDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
-    response (header ``Idempotent-Replayed: true``) and creates nothing."""
-    return await submit(request, ctx, SUBMIT_BATCH)
+    response (header ``Idempotent-Replayed: true``) and creates nothing. ``Location``: the batch."""
+    return with_location(await submit(request, ctx, SUBMIT_BATCH), ctx.settings, "/v1/batches")
 
 
 @router.get("/{batch_id}", response_model=BatchOut, responses=ERRORS)

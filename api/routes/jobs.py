@@ -14,8 +14,8 @@ from api.deps import SessionDep, SettingsDep, StorageDep, SubmitCtxDep, TenantDe
 from api.job_creation import parse_params_json, parse_priority
 from api.masks import check_mask_count
 from api.plans import one_job
-from api.presenters import Linker, job_out
-from api.queries import MAX_PAGE, get_job, list_jobs
+from api.presenters import Linker, job_out, with_location
+from api.queries import MAX_PAGE, JobFilters, get_job, list_jobs
 from api.schemas import ERRORS, JOB_FORM, JOB_FORM_DOC, JobErrorOut, JobList, JobOut
 from api.submission import Draft, SubmitRoute, ValidSubmission, submit, validated
 from shared import jobstore, logs, queue_position, retention
@@ -70,18 +70,27 @@ SUBMIT_JOB = SubmitRoute(
 )
 
 
+def created_doc(what: str) -> dict[int | str, dict[str, object]]:
+    """OpenAPI of a submission's answers: the errors, and the 202's ``Location`` header."""
+    location = {
+        "description": f"the URL of the {what} (with STYLEQUEUE_PUBLIC_URL)",
+        "schema": {"type": "string"},
+    }
+    return {**ERRORS, 202: {"description": "accepted", "headers": {"Location": location}}}
+
+
 @router.post(
     "",
     status_code=202,
     response_model=JobOut,
-    responses=ERRORS,
+    responses=created_doc("job"),
     openapi_extra=JOB_FORM_DOC,
     summary="Submit one job (multipart)",
 )
 async def submit_job(request: Request, ctx: SubmitCtxDep) -> Response:
     """With an ``Idempotency-Key`` header, a repeat of the same request answers the first
-    response (header ``Idempotent-Replayed: true``) and creates nothing."""
-    return await submit(request, ctx, SUBMIT_JOB)
+    response (header ``Idempotent-Replayed: true``) and creates nothing. ``Location``: the job."""
+    return with_location(await submit(request, ctx, SUBMIT_JOB), ctx.settings, "/v1/jobs")
 
 
 @router.get("", response_model=JobList, responses=ERRORS, summary="List own jobs, newest first")
@@ -91,14 +100,20 @@ def list_own_jobs(
     settings: SettingsDep,
     storage: StorageDep,
     tenant: TenantDep,
-    status: str | None = None,
-    batch_id: str | None = None,
+    status: Annotated[str | None, Query(description="one status: queued, running, succeeded, ...")] = None,
+    batch_id: Annotated[str | None, Query(description="the jobs of one batch")] = None,
+    created_after: Annotated[
+        str | None, Query(description="ISO 8601; jobs created at or after it (UTC without an offset)")
+    ] = None,
+    created_before: Annotated[str | None, Query(description="ISO 8601; jobs created before it")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[
+        str | None, Query(description="next_cursor of the previous page (same filters)")
+    ] = None,
 ) -> JobList:
-    jobs, next_cursor = list_jobs(
-        session, tenant.id, status=status, batch_id=batch_id, limit=limit, cursor=cursor
-    )
+    """Newest first. The filters combine; follow ``next_cursor`` with the same filters."""
+    filters = JobFilters.parse(status, batch_id, created_after, created_before)
+    jobs, next_cursor = list_jobs(session, tenant.id, filters, limit=limit, cursor=cursor)
     linker = Linker(request, settings, storage)
     spots = queue_position.spots(session, tenant.id, jobs, utcnow())  # a few queries for the whole page
     return JobList(

@@ -34,7 +34,15 @@ def _binary(*media_types: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
-CheckpointIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="the checkpoint's seq")]
+CheckpointStep = Annotated[
+    int,
+    Path(
+        ge=0,
+        le=2**31 - 1,
+        description="the checkpoint's step (iterations done in all scales, as `checkpoints[].step` "
+        "shows); a link of an older release named it by its seq, which is still accepted",
+    ),
+]
 RESULT_DOC = _binary(*RESULT_MEDIA_TYPES)
 CHECKPOINT_DOC = _binary(CHECKPOINT_MEDIA_TYPE)
 PREVIEW_DOC = _binary(PREVIEW_MEDIA_TYPE)
@@ -86,48 +94,60 @@ def job_result(
     return _serve(storage, job.result_key, settings.presign_expiry_s)
 
 
-def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, index: int, field: str) -> str:
-    """The object of checkpoint number ``index`` (its ``seq``: stable while older ones are pruned;
-    rows written before seq existed count by position)."""
+def find_checkpoint(refs: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
+    """The kept checkpoint at ``step`` (one per step: a step's objects have one key). Failing that,
+    the one whose ``seq`` is ``step``: links before checkpoints were named by step used the seq
+    (stable while older ones are pruned; rows written before seq existed count by position)."""
+    by_step = next((ref for ref in refs if ref.get("step") == step), None)
+    if by_step is not None:
+        return by_step
+    return next((ref for i, ref in enumerate(refs) if ref.get("seq", i) == step), None)
+
+
+def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, step: int, field: str) -> str:
+    """The object (``field``: the checkpoint or its preview) of the job's checkpoint at ``step``."""
     job = get_job(session, tenant_id, job_id)
     _check_kept(job)
-    for position, ref in enumerate(job.checkpoints or []):
-        if ref.get("seq", position) == index and ref.get(field):
-            return str(ref[field])
-    raise NotFound("checkpoint_not_found", f"job {job_id} has no checkpoint {index}")
+    ref = find_checkpoint(list(job.checkpoints or []), step)
+    if ref is None or not ref.get(field):
+        kept = ", ".join(str(r.get("step")) for r in job.checkpoints or []) or "none"
+        raise NotFound(
+            "checkpoint_not_found", f"job {job_id} has no checkpoint at step {step} (kept: {kept})"
+        )
+    return str(ref[field])
 
 
 @router.get(
-    "/{job_id}/checkpoints/{index}",
+    "/{job_id}/checkpoints/{step}",
     responses=CHECKPOINT_DOC,
     response_class=Response,
-    summary="A checkpoint (.pt)",
+    summary="A checkpoint (.pt), by its step",
 )
 def job_checkpoint(
     job_id: str,
-    index: CheckpointIndex,
+    step: CheckpointStep,
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     tenant: TenantDep,
 ) -> Response:
-    key = _checkpoint_key(session, tenant.id, job_id, index, "key")
+    key = _checkpoint_key(session, tenant.id, job_id, step, "key")
     return _serve(storage, key, settings.presign_expiry_s)
 
 
 @router.get(
-    "/{job_id}/checkpoints/{index}/preview",
+    "/{job_id}/checkpoints/{step}/preview",
     responses=PREVIEW_DOC,
     response_class=Response,
-    summary="A checkpoint's preview image (.png)",
+    summary="A checkpoint's preview image (.png), by its step",
 )
 def job_checkpoint_preview(
     job_id: str,
-    index: CheckpointIndex,
+    step: CheckpointStep,
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     tenant: TenantDep,
 ) -> Response:
-    key = _checkpoint_key(session, tenant.id, job_id, index, "preview_key")
+    key = _checkpoint_key(session, tenant.id, job_id, step, "preview_key")
     return _serve(storage, key, settings.presign_expiry_s)

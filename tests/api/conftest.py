@@ -1,15 +1,21 @@
-"""Fixtures for the API tests: an app on SQLite or PostgreSQL, a fake publisher, API keys, images."""
+"""Fixtures for the API tests: an app on SQLite or PostgreSQL, a fake publisher, API keys, images, and
+the app served over real HTTP."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 
 from shared.settings import Settings
 from tests.support.apps import Api, build_api
 from tests.support.images import EXAMPLES
+from tests.support.servers import free_port
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -34,3 +40,27 @@ def any_api(request: pytest.FixtureRequest) -> Api:
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture
+def serve_api(settings_factory: Callable[..., Settings]) -> Iterator[Callable[..., tuple[str, Api]]]:
+    """``serve_api(**settings)``: the app (``build_api``) on a free port of 127.0.0.1, served by
+    uvicorn in a thread; (its URL, the Api). Stopped after the test."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**overrides: Any) -> tuple[str, Api]:
+        api = build_api(settings_factory(**overrides))
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(api.client.app, host="127.0.0.1", port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        wait_for(lambda: server.started, 10, "the server", interval=0.01)
+        return f"http://127.0.0.1:{port}", api
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)

@@ -144,7 +144,8 @@ def test_cli_keys_submit_status_and_download(
                 .values(status="succeeded", result_key=key_name, progress={"fraction": 1.0})
             )
     from api.client import StyleQueueClient
-    from api.client_cli import download, wait
+    from api.client_cli import download
+    from api.client_wait import wait
 
     with StyleQueueClient(url, key) as client:
         names = dict(zip(job_ids, ["a__s", "b__s"], strict=True))

@@ -69,8 +69,10 @@ def test_progress_checkpoints_and_result_links_on_folder_storage(api: Api) -> No
     assert got["progress"] == {k: progress[k] for k in got["progress"]}
     (c,) = got["checkpoints"]
     assert (c["scale"], c["iteration"], c["step"]) == (1, 150, 3)
-    assert c["url"].endswith(f"/v1/jobs/{job['id']}/checkpoints/0")
+    assert c["url"].endswith(f"/v1/jobs/{job['id']}/checkpoints/3")  # named by its step
     assert api.client.get(c["url"]).content == b"torch-bytes"
+    # a link of an older release named it by its seq (0 here: stored without one): still served
+    assert api.client.get(f"/v1/jobs/{job['id']}/checkpoints/0").content == b"torch-bytes"
     assert api.client.get(c["preview_url"]).headers["content-type"] == "image/png"
     assert api.client.get(f"/v1/jobs/{job['id']}/checkpoints/5").status_code == 404
     r = api.client.get(f"/v1/jobs/{job['id']}/result")

@@ -442,6 +442,9 @@ def test_sigterm_writes_a_checkpoint_and_another_worker_finishes(
     fs.wait_terminal([job_id])
     job = fs.assert_succeeded_once(job_id, attempt=2, resumed_from=steps[-1])
     assert job.max_attempts == FAST["max_attempts"] + 1  # a hand-back does not use up an attempt
+    with fs.stack.client() as c:
+        shown = c.get_job(job_id)
+    assert (shown["attempts"], shown["handed_back"]) == (1, 1)  # and the API does not show it as used
     claimed = [e for e in fs.events(job_id) if e.event == "claimed" and e.attempt == 2]
     assert [e.source for e in claimed] == [fs.stack.log_of(other).name]
 

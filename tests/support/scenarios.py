@@ -92,7 +92,7 @@ def batch_succeeds(stack: Stack, images: dict[str, bytes]) -> None:
         for link in job["checkpoints"]:
             assert Checkpoint.from_bytes(fetch(stack, link["url"])).config_digest
             assert fetch(stack, link["preview_url"])[:8] == b"\x89PNG\r\n\x1a\n"
-        assert result_keys(stack, job_id) == [f"jobs/{job_id}/result.a{job['attempts']}.png"]
+        assert result_keys(stack, job_id) == [f"jobs/{job_id}/result.a{row.attempt}.png"]  # the raw attempt
 
 
 def cancel_queued_and_running(stack: Stack, images: dict[str, bytes], slots: int) -> None:

@@ -560,8 +560,8 @@ def path_segment(ids: Ids) -> st.SearchStrategy[str]:
 PATH_OPS = [
     ("GET /v1/jobs/{job_id}", "GET", "/v1/jobs/{x}"),
     ("GET /v1/jobs/{job_id}/result", "GET", "/v1/jobs/{x}/result"),
-    ("GET /v1/jobs/{job_id}/checkpoints/{index}", "GET", "/v1/jobs/{x}/checkpoints/{i}"),
-    ("GET /v1/jobs/{job_id}/checkpoints/{index}/preview", "GET", "/v1/jobs/{x}/checkpoints/{i}/preview"),
+    ("GET /v1/jobs/{job_id}/checkpoints/{step}", "GET", "/v1/jobs/{x}/checkpoints/{i}"),
+    ("GET /v1/jobs/{job_id}/checkpoints/{step}/preview", "GET", "/v1/jobs/{x}/checkpoints/{i}/preview"),
     ("POST /v1/jobs/{job_id}/cancel", "POST", "/v1/jobs/{x}/cancel"),
     ("GET /v1/images/{image_id}", "GET", "/v1/images/{x}"),
     ("GET /v1/batches/{batch_id}", "GET", "/v1/batches/{x}"),

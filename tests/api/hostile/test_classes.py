@@ -531,8 +531,8 @@ def test_links_never_come_from_the_host_header(live_api: LiveApi) -> None:
     links = [job["result_url"], job["checkpoints"][0]["url"], job["checkpoints"][0]["preview_url"]]
     assert links == [
         f"/v1/jobs/{job_id}/result",
-        f"/v1/jobs/{job_id}/checkpoints/0",
-        f"/v1/jobs/{job_id}/checkpoints/0/preview",
+        f"/v1/jobs/{job_id}/checkpoints/1",  # by its step
+        f"/v1/jobs/{job_id}/checkpoints/1/preview",
     ]
 
 
@@ -550,7 +550,7 @@ def test_openapi_describes_bodies_auth_and_downloads(live_api: LiveApi) -> None:
     assert params["properties"]["scale_factor"]["minimum"] == 1.1
     result = spec["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]
     assert "image/png" in result and "application/json" not in result
-    preview = spec["paths"]["/v1/jobs/{job_id}/checkpoints/{index}/preview"]["get"]
+    preview = spec["paths"]["/v1/jobs/{job_id}/checkpoints/{step}/preview"]["get"]
     assert set(preview["responses"]["200"]["content"]) == {"image/png"}
     assert "200" in spec["paths"]["/v1/images"]["post"]["responses"]
     assert "202" in spec["paths"]["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
