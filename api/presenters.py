@@ -37,13 +37,12 @@ def with_location(response: Response, settings: Settings, collection: str) -> Re
     return response
 
 
-def counted_attempts(job: Job, configured_max: int) -> tuple[int, int]:
-    """(attempts that counted, hand-backs) of a job. A graceful hand-back (a worker's shutdown, a
-    transient error: ``shared.jobstore.release``) keeps ``attempt`` (the next claim bumps it) and
-    raises ``max_attempts`` by one, so the hand-backs are ``max_attempts`` less the configured
-    limit the job was created with (``STYLEQUEUE_MAX_ATTEMPTS``), bounded by the attempts made."""
+def counted_attempts(job: Job) -> tuple[int, int]:
+    """(attempts that counted, hand-backs) of a job: a graceful hand-back (a worker's shutdown, a
+    transient error: ``shared.jobstore.release``) keeps ``attempt`` (the next claim bumps it) and is
+    counted in ``handbacks``."""
     attempt = job.attempt or 0
-    handed_back = min(max((job.max_attempts or configured_max) - configured_max, 0), attempt)
+    handed_back = min(max(job.handbacks or 0, 0), attempt)
     return attempt - handed_back, handed_back
 
 
@@ -52,7 +51,6 @@ class Linker:
         self.base = base_url(settings)
         self.storage = storage
         self.expires = settings.presign_expiry_s
-        self.max_attempts = settings.max_attempts
 
     def link(self, key: str | None, api_path: str) -> str | None:
         if not key:
@@ -104,7 +102,7 @@ def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
         else None
     )
     progress = _progress(job.progress)
-    attempts, handed_back = counted_attempts(job, linker.max_attempts)
+    attempts, handed_back = counted_attempts(job)
     if job.status == JobStatus.SUCCEEDED:
         progress.fraction = 1.0
     return JobOut(

@@ -104,6 +104,7 @@ def insert_queued(
             "checkpoints": [],
             "attempt": 0,
             "max_attempts": max_attempts,
+            "handbacks": 0,
             "cancel_requested": False,
             "cost": costs[i] if costs is not None else 0,
             "priority": priority,
@@ -263,6 +264,7 @@ def release(
     }
     if graceful:
         values["max_attempts"] = Job.max_attempts + 1
+        values["handbacks"] = Job.handbacks + 1
     return _fenced_move(session, job_id, attempt, JobStatus.QUEUED, **values)
 
 

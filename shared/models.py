@@ -145,6 +145,8 @@ class Job(Base):
     # write progress, checkpoints or the result (UPDATE ... WHERE attempt = :mine).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # graceful hand-backs (shared.jobstore.release): attempts that did not count (attempt - handbacks did)
+    handbacks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)

@@ -121,3 +121,29 @@ def test_unfinished_jobs_keep_their_exact_aspect(old_db: str) -> None:
         "r": {"size": 64, "exact_aspect": True},
         "s": {"size": 64},
     }
+
+
+def test_handbacks_are_estimated_for_jobs_made_before_the_column(old_db: str) -> None:
+    """Migration 0007: ``jobs.handbacks`` for existing rows is max_attempts above the default (3),
+    at most the attempts made; later hand-backs are counted exactly."""
+    upgrade(old_db, "0006")
+    engine = create_engine(old_db)
+    rows = {"plain": (2, 3), "handed_twice": (4, 5), "capped": (1, 6)}  # id: (attempt, max_attempts)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": NOW})
+        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": NOW})
+        for job_id, (attempt, max_attempts) in rows.items():
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
+                    "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
+                    "updated_at) VALUES (:id, 't', 'running', '{}', 'i', '[\"i\"]', '{}', :a, :m, false, "
+                    "'[]', :n, :n)"
+                ),
+                {"id": job_id, "a": attempt, "m": max_attempts, "n": NOW},
+            )
+    upgrade(old_db)
+    with engine.connect() as conn:
+        got = dict(conn.execute(text("SELECT id, handbacks FROM jobs")).all())
+    engine.dispose()
+    assert got == {"plain": 0, "handed_twice": 2, "capped": 1}
