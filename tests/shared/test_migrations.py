@@ -144,6 +144,8 @@ def test_handbacks_are_estimated_for_jobs_made_before_the_column(old_db: str) ->
             )
     upgrade(old_db)
     with engine.connect() as conn:
-        got = dict(conn.execute(text("SELECT id, handbacks FROM jobs")).all())
+        got: dict[str, int] = {
+            str(i): int(h) for i, h in conn.execute(text("SELECT id, handbacks FROM jobs"))
+        }
     engine.dispose()
     assert got == {"plain": 0, "handed_twice": 2, "capped": 1}
