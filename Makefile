@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # `make demo WEIGHTS=random` runs on a machine that cannot download them.
 WEIGHTS ?= imagenet
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench demo screenshots clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ bench: install
 
 demo: install
 	$(PY) deploy/demo.py --weights $(WEIGHTS)
+
+# The web page's pictures for the README (docs/screenshots/*.png): a real api + worker stack in a
+# temporary folder, driven by the system's Chromium (`apt-get install chromium`; nothing is downloaded).
+screenshots: install
+	$(PY) -m tests.web.screenshots --out docs/screenshots
 
 clean:
 	rm -rf $(VENV) demo-out .stylequeue .pytest_cache

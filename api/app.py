@@ -19,6 +19,8 @@ from api.offload import Admission, cpu_pool
 from api.publisher import CeleryPublisher, Publisher
 from api.ratelimit import RateLimitHeadersMiddleware
 from api.routes import batches, events, health, images, jobs, results, status, webhooks
+from api.web import STATIC_PATH, static_files
+from api.web import router as web_router
 from shared import logs
 from shared.db import get_sessionmaker
 from shared.settings import Settings, get_settings
@@ -62,6 +64,8 @@ def create_app(
     app.include_router(metrics_router)  # GET /metrics: 404 unless STYLEQUEUE_METRICS_TOKEN is set
     for module in (health, images, jobs, results, batches, status, webhooks, events):
         app.include_router(module.router)
+    app.include_router(web_router)  # the web page (/web): session cookie + CSRF, see api.web.auth
+    app.mount(STATIC_PATH, static_files(), name="web-static")
     if settings.auth == "off":
         logs.event(
             logger,

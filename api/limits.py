@@ -28,7 +28,7 @@ def body_limit(settings: Settings, path: str, content_type: str = "") -> int:
     per_file = settings.max_upload_bytes
     if path.startswith("/v1/images"):
         limit = per_file + _FORM_OVERHEAD
-    elif path.startswith("/v1/batches"):
+    elif path.startswith("/v1/batches") or path == "/web/batches":  # the page submits the same form
         limit = per_file * MAX_BATCH_FILES + _FORM_OVERHEAD
     elif path.startswith("/v1/jobs"):
         limit = per_file * (2 * settings.max_styles + 1) + _FORM_OVERHEAD  # + a mask per style

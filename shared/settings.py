@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     events_max_streams: int = 20  # open streams per tenant (more get 429)
     events_max_duration_s: float = 600.0  # a stream ends after this; clients resume (Last-Event-ID)
 
+    # --- web page (api/web: sign-in kept in an HMAC-signed session cookie, no table) ---
+    # The key that signs the page's session cookies and CSRF tokens. "" = a random one made once and
+    # kept in <data_dir>/web_secret (mode 0600); several API hosts that do not share data_dir must
+    # all be given the same value (32 or more random characters). Changing it signs everyone out.
+    web_secret: str = ""
+    web_session_hours: float = 8.0  # a sign-in lasts this long (never past its API key's expiry)
+
     # --- metrics (prometheus-client; never public by default) ---
     metrics_token: str = ""  # GET /metrics on the API needs "Authorization: Bearer <token>"; "" = 404
     worker_metrics_port: int = 0  # each worker host serves /metrics here (0 = off)
