@@ -35,6 +35,7 @@ from shared.jobs import JobStatus
 from shared.settings import Settings
 from worker import jobstore
 from worker.engine import CHECKPOINT_NOW, Progress
+from worker.loss_history import LossHistory
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class Watcher:
         self.poll_s = min(POLL_S, self.progress_s, self.heartbeat_s)
         self.started = time.monotonic()
         self.start_step = start_step
+        self.history = LossHistory()  # progress["history"]: the web page's loss curve
         self.edges = edges
         self._pace: tuple[float, int] | None = None
         self._pace_scale = -1
@@ -193,6 +195,7 @@ class Watcher:
             self._pace_scale, self._pace = p.scale, (self._last_t or time.monotonic(), p.iteration - 1)
         self._last_t = time.monotonic()
         self._latest = p
+        self.history.add(int(p.scale), int(p.iteration), p.loss)
         if self._shutdown_checkpoint_pending(int(p.step)):
             # The engine checkpoints this iteration; the checkpoint callback then stops the run.
             return CHECKPOINT_NOW
@@ -221,7 +224,10 @@ class Watcher:
         p = self._latest
         if p is None:
             return None
-        return progress_dict(p, self.started, self.start_step, self._pace, self.edges)
+        return {
+            **progress_dict(p, self.started, self.start_step, self._pace, self.edges),
+            "history": self.history.points(),
+        }
 
     # --- watcher thread ---
     def _loop(self) -> None:

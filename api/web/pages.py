@@ -118,7 +118,7 @@ def job_page(
         context = {
             "card": card,
             "job": card.job,
-            "loss": views.loss_points(card.job),
+            "loss": views.loss_points(card.job, job.progress),
             "api_base": base_url(settings),
             "times": {
                 "submitted": views.when(card.job.created_at),

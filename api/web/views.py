@@ -161,18 +161,27 @@ def uploads(session: Session, tenant_id: str) -> list[StoredImage]:
     return list(session.scalars(query))
 
 
+MAX_HISTORY_POINTS = 2048  # of a job's progress history shown (a row written by any worker)
+
+
 def counts_words(counts: dict[str, int]) -> list[tuple[str, int]]:
     """The non-zero status counts, in lifecycle order."""
     return [(str(s), counts.get(str(s), 0)) for s in JobStatus if counts.get(str(s), 0)]
 
 
-def loss_points(job: JobOut) -> list[list[float]]:
-    """What the server knows of the loss curve: the latest point ([scale, iteration, loss]); the page's
-    script adds one per progress event while it watches (the job row keeps no history)."""
+def loss_points(job: JobOut, raw: dict[str, Any] | None = None) -> list[list[float]]:
+    """The loss curve the worker kept (``progress["history"]``: at most 64 evenly spaced points per
+    scale, worker.loss_history) and the latest point ([scale, iteration, loss]); the page's script
+    adds one per progress event while it watches."""
+    known = [
+        [int(p[0]), int(p[1]), float(p[2])]
+        for p in (raw or {}).get("history") or []
+        if isinstance(p, list) and len(p) == 3 and all(isinstance(v, int | float) for v in p)
+    ][:MAX_HISTORY_POINTS]
     p = job.progress
-    if p.loss is None or p.scale is None or p.iteration is None:
-        return []
-    return [[p.scale, p.iteration, p.loss]]
+    if p.loss is not None and p.scale is not None and p.iteration is not None:
+        known.append([p.scale, p.iteration, p.loss])
+    return known
 
 
 def when(value: datetime | None) -> str:

@@ -240,8 +240,11 @@ def test_progress_is_written_while_running(
         "fraction",
         "loss",
         "eta_seconds",
+        "history",
     }
     assert snap["total_steps"] == 80 and 0 < snap["fraction"] < 1
+    history = snap["history"]  # the loss curve so far: [scale, iteration, loss], bounded
+    assert history and all(len(p) == 3 for p in history) and len(history) <= 64 * snap["scales"]
 
 
 def test_progress_dict_eta() -> None:

@@ -1,7 +1,7 @@
 "use strict";
 // The job page: live state from GET /web/jobs/{id}/events, the checkpoint timeline, and the loss curve
-// per scale. The job row keeps only its latest loss, so the curve is the progress seen while a page
-// showed the job: kept in sessionStorage (a reload keeps it) and drawn as one small SVG per scale.
+// per scale: the worker's bounded history (the page's data-points), plus the progress seen while the
+// page is open (kept in sessionStorage: a reload keeps it), drawn as one small SVG per scale.
 (function () {
   const root = document.getElementById("job");
   if (!root) return;
