@@ -171,7 +171,14 @@ def test_status_of_an_unknown_id_says_no_job_or_batch(
     capsys.readouterr()
     (job_id,) = _jobs(api)
     api.storage.put_bytes(f"jobs/{job_id}/result.png", image_bytes(), "image/png")
-    _set_all(api, status="succeeded", attempt=2, max_attempts=4, result_key=f"jobs/{job_id}/result.png")
+    _set_all(
+        api,
+        status="succeeded",
+        attempt=2,
+        max_attempts=4,
+        handbacks=1,
+        result_key=f"jobs/{job_id}/result.png",
+    )
     assert api.settings.max_attempts == 3
     assert main(["status", job_id, *common]) == 0
     shown = capsys.readouterr().out

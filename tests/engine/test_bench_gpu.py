@@ -5,11 +5,14 @@ worker.engine and its own sections, the sibling modules bench/gpu_*.py."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -213,6 +216,17 @@ def test_graph_cells_past_the_budget_are_skipped_or_stopped_with_a_reason(
     # a cell that starts in time but outruns the deadline is stopped, and the cells after it skipped
     monkeypatch.setattr(_graph_section(), "GRAPH_FIRST_S", {True: -1.0, False: -1.0})
     monkeypatch.setattr(_graph_section(), "GRAPH_GRACE_S", 0.0)
+
+    @contextlib.contextmanager
+    def endless_compile(*_args: object, **_kwargs: object) -> Iterator[Any]:
+        # a compile that never ends, in Python, inside the attempt's deadline, so the alarm lands
+        # here (a real one may land inside torch.compile, which can swallow it: a flaky test)
+        never = threading.Event()
+        while not never.wait(0.01):
+            pass
+        yield None
+
+    monkeypatch.setattr(_graph_section(), "compiled_features", endless_compile)
     _graph_run(bench, engine, "--budget", "0.001", "--graph-batches", "1,2")
     out = capsys.readouterr().out
     assert "[whole model] graph: failed (TimeoutError: still running 0 s past" in out, out
