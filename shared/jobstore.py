@@ -290,11 +290,14 @@ def cancel_unheld(session: Session, seen: Seen, now: datetime | None = None) -> 
     return move(session, JobStatus.CANCELED, seen.guard(), finished_at=now or utcnow())
 
 
-def fail_lost(session: Session, seen: Seen, max_attempts: int, now: datetime | None = None) -> bool:
-    """A job whose worker was lost in every one of its attempts ends ``worker_lost``."""
+def fail_lost(
+    session: Session, seen: Seen, max_attempts: int, now: datetime | None = None, handbacks: int = 0
+) -> bool:
+    """A job whose worker was lost in every one of its attempts ends ``worker_lost``. ``handbacks``:
+    the job's graceful hand-backs, which raised ``max_attempts`` and are no loss."""
     message = (
-        f"the worker running this job was lost {seen.attempt} times "
-        f"(max_attempts={max_attempts}); its checkpoints are kept"
+        f"the worker running this job was lost {seen.attempt - handbacks} times "
+        f"(max_attempts={max_attempts - handbacks}); its checkpoints are kept"
     )
     return move(
         session,

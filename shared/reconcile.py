@@ -69,14 +69,14 @@ def _expired_leases(
 ) -> None:
     with sessions() as session:
         rows = session.execute(
-            select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested)
+            select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested, Job.handbacks)
             .where(Job.status == JobStatus.RUNNING, jobstore.lease_expired(cutoff))
             # one order for every reconciler: rows (and the batch rows a webhook batch's last job
             # counts into) are locked in the same order, so two concurrent passes cannot deadlock
             .order_by(Job.id)
             .limit(BATCH)
         ).all()
-        for job_id, attempt, max_attempts, cancel in rows:
+        for job_id, attempt, max_attempts, cancel, handbacks in rows:
             seen = jobstore.Seen(job_id, JobStatus.RUNNING, attempt, lease_cutoff=cutoff)
             if cancel or attempt >= max_attempts:
                 # A dead worker's job that was being canceled ends canceled; one out of attempts
@@ -85,7 +85,7 @@ def _expired_leases(
                 done = (
                     jobstore.cancel_unheld(session, seen, now)
                     if cancel
-                    else jobstore.fail_lost(session, seen, max_attempts, now)
+                    else jobstore.fail_lost(session, seen, max_attempts, now, handbacks)
                 )
                 if done:
                     report.failed.append(job_id)

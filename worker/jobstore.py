@@ -121,7 +121,7 @@ def claim(url: str, job_id: str, me: str, lease_s: float) -> Claim | Drop:
             jobrows.cancel_unheld(s, jobrows.Seen.of(job))
             return reason
         if reason is Drop.EXHAUSTED:
-            jobrows.fail_lost(s, jobrows.Seen.of(job), job.max_attempts)
+            jobrows.fail_lost(s, jobrows.Seen.of(job), job.max_attempts, handbacks=job.handbacks or 0)
             return reason
         if reason is not None:
             return reason

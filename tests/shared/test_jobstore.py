@@ -257,6 +257,19 @@ def test_worker_lost_is_written_once_whoever_notices(db_url: str, make_job: Make
     )
 
 
+
+def test_worker_lost_counts_losses_not_hand_backs(db_url: str, make_job: MakeJob) -> None:
+    """Two hand-backs (a rolling restart, a retried outage) raised max_attempts to 5; the worker was
+    lost in the other 3 attempts: the message says 3 of 3, as the tenant's limit is 3."""
+    job_id = make_job(status=R, attempt=5, max_attempts=5, handbacks=2, worker="w@h#1")
+    with get_sessionmaker(db_url)() as s:
+        assert jobstore.fail_lost(s, Seen(job_id, R, 5), 5, handbacks=2)
+        s.commit()
+        job = s.get(Job, job_id)
+        assert job is not None and job.error_message is not None
+        assert job.error_message.startswith("the worker running this job was lost 3 times (max_attempts=3)")
+
+
 WRITES = re.compile(r"\b(update|insert|delete)\(\s*Job\s*\)|\.add(_all)?\(\s*Job\(")
 
 
