@@ -51,19 +51,9 @@ def _seed(url: str, jobs: int, hook: str) -> list[str]:
     with get_sessionmaker(url)() as s:
         s.add(Tenant(id="bench", name="bench"))
         s.add(StoredImage(id=IMAGE, format="PNG", width=8, height=8, bytes=1, storage_key="k"))
-        s.flush()
-        ids = jobstore.insert_queued(
-            s,
-            tenant_id="bench",
-            batch_id=None,
-            specs=[JobSpec(IMAGE, (IMAGE,))] * jobs,
-            params={},
-            max_attempts=3,
-            webhook=hook,
-        )
         webhook_secrets.get(s, "bench")
         s.commit()
-    return ids
+    return _reseed(url, jobs, hook)
 
 
 def _end_all(url: str, ids: list[str], per_commit: int) -> float:
@@ -107,6 +97,7 @@ def _phase(name: str, url: str, receiver: Receiver, jobs: int, per_commit: int) 
 
 
 def _reseed(url: str, jobs: int, hook: str) -> list[str]:
+    """``jobs`` queued jobs of the bench's tenant with this webhook."""
     with get_sessionmaker(url)() as s:
         ids = jobstore.insert_queued(
             s,

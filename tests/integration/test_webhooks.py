@@ -130,6 +130,19 @@ def _delivered(deliveries: list[Delivery], event: str) -> set[str]:
     return {d.id for d in deliveries if d.event == event and 200 <= d.answered < 300}
 
 
+def _wait_batch_delivered(hooks: HookStack, receiver: Receiver, jobs: set[str]) -> list[Delivery]:
+    """Every job's completed event and the batch's batch.completed answered 200: the deliveries."""
+
+    def done(ds: list[Delivery]) -> bool:
+        finished = {d.body.get("id") for d in ds if d.event == "completed" and d.answered == 200}
+        return finished >= jobs and bool(_delivered(ds, "batch.completed"))
+
+    try:
+        return receiver.wait_for(done, 120)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{hooks.tails()}") from None
+
+
 def _check_one_id_per_event(deliveries: list[Delivery]) -> None:
     assert all(d.verified for d in deliveries), [d.id for d in deliveries if not d.verified]
     for event_id, copies in _by_id(deliveries).items():
@@ -147,15 +160,7 @@ def test_a_batch_gets_signed_completed_events_through_500s_and_timeouts(hooks: H
     try:
         batch = hooks.submit(2, 2, receiver.url)
         jobs = set(batch["job_ids"])
-
-        def done(ds: list[Delivery]) -> bool:
-            finished = {d.body.get("id") for d in ds if d.event == "completed" and d.answered == 200}
-            return finished >= jobs and bool(_delivered(ds, "batch.completed"))
-
-        try:
-            got = receiver.wait_for(done, 120)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{hooks.tails()}") from None
+        got = _wait_batch_delivered(hooks, receiver, jobs)
         _check_one_id_per_event(got)
         completed = [d for d in got if d.event == "completed"]
         assert {d.body["id"] for d in completed} == jobs
@@ -181,15 +186,7 @@ def test_a_sender_killed_mid_delivery_loses_nothing_and_repeats_the_same_id(hook
         receiver.wait_for(lambda ds: any(d.answered == HANG for d in ds), 90)
         hooks.kill_sender()  # mid-delivery: the receiver holds its request
         hooks.start_sender()
-
-        def done(ds: list[Delivery]) -> bool:
-            finished = {d.body.get("id") for d in ds if d.event == "completed" and d.answered == 200}
-            return finished >= jobs and bool(_delivered(ds, "batch.completed"))
-
-        try:
-            got = receiver.wait_for(done, 120)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{hooks.tails()}") from None
+        got = _wait_batch_delivered(hooks, receiver, jobs)
         _check_one_id_per_event(got)
         killed = next(d for d in got if d.answered == HANG)
         again = [d for d in got if d.id == killed.id and d.answered == 200]
