@@ -5,10 +5,11 @@ curve and the drag-and-drop submit."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.presenters import base_url
@@ -19,6 +20,7 @@ from api.web.render import page, render
 from api.web.submit_form import param_fields
 from api.web.tokens import csrf_token
 from shared.settings import Settings
+from shared.storage import Storage
 
 router = APIRouter(prefix="/web", include_in_schema=False)
 HOME = "/web/batches"
@@ -73,20 +75,26 @@ def batches_page(
     return page(request, session, settings, build)
 
 
+def _batch_context(
+    session: Session, user: WebUser, batch_id: str, settings: Settings, storage: Storage
+) -> dict[str, Any]:
+    """A batch page's and its gallery's: the batch's summary and a card per job."""
+    summary = batch_summary(session, get_batch(session, user.tenant.id, batch_id))
+    jobs = views.batch_jobs(session, user.tenant.id, batch_id)
+    return {"batch": summary, "cards": views.cards(session, user.tenant.id, jobs, _linker(settings, storage))}
+
+
 @router.get("/batches/{batch_id}")
 def batch_page(
     batch_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep
 ) -> Response:
     def build(user: WebUser) -> Response:
-        summary = batch_summary(session, get_batch(session, user.tenant.id, batch_id))
-        jobs = views.batch_jobs(session, user.tenant.id, batch_id)
-        context = {
-            "batch": summary,
-            "shown_counts": views.counts_words(summary["counts"]),
-            "cards": views.cards(session, user.tenant.id, jobs, _linker(settings, storage)),
-            "api_base": base_url(settings),
-            "created": views.when(summary["created_at"]),
-        }
+        context = _batch_context(session, user, batch_id, settings, storage)
+        context.update(
+            shown_counts=views.counts_words(context["batch"]["counts"]),
+            api_base=base_url(settings),
+            created=views.when(context["batch"]["created_at"]),
+        )
         return render(request, settings, "batch.html", context, user=user)
 
     return page(request, session, settings, build)
@@ -97,12 +105,7 @@ def gallery_page(
     batch_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep
 ) -> Response:
     def build(user: WebUser) -> Response:
-        summary = batch_summary(session, get_batch(session, user.tenant.id, batch_id))
-        jobs = views.batch_jobs(session, user.tenant.id, batch_id)
-        context = {
-            "batch": summary,
-            "cards": views.cards(session, user.tenant.id, jobs, _linker(settings, storage)),
-        }
+        context = _batch_context(session, user, batch_id, settings, storage)
         return render(request, settings, "gallery.html", context, user=user)
 
     return page(request, session, settings, build)
