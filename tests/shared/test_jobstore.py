@@ -257,7 +257,6 @@ def test_worker_lost_is_written_once_whoever_notices(db_url: str, make_job: Make
     )
 
 
-
 def test_worker_lost_counts_losses_not_hand_backs(db_url: str, make_job: MakeJob) -> None:
     """Two hand-backs (a rolling restart, a retried outage) raised max_attempts to 5; the worker was
     lost in the other 3 attempts: the message says 3 of 3, as the tenant's limit is 3."""
