@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     broker_url: str = ""  # e.g. redis://host:6379/0; default sqla+sqlite:///<data_dir>/broker.db
     storage_url: str = ""  # file:///path or s3://bucket/prefix; default file://<data_dir>/storage
     s3_endpoint_url: str | None = None  # MinIO, Ceph, R2, moto...
+    # where clients outside the servers' network reach that S3 (presigned links name it), e.g.
+    # https://s3.example.com behind a TLS proxy; empty: links name s3_endpoint_url
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     presign_expiry_s: int = 3600
 

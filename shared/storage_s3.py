@@ -1,9 +1,11 @@
 """The S3-compatible backend of ``shared.storage``: ``S3Storage``, every key under a prefix.
 
 boto3 with SigV4, path-style addressing when ``settings.s3_endpoint_url`` is set (MinIO, moto...),
-short timeouts and a few retries; ``url_for`` is a presigned GET. boto3's errors become the storage
-errors of ``shared.storage`` (``ObjectNotFound``, ``StorageUnavailable``, ``StorageError``).
-``shared.storage.open_storage`` builds one for an ``s3://bucket/prefix`` URL.
+short timeouts and a few retries; ``url_for`` is a presigned GET, signed for
+``settings.s3_public_endpoint_url`` when set (the address clients outside the servers' network use:
+signing needs no request, so the API never has to reach that address itself). boto3's errors
+become the storage errors of ``shared.storage`` (``ObjectNotFound``, ``StorageUnavailable``,
+``StorageError``). ``shared.storage.open_storage`` builds one for an ``s3://bucket/prefix`` URL.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class S3Storage:
             endpoint_url=settings.s3_endpoint_url or None,
             region_name=settings.s3_region,
             config=config,
+        )
+        # SigV4 signs the Host header: a link for clients elsewhere is signed for the host they use.
+        public = settings.s3_public_endpoint_url
+        self.link_client: Any = (
+            boto3.client("s3", endpoint_url=public, region_name=settings.s3_region, config=config)
+            if public
+            else self.client
         )
 
     def _key(self, key: str) -> str:
@@ -90,7 +99,7 @@ class S3Storage:
 
     def url_for(self, key: str, *, expires_s: int) -> str | None:
         params = {"Bucket": self.bucket, "Key": self._key(key)}
-        url = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+        url = self.link_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
         return str(url)
 
     def check(self) -> None:

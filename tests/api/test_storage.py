@@ -88,6 +88,24 @@ def test_s3_presigned_url_over_real_http(s3: S3Endpoint, tmp_path: Path) -> None
     assert resp.headers["content-type"] == "image/png"
 
 
+def test_s3_links_are_signed_for_the_public_endpoint(s3: S3Endpoint, tmp_path: Path) -> None:
+    # The servers reach S3 at its internal address; clients get links for the public one (here the
+    # same moto server under another host name), and only url_for uses it.
+    public = s3.endpoint_url.replace("127.0.0.1", "localhost")
+    settings = Settings(
+        data_dir=tmp_path,
+        storage_url=s3.storage_url,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_public_endpoint_url=public,
+    )
+    store = open_storage(settings)
+    store.put_bytes("jobs/j1/result.png", b"result-bytes", "image/png")
+    url = store.url_for("jobs/j1/result.png", expires_s=60)
+    assert url is not None and url.startswith(public + "/")
+    resp = httpx.get(url)
+    assert resp.status_code == 200 and resp.content == b"result-bytes"
+
+
 def test_s3_unreachable_is_storage_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.support.servers import free_port
 
