@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "dispatch": "shared.server_cli",
     "webhooks": "shared.server_cli",
     "reconcile": "shared.server_cli",
+    "health": "shared.health_cli",
     # client: talk to a running API over HTTP
     "submit": "api.client_cli",
     "status": "api.client_cli",

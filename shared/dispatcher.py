@@ -127,8 +127,10 @@ def run_forever(
     interval_s: float | None = None,
     stop: Callable[[], bool] = lambda: False,
     publish_webhooks: PublishMany | None = None,
+    on_pass: Callable[[], None] | None = None,
 ) -> None:
-    """A pass every ``interval_s`` (default ``dispatch_interval_s``) until ``stop()``."""
+    """A pass every ``interval_s`` (default ``dispatch_interval_s``) until ``stop()``; ``on_pass``
+    after each (the health check's beat)."""
     interval = settings.dispatch_interval_s if interval_s is None else interval_s
     while not stop():
         r = one_pass(sessions, publish, settings, housekeeping, publish_webhooks=publish_webhooks).reconciled
@@ -139,6 +141,8 @@ def run_forever(
                 len(r.requeued),
                 len(r.failed),
             )
+        if on_pass is not None:
+            on_pass()
         deadline = time.monotonic() + interval
         while time.monotonic() < deadline and not stop():
             time.sleep(min(0.2, interval))

@@ -194,6 +194,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     """The dispatcher loop (``shared.dispatcher``); several may run at once."""
     from shared.db import get_sessionmaker
     from shared.dispatcher import one_pass, run_forever
+    from shared.health_cli import touch_beat
     from shared.queue import make_celery, publish_many, webhook_queue
 
     settings = get_settings()
@@ -240,6 +241,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         interval_s=args.interval,
         stop=lambda: bool(stopping),
         publish_webhooks=publish_webhooks,
+        on_pass=lambda: touch_beat("dispatcher"),
     )
     return 0
 
