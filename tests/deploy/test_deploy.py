@@ -1,4 +1,4 @@
-"""deploy/: Docker cannot run here, so check what can be checked by reading the files.
+"""deploy/ by reading its files; `make deploy-test` (deploy/smoke.py) runs them for real.
 
 Most checks parse compose.yaml (PyYAML resolves its ``<<`` merges). ``test_compose_config_validates``
 also runs ``docker compose config`` / ``docker-compose config`` when one is installed (set
@@ -226,8 +226,11 @@ def test_s3_public_override_binds_loopback_and_needs_its_url(override: dict[str,
             assert name == "minio", name
             ips = port_host_ips(svc)
             assert all(ip in ("127.0.0.1", "::1") for ip in ips), ips
-    endpoint = env_of(override["services"][API])["STYLEQUEUE_S3_ENDPOINT_URL"]
-    assert single_required_var(endpoint) == "STYLEQUEUE_S3_PUBLIC_URL"
+    # The API and the webhook senders sign links for the public address; nothing else changes.
+    for name in (API, "webhooks"):
+        endpoint = env_of(override["services"][name])["STYLEQUEUE_S3_PUBLIC_ENDPOINT_URL"]
+        assert single_required_var(endpoint) == "STYLEQUEUE_S3_PUBLIC_URL"
+        assert "STYLEQUEUE_S3_ENDPOINT_URL" not in env_of(override["services"][name])
 
 
 # --- credentials ----------------------------------------------------------------------------------
@@ -307,7 +310,7 @@ def test_env_example_holds_no_secret_values(env_example: dict[str, str]) -> None
 def test_init_creates_app_user_and_policy(compose: dict[str, Any]) -> None:
     services = compose["services"]
     init = services[INIT]
-    assert init["image"].startswith("minio/mc")
+    assert with_defaults(init["image"]).startswith("minio/mc:RELEASE.")
     assert depends(init)["minio"]["condition"] == "service_healthy"
     assert init.get("restart") in ("no", None)
     script = " ".join(init["command"])
@@ -483,11 +486,99 @@ def test_api_image_cli_has_its_commands_and_no_engine(tmp_path: Path) -> None:
         "dispatch",
         "webhooks",
         "reconcile",
+        "health",
         "submit",
         "status",
         "webhook-secret",
     ]
 
 
-def test_worker_image_bakes_weights() -> None:
-    assert "stylequeue weights fetch" in (DEPLOY / "Dockerfile.worker").read_text()
+def test_worker_image_never_downloads_weights() -> None:
+    text = (DEPLOY / "Dockerfile.worker").read_text()
+    assert "weights fetch" not in text and "--index-url" not in text and "nvidia/cuda" not in text
+    assert "STYLEQUEUE_WEIGHTS=/opt/stylequeue/weights/vgg19.pth" in text
+    assert "COPY deploy/weights/ /opt/stylequeue/weights/" in text
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.worker"])
+def test_images_build_on_a_chosen_base_as_non_root(dockerfile: str) -> None:
+    text = (DEPLOY / dockerfile).read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.12-slim$", text, flags=re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.M)
+    assert re.search(r"^USER stylequeue$", text, flags=re.M) and "HEALTHCHECK" in text
+    for arg in ("PIP_FIND_LINKS", "PIP_NO_INDEX"):  # the wheelhouse make images serves
+        assert re.search(rf"^ARG {arg}=$", text, flags=re.M), arg
+
+
+def test_image_requirements_are_pinned_and_match_the_project() -> None:
+    import tomllib
+
+    pins = {}
+    for line in (DEPLOY / "api-requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{line}: not pinned"
+            pins[re.sub(r"\[.*\]", "", name).lower()] = version
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    service = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower() for d in deps} - {
+        "torch",
+        "torchvision",
+        "numpy",
+    }
+    assert set(pins) == service
+    worker = (DEPLOY / "worker-requirements.txt").read_text()
+    assert "-r api-requirements.txt" in worker and re.search(r"^numpy==", worker, flags=re.M)
+    assert "torchvision" not in re.sub(r"#.*", "", worker)
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", ".docker-build", "demo-out", "tests"} <= ignored
+    copied = {
+        m
+        for df in ("Dockerfile.api", "Dockerfile.worker")
+        for m in re.findall(r"^COPY (\S+)", (DEPLOY / df).read_text(), flags=re.M)
+    }
+    assert not {c.split("/")[0] for c in copied} & ignored, "a COPY source is ignored"
+
+
+def test_every_image_is_pinned_and_overridable(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        image = svc["image"]
+        var = INTERP.fullmatch(image)
+        assert var and var[2] == ":-", f"{name}: image {image!r} is not ${{VAR:-default}}"
+        default = var[3]
+        if not default.startswith("stylequeue-"):
+            assert ":" in default and not default.endswith(":latest"), f"{name}: {default} is not pinned"
+
+
+def test_long_running_services_have_their_own_health_checks(compose: dict[str, Any]) -> None:
+    image_checked = {API}  # Dockerfile.api's HEALTHCHECK probes the API's port
+    for name, svc in compose["services"].items():
+        if svc.get("restart") == "no" or svc.get("profiles"):
+            continue
+        check = svc.get("healthcheck")
+        assert check or name in image_checked, f"{name} has no health check"
+        if check and svc.get("image", "").endswith("stylequeue-api}") and name != API:
+            assert check.get("disable") or name in " ".join(check["test"]), f"{name} inherits the API's check"
+    assert compose["services"]["migrate"]["healthcheck"] == {"disable": True}
+    assert compose["services"]["worker"]["healthcheck"]["test"][-2:] == ["health", "worker"]
+
+
+def test_cpu_compose_changes_only_the_worker(compose: dict[str, Any], tmp_path: Path) -> None:
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import compose_cpu
+    finally:
+        sys.path.remove(str(DEPLOY))
+    cpu = compose_cpu.cpu_compose(compose)
+    worker = cpu["services"]["worker"]
+    assert "deploy" not in worker and "build" not in worker
+    assert with_defaults(worker["image"]) == "stylequeue-worker-cpu"
+    assert env_of(worker)["STYLEQUEUE_DEVICE"] == "cpu"
+    assert {k: v for k, v in cpu["services"].items() if k != "worker"} == {
+        k: v for k, v in compose["services"].items() if k != "worker"
+    }
+    written = _yaml().safe_load(compose_cpu.write(tmp_path / "c.yaml").read_text())
+    assert written["services"]["worker"] == worker
