@@ -39,7 +39,8 @@ STYLEQUEUE = {"stylequeue", ".venv/bin/stylequeue"}
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 NOT_RUN = {  # program -> why a README line running it is only checked here, never run
     "curl": "needs a running API (tests/api/test_events.py streams the same route)",
-    "docker": "no Docker on the test machines (tests/deploy parses the compose files)",
+    "docker": "starts containers: `make deploy-test` runs the stack (tests/deploy parses the files)",
+    "kubectl": "needs a cluster (tests/deploy/test_k8s.py renders and validates the manifests)",
     "pg_ctlcluster": "starts the PostgreSQL server the tests use",
     "redis-server": "starts the Redis server the tests use",
     "celery": "starts a Celery worker (tests/worker run the task)",
