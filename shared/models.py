@@ -261,3 +261,13 @@ class WebhookAttempt(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float, default=None)
     error: Mapped[str | None] = mapped_column(String(300), default=None)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebSessionRevocation(Base):
+    """A web page session that was signed out (``api.web.auth.sign_out``): its token is refused until it
+    expires. Each sign-out deletes the rows whose tokens have expired, so the table holds only the
+    sessions signed out within the last ``STYLEQUEUE_WEB_SESSION_HOURS``."""
+
+    __tablename__ = "web_session_revocations"
+    sid: Mapped[str] = mapped_column(String(43), primary_key=True)  # the token's sid (tokens.new_nonce)
+    expires_at: Mapped[datetime] = mapped_column(index=True)  # the token's own expiry

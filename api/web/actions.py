@@ -73,7 +73,8 @@ def login(
 
 @router.post("/logout")
 def logout(request: Request, session: SessionDep, settings: SettingsDep, csrf: CsrfField = "") -> Response:
-    """Signing out needs the form's token while the session is valid (no other site signs you out)."""
+    """Signing out needs the form's token while the session is valid (no other site signs you out),
+    and ends that session for every copy of its cookie (``api.web.auth.end_session``)."""
     user = resolve(request, session, settings, count=False) if settings.auth == "on" else None
     if user is not None:
         try:
@@ -81,7 +82,7 @@ def logout(request: Request, session: SessionDep, settings: SettingsDep, csrf: C
         except DomainError as exc:
             return error_page(request, settings, exc, user)
     response = RedirectResponse("/web/login?notice=signed_out", status_code=303)
-    sign_out(response, request, settings)
+    sign_out(response, request, settings, session, user)
     return response
 
 

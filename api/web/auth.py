@@ -3,9 +3,11 @@
 * **Sign-in** (``sign_in``): the API key is checked exactly as a bearer token is (``api.deps.
   current_tenant``: the failed-authentication limit per address, the key's rate limit) and then
   forgotten; the browser gets ``sq_session``, a signed token naming the key's row (``api.web.tokens``).
-  Each request checks the signature and expiry, then reads the key's row: revoking or expiring the
-  key ends its sessions at once. Signing out deletes the cookie (the token itself stays valid until it
-  expires, at most ``web_session_hours``: no table remembers it; revoke the key to end it early).
+  Each request checks the signature and expiry, then reads the key's row and whether the session was
+  signed out, in one query: revoking or expiring the key ends its sessions at once. Signing out records
+  the session's id in ``web_session_revocations`` until its token expires (at most
+  ``web_session_hours``), so a copy of the cookie is refused from then on, and deletes the cookie; the
+  key's other sessions go on.
 * **CSRF**: every POST carries ``csrf_token`` (a form field, or the ``X-CSRF-Token`` header from the
   page's script), the HMAC of this browser's ``sq_csrf`` nonce and its session id; and a request a
   browser marks cross-site (``Sec-Fetch-Site``, or an ``Origin`` of another host) is refused before
@@ -21,15 +23,17 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.deps import TenantCtx, current_tenant
+from api.imagestore import insert_ignore
 from api.ratelimit import STATE_KEY, limiter_for
 from api.web.tokens import (
     SessionToken,
@@ -42,7 +46,7 @@ from api.web.tokens import (
     verify,
 )
 from shared.errors import Forbidden, Unauthorized
-from shared.models import ApiKey, Tenant, utcnow
+from shared.models import ApiKey, Tenant, WebSessionRevocation, utcnow
 from shared.settings import Settings
 from shared.tenants import aware, hash_key
 
@@ -61,6 +65,7 @@ class WebUser:
     csrf: str  # the token this page's forms carry
     signed_in: bool  # False with STYLEQUEUE_AUTH=off: no sign-in, no sign-out
     sid: str = ""
+    expires: int = 0  # when the session's token expires (unix s); 0 without a session
 
 
 def secret_of(app: Any) -> bytes:
@@ -84,11 +89,13 @@ def browser_nonce(request: Request) -> str:
 
 
 def _live_key(session: Session, token: SessionToken) -> tuple[str, str | None] | None:
-    """The tenant's name and rate limit while the session's key is neither revoked nor expired."""
+    """The tenant's name and rate limit while the session's key is neither revoked nor expired and the
+    session was not signed out (one query: the key's row, and a primary-key lookup of the sid)."""
+    signed_out = select(WebSessionRevocation.sid).where(WebSessionRevocation.sid == token.sid).exists()
     row = session.execute(
         select(Tenant.name, Tenant.rate_limit, ApiKey.revoked_at, ApiKey.expires_at)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.id == token.key_id, Tenant.id == token.tenant_id)
+        .where(ApiKey.id == token.key_id, Tenant.id == token.tenant_id, ~signed_out)
     ).first()
     session.rollback()  # a read: the connection goes back to the pool at once
     if row is None or row.revoked_at is not None:
@@ -116,7 +123,8 @@ def resolve(request: Request, session: Session, settings: Settings, *, count: bo
         if window is not None:
             setattr(request.state, STATE_KEY, window.headers())
     tenant = TenantCtx(token.tenant_id, name, token.prefix)
-    return WebUser(tenant, csrf_token(secret, nonce, token.sid), signed_in=True, sid=token.sid)
+    csrf = csrf_token(secret, nonce, token.sid)
+    return WebUser(tenant, csrf, signed_in=True, sid=token.sid, expires=token.expires)
 
 
 def sign_in(request: Request, session: Session, settings: Settings, api_key: str) -> tuple[str, int]:
@@ -191,8 +199,24 @@ def set_cookies(response: Response, request: Request, settings: Settings) -> Non
         set_cookie(response, request, settings, CSRF_COOKIE, fresh)
 
 
-def sign_out(response: Response, request: Request, settings: Settings) -> None:
-    """Delete the session and rotate the nonce (the next page gets a new one)."""
+def end_session(session: Session, sid: str, expires: int) -> None:
+    """Refuse the session ``sid`` from now on (``resolve``), until its token expires anyway.
+
+    In the same transaction, delete the rows whose tokens have expired (``verify`` refuses those by
+    itself): the table holds at most the sessions signed out within the last ``web_session_hours``."""
+    session.execute(delete(WebSessionRevocation).where(WebSessionRevocation.expires_at <= utcnow()))
+    ends = datetime.fromtimestamp(expires, timezone.utc)
+    insert_ignore(session, WebSessionRevocation, [{"sid": sid, "expires_at": ends}])  # signed out twice
+    session.commit()
+
+
+def sign_out(
+    response: Response, request: Request, settings: Settings, session: Session, user: WebUser | None
+) -> None:
+    """End the session ``user`` holds, if any (``end_session``: a copy of the cookie is refused too),
+    delete its cookie and rotate the nonce (the next page gets a new one)."""
+    if user is not None and user.signed_in:
+        end_session(session, user.sid, user.expires)
     for name in (SESSION_COOKIE, CSRF_COOKIE):
         response.delete_cookie(
             name, path=COOKIE_PATH, httponly=True, samesite="strict", secure=_secure(request, settings)
@@ -212,6 +236,7 @@ __all__ = [
     "browser_nonce",
     "check_csrf",
     "check_same_origin",
+    "end_session",
     "resolve",
     "set_cookie",
     "set_cookies",

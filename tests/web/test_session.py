@@ -5,18 +5,21 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from http.cookies import SimpleCookie
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from api.app import create_app
-from api.web.auth import CSRF_COOKIE, SESSION_COOKIE, secret_of
-from api.web.tokens import SessionToken, sign
+from api.web.auth import CSRF_COOKIE, SESSION_COOKIE, end_session, secret_of
+from api.web.tokens import SessionToken, new_nonce, sign, verify
 from shared.db import session_scope
+from shared.models import WebSessionRevocation, utcnow
 from shared.settings import Settings
-from shared.tenants import revoke_key
-from tests.support.apps import Api, FakePublisher
+from shared.tenants import aware, revoke_key
+from tests.support.apps import Api, FakePublisher, build_api
 from tests.web.webclient import TINY, Browser, browser, csrf_field, square
 
 
@@ -190,6 +193,76 @@ def test_signing_out_deletes_the_cookies(web: Browser) -> None:
     assert "Max-Age=0" in deleted[CSRF_COOKIE]
     assert web.get("/web/batches").status_code == 303
     assert "You are signed out." in web.client.get("/web/login?notice=signed_out").text
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_dbs(request: pytest.FixtureRequest, settings_factory: Callable[..., Settings]) -> Api:
+    """The app on SQLite, then on PostgreSQL (the sign-out tests write to the database)."""
+    if request.param == "sqlite":
+        return build_api(settings_factory())
+    return build_api(settings_factory(database_url=request.getfixturevalue("pg_url")))
+
+
+def _signed_in(api: Api) -> Browser:
+    b = browser(api)
+    b.sign_in()
+    return b
+
+
+def _with_cookie(api: Api, raw: str) -> Browser:
+    """Another browser holding a copy of a session cookie (no sq_csrf: a page sets one)."""
+    b = browser(api)
+    b.client.cookies.set(SESSION_COOKIE, raw, path="/web")
+    return b
+
+
+def _revoked(api: Api) -> dict[str, datetime]:
+    with session_scope(api.settings.database_url) as session:
+        rows = session.execute(select(WebSessionRevocation.sid, WebSessionRevocation.expires_at)).all()
+    return {sid: aware(ends) for sid, ends in rows}
+
+
+def test_a_copied_cookie_is_refused_after_signing_out(both_dbs: Api) -> None:
+    web = _signed_in(both_dbs)
+    copied = web.client.cookies.get(SESSION_COOKIE)
+    assert copied and _with_cookie(both_dbs, copied).get("/web/batches").status_code == 200
+    assert web.action("/web/logout").status_code == 303
+    thief = _with_cookie(both_dbs, copied)
+    assert thief.get("/web/batches").status_code == 303  # sent to the sign-in page
+    assert thief.get("/web/estimate?contents=1&styles=1").status_code == 401
+    token = verify(secret_of(both_dbs.client.app), copied, time.time())
+    assert token is not None
+    assert _revoked(both_dbs) == {token.sid: datetime.fromtimestamp(token.expires, timezone.utc)}
+    assert thief.post("/web/logout").status_code == 303  # no valid session: records nothing more
+    assert len(_revoked(both_dbs)) == 1
+
+
+def test_signing_out_deletes_revocations_that_have_expired(both_dbs: Api) -> None:
+    old, recent = new_nonce(), new_nonce()
+    with session_scope(both_dbs.settings.database_url) as session:
+        session.add(WebSessionRevocation(sid=old, expires_at=utcnow() - timedelta(seconds=1)))
+        session.add(WebSessionRevocation(sid=recent, expires_at=utcnow() + timedelta(hours=1)))
+    web = _signed_in(both_dbs)
+    assert web.action("/web/logout").status_code == 303
+    left = _revoked(both_dbs)
+    assert old not in left and recent in left and len(left) == 2
+
+
+def test_signing_out_twice_is_recorded_once(both_dbs: Api) -> None:
+    sid, ends = new_nonce(), int(time.time()) + 60
+    for _ in range(2):
+        with session_scope(both_dbs.settings.database_url) as session:
+            end_session(session, sid, ends)
+    assert _revoked(both_dbs) == {sid: datetime.fromtimestamp(ends, timezone.utc)}
+
+
+def test_the_keys_other_sessions_go_on_after_one_signs_out(both_dbs: Api) -> None:
+    laptop, phone = _signed_in(both_dbs), _signed_in(both_dbs)
+    assert laptop.client.cookies.get(SESSION_COOKIE) != phone.client.cookies.get(SESSION_COOKIE)
+    assert laptop.action("/web/logout").status_code == 303
+    assert laptop.get("/web/batches").status_code == 303
+    assert phone.get("/web/batches").status_code == 200
+    assert phone.submit().status_code == 202  # its forms and submit work too
 
 
 def test_pages_forbid_framing_and_other_origins(web: Browser) -> None:
