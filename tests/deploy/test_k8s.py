@@ -22,6 +22,7 @@ K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 POLICY = K8S.parent / "minio" / "stylequeue-app-policy.json"
 OVERLAYS = ("cpu", "gpu")
 DATA = {"postgres": 5432, "redis": 6379, "minio": 9000}
+IMAGE_ROW = {"format": "PNG", "width": 8, "height": 8, "bytes": 1}
 
 
 def kustomize() -> list[str]:
@@ -168,23 +169,42 @@ def test_keda_scales_workers_on_the_backlog_down_to_zero(rendered: dict[str, lis
         assert ref["key"] in find(objs, "Secret", ref["name"])["data"]
 
 
-def test_keda_query_runs_on_the_real_schema(rendered: dict[str, list[dict[str, Any]]], pg_url: str) -> None:
-    """The backlog query KEDA runs, on a migrated database: its columns exist, its statuses are ours."""
+def test_keda_query_runs_on_the_real_schema(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The backlog query KEDA runs, on a freshly migrated database of its own: its columns exist, its
+    statuses are ours, and it counts queued and running jobs only."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
 
     from shared.migrate import upgrade
+    from shared.models import Job, StoredImage, Tenant, utcnow
+    from tests.support.jobs import IMAGE
+    from tests.support.servers import port_open, require, temporary_database
 
-    query = find(rendered["gpu"], "ScaledObject", "stylequeue-worker")["spec"]["triggers"][0]["metadata"][
-        "query"
-    ]
+    scaled = find(rendered["gpu"], "ScaledObject", "stylequeue-worker")
+    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
     assert set(re.findall(r"'(\w+)'", query)) == {JobStatus.QUEUED, JobStatus.RUNNING}
-    upgrade(pg_url)
-    engine = create_engine(pg_url)
-    try:
-        with engine.connect() as conn:
-            assert conn.execute(text(query)).scalar() == 0
-    finally:
-        engine.dispose()
+    require(port_open("127.0.0.1", 5432), "PostgreSQL is not reachable on 127.0.0.1:5432")
+    with temporary_database("sq_keda") as url:
+        upgrade(url)
+        engine = create_engine(url)
+        try:
+            with Session(engine) as s:
+                s.add_all(
+                    [
+                        Tenant(id="t1", name="t1"),
+                        StoredImage(id=IMAGE, storage_key=f"images/{IMAGE}", **IMAGE_ROW),
+                    ]
+                )
+                s.flush()
+                for status in [*JobStatus, JobStatus.QUEUED, JobStatus.RUNNING]:
+                    s.add(Job(tenant_id="t1", content_image_id=IMAGE, style_image_ids=[IMAGE], status=status))
+                s.add(
+                    Job(tenant_id="t1", content_image_id=IMAGE, status=JobStatus.QUEUED, deleted_at=utcnow())
+                )
+                s.commit()
+                assert s.execute(text(query)).scalar() == 4  # 2 queued + 2 running, not the deleted one
+        finally:
+            engine.dispose()
 
 
 def test_data_services_are_private(rendered: dict[str, list[dict[str, Any]]]) -> None:
