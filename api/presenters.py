@@ -1,7 +1,7 @@
 """Turning job rows into API responses, with links to results and checkpoints.
 
 On S3 the links are presigned GETs (``storage.url_for``); for folder storage they point at the API's
-own ``/v1/jobs/{id}/result`` and ``/v1/jobs/{id}/checkpoints/{step}[/preview]`` routes.
+own ``/v1/jobs/{id}/result[/thumb]`` and ``/v1/jobs/{id}/checkpoints/{step}[/preview|/thumb]`` routes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from api.schemas import CheckpointOut, JobErrorOut, JobOut, ProgressOut
 from api.status_schemas import ExecutionOut, QueueOut
+from shared import storage_keys
 from shared.jobs import JobStatus
 from shared.models import Job
 from shared.queue_position import QueueSpot
@@ -87,7 +88,17 @@ def _checkpoint(cp: dict[str, Any], position: int, base: str, linker: Linker) ->
         step=step,
         url=linker.link(cp.get("key"), f"{base}/{ref}"),
         preview_url=linker.link(cp.get("preview_key"), f"{base}/{ref}/preview"),
+        thumb_url=linker.link(cp.get("thumb_key"), f"{base}/{ref}/thumb"),
     )
+
+
+def result_thumb(job: Job) -> str | None:
+    """The stored thumbnail of the job's result (``worker.settle`` records it in ``execution``);
+    None without a result, or for a job finished before thumbnails were written."""
+    thumb = (job.execution or {}).get(storage_keys.RESULT_THUMB_FIELD)
+    if job.status != JobStatus.SUCCEEDED or not job.result_key or not isinstance(thumb, str):
+        return None
+    return thumb or None
 
 
 def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
@@ -125,6 +136,7 @@ def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
         result_url=linker.link(job.result_key, f"{path}/result")
         if job.status == JobStatus.SUCCEEDED
         else None,
+        result_thumb_url=linker.link(result_thumb(job), f"{path}/result/thumb"),
         checkpoints=checkpoints,
         execution=ExecutionOut(**_known(job.execution, ExecutionOut)) if job.execution else None,
         queue=QueueOut(position=queue.position, eta_seconds=queue.eta_seconds)
@@ -133,4 +145,4 @@ def job_out(job: Job, linker: Linker, queue: QueueSpot | None = None) -> JobOut:
     )
 
 
-__all__ = ["Linker", "base_url", "counted_attempts", "job_out", "with_location"]
+__all__ = ["Linker", "base_url", "counted_attempts", "job_out", "result_thumb", "with_location"]

@@ -67,6 +67,9 @@ class CheckpointOut(BaseModel):
     )
     url: str | None = None
     preview_url: str | None = None
+    thumb_url: str | None = Field(
+        None, description="its preview as a small JPEG (long edge at most 256 px); null for older jobs"
+    )
 
 
 class JobOut(BaseModel):
@@ -92,6 +95,9 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     error: JobErrorOut | None
     result_url: str | None
+    result_thumb_url: str | None = Field(
+        None, description="the result as a small JPEG (long edge at most 256 px); null for older jobs"
+    )
     checkpoints: list[CheckpointOut]
     queue: QueueOut | None = Field(None, description="queued jobs only: position in your line, ETA")
     execution: ExecutionOut | None = Field(None, description="succeeded jobs: how it was run")

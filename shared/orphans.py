@@ -39,9 +39,9 @@ def sweep_orphans(
     limit: int = 1000,
 ) -> int:
     """Delete up to ``limit`` objects under the service's prefixes that no row names (an image row's
-    ``storage_key``, a job's ``result_key``, checkpoint and preview keys) and last written before
-    ``now - older_than`` (uploads and results being committed are younger). It lists every object:
-    run it hourly or daily, not every pass. Returns how many were deleted."""
+    ``storage_key``, a job's ``result_key``, checkpoint and preview keys, and the thumbnails of these)
+    and last written before ``now - older_than`` (uploads and results being committed are younger).
+    It lists every object: run it hourly or daily, not every pass. Returns how many were deleted."""
     if not isinstance(storage, Listing):
         raise StorageError(f"{type(storage).__name__} cannot list its objects")
     cutoff = (now or utcnow()) - older_than

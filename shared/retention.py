@@ -102,13 +102,18 @@ def delete_jobs(
 
 
 def job_keys(job_id: str, attempt: int, params: Any, result: str | None, refs: Any) -> set[str]:
-    """Every object a job may have: its result, each attempt's result, its checkpoints and previews."""
+    """Every object a job may have: its result, each attempt's result, the thumbnails of these, its
+    checkpoints with their previews and thumbnails (a row of an earlier version names no thumbnail:
+    deleting one that was never written is harmless)."""
     fmt = str((params or {}).get("output_format") or "png")
-    keys = {storage_keys.result_key(job_id, a, fmt) for a in range(1, attempt + 1)} | (
-        {result} if result else set()
-    )
+    keys = {storage_keys.result_key(job_id, a, fmt) for a in range(1, attempt + 1)}
+    keys |= {storage_keys.result_thumb_key(job_id, a) for a in range(1, attempt + 1)}
+    if result:
+        keys |= {result} | ({thumb} if (thumb := storage_keys.result_thumb_of(result)) else set())
     for ref in refs or []:
-        keys.update(str(ref[f]) for f in ("key", "preview_key") if isinstance(ref, dict) and ref.get(f))
+        keys.update(
+            str(ref[f]) for f in storage_keys.CHECKPOINT_REF_KEYS if isinstance(ref, dict) and ref.get(f)
+        )
     return keys
 
 

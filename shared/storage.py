@@ -12,8 +12,8 @@ This module holds the interface (``Storage``, ``Listing``), the errors, the key 
 apply, the folder backend and ``open_storage``.
 
 Keys used across the project: ``images/<sha256>``, ``jobs/<job_id>/result.a<attempt>.<ext>``,
-``jobs/<job_id>/checkpoints/<step>.pt`` and ``.png``, all built by ``shared.storage_keys`` (with the
-media types objects are stored and served with).
+``jobs/<job_id>/checkpoints/<step>.pt`` and ``.png``, the ``.thumb.jpg`` thumbnails of results and
+previews, all built by ``shared.storage_keys`` (with the media types objects are stored and served with).
 
 Both backends also have the maintenance side ``Listing`` (``list_objects`` with each object's
 modification time, ``delete_many``), which retention (``shared.retention``, ``shared.purge``) and the

@@ -7,7 +7,11 @@ earlier versions are found under these same keys, so change none of them without
 * ``images/<sha256>`` — an uploaded image, content-addressed (stored once for every tenant);
 * ``jobs/<job_id>/result.a<attempt>.<ext>`` — a job's result, one object per attempt, so an attempt
   that lost the job never overwrites the one a newer attempt recorded;
-* ``jobs/<job_id>/checkpoints/<step>.pt`` and ``<step>.png`` — a checkpoint and its preview.
+* ``jobs/<job_id>/checkpoints/<step>.pt`` and ``<step>.png`` — a checkpoint and its preview;
+* ``jobs/<job_id>/checkpoints/<step>.thumb.jpg`` and ``jobs/<job_id>/result.a<attempt>.thumb.jpg`` — the
+  small JPEG thumbnails (``THUMB_*``) of a preview and of a result, which the page's grids show.
+  Jobs of earlier versions have none: a checkpoint ref without ``thumb_key``, a job whose
+  ``execution`` has no ``result_thumb_key``.
 
 Media types: ``FORMAT_MEDIA_TYPES`` by Pillow format (uploads), ``MEDIA_TYPES`` by file extension
 (downloads), ``result_extension``/``result_media_type`` by ``JobParams.output_format``.
@@ -35,6 +39,38 @@ def checkpoint_key(job_id: str, step: int) -> str:
 def preview_key(job_id: str, step: int) -> str:
     """The PNG preview of the checkpoint at ``step``."""
     return f"jobs/{job_id}/checkpoints/{step}.png"
+
+
+def thumb_key(job_id: str, step: int) -> str:
+    """The JPEG thumbnail (``THUMB_*``) of the checkpoint preview at ``step``."""
+    return f"jobs/{job_id}/checkpoints/{step}{THUMB_SUFFIX}"
+
+
+def result_thumb_key(job_id: str, attempt: int) -> str:
+    """The JPEG thumbnail (``THUMB_*``) of the result of ``attempt``, whatever its format."""
+    return f"jobs/{job_id}/result.a{attempt}{THUMB_SUFFIX}"
+
+
+def result_thumb_of(result: str) -> str | None:
+    """The thumbnail key of a result's key (``result_key``'s shape); None for any other key."""
+    job_id, name = job_of(result), result.rsplit("/", 1)[-1]
+    attempt, dot, _ = name.removeprefix("result.a").partition(".")
+    if job_id is None or result != f"jobs/{job_id}/{name}" or not name.startswith("result.a"):
+        return None
+    return result_thumb_key(job_id, int(attempt)) if attempt.isdigit() and dot else None
+
+
+#: The fields of a checkpoint ref (``jobs.checkpoints``) that name its objects (a ref written before
+#: thumbnails has no ``thumb_key``).
+CHECKPOINT_REF_KEYS = ("key", "preview_key", "thumb_key")
+#: The field of ``jobs.execution`` naming the result's thumbnail (absent for earlier jobs).
+RESULT_THUMB_FIELD = "result_thumb_key"
+
+# Thumbnails: the long edge at most THUMB_MAX_EDGE px (never enlarged), RGB JPEG at THUMB_QUALITY.
+THUMB_MAX_EDGE = 256
+THUMB_FORMAT = "JPEG"
+THUMB_QUALITY = 85
+THUMB_SUFFIX = ".thumb.jpg"
 
 
 #: Where every object of the service lives: what the orphan sweep (``shared.retention``) lists.
@@ -72,6 +108,7 @@ MEDIA_TYPES = {
 DEFAULT_MEDIA_TYPE = "application/octet-stream"
 CHECKPOINT_MEDIA_TYPE = MEDIA_TYPES["pt"]
 PREVIEW_MEDIA_TYPE = MEDIA_TYPES["png"]
+THUMB_MEDIA_TYPE = MEDIA_TYPES["jpg"]
 RESULT_MEDIA_TYPES = tuple(dict.fromkeys(MEDIA_TYPES[e] for e in RESULT_EXTENSIONS.values()))
 
 
@@ -93,6 +130,7 @@ def media_type(key: str) -> str:
 
 __all__ = [
     "CHECKPOINT_MEDIA_TYPE",
+    "CHECKPOINT_REF_KEYS",
     "DEFAULT_MEDIA_TYPE",
     "FORMAT_MEDIA_TYPES",
     "MEDIA_TYPES",
@@ -100,6 +138,12 @@ __all__ = [
     "PREVIEW_MEDIA_TYPE",
     "RESULT_EXTENSIONS",
     "RESULT_MEDIA_TYPES",
+    "RESULT_THUMB_FIELD",
+    "THUMB_FORMAT",
+    "THUMB_MAX_EDGE",
+    "THUMB_MEDIA_TYPE",
+    "THUMB_QUALITY",
+    "THUMB_SUFFIX",
     "checkpoint_key",
     "image_key",
     "job_of",
@@ -108,4 +152,7 @@ __all__ = [
     "result_extension",
     "result_key",
     "result_media_type",
+    "result_thumb_key",
+    "result_thumb_of",
+    "thumb_key",
 ]

@@ -2,9 +2,10 @@
 
 The engine's ``on_checkpoint`` (``CheckpointSaver.__call__``) only hands the checkpoint (the engine
 passes CPU copies) to the attempt's one uploader thread and returns, so the optimisation loop never
-waits on storage. The thread serialises it, uploads ``<step>.pt`` and a ``<step>.png`` preview,
-records the reference (fenced by the attempt) and deletes the objects of refs beyond the latest
-``keep`` (``settings.checkpoints_keep``).
+waits on storage. The thread serialises it, uploads ``<step>.pt``, a ``<step>.png`` preview and its
+small JPEG thumbnail (``worker.thumbs``: encoded here too, never in the loop), records the reference
+(fenced by the attempt) and deletes the objects of refs beyond the latest ``keep``
+(``settings.checkpoints_keep``).
 
 Latest only: a checkpoint still waiting when a newer one arrives is dropped (the newer one holds all
 of its work); one being uploaded finishes. An upload that fails is logged and the next checkpoint
@@ -22,12 +23,15 @@ import logging
 import threading
 from typing import Any
 
+from PIL import Image
+
 from shared import logs, storage_keys
 from shared.models import utcnow
 from shared.storage import ObjectNotFound, Storage
 from worker import jobstore
 from worker.engine import Checkpoint, EngineError
 from worker.engine.images import tensor_to_pil
+from worker.thumbs import thumbnail
 from worker.watcher import StopReason, Watcher
 
 logger = logging.getLogger(__name__)
@@ -148,14 +152,11 @@ class CheckpointSaver:
     def _upload(self, ckpt: Checkpoint) -> None:
         job_id, attempt = self.claim.job_id, self.claim.attempt
         step = int(ckpt.step)
-        key, preview_at = storage_keys.checkpoint_key(job_id, step), storage_keys.preview_key(job_id, step)
+        key = storage_keys.checkpoint_key(job_id, step)
         self.storage.put_bytes(key, ckpt.to_bytes(), storage_keys.CHECKPOINT_MEDIA_TYPE)
-        preview = io.BytesIO()
-        tensor_to_pil(ckpt.image).save(preview, format="PNG")
-        self.storage.put_bytes(preview_at, preview.getvalue(), storage_keys.PREVIEW_MEDIA_TYPE)
         ref = {
             "key": key,
-            "preview_key": preview_at,
+            **self._put_images(job_id, step, tensor_to_pil(ckpt.image)),
             "scale": int(ckpt.scale),
             "iteration": int(ckpt.iteration),
             "step": step,
@@ -173,6 +174,15 @@ class CheckpointSaver:
         if asked is not None and step >= asked:
             fields["reason"] = "shutdown"
         log_event(job_id, attempt, "checkpoint", **fields)
+
+    def _put_images(self, job_id: str, step: int, image: Image.Image) -> dict[str, str]:
+        """Store the checkpoint's full-size PNG preview and its small thumbnail: their ref fields."""
+        preview_at, thumb_at = storage_keys.preview_key(job_id, step), storage_keys.thumb_key(job_id, step)
+        preview = io.BytesIO()
+        image.save(preview, format="PNG")
+        self.storage.put_bytes(preview_at, preview.getvalue(), storage_keys.PREVIEW_MEDIA_TYPE)
+        self.storage.put_bytes(thumb_at, thumbnail(image), storage_keys.THUMB_MEDIA_TYPE)
+        return {"preview_key": preview_at, "thumb_key": thumb_at}
 
     def _delete(self, keys: list[str]) -> int:
         """Best effort: a delete that fails is logged (the object is left behind), never raised."""

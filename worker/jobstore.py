@@ -25,6 +25,7 @@ from shared import jobstore as jobrows
 from shared.db import session_scope
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
+from shared.storage_keys import CHECKPOINT_REF_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -167,17 +168,18 @@ def retain(
 
     Every ref gets a stable ``seq``: one more than the largest before it (a ref stored without one
     counts as its list position). A ref with the same key as ``ref`` is replaced (same object). A key
-    is garbage only when no kept ref names it.
+    (the checkpoint, its preview, its thumbnail: ``CHECKPOINT_REF_KEYS``; a ref of an earlier version
+    has no thumbnail) is garbage only when no kept ref names it.
     """
     numbered = [c if "seq" in c else {**c, "seq": i} for i, c in enumerate(current)]
     seq = max((int(c["seq"]) for c in numbered), default=-1) + 1
     refs = [c for c in numbered if c.get("key") != ref["key"]] + [{**ref, "seq": seq}]
     kept, dropped = refs[-max(keep, 1) :], refs[: -max(keep, 1)]
-    live = {c.get(f) for c in kept for f in ("key", "preview_key")}
+    live = {c.get(f) for c in kept for f in CHECKPOINT_REF_KEYS}
     garbage = [
         k
         for c in dropped
-        for f in ("key", "preview_key")
+        for f in CHECKPOINT_REF_KEYS
         if isinstance(k := c.get(f), str) and k and k not in live
     ]
     return kept, list(dict.fromkeys(garbage))

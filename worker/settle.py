@@ -25,6 +25,7 @@ from shared.storage import Storage, StorageUnavailable
 from worker import jobstore, metrics
 from worker.config import Failure
 from worker.engine import EngineError, save_image
+from worker.thumbs import thumbnail
 from worker.watcher import StopReason
 
 if TYPE_CHECKING:
@@ -119,36 +120,60 @@ def deliver(
     ran: dict[str, Any],
     exact_wh: tuple[int, int] | None = None,
 ) -> str:
-    """Store the result (one object per attempt) and record it, unless a newer attempt holds the job.
-    ``exact_wh``: the content's own size, when the job ran at a snapped aspect ratio: the result is
-    resized back to that aspect (``worker.config.at_run_size``)."""
+    """Store the result and its thumbnail (one pair per attempt) and record them, unless a newer
+    attempt holds the job. ``exact_wh``: the content's own size, when the job ran at a snapped aspect
+    ratio: the result is resized back to that aspect (``worker.config.at_run_size``). The thumbnail's
+    key is recorded in ``jobs.execution`` (``storage_keys.RESULT_THUMB_FIELD``): a job of an earlier
+    version has none, and the page then shows its full result."""
     # One key per attempt: an attempt that lost the job (a newer one took over) can never overwrite
-    # the result the newer attempt recorded; it deletes its own object instead (below).
+    # the result the newer attempt recorded; it deletes its own objects instead (below).
     key = storage_keys.result_key(claim.job_id, claim.attempt, params.output_format)
+    thumb = storage_keys.result_thumb_key(claim.job_id, claim.attempt)
     # A newer attempt may hold the job by now (this one was presumed dead): never overwrite the
     # result it wrote or will write. (A fenced heartbeat: no row changed means not ours any more.)
     if not jobstore.heartbeat(settings.database_url, claim.job_id, claim.attempt):
         log_event(claim.job_id, claim.attempt, "fenced", stage="before_result")
         return ended(settings, claim, "fenced")
-    buf = io.BytesIO()
-    image = result.image
-    if exact_wh is not None:
-        image = image.resize(fit_long_edge(exact_wh, max(image.size)), Image.Resampling.LANCZOS)
-    save_image(image, buf, format=params.output_format, quality=params.quality)
-    storage.put_bytes(key, buf.getvalue(), storage_keys.result_media_type(params.output_format))
+    store_result(storage, key, thumb, params, result.image, exact_wh)
+    ran = {**ran, storage_keys.RESULT_THUMB_FIELD: thumb}
     if not jobstore.succeed(settings.database_url, claim.job_id, claim.attempt, key, final, ran):
-        best_effort(claim.job_id, claim.attempt, lambda: storage.delete(key))
+        delete_quietly(storage, claim, [key, thumb])
         log_event(claim.job_id, claim.attempt, "fenced", stage="result")
         return ended(settings, claim, "fenced")
-    for earlier in range(1, claim.attempt):  # objects of attempts that died after uploading
-        best_effort(
-            claim.job_id,
-            claim.attempt,
-            lambda a=earlier: storage.delete(storage_keys.result_key(claim.job_id, a, params.output_format)),
-        )
+    earlier = range(1, claim.attempt)  # objects of attempts that died after uploading
+    delete_quietly(
+        storage,
+        claim,
+        [storage_keys.result_key(claim.job_id, a, params.output_format) for a in earlier]
+        + [storage_keys.result_thumb_key(claim.job_id, a) for a in earlier],
+    )
     log_event(claim.job_id, claim.attempt, "succeeded", result_key=key)
     metrics.delivered(result.metadata)
     return ended(settings, claim, "succeeded")
+
+
+def store_result(
+    storage: Storage,
+    key: str,
+    thumb: str,
+    params: JobParams,
+    image: Image.Image,
+    exact_wh: tuple[int, int] | None,
+) -> None:
+    """Put the result (in ``params.output_format``, back at ``exact_wh``'s aspect if given) under
+    ``key`` and its small JPEG thumbnail (``worker.thumbs``) under ``thumb``."""
+    if exact_wh is not None:
+        image = image.resize(fit_long_edge(exact_wh, max(image.size)), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    save_image(image, buf, format=params.output_format, quality=params.quality)
+    storage.put_bytes(key, buf.getvalue(), storage_keys.result_media_type(params.output_format))
+    storage.put_bytes(thumb, thumbnail(image), storage_keys.THUMB_MEDIA_TYPE)
+
+
+def delete_quietly(storage: Storage, claim: jobstore.Claim, keys: list[str]) -> None:
+    """Delete these objects, each best effort (a failure is logged; the orphan sweep gets it)."""
+    for stale in keys:
+        best_effort(claim.job_id, claim.attempt, lambda k=stale: storage.delete(k))
 
 
 def stopped(

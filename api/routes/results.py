@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import RedirectResponse
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.presenters import result_thumb
 from api.queries import get_job
 from api.schemas import ERRORS, ErrorResponse
 from shared.errors import Conflict, Gone, NotFound
@@ -18,7 +19,13 @@ from shared.jobs import JobStatus
 from shared.models import Job
 from shared.retention import result_expired
 from shared.storage import ObjectNotFound, Storage
-from shared.storage_keys import CHECKPOINT_MEDIA_TYPE, PREVIEW_MEDIA_TYPE, RESULT_MEDIA_TYPES, media_type
+from shared.storage_keys import (
+    CHECKPOINT_MEDIA_TYPE,
+    PREVIEW_MEDIA_TYPE,
+    RESULT_MEDIA_TYPES,
+    THUMB_MEDIA_TYPE,
+    media_type,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["results"])
 
@@ -46,6 +53,7 @@ CheckpointStep = Annotated[
 RESULT_DOC = _binary(*RESULT_MEDIA_TYPES)
 CHECKPOINT_DOC = _binary(CHECKPOINT_MEDIA_TYPE)
 PREVIEW_DOC = _binary(PREVIEW_MEDIA_TYPE)
+THUMB_DOC = _binary(THUMB_MEDIA_TYPE)
 
 
 def _check_kept(job: Job) -> None:
@@ -77,6 +85,25 @@ def _serve(storage: Storage, key: str, expires_s: int) -> Response:
     )
 
 
+def finished(job: Job) -> str:
+    """The key of a job's result: 409 until it succeeded, 410 once retention deleted it."""
+    if job.status == JobStatus.SUCCEEDED:
+        _check_kept(job)
+    if job.status != JobStatus.SUCCEEDED or not job.result_key:
+        raise Conflict("not_finished", f"the job is {job.status}; no result", status=job.status)
+    return job.result_key
+
+
+def finished_thumb(job: Job) -> str:
+    """The key of the thumbnail of a job's result: as ``finished``, and 404 for a job finished
+    before thumbnails were written."""
+    finished(job)
+    thumb = result_thumb(job)
+    if thumb is None:
+        raise NotFound("object_missing", f"job {job.id} finished before thumbnails were made: it has none")
+    return thumb
+
+
 @router.get(
     "/{job_id}/result",
     responses=RESULT_DOC,
@@ -86,12 +113,20 @@ def _serve(storage: Storage, key: str, expires_s: int) -> Response:
 def job_result(
     job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
 ) -> Response:
-    job = get_job(session, tenant.id, job_id)
-    if job.status == JobStatus.SUCCEEDED:
-        _check_kept(job)
-    if job.status != JobStatus.SUCCEEDED or not job.result_key:
-        raise Conflict("not_finished", f"the job is {job.status}; no result", status=job.status)
-    return _serve(storage, job.result_key, settings.presign_expiry_s)
+    return _serve(storage, finished(get_job(session, tenant.id, job_id)), settings.presign_expiry_s)
+
+
+@router.get(
+    "/{job_id}/result/thumb",
+    responses=THUMB_DOC,
+    response_class=Response,
+    summary="The result as a small JPEG thumbnail (long edge at most 256 px)",
+)
+def job_result_thumb(
+    job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
+) -> Response:
+    key = finished_thumb(get_job(session, tenant.id, job_id))
+    return _serve(storage, key, settings.presign_expiry_s)
 
 
 def find_checkpoint(refs: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
@@ -105,7 +140,8 @@ def find_checkpoint(refs: list[dict[str, Any]], step: int) -> dict[str, Any] | N
 
 
 def _checkpoint_key(session: SessionDep, tenant_id: str, job_id: str, step: int, field: str) -> str:
-    """The object (``field``: the checkpoint or its preview) of the job's checkpoint at ``step``."""
+    """The object (``field``: the checkpoint, its preview or its thumbnail) of the job's checkpoint at
+    ``step``; 404 when the ref has no such field (a ref of an earlier version has no thumbnail)."""
     job = get_job(session, tenant_id, job_id)
     _check_kept(job)
     ref = find_checkpoint(list(job.checkpoints or []), step)
@@ -150,4 +186,22 @@ def job_checkpoint_preview(
     tenant: TenantDep,
 ) -> Response:
     key = _checkpoint_key(session, tenant.id, job_id, step, "preview_key")
+    return _serve(storage, key, settings.presign_expiry_s)
+
+
+@router.get(
+    "/{job_id}/checkpoints/{step}/thumb",
+    responses=THUMB_DOC,
+    response_class=Response,
+    summary="A checkpoint's preview as a small JPEG thumbnail (long edge at most 256 px), by its step",
+)
+def job_checkpoint_thumb(
+    job_id: str,
+    step: CheckpointStep,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+) -> Response:
+    key = _checkpoint_key(session, tenant.id, job_id, step, "thumb_key")
     return _serve(storage, key, settings.presign_expiry_s)

@@ -1,6 +1,7 @@
 """What the page's ``<img>`` tags, downloads and live updates load, signed in by the session cookie:
-uploaded images, checkpoint previews, results, a batch's results as one streamed zip, and the live
-events (``api.routes.events``' own routes, for the session's tenant).
+uploaded images, checkpoint previews, results, their small thumbnails (``worker.thumbs``), a batch's
+results as one streamed zip, and the live events (``api.routes.events``' own routes, for the session's
+tenant).
 
 Images are shown inline, from storage or by a redirect to a presigned URL (S3), with an ETag and
 ``Cache-Control: private, no-cache``: the browser revalidates each time, so the signed-in tenant is
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.imagestore import is_image_id
+from api.presenters import result_thumb
 from api.queries import get_batch, get_job
 from api.routes.events import batch_events, job_events
 from api.routes.results import find_checkpoint
@@ -32,7 +34,13 @@ from shared.models import Job, StoredImage, TenantImage
 from shared.retention import result_expired
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, Storage
-from shared.storage_keys import FORMAT_MEDIA_TYPES, media_type, result_extension
+from shared.storage_keys import (
+    FORMAT_MEDIA_TYPES,
+    PREVIEW_MEDIA_TYPE,
+    THUMB_MEDIA_TYPE,
+    media_type,
+    result_extension,
+)
 
 router = APIRouter(prefix="/web", include_in_schema=False)
 Step = Annotated[int, Path(ge=0, le=2**31 - 1)]
@@ -90,18 +98,36 @@ def _kept(job: Job) -> Job:
     return job
 
 
+def _checkpoint_object(
+    request: Request, session: Session, settings: Settings, job_id: str, step: int, field: str
+) -> str:
+    """The key (``field``: ``preview_key`` or ``thumb_key``) of the session's tenant's job's checkpoint
+    at ``step``; 404 when it has none (pruned, or a ref of an earlier version without a thumbnail)."""
+    job = _kept(get_job(session, _user(request, session, settings).tenant.id, job_id))
+    ref = find_checkpoint(list(job.checkpoints or []), step)
+    if ref is None or not ref.get(field):
+        raise NotFound(
+            "checkpoint_not_found", f"the job has no checkpoint at step {step} (older ones are pruned)"
+        )
+    return str(ref[field])
+
+
 @router.get("/jobs/{job_id}/checkpoints/{step}/preview")
 def checkpoint_preview(
     job_id: str, step: Step, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep
 ) -> Response:
     """A checkpoint's preview by its step, as the API's links name it (``api.routes.results``)."""
-    job = _kept(get_job(session, _user(request, session, settings).tenant.id, job_id))
-    ref = find_checkpoint(list(job.checkpoints or []), step)
-    if ref is None or not ref.get("preview_key"):
-        raise NotFound(
-            "checkpoint_not_found", f"the job has no checkpoint at step {step} (older ones are pruned)"
-        )
-    return _serve(request, storage, settings, str(ref["preview_key"]), "image/png")
+    key = _checkpoint_object(request, session, settings, job_id, step, "preview_key")
+    return _serve(request, storage, settings, key, PREVIEW_MEDIA_TYPE)
+
+
+@router.get("/jobs/{job_id}/checkpoints/{step}/thumb")
+def checkpoint_thumb(
+    job_id: str, step: Step, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep
+) -> Response:
+    """The small JPEG thumbnail of a checkpoint's preview, by its step (the grids and the timeline)."""
+    key = _checkpoint_object(request, session, settings, job_id, step, "thumb_key")
+    return _serve(request, storage, settings, key, THUMB_MEDIA_TYPE)
 
 
 @router.get("/jobs/{job_id}/result")
@@ -120,6 +146,21 @@ def job_result(
     key = job.result_key
     name = f"{job.id}.{key.rsplit('.', 1)[-1]}" if download else None
     return _serve(request, storage, settings, key, media_type(key), download=name)
+
+
+@router.get("/jobs/{job_id}/result/thumb")
+def job_result_thumb(
+    job_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep
+) -> Response:
+    """The small JPEG thumbnail of the result (the gallery, the grids); 404 for a job finished
+    before thumbnails were written (the page links its full result instead)."""
+    job = get_job(session, _user(request, session, settings).tenant.id, job_id)
+    if job.status != JobStatus.SUCCEEDED or not job.result_key:
+        raise Conflict("not_finished", f"the job is {job.status}; no result yet")
+    thumb = result_thumb(_kept(job))
+    if thumb is None:
+        raise NotFound("object_missing", "the job finished before thumbnails were made: it has none")
+    return _serve(request, storage, settings, thumb, THUMB_MEDIA_TYPE)
 
 
 def entry_name(index: int, job: Job) -> str:

@@ -78,13 +78,22 @@ class JobCard:
     index: int  # in its batch, from 0 (creation order)
     state: str
     eta: str | None
-    preview: str | None  # the newest checkpoint's preview
-    content: str  # thumbnail links
+    preview: str | None  # the newest checkpoint's preview (full size)
+    content: str  # links of the input images
     styles: list[str]
 
     @property
     def terminal(self) -> bool:
         return JobStatus(self.job.status).terminal
+
+    @property
+    def thumb(self) -> str | None:
+        """What a grid shows: the result, else the newest checkpoint's preview, each as its small
+        thumbnail (a job of an earlier version has none: then the full image)."""
+        if self.job.result_url:
+            return self.job.result_thumb_url or self.job.result_url
+        latest = self.job.checkpoints[-1] if self.job.checkpoints else None
+        return None if latest is None else latest.thumb_url or latest.preview_url
 
     @property
     def percent(self) -> int:

@@ -27,9 +27,12 @@ def _row(api: Api, job_id: str) -> Job | None:
 
 
 def _files(api: Api, job_id: str, *, attempt: int = 2) -> list[str]:
-    """Objects as a worker leaves them: a checkpoint and its preview, an earlier attempt's result."""
-    keys = [f"jobs/{job_id}/checkpoints/3.pt", f"jobs/{job_id}/checkpoints/3.png"]
-    keys += [f"jobs/{job_id}/result.a{a}.png" for a in range(1, attempt + 1)]
+    """Objects as a worker leaves them: a checkpoint, its preview and thumbnail, each attempt's result
+    and its thumbnail (an earlier attempt's too)."""
+    keys = [f"jobs/{job_id}/checkpoints/3.{ext}" for ext in ("pt", "png", "thumb.jpg")]
+    keys += [
+        f"jobs/{job_id}/result.a{a}.{ext}" for a in range(1, attempt + 1) for ext in ("png", "thumb.jpg")
+    ]
     for key in keys:
         api.storage.put_bytes(key, b"bytes of " + key.encode())
     return keys
@@ -38,7 +41,15 @@ def _files(api: Api, job_id: str, *, attempt: int = 2) -> list[str]:
 def _checkpoints(job_id: str) -> list[dict[str, Any]]:
     key = f"jobs/{job_id}/checkpoints/3"
     return [
-        {"key": f"{key}.pt", "preview_key": f"{key}.png", "scale": 0, "iteration": 9, "step": 3, "seq": 0}
+        {
+            "key": f"{key}.pt",
+            "preview_key": f"{key}.png",
+            "thumb_key": f"{key}.thumb.jpg",
+            "scale": 0,
+            "iteration": 9,
+            "step": 3,
+            "seq": 0,
+        }
     ]
 
 
@@ -51,13 +62,14 @@ def _finish(api: Api, job_id: str) -> list[str]:
         attempt=2,
         result_key=f"jobs/{job_id}/result.a2.png",
         checkpoints=_checkpoints(job_id),
+        execution={"result_thumb_key": f"jobs/{job_id}/result.a2.thumb.jpg"},
         finished_at=utcnow(),
     )
     return keys
 
 
 def _run(api: Api, job_id: str) -> list[str]:
-    keys = _files(api, job_id, attempt=1)[:2]
+    keys = _files(api, job_id, attempt=1)[:3]  # the checkpoint's objects: no result yet
     _set(api, job_id, status="running", attempt=1, heartbeat_at=utcnow(), checkpoints=_checkpoints(job_id))
     return keys
 
@@ -74,7 +86,14 @@ def _job(api: Api) -> dict[str, Any]:
 
 
 def _gone_for_the_tenant(api: Api, job_id: str) -> None:
-    for path in ("", "/result", "/checkpoints/0", "/checkpoints/0/preview"):
+    for path in (
+        "",
+        "/result",
+        "/result/thumb",
+        "/checkpoints/0",
+        "/checkpoints/0/preview",
+        "/checkpoints/0/thumb",
+    ):
         r = api.client.get(f"/v1/jobs/{job_id}{path}")
         assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", (path, r.text)
     assert job_id not in {j["id"] for j in api.client.get("/v1/jobs").json()["items"]}

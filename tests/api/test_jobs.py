@@ -84,6 +84,36 @@ def test_progress_checkpoints_and_result_links_on_folder_storage(api: Api) -> No
     assert r.headers["content-type"] == "image/png"
 
 
+def test_thumbnail_links_and_none_for_jobs_of_earlier_versions(api: Api) -> None:
+    new, old = (submit(api.client, content=image_bytes(), styles=[image_bytes()]).json()["id"] for _ in "ab")
+    for job_id in (new, old):
+        api.storage.put_bytes(f"jobs/{job_id}/result.a1.png", image_bytes())
+    api.storage.put_bytes(f"jobs/{new}/result.a1.thumb.jpg", b"jpeg-result", "image/jpeg")
+    api.storage.put_bytes(f"jobs/{new}/checkpoints/3.thumb.jpg", b"jpeg-checkpoint", "image/jpeg")
+    cp = {"key": f"jobs/{new}/checkpoints/3.pt", "preview_key": f"jobs/{new}/checkpoints/3.png", "step": 3}
+    thumbed = {**cp, "thumb_key": f"jobs/{new}/checkpoints/3.thumb.jpg"}
+    _set(api, new, status="running", attempt=1, checkpoints=[thumbed])
+    assert api.client.get(f"/v1/jobs/{new}/result/thumb").status_code == 409  # no result yet
+    execution = {"device": "cpu", "result_thumb_key": f"jobs/{new}/result.a1.thumb.jpg"}
+    _set(api, new, status="succeeded", result_key=f"jobs/{new}/result.a1.png", execution=execution)
+    _set(api, old, status="succeeded", attempt=1, result_key=f"jobs/{old}/result.a1.png", checkpoints=[cp])
+    got = api.client.get(f"/v1/jobs/{new}").json()
+    assert got["result_thumb_url"] == f"/v1/jobs/{new}/result/thumb"
+    assert got["checkpoints"][0]["thumb_url"] == f"/v1/jobs/{new}/checkpoints/3/thumb"
+    assert got["execution"]["device"] == "cpu" and "result_thumb_key" not in got["execution"]
+    for link, body in ((got["result_thumb_url"], b"jpeg-result"), (got["checkpoints"][0]["thumb_url"], None)):
+        r = api.client.get(link)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", link
+        assert body is None or r.content == body
+    legacy = api.client.get(f"/v1/jobs/{old}").json()
+    assert legacy["result_thumb_url"] is None and legacy["checkpoints"][0]["thumb_url"] is None
+    assert legacy["result_url"] == f"/v1/jobs/{old}/result"
+    r = api.client.get(f"/v1/jobs/{old}/result/thumb")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "object_missing"
+    r = api.client.get(f"/v1/jobs/{old}/checkpoints/3/thumb")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "checkpoint_not_found"
+
+
 def test_result_redirects_to_presigned_url_on_s3(
     settings_factory: Callable[..., Settings],
     s3: S3Endpoint,
@@ -97,6 +127,9 @@ def test_result_redirects_to_presigned_url_on_s3(
     _set(api, job["id"], status="succeeded", result_key=key)
     got = api.client.get(f"/v1/jobs/{job['id']}").json()
     assert "X-Amz-Expires=3600" in got["result_url"]
+    assert got["result_thumb_url"] is None  # a job of an earlier version: no thumbnail
+    _set(api, job["id"], execution={"result_thumb_key": f"jobs/{job['id']}/result.a1.thumb.jpg"})
+    assert "X-Amz-Signature" in api.client.get(f"/v1/jobs/{job['id']}").json()["result_thumb_url"]
     r = api.client.get(f"/v1/jobs/{job['id']}/result", follow_redirects=False)
     assert r.status_code == 307 and "X-Amz-Signature" in r.headers["location"]
     import httpx

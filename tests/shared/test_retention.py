@@ -21,9 +21,10 @@ from shared.jobstore_deletion import StopCounts, mark_deleted
 from shared.models import Job, StoredImage, TenantImage, utcnow
 from shared.orphans import sweep_orphans
 from shared.purge import purge_once
-from shared.retention import BATCH
+from shared.retention import BATCH, job_keys
 from shared.settings import Settings
 from shared.storage import FolderStorage, StorageError
+from shared.storage_keys import RESULT_THUMB_FIELD
 from shared.storage_s3 import S3Storage
 from tests.support.apps import Api, build_api, submit, upload
 from tests.support.images import image_bytes
@@ -49,17 +50,27 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(data_dir=tmp_path, **overrides)
 
 
-def _finish(api: Api, job_id: str, finished_at: datetime, status: str = "succeeded") -> list[str]:
+def _finish(
+    api: Api, job_id: str, finished_at: datetime, status: str = "succeeded", *, thumbs: bool = True
+) -> list[str]:
+    """The job finished as a worker leaves it; ``thumbs=False``: as an earlier version did (no
+    thumbnails, none named)."""
     keys = [
         f"jobs/{job_id}/result.a1.png",
         f"jobs/{job_id}/checkpoints/2.pt",
         f"jobs/{job_id}/checkpoints/2.png",
     ]
+    thumb_keys = [f"jobs/{job_id}/result.a1.thumb.jpg", f"jobs/{job_id}/checkpoints/2.thumb.jpg"]
+    keys += thumb_keys if thumbs else []
     for key in keys:
         api.storage.put_bytes(key, b"x")
-    refs = [{"key": keys[1], "preview_key": keys[2], "step": 2, "seq": 0}]
+    refs: list[dict[str, Any]] = [{"key": keys[1], "preview_key": keys[2], "step": 2, "seq": 0}]
+    if thumbs:
+        refs[0]["thumb_key"] = thumb_keys[1]
     with session_scope(api.settings.database_url) as session:
-        values = {"result_key": keys[0]} if status == "succeeded" else {"error_code": "boom"}
+        values: dict[str, Any] = {"result_key": keys[0]} if status == "succeeded" else {"error_code": "boom"}
+        if thumbs and status == "succeeded":
+            values["execution"] = {RESULT_THUMB_FIELD: thumb_keys[0]}
         done = update(Job).where(Job.id == job_id)
         session.execute(
             done.values(status=status, attempt=1, checkpoints=refs, finished_at=finished_at, **values)
@@ -73,13 +84,14 @@ def test_results_past_retention_are_deleted_and_answer_410(app: Api) -> None:
     )
     old_keys = _finish(app, old["id"], NOW - 31 * DAY)
     new_keys = _finish(app, new["id"], NOW - 29 * DAY)
-    failed_keys = _finish(app, failed["id"], NOW - 40 * DAY, status="failed")
+    failed_keys = _finish(app, failed["id"], NOW - 40 * DAY, status="failed", thumbs=False)
+    assert len(old_keys) == 5 and len(failed_keys) == 3  # with thumbnails / of an earlier version
     sessions = get_sessionmaker(app.settings.database_url)
     report = purge_once(sessions, app.storage, app.settings)
     assert sorted(report.expired) == sorted([old["id"], failed["id"]]) and report.emptied == []
     stored = set(app.storage.list_keys())
     assert not stored & {*old_keys, *failed_keys} and set(new_keys) <= stored
-    for path in ("result", "checkpoints/0", "checkpoints/0/preview"):
+    for path in ("result", "result/thumb", "checkpoints/0", "checkpoints/0/preview", "checkpoints/0/thumb"):
         r = app.client.get(f"/v1/jobs/{old['id']}/{path}")
         assert r.status_code == 410 and r.json()["error"]["code"] == "result_expired", (path, r.text)
     view = app.client.get(f"/v1/jobs/{old['id']}").json()
@@ -93,6 +105,31 @@ def test_results_past_retention_are_deleted_and_answer_410(app: Api) -> None:
     assert f"images/{old['content_id']}" in stored  # the row, still shown, names its images
     never = app.settings.model_copy(update={"retention_days": 0})
     assert purge_once(sessions, app.storage, never, now=NOW + 400 * DAY).expired == []
+
+
+def test_a_jobs_keys_are_its_objects_with_every_thumbnail() -> None:
+    """Each attempt's result and thumbnail, each checkpoint's objects; a ref of an earlier version
+    (no ``thumb_key``) names its two."""
+    refs = [
+        {"key": "jobs/j/checkpoints/2.pt", "preview_key": "jobs/j/checkpoints/2.png"},
+        {"key": "jobs/j/checkpoints/4.pt", "preview_key": "jobs/j/checkpoints/4.png", "thumb_key": "t4"},
+    ]
+    assert job_keys("j", 2, {"output_format": "jpeg"}, "jobs/j/result.a2.jpg", refs) == {
+        "jobs/j/result.a1.jpg",
+        "jobs/j/result.a1.thumb.jpg",
+        "jobs/j/result.a2.jpg",
+        "jobs/j/result.a2.thumb.jpg",
+        "jobs/j/checkpoints/2.pt",
+        "jobs/j/checkpoints/2.png",
+        "jobs/j/checkpoints/4.pt",
+        "jobs/j/checkpoints/4.png",
+        "t4",
+    }
+    # The orphan sweep's question (attempts unknown): what the row names, the result's thumbnail too.
+    assert job_keys("j", 0, None, "jobs/j/result.a3.png", []) == {
+        "jobs/j/result.a3.png",
+        "jobs/j/result.a3.thumb.jpg",
+    }
 
 
 # -- images counted by the rows that name them (rows written directly) ------------------------------
@@ -270,9 +307,9 @@ def test_a_deleted_job_given_back_to_the_queue_ends_canceled(
 def _named_keys(api: Api) -> set[str]:
     with session_scope(api.settings.database_url) as session:
         keys = set(session.scalars(select(StoredImage.storage_key)))
-        for result, refs in session.execute(select(Job.result_key, Job.checkpoints)):
-            keys |= {result} if result else set()
-            keys |= {ref[f] for ref in refs or [] for f in ("key", "preview_key") if ref.get(f)}
+        for result, refs, ran in session.execute(select(Job.result_key, Job.checkpoints, Job.execution)):
+            keys |= {result, (ran or {}).get(RESULT_THUMB_FIELD)} - {None} if result else set()
+            keys |= {ref[f] for ref in refs or [] for f in ("key", "preview_key", "thumb_key") if ref.get(f)}
     return keys
 
 
@@ -313,7 +350,8 @@ def test_after_deletes_purges_and_a_sweep_only_named_objects_remain(swept: Api) 
     assert sweep_orphans(sessions, api.storage, older_than=hour, now=later, limit=1) == 1
     assert sweep_orphans(sessions, api.storage, older_than=hour, now=later) == 2
     assert set(api.storage.list_keys()) == _named_keys(api)
-    assert len({k for k in _named_keys(api) if k.startswith("jobs/")}) == 2 * 3  # the two jobs kept
+    # The two jobs kept: result, checkpoint, preview and both thumbnails each.
+    assert len({k for k in _named_keys(api) if k.startswith("jobs/")}) == 2 * 5
 
 
 def test_listing_and_bulk_deletes_on_both_backends(swept: Api, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,17 @@ def test_keys_keep_their_stored_shape() -> None:
     assert keys.result_key(JOB, 3, "webp") == f"jobs/{JOB}/result.a3.webp"
     assert keys.checkpoint_key(JOB, 40) == f"jobs/{JOB}/checkpoints/40.pt"
     assert keys.preview_key(JOB, 40) == f"jobs/{JOB}/checkpoints/40.png"
+    assert keys.thumb_key(JOB, 40) == f"jobs/{JOB}/checkpoints/40.thumb.jpg"
+    assert keys.result_thumb_key(JOB, 2) == f"jobs/{JOB}/result.a2.thumb.jpg"
+
+
+def test_a_results_thumbnail_is_found_from_its_key() -> None:
+    for fmt in ("png", "jpeg", "webp"):
+        assert keys.result_thumb_of(keys.result_key(JOB, 3, fmt)) == keys.result_thumb_key(JOB, 3)
+    for other in (keys.preview_key(JOB, 1), keys.image_key("ab"), f"jobs/{JOB}/result.png", "result.a1.png"):
+        assert keys.result_thumb_of(other) is None, other
+    assert keys.media_type(keys.result_thumb_key(JOB, 1)) == keys.THUMB_MEDIA_TYPE == "image/jpeg"
+    assert keys.media_type(keys.thumb_key(JOB, 1)) == keys.THUMB_MEDIA_TYPE
 
 
 def test_every_output_format_has_an_extension_and_a_media_type() -> None:

@@ -74,7 +74,7 @@ def watch_thumbnail_change(page: Page, card: str) -> None:
         " return i.getAttribute('src') !== first && i.complete && i.naturalWidth > 0; }",
         arg=[card, first],
     )
-    assert "/checkpoints/" in first
+    assert "/checkpoints/" in first and first.endswith("/thumb")  # the small thumbnail, set live
 
 
 def follow_loss_curve(browser: Browser, base: str, page: Page, job_id: str) -> None:
@@ -131,6 +131,9 @@ def test_a_batch_from_sign_in_to_download(chromium: Browser, stack: Stack, tmp_p
     page.get_by_role("link", name="Gallery").click()
     results = page.locator("table.gallery img.result")
     expect(results).to_have_count(3)
+    assert all(
+        (src or "").endswith("/result/thumb") for src in results.evaluate_all("l => l.map(i => i.src)")
+    )
     for i in range(3):
         page.wait_for_function(
             "img => img.complete && img.naturalWidth === 32", arg=results.nth(i).element_handle()

@@ -8,11 +8,13 @@ import zipfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from PIL import Image
+
 from api.limits import body_limit
 from api.web.zipstream import CHUNK, Entry, zip_chunks
 from shared.storage import ObjectNotFound
 from tests.support.apps import Api
-from tests.web.webclient import Browser, finish
+from tests.web.webclient import Browser, browser, finish, new_key
 
 
 def test_the_zip_holds_every_result_and_says_what_is_missing(web: Browser, api: Api) -> None:
@@ -85,9 +87,33 @@ def test_images_are_inline_and_revalidated_each_time(web: Browser, api: Api) -> 
     assert web.get("/web/images/not-an-id").status_code == 404
 
 
-def test_signed_out_images_and_streams_are_refused(web: Browser, api: Api) -> None:
-    from tests.web.webclient import browser
+def test_thumbnails_are_small_jpegs_served_as_previews_are(web: Browser, api: Api) -> None:
+    new, old = web.submit(contents=2, styles=1).json()["job_ids"]
+    assert web.get(f"/web/jobs/{new}/result/thumb").status_code == 409  # not finished
+    finish(api, new, thumbs=True)
+    finish(api, old)  # finished by an earlier version: no thumbnails
+    for path in (f"/web/jobs/{new}/result/thumb", f"/web/jobs/{new}/checkpoints/6/thumb"):
+        answer = web.get(path)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg", path
+        assert answer.headers["content-disposition"] == "inline"
+        assert answer.headers["cache-control"] == "private, no-cache"
+        assert web.get(path, headers={"If-None-Match": answer.headers["etag"]}).status_code == 304
+        assert max(Image.open(io.BytesIO(answer.content)).size) <= 256
+    assert web.get(f"/web/jobs/{new}/checkpoints/7/thumb").status_code == 404
+    no_thumb = web.get(f"/web/jobs/{old}/result/thumb")
+    assert no_thumb.status_code == 404 and no_thumb.json()["error"]["code"] == "object_missing"
+    no_thumb = web.get(f"/web/jobs/{old}/checkpoints/6/thumb")
+    assert no_thumb.status_code == 404 and no_thumb.json()["error"]["code"] == "checkpoint_not_found"
+    assert web.get(f"/web/jobs/{old}/checkpoints/6/preview").status_code == 200  # its full preview
+    bob = browser(api)
+    bob.sign_in(new_key(api, "bob"))
+    for path in (f"/web/jobs/{new}/result/thumb", f"/web/jobs/{new}/checkpoints/6/thumb"):
+        refused = bob.get(path)  # another tenant's job, even with a cached copy's ETag
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "job_not_found", path
+        assert browser(api).get(path).status_code == 401  # signed out
 
+
+def test_signed_out_images_and_streams_are_refused(web: Browser, api: Api) -> None:
     job_id = web.submit(contents=1, styles=1).json()["job_ids"][0]
     finish(api, job_id)
     etag = web.get(f"/web/jobs/{job_id}/result").headers["etag"]
@@ -100,12 +126,16 @@ def test_signed_out_images_and_streams_are_refused(web: Browser, api: Api) -> No
 def test_the_batch_stream_is_the_apis_for_the_session(web: Browser, api: Api) -> None:
     batch = web.submit().json()
     for job_id in batch["job_ids"]:
-        finish(api, job_id)
+        finish(api, job_id, thumbs=job_id == batch["job_ids"][1])
     with web.client.stream("GET", f"/web/batches/{batch['id']}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         text = "".join(stream.iter_text())
     assert text.count("event: status") == 4 and "event: completed" in text
     assert f'"result_url":"/v1/jobs/{batch["job_ids"][0]}/result"' in text  # the API's own data
+    thumbed = batch["job_ids"][1]  # the page's script shows these (api/web/static/common.js SQ.thumb)
+    assert f'"result_thumb_url":"/v1/jobs/{thumbed}/result/thumb"' in text
+    assert f'"thumb_url":"/v1/jobs/{thumbed}/checkpoints/6/thumb"' in text
+    assert '"result_thumb_url":null' in text  # the others: none, the page shows their full result
 
 
 def test_the_page_submit_takes_as_many_bytes_as_the_api(api: Api) -> None:

@@ -54,6 +54,39 @@ def test_the_job_page_shows_checkpoints_result_and_how_it_ran(web: Browser, api:
     assert " hidden" in cancel_form(page)  # nothing to cancel any more
 
 
+def test_grids_timeline_and_gallery_show_thumbnails_and_link_the_full_images(web: Browser, api: Api) -> None:
+    from sqlalchemy import update
+
+    from shared.db import session_scope
+    from shared.models import Job
+
+    batch = web.submit().json()
+    done, old, running = batch["job_ids"][:3]
+    finish(api, done, thumbs=True)
+    finish(api, old)  # finished by an earlier version: no thumbnails
+    ref = {"key": "k.pt", "preview_key": "k.png", "thumb_key": "k.thumb.jpg", "scale": 0, "iteration": 2}
+    with session_scope(api.settings.database_url) as session:
+        session.execute(
+            update(Job).where(Job.id == running).values(status="running", checkpoints=[{**ref, "step": 2}])
+        )
+    grid = web.get(f"/web/batches/{batch['id']}").text
+    assert f'src="/web/jobs/{done}/result/thumb"' in grid
+    assert f'src="/web/jobs/{old}/result"' in grid  # the full result: it has no thumbnail
+    assert f'src="/web/jobs/{running}/checkpoints/2/thumb"' in grid  # the newest checkpoint's
+    assert "/preview" not in grid and f'src="/web/jobs/{done}/result"' not in grid
+    page = web.get(f"/web/jobs/{done}").text
+    for step in (3, 6):  # the timeline: a thumbnail that opens the full preview
+        link = f'<a class="zoom" href="/web/jobs/{done}/checkpoints/{step}/preview">'
+        assert f'{link}<img src="/web/jobs/{done}/checkpoints/{step}/thumb"' in page
+    assert f'<img src="/web/jobs/{done}/result" alt="result" class="big">' in page  # large: full
+    legacy = web.get(f"/web/jobs/{old}").text
+    assert f'<img src="/web/jobs/{old}/checkpoints/3/preview"' in legacy and "/thumb" not in legacy
+    gallery = web.get(f"/web/batches/{batch['id']}/gallery").text
+    link = f'<a href="/web/jobs/{done}/result"><img class="result" src="/web/jobs/{done}/result/thumb"'
+    assert link in gallery
+    assert f'<a href="/web/jobs/{old}/result"><img class="result" src="/web/jobs/{old}/result"' in gallery
+
+
 def test_a_failed_job_says_why_in_words(web: Browser, api: Api) -> None:
     from sqlalchemy import update
 
@@ -94,7 +127,7 @@ def test_cancel_and_delete_from_the_page(web: Browser, api: Api) -> None:
 def test_another_tenant_sees_none_of_it(web: Browser, api: Api) -> None:
     batch = web.submit().json()
     job_id = batch["job_ids"][0]
-    finish(api, job_id)
+    finish(api, job_id, thumbs=True)
     image_id = re.search(r'src="/web/images/([0-9a-f]{64})"', web.get(f"/web/jobs/{job_id}").text)
     assert image_id
     bob = browser(api)
@@ -109,6 +142,8 @@ def test_another_tenant_sees_none_of_it(web: Browser, api: Api) -> None:
         f"/web/jobs/{job_id}/events",
         f"/web/jobs/{job_id}/result",
         f"/web/jobs/{job_id}/checkpoints/3/preview",
+        f"/web/jobs/{job_id}/checkpoints/3/thumb",
+        f"/web/jobs/{job_id}/result/thumb",
         f"/web/images/{image_id.group(1)}",
     ):
         assert bob.get(path).status_code == 404, path

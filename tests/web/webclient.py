@@ -4,6 +4,7 @@ scripts do; and job rows moved to ``succeeded`` with stored files, for the pages
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -11,11 +12,19 @@ from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import update
 
 from shared.db import session_scope
 from shared.models import Job, utcnow
-from shared.storage_keys import preview_key, result_key
+from shared.storage_keys import (
+    RESULT_THUMB_FIELD,
+    THUMB_MEDIA_TYPE,
+    preview_key,
+    result_key,
+    result_thumb_key,
+    thumb_key,
+)
 from shared.tenants import create_key
 from tests.support.apps import Api
 from tests.support.images import png_bytes
@@ -91,8 +100,16 @@ def new_key(api: Api, tenant: str) -> str:
         return create_key(session, tenant).key
 
 
-def finish(api: Api, job_id: str, *, steps: tuple[int, ...] = (3, 6)) -> None:
-    """Move a job to ``succeeded`` with a stored result and checkpoint previews, as a worker would."""
+def thumb_jpeg(seed: int) -> bytes:
+    """A small JPEG, as the worker's thumbnails are (worker.thumbs)."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(seed, 24, 24))).convert("RGB").save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def finish(api: Api, job_id: str, *, steps: tuple[int, ...] = (3, 6), thumbs: bool = False) -> None:
+    """Move a job to ``succeeded`` with a stored result and checkpoint previews, as a worker would;
+    ``thumbs``: with their thumbnails, as this version's worker (else none, as an earlier one's)."""
     storage = api.storage
     refs = []
     for seq, step in enumerate(steps):
@@ -107,6 +124,11 @@ def finish(api: Api, job_id: str, *, steps: tuple[int, ...] = (3, 6)) -> None:
                 "seq": seq,
             }
         )
+        if thumbs:
+            storage.put_bytes(thumb_key(job_id, step), thumb_jpeg(3000 + step), THUMB_MEDIA_TYPE)
+            refs[-1]["thumb_key"] = thumb_key(job_id, step)
+    if thumbs:
+        storage.put_bytes(result_thumb_key(job_id, 1), thumb_jpeg(4000 + len(job_id)), THUMB_MEDIA_TYPE)
     key = result_key(job_id, 1, "png")
     storage.put_bytes(key, square(2000 + len(job_id)), "image/png")
     progress = {"scale": 1, "scales": 2, "iteration": 3, "iterations": 3, "fraction": 1.0, "loss": 0.5}
@@ -129,9 +151,10 @@ def finish(api: Api, job_id: str, *, steps: tuple[int, ...] = (3, 6)) -> None:
                     "random_weights": True,
                     "group_size": 1,
                     "engine_seconds": 0.4,
+                    **({RESULT_THUMB_FIELD: result_thumb_key(job_id, 1)} if thumbs else {}),
                 },
             )
         )
 
 
-__all__ = ["TINY", "Browser", "browser", "csrf_field", "finish", "new_key", "square"]
+__all__ = ["TINY", "Browser", "browser", "csrf_field", "finish", "new_key", "square", "thumb_jpeg"]

@@ -11,6 +11,7 @@ from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import FolderStorage, Storage, StorageUnavailable, open_storage
+from shared.storage_keys import CHECKPOINT_REF_KEYS
 from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine, checkpoint
 from worker import checkpoints, jobstore, runner
@@ -26,7 +27,7 @@ def stored_checkpoints(settings: Settings, job_id: str) -> set[str]:
 
 
 def referenced(refs: list[dict[str, Any]]) -> set[str]:
-    return {ref[field] for ref in refs for field in ("key", "preview_key")}
+    return {ref[field] for ref in refs for field in CHECKPOINT_REF_KEYS}
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_only_the_latest_checkpoints_are_kept(
     job = load_job(job_id)
     assert [(c["seq"], c["step"]) for c in job.checkpoints] == [(3, 8), (4, 10)]
     assert stored_checkpoints(keep2, job_id) == referenced(job.checkpoints)
-    assert len(referenced(job.checkpoints)) == 4  # two .pt and two .png
+    assert len(referenced(job.checkpoints)) == 6  # two .pt, two .png and their two .thumb.jpg
     assert [n for n, _, _ in seen] == [1, 2, 2, 2, 2]
     assert all(named == held for _, named, held in seen)
 
@@ -157,7 +158,8 @@ def test_a_failing_delete_does_not_fail_the_job(
     job = load_job(job_id)
     assert [c["step"] for c in job.checkpoints] == [4, 6]
     first = f"jobs/{job_id}/checkpoints/2"
-    assert spies[0].deleted == [f"{first}.pt", f"{first}.png"]  # tried, failed, left behind
+    deleted = [f"{first}.pt", f"{first}.png", f"{first}.thumb.jpg"]
+    assert spies[0].deleted == deleted  # tried, failed, left behind
     assert f"{first}.pt" in stored_checkpoints(keep2, job_id)
     failed = [r.getMessage() for r in caplog.records if "event=checkpoint_delete_failed" in r.getMessage()]
-    assert len(failed) == 2 and all(f"job_id={job_id}" in m for m in failed)
+    assert len(failed) == 3 and all(f"job_id={job_id}" in m for m in failed)

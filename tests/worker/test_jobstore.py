@@ -162,3 +162,15 @@ def test_retain_never_names_a_key_a_kept_ref_still_uses() -> None:
     refs, garbage = jobstore.retain(current, {"key": "2.pt", "preview_key": "p.png"}, 1)
     assert refs == [{"key": "2.pt", "preview_key": "p.png", "seq": 9}]
     assert garbage == ["1.pt"]
+
+
+def test_a_pruned_refs_thumbnail_goes_with_it_and_refs_without_one_still_prune() -> None:
+    # A ref of an earlier version (no thumb_key) next to refs that have one.
+    legacy = {"key": "1.pt", "preview_key": "1.png", "seq": 0}
+    new = [{"key": f"{s}.pt", "preview_key": f"{s}.png", "thumb_key": f"{s}.thumb.jpg"} for s in (2, 3)]
+    refs, garbage = jobstore.retain([legacy, {**new[0], "seq": 1}], new[1], 1)
+    assert refs == [{**new[1], "seq": 2}]
+    assert garbage == ["1.pt", "1.png", "2.pt", "2.png", "2.thumb.jpg"]
+    # A thumbnail a kept ref still names is never garbage.
+    shared = {"key": "4.pt", "thumb_key": "3.thumb.jpg"}
+    assert jobstore.retain(refs, shared, 1)[1] == ["3.pt", "3.png"]

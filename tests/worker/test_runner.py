@@ -38,6 +38,8 @@ def test_success_stores_result_and_every_checkpoint(
     assert [(c["step"], c["seq"]) for c in job.checkpoints] == [(3, 0), (6, 1)]  # 2 <= keep (3)
     for ref in job.checkpoints:
         assert storage.exists(ref["key"]) and storage.exists(ref["preview_key"])
+        assert storage.exists(ref["thumb_key"])  # and their thumbnails (tests/worker/test_thumbnails.py)
+    assert job.execution is not None and storage.exists(job.execution["result_thumb_key"])
     # A second delivery of the finished job is dropped.
     assert runner.run_job(job_id, NODE, settings) == "dropped:terminal"
 

@@ -1,6 +1,6 @@
 "use strict";
 // The batch page: its grid follows the batch's live events (GET /web/batches/{id}/events, the API's
-// Server-Sent Events): state, progress bar, ETA, error and the newest checkpoint's preview per job.
+// Server-Sent Events): state, progress bar, ETA, error and the newest checkpoint's thumbnail per job.
 (function () {
   const root = document.getElementById("batch");
   if (!root) return;
@@ -39,9 +39,7 @@
     const error = card.querySelector(".error");
     error.hidden = !job.error;
     error.textContent = job.error ? job.error.message : "";
-    const cps = job.checkpoints || [];
-    const latest = cps.length ? cps[cps.length - 1].preview_url : null;
-    const thumb = SQ.webLink(job.result_url || latest, base);
+    const thumb = SQ.webLink(SQ.thumb(job), base);
     if (thumb) {
       const img = card.querySelector("img.preview");
       if (img.getAttribute("src") !== thumb) img.setAttribute("src", thumb);

@@ -16,6 +16,15 @@ window.SQ = (function () {
     return url.startsWith(prefix) ? "/web/jobs/" + url.slice(prefix.length) : url;
   }
 
+  // What a grid shows of a job (api/web/views.py JobCard.thumb says the same): the result, else the
+  // newest checkpoint's preview, each as its small thumbnail, or the full image for an older job.
+  function thumb(job) {
+    if (job.result_url) return job.result_thumb_url || job.result_url;
+    const cps = job.checkpoints || [];
+    const latest = cps.length ? cps[cps.length - 1] : null;
+    return latest ? latest.thumb_url || latest.preview_url : null;
+  }
+
   function duration(seconds) {
     if (seconds === null || seconds === undefined || seconds < 0) return null;
     const s = Math.round(seconds);
@@ -84,5 +93,5 @@ window.SQ = (function () {
     wireConfirm();
   });
 
-  return { csrf, webLink, duration, state, percent, terminal, setProgress };
+  return { csrf, webLink, thumb, duration, state, percent, terminal, setProgress };
 })();

@@ -88,7 +88,7 @@
       a.className = "zoom";
       a.href = href;
       const img = document.createElement("img");
-      img.src = href;
+      img.src = SQ.webLink(cp.thumb_url, base) || href;  // small; the link opens the full preview
       img.alt = "checkpoint at scale " + ((cp.scale || 0) + 1) + ", iteration " + cp.iteration;
       a.append(img);
       const caption = document.createElement("span");

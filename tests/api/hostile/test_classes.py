@@ -552,5 +552,7 @@ def test_openapi_describes_bodies_auth_and_downloads(live_api: LiveApi) -> None:
     assert "image/png" in result and "application/json" not in result
     preview = spec["paths"]["/v1/jobs/{job_id}/checkpoints/{step}/preview"]["get"]
     assert set(preview["responses"]["200"]["content"]) == {"image/png"}
+    for path in ("/v1/jobs/{job_id}/result/thumb", "/v1/jobs/{job_id}/checkpoints/{step}/thumb"):
+        assert set(spec["paths"][path]["get"]["responses"]["200"]["content"]) == {"image/jpeg"}, path
     assert "200" in spec["paths"]["/v1/images"]["post"]["responses"]
     assert "202" in spec["paths"]["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
