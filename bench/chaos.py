@@ -67,6 +67,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shared.storage_keys import THUMB_SUFFIX  # noqa: E402
 from tests.support import chaos_lib  # noqa: E402
 from tests.support.chaos_lib import PrivateRedis  # noqa: E402
 from tests.support.servers import temporary_database  # noqa: E402
@@ -387,7 +388,8 @@ def _result_versions(s3: Any, bucket: str, prefix: str) -> tuple[dict[str, int],
     writes: dict[str, dict[str, int]] = {}
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=f"{prefix}/jobs/"):
         for v in page.get("Versions", []):
-            if v["Key"].rsplit("/", 1)[-1].startswith("result."):
+            name = v["Key"].rsplit("/", 1)[-1]
+            if name.startswith("result.") and not name.endswith(THUMB_SUFFIX):  # results, not thumbnails
                 job_id = v["Key"].split("/")[-2]
                 live[job_id] = live.get(job_id, 0) + int(bool(v["IsLatest"]))
                 per_key = writes.setdefault(job_id, {})

@@ -508,4 +508,6 @@ def test_embedded_default_whole_worker_killed_mid_job_completes(
     fs.ensure_running()
     fs.wait_terminal([job_id], timeout=90)
     fs.assert_succeeded_once(job_id, attempt=2, resumed_from=resumed_from)
-    assert len(list(fs.stack.storage().list_keys(f"jobs/{job_id}/result"))) == 1  # type: ignore[attr-defined]
+    # one result and its thumbnail: the killed attempt's objects (if it got that far) are gone
+    assert scenarios.result_keys(fs.stack, job_id) == [f"jobs/{job_id}/result.a2.png"]
+    assert scenarios.result_thumb_keys(fs.stack, job_id) == [f"jobs/{job_id}/result.a2.thumb.jpg"]

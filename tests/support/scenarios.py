@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from shared import storage_keys
 from shared.queue import make_celery, publish_job
+from shared.storage_keys import THUMB_SUFFIX
 from tests.support.stacks import LONG, TINY, Stack
 from tests.support.waiting import wait_for
 from worker.engine import Checkpoint
@@ -51,7 +53,14 @@ def wait_status(stack: Stack, job_id: str, wanted: set[str], timeout: float = 90
 def result_keys(stack: Stack, job_id: str) -> list[str]:
     # (no trailing "/": S3Storage.list_keys rejects a prefix ending in "/")
     keys = stack.storage().list_keys(f"jobs/{job_id}")  # type: ignore[attr-defined]
-    return [k for k in keys if k.rsplit("/", 1)[-1].startswith("result.")]
+    names = [k for k in keys if k.rsplit("/", 1)[-1].startswith("result.")]
+    return [k for k in names if not k.endswith(THUMB_SUFFIX)]
+
+
+def result_thumb_keys(stack: Stack, job_id: str) -> list[str]:
+    """The result thumbnails stored for the job (one per delivered attempt)."""
+    keys = stack.storage().list_keys(f"jobs/{job_id}")  # type: ignore[attr-defined]
+    return [k for k in keys if k.rsplit("/", 1)[-1].startswith("result.") and k.endswith(THUMB_SUFFIX)]
 
 
 def fetch(stack: Stack, url: str) -> bytes:
@@ -93,6 +102,7 @@ def batch_succeeds(stack: Stack, images: dict[str, bytes]) -> None:
             assert Checkpoint.from_bytes(fetch(stack, link["url"])).config_digest
             assert fetch(stack, link["preview_url"])[:8] == b"\x89PNG\r\n\x1a\n"
         assert result_keys(stack, job_id) == [f"jobs/{job_id}/result.a{row.attempt}.png"]  # the raw attempt
+        assert result_thumb_keys(stack, job_id) == [storage_keys.result_thumb_key(job_id, row.attempt)]
 
 
 def cancel_queued_and_running(stack: Stack, images: dict[str, bytes], slots: int) -> None:
