@@ -91,13 +91,13 @@ class FakeEngine:
 _FITS_THE_SEAM: EnginePort = FakeEngine()
 
 
-def checkpoint(step: int, end_of_scale: bool = False) -> Checkpoint:
-    """A small checkpoint at ``step`` (an 8 x 8 image, no optimiser state)."""
+def checkpoint(step: int, end_of_scale: bool = False, hw: tuple[int, int] = (8, 8)) -> Checkpoint:
+    """A small checkpoint at ``step`` (an ``hw`` image, 8 x 8 by default; no optimiser state)."""
     return Checkpoint(
         scale=0,
         iteration=step,
         step=step,
-        image=torch.rand(1, 3, 8, 8),
+        image=torch.rand(1, 3, *hw),
         optimizer_state=None,
         config_digest="d",
         end_of_scale=end_of_scale,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 from PIL import Image
 
 from shared import storage_keys
@@ -16,6 +15,7 @@ from shared.params import JobParams
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
 from tests.support.jobs import LoadJob, MakeJob
+from tests.worker import fakes
 from tests.worker.fakes import FakeResult
 from worker import checkpoints, jobstore, settle, thumbs
 from worker.engine import Checkpoint
@@ -53,15 +53,7 @@ def test_a_thumbnail_is_a_small_rgb_jpeg() -> None:
 
 def checkpoint(step: int) -> Checkpoint:
     """A checkpoint whose image is 96 x 64."""
-    return Checkpoint(
-        scale=0,
-        iteration=step,
-        step=step,
-        image=torch.rand(1, 3, 64, 96),
-        optimizer_state=None,
-        config_digest="d",
-        end_of_scale=False,
-    )
+    return fakes.checkpoint(step, hw=(64, 96))
 
 
 def test_each_checkpoint_upload_writes_its_thumbnail_and_pruning_deletes_it(
