@@ -182,7 +182,7 @@ def submit_and_wait(stack: Stack, key: str, out: Path) -> None:
         raise SystemExit(f"deploy-test: expected 4 results in {out}, found {[p.name for p in results]}")
 
 
-def check_public_links(stack: Stack, client: StyleQueueClient, jobs: Sequence[dict[str, Any]]) -> None:
+def check_public_links(stack: Stack, jobs: Sequence[dict[str, Any]]) -> None:
     for job in jobs:
         url = job["result_url"] or ""
         if not url.startswith(stack.s3 + "/"):
@@ -269,7 +269,7 @@ def exercise(stack: Stack, token: str) -> None:
     log(f"stylequeue submit --wait: 4 results downloaded in {time.monotonic() - clock:.0f} s")
     with StyleQueueClient(stack.api, key) as client:
         first = client.list_jobs()
-        check_public_links(stack, client, first)
+        check_public_links(stack, first)
         log(f"all {len(first)} result links are presigned for {stack.s3} and download")
         check_metrics(stack, token)
         contents, styles = (
