@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
-from worker.engine import BatchItem, Checkpoint, EngineError, Progress, StyleTransfer, TransferConfig
+from worker.engine import BatchItem, Checkpoint, EngineError, Progress, StyleTransfer
 from worker.engine import objective as objective_mod
 from worker.engine.diagnostics import HostReads
 from worker.engine.group import GroupPyramid
@@ -20,43 +19,25 @@ from worker.engine.readback import PinnedReadback
 from worker.engine.vgg import VGGFeatures
 
 from .conftest import small_config
+from .groupkit import alone, jobs, ok
+
+__all__ = ["jobs"]  # the fixture
 
 
 class Stop(Exception):
     """What a worker's callback raises to stop its job (JobStopped)."""
 
 
-@pytest.fixture
-def jobs(
-    content: Image.Image, content2: Image.Image, style: Image.Image, style2: Image.Image
-) -> list[GroupJob]:
-    """Three jobs of one shape: different contents, styles, blends, weights and seeds."""
-    return [
-        GroupJob(BatchItem(content, [style]), seed=1),
-        GroupJob(BatchItem(content2, [style2], style_weight=5.0), seed=2),
-        GroupJob(BatchItem(content, [style2, style], style_blend_weights=(0.3, 0.7)), seed=3),
-    ]
-
-
-def _alone(engine: StyleTransfer, job: GroupJob, cfg: TransferConfig, **kw: Any) -> Any:
-    return engine.run_batch([job.item], replace(cfg, seed=job.seed), **kw)
-
-
-def _ok(outcome: GroupOutcome) -> torch.Tensor:
-    assert outcome.error is None and outcome.result is not None and outcome.result.tensor is not None
-    return outcome.result.tensor
-
-
 def test_a_group_with_adam_gives_each_job_its_own_result(engine: StyleTransfer, jobs: list[GroupJob]) -> None:
     cfg = small_config(optimizer="adam", init="noise")
     outcomes = run_group(engine, jobs, cfg)
     for job, outcome in zip(jobs, outcomes, strict=True):
-        single = _alone(engine, job, cfg)
-        assert (_ok(outcome) - single.tensor).abs().max() < 1e-5  # float rounding only
+        single = alone(engine, job, cfg)
+        assert (ok(outcome) - single.tensor).abs().max() < 1e-5  # float rounding only
         assert outcome.result is not None
         assert outcome.result.metadata["config_digest"] == single.metadata["config_digest"]
         assert outcome.result.metadata["group_size"] == 3
-    assert (_ok(outcomes[0]) - _ok(outcomes[2])).abs().max() > 0.01  # they really differ
+    assert (ok(outcomes[0]) - ok(outcomes[2])).abs().max() > 0.01  # they really differ
 
 
 def test_a_group_with_lbfgs_follows_each_single_run(engine: StyleTransfer, jobs: list[GroupJob]) -> None:
@@ -67,12 +48,12 @@ def test_a_group_with_lbfgs_follows_each_single_run(engine: StyleTransfer, jobs:
     grouped = [replace(j, on_progress=seen[i].append) for i, j in enumerate(jobs)]
     outcomes = run_group(engine, grouped, cfg)
     for i, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
-        alone: list[Progress] = []
-        single = _alone(engine, job, cfg, on_progress=alone.append)
-        assert [p.step for p in seen[i]] == [p.step for p in alone] == list(range(1, 9))
-        for p, q in zip(seen[i], alone, strict=True):
+        by_itself: list[Progress] = []
+        single = alone(engine, job, cfg, on_progress=by_itself.append)
+        assert [p.step for p in seen[i]] == [p.step for p in by_itself] == list(range(1, 9))
+        for p, q in zip(seen[i], by_itself, strict=True):
             assert p.loss == pytest.approx(q.loss, rel=1e-3), (i, p.step)
-        assert (_ok(outcome) - single.tensor).abs().mean() < 1e-3
+        assert (ok(outcome) - single.tensor).abs().mean() < 1e-3
 
 
 def test_a_canceled_item_leaves_the_others_unchanged_and_the_batch_shrinks(
@@ -96,7 +77,7 @@ def test_a_canceled_item_leaves_the_others_unchanged_and_the_batch_shrinks(
     stopped = run_group(engine, [jobs[0], replace(jobs[1], on_progress=cancel_at_2), jobs[2]], cfg)
     assert isinstance(stopped[1].error, Stop) and stopped[1].result is None
     for i in (0, 2):
-        assert torch.equal(_ok(stopped[i]), _ok(clean[i]))  # masked out: bit for bit the same
+        assert torch.equal(ok(stopped[i]), ok(clean[i]))  # masked out: bit for bit the same
     assert batch_sizes == [3] * 4 + [2] * 4  # dropped at the next scale boundary
 
 
@@ -123,9 +104,9 @@ def test_a_nan_in_one_item_is_recovered_in_that_item_alone(
     seen: list[Progress] = []
     _poison(monkeypatch, 1, lambda n: n == 3)
     outcomes = run_group(engine, [jobs[0], replace(jobs[1], on_progress=seen.append), jobs[2]], cfg)
-    assert torch.equal(_ok(outcomes[0]), _ok(clean[0])) and torch.equal(_ok(outcomes[2]), _ok(clean[2]))
+    assert torch.equal(ok(outcomes[0]), ok(clean[0])) and torch.equal(ok(outcomes[2]), ok(clean[2]))
     assert seen[-1].recoveries == 1 and seen[-1].lr == pytest.approx(0.01)  # its lr halved, once
-    assert not torch.equal(_ok(outcomes[1]), _ok(clean[1]))
+    assert not torch.equal(ok(outcomes[1]), ok(clean[1]))
 
 
 def test_an_item_that_keeps_diverging_fails_alone(
@@ -137,7 +118,7 @@ def test_an_item_that_keeps_diverging_fails_alone(
     outcomes = run_group(engine, jobs, cfg)
     assert isinstance(outcomes[2].error, EngineError) and outcomes[2].error.code == "diverged"
     for i in (0, 1):
-        assert torch.equal(_ok(outcomes[i]), _ok(clean[i]))
+        assert torch.equal(ok(outcomes[i]), ok(clean[i]))
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
@@ -160,10 +141,10 @@ def test_an_items_checkpoint_resumes_alone(
     group_settings = mid.optimizer_state["param_groups"][0]
     if optimizer == "lbfgs":  # a single run's L-BFGS: no tolerance stops it (optim.Stepper)
         assert group_settings["tolerance_grad"] == group_settings["tolerance_change"] == 0.0
-    resumed = _alone(engine, jobs[1], cfg, resume=mid)
+    resumed = alone(engine, jobs[1], cfg, resume=mid)
     assert resumed.metadata["resumed_from_step"] == 6
     tolerance = 1e-4 if optimizer == "adam" else 2e-2  # L-BFGS: two steps of amplified rounding
-    assert (resumed.tensor - _ok(outcomes[1])).abs().max() < tolerance
+    assert (resumed.tensor - ok(outcomes[1])).abs().max() < tolerance
 
 
 def test_progress_is_read_every_n_iterations_and_at_scale_ends(
@@ -306,5 +287,5 @@ def test_a_group_read_through_the_pinned_buffer_ends_as_with_the_plain_read(
     assert len(readers) == 2 and [r.reads for r in readers] == [3, 3]  # iterations 2, 4, 5 per scale
     assert [replace(p, elapsed=0.0) for p in seen] == [replace(p, elapsed=0.0) for p in plain_seen]
     for a, b in zip(plain, staged, strict=True):
-        assert torch.equal(_ok(a), _ok(b))
+        assert torch.equal(ok(a), ok(b))
     assert plain_reads - reads == 2 * 3 * 5  # per report, 6 .tolist() became 1

@@ -8,7 +8,8 @@ on (B,) masks, so a step is a fixed sequence of kernels (issue 11: capturable, n
 
 Both export one item's state in the format of the torch optimiser a single run uses
 (``torch.optim.Adam`` / ``torch.optim.LBFGS`` state_dicts), so a job checkpointed inside a group
-resumes alone, as any other job does (optim.Stepper loads it).
+resumes alone, as any other job does (optim.Stepper loads it), and load such a state into one item,
+so a job checkpointed anywhere resumes inside a group too (group_resume.py).
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ class BatchedAdam:
         }
         return opt.state_dict()
 
+    def load_item(self, b: int, state: dict[str, Any]) -> None:
+        """Item b from a torch.optim.Adam state_dict over one (1, C, H, W) parameter (empty: fresh)."""
+        for held in state["state"].values():
+            self.m[b : b + 1] = held["exp_avg"].to(self.m)
+            self.v[b : b + 1] = held["exp_avg_sq"].to(self.v)
+            self.steps[b] = float(held["step"])
+
 
 class BatchedAverage:
     """optim.IterateAverage per item: a bias-corrected EMA of the iterate, updated where a step was taken."""
@@ -104,6 +112,11 @@ class BatchedAverage:
 
     def item_state(self, b: int) -> dict[str, Any]:
         return {"value": self.value[b : b + 1].detach().cpu().clone(), "accum": float(self.accum[b])}
+
+    def load_item(self, b: int, state: dict[str, Any]) -> None:
+        """Item b from an optim.IterateAverage state (a mid-scale checkpoint's ``average``)."""
+        self.value[b : b + 1] = state["value"].to(self.value)
+        self.accum[b] = float(state["accum"])
 
 
 class BatchedLBFGS:
@@ -217,6 +230,24 @@ class BatchedLBFGS:
             "prev_loss": loss,
         }
         return opt.state_dict()
+
+    def load_item(self, b: int, state: dict[str, Any]) -> None:
+        """Item b from a torch.optim.LBFGS state_dict (optim.Stepper's; empty: a fresh history):
+        its pairs oldest first into slots 0.., the newest last, as item_state reads them."""
+        for held in state["state"].values():
+            if "d" not in held:  # it returned before its first step (an all-zero gradient)
+                continue
+            pairs = list(zip(held["old_stps"], held["old_dirs"], held["ro"], strict=True))[-self.h :]
+            for k, (s, y, rho) in enumerate(pairs):
+                self.S[k, b], self.Y[k, b] = s.to(self.S), y.to(self.Y)
+                self.rho[k, b] = torch.as_tensor(rho).to(self.rho)
+            self.head[b], self.count[b] = len(pairs) % self.h, len(pairs)
+            self.n_iter[b] = int(held["n_iter"])
+            self.d[b] = held["d"].to(self.d)
+            self.t[b] = torch.as_tensor(held["t"]).to(self.t)
+            self.H_diag[b] = torch.as_tensor(held["H_diag"]).to(self.H_diag)
+            self.prev_g[b] = held["prev_flat_grad"].to(self.prev_g)
+            self.iters = max(self.iters, len(pairs))  # the recursion's bound covers these pairs
 
 
 __all__ = ["BatchedAdam", "BatchedAverage", "BatchedLBFGS"]

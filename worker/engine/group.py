@@ -11,7 +11,8 @@ run of b alone gives (to float rounding), whatever else is in the group:
   out at once (its updates stop; its gradient never reached the others) and dropped from the batch
   at the next scale boundary;
 * per-item checkpoints are in the single-job format (batched.py exports torch optimiser states), so
-  an item resumes alone. Resuming *into* a group is not supported: a resumed job runs alone.
+  an item resumes alone; and a member may resume from such a checkpoint, made alone or in any other
+  group (group_resume.py: the members start at one scale, each at its own iteration).
 
 Host reads: the loop keeps its values on the device and reads them every ``report_every`` iterations
 and at each scale's end (progress, divergence, checkpoints); in between a step is a fixed sequence of
@@ -27,13 +28,13 @@ from typing import Any
 
 import torch
 
+from . import group_resume as resume
 from .batched import BatchedAdam, BatchedAverage, BatchedLBFGS
-from .checkpoint import Checkpoint
 from .errors import EngineError
 from .group_state import Member, ScaleRun, col
 from .images import resize
 from .objective import LossFn
-from .optim import LBFGS_STATE_LIMIT_BYTES, diverged
+from .optim import diverged
 from .progress import CHECKPOINT_NOW
 from .pyramid import Pyramid
 from .readback import PinnedReadback
@@ -67,7 +68,10 @@ class GroupPyramid(Pyramid):
     def run_group(self) -> None:
         x: torch.Tensor | None = None
         adam: BatchedAdam | None = None
-        for s, (hw, _) in enumerate(self.schedule):
+        first = resume.first_scale(self.members, len(self.schedule))
+        resume.place(self.members, self.lrs, self.counts)
+        for s in range(first, len(self.schedule)):
+            hw = self.schedule[s][0]
             if x is not None:
                 x, adam = self._compact(x, adam)
                 if x is None:
@@ -76,8 +80,9 @@ class GroupPyramid(Pyramid):
                 if adam is not None:
                     adam.resized(hw)
             else:
-                x = self._init_image(hw)
-            x, adam = self._scale(s, x, adam)
+                x = resume.start_image(self, hw)
+                adam = resume.start_adam(self, x, hw)
+            x, adam = self._scale(s, x, adam, s == first)
             if all(m.error is not None for m in self.members):
                 return
         assert x is not None
@@ -103,19 +108,19 @@ class GroupPyramid(Pyramid):
         return x[index], adam
 
     def _scale(
-        self, s: int, x0: torch.Tensor, adam: BatchedAdam | None
+        self, s: int, x0: torch.Tensor, adam: BatchedAdam | None, first: bool
     ) -> tuple[torch.Tensor, BatchedAdam | None]:
+        """One scale; ``first``: the group's first, where resumed members bring their state."""
         hw, iters = self.schedule[s]
         cfg = self.cfg
         loss_fn = LossFn(self.model, self.targets(hw), self.style_weights, self.cast, self.channels_last)
         x = x0.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
         good = x.detach().clone()
         b = x.shape[0]
+        opt: BatchedAdam | BatchedLBFGS
         if cfg.optimizer == "adam":
-            carry = adam is not None and cfg.carry_optimizer_state
-            opt: BatchedAdam | BatchedLBFGS = (
-                adam if carry and adam is not None else BatchedAdam(x, cfg.betas)
-            )
+            keep = adam is not None and (first or cfg.carry_optimizer_state)
+            opt = adam if keep and adam is not None else BatchedAdam(x, cfg.betas)
         else:
             opt = BatchedLBFGS(x.detach(), cfg.lbfgs_history)
         avg = (
@@ -127,15 +132,20 @@ class GroupPyramid(Pyramid):
         started = torch.zeros(b, dtype=torch.bool, device=self.device)
         active = torch.ones(b, dtype=torch.bool, device=self.device)
         run = ScaleRun(s, hw, iters, loss_fn, opt, avg, last, started, active)
+        if first:
+            resume.load_mid_scale(self.members, run)
         self.readback = self._readback(b)
-        for it in range(1, iters + 1):
+        left = [m.remaining(iters) for m in self.members]  # members resumed mid-scale have fewer
+        ends = set(left)
+        k = 0
+        while k < max((n for n, m in zip(left, self.members, strict=True) if m.error is None), default=0):
+            k += 1
             self._iterate(run, x, good)
             self.step += 1
-            end = it == iters
-            if end or it % self.report_every == 0:
-                self._read(run, x, it, end)
-                if all(m.error is not None for m in self.members):
-                    break  # every member left (canceled, fenced, handed back): stop now
+            if k in ends or k % self.report_every == 0:
+                self._read(run, x, k, left)
+        for m, n in zip(self.members, left, strict=True):
+            m.step, m.ran, m.done = m.step + n, m.ran + n, 0
         result = avg.get() if avg is not None else x.detach()
         return result, opt if isinstance(opt, BatchedAdam) else None
 
@@ -205,29 +215,37 @@ class GroupPyramid(Pyramid):
         self.readback.stage([run.last, self.lrs, self.streaks, self.counts, run.started, start])
         return self.readback.read()
 
-    def _read(self, run: ScaleRun, x: torch.Tensor, it: int, end: bool) -> None:
-        """The host read: progress, divergence and checkpoints of every active member."""
+    def _read(self, run: ScaleRun, x: torch.Tensor, k: int, left: list[int]) -> None:
+        """The host read after the scale's k-th iteration: progress, divergence and checkpoints of
+        every member still stepping; ``left``: each member's iterations in this scale (one whose
+        last this is ends its scale here and waits, masked out, for the others)."""
         last, lrs, streaks, counts, started, starts = self._values(run)
         for b, m in enumerate(self.members):
-            if m.error is not None:
+            if m.error is not None or k > left[b]:
                 continue
+            end = k == left[b]
             if streaks[b] > self.cfg.max_recoveries:
                 self._leave(run, b, diverged(streaks[b], lrs[b]))
                 continue
+            if end and run.s == len(self.schedule) - 1 and streaks[b] >= m.ran + k:
+                self._leave(run, b, diverged(streaks[b], lrs[b]))  # not one finite step in the run
+                continue
+            it, step = m.done + k, m.step + k
             start = [starts[b]] if starts is not None and started[b] else None  # None: not taken yet
             vals = [sum(last[b]), *last[b]]
-            progress = self.progress(run.s, it, vals, start, lr=lrs[b], recoveries=counts[b])
+            progress = self.progress(run.s, it, vals, start, lr=lrs[b], recoveries=counts[b], step=step)
             try:
                 asked = m.on_progress(progress) == CHECKPOINT_NOW if m.on_progress else False
                 due = end or asked or (self.cfg.save_every and it % self.cfg.save_every == 0)
                 if m.on_checkpoint is not None and due:
-                    m.on_checkpoint(self._item_checkpoint(run, b, x, it, end, start, lrs[b], counts[b]))
+                    at = (it, step, end)
+                    ckpt = resume.item_checkpoint(self, run, b, x, at, start, lrs[b], counts[b])
+                    m.on_checkpoint(ckpt)
             except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
                 self._leave(run, b, exc)
-        if end and run.s == len(self.schedule) - 1:
-            never = [b for b, m in enumerate(self.members) if m.error is None and streaks[b] >= self.step]
-            for b in never:  # not one finite step in the whole run
-                self._leave(run, b, diverged(streaks[b], lrs[b]))
+                continue
+            if end and k < max(left):
+                run.active[b] = False  # its scale is done: it waits for the others'
 
     def _leave(self, run: ScaleRun, b: int, error: BaseException) -> None:
         expected = isinstance(error, EngineError) or type(error).__name__ == "JobStopped"
@@ -243,44 +261,6 @@ class GroupPyramid(Pyramid):
         # would outlive the group through the exception until a full garbage collection.
         self.members[b].error = error.with_traceback(None)
         run.active[b] = False
-
-    def _item_checkpoint(
-        self,
-        run: ScaleRun,
-        b: int,
-        x: torch.Tensor,
-        it: int,
-        end: bool,
-        start: list[list[float]] | None,
-        lr: float,
-        recoveries: int,
-    ) -> Checkpoint:
-        """Member b's checkpoint in the single-job format (a batch of one)."""
-        result = run.avg.get()[b : b + 1] if run.avg is not None else x.detach()[b : b + 1]
-        own = x.detach()[b : b + 1].float().cpu().clone()
-        return Checkpoint(
-            scale=run.s,
-            iteration=it,
-            step=self.step,
-            image=self.finish_item(result, b).float().cpu().clone(),
-            luminance=result.float().cpu().clone() if self.channels == 1 else None,
-            optimizer_state=self._opt_state(run, b, lr),
-            config_digest=self.members[b].digest,
-            end_of_scale=end,
-            lr=lr,
-            recoveries=recoveries,
-            loss_start=start,
-            iterate=own if run.avg is not None else None,
-            average=run.avg.item_state(b) if run.avg is not None else None,
-        )
-
-    def _opt_state(self, run: ScaleRun, b: int, lr: float) -> dict[str, Any] | None:
-        if isinstance(run.opt, BatchedAdam):
-            return run.opt.item_state(b, lr)
-        held = int(run.opt.count[b])
-        if 2 * held * run.opt.d[b].numel() * run.opt.d.element_size() > LBFGS_STATE_LIMIT_BYTES:
-            return None  # as a single run: too big to checkpoint, the resumed L-BFGS starts afresh
-        return run.opt.item_state(b, lr, loss=0.0)  # prev_loss feeds a tolerance test that is off
 
     def finish_item(self, x: torch.Tensor, b: int) -> torch.Tensor:
         """Pyramid.finish for member b's (1, C, h, w) image."""

@@ -24,6 +24,16 @@ class Member:
     on_progress: Callable[[Progress], Any] | None
     on_checkpoint: Callable[[Checkpoint], Any] | None
     error: BaseException | None = None  # set: out of the group (diverged, or a callback raised)
+    resume: Checkpoint | None = None  # the single-job checkpoint it resumes from (group_resume.py)
+    # where it stands at the start of the group's current scale: iterations of that scale it ran
+    # before (a mid-scale resume), its step count, and the steps it has taken in this group
+    done: int = 0
+    step: int = 0
+    ran: int = 0
+
+    def remaining(self, iters: int) -> int:
+        """Iterations of a scale of ``iters`` left to it."""
+        return iters - self.done
 
 
 @dataclass
@@ -50,11 +60,11 @@ def members_for(
     digests: Sequence[str],
     progress: Sequence[Callable[[Progress], Any] | None],
     checkpoints: Sequence[Callable[[Checkpoint], Any] | None],
+    resumes: Sequence[Checkpoint | None] | None = None,
 ) -> list[Member]:
-    return [
-        Member(i, seed, digest, p, c)
-        for i, (seed, digest, p, c) in enumerate(zip(seeds, digests, progress, checkpoints, strict=True))
-    ]
+    starts = resumes if resumes is not None else [None] * len(seeds)
+    rows = zip(seeds, digests, progress, checkpoints, starts, strict=True)
+    return [Member(i, seed, digest, p, c, resume=r) for i, (seed, digest, p, c, r) in enumerate(rows)]
 
 
 __all__ = ["Member", "ScaleRun", "col", "members_for"]

@@ -58,8 +58,8 @@ class Stepper:
         self.max_recoveries, self.streak = max_recoveries, streak
         self.last: list[float] = []
         self.opt = self._new_optimizer()
-        if state is not None:
-            self.opt.load_state_dict(state)
+        if state is not None:  # a copy: torch keeps the tensors it is given, and steps them in place
+            self.opt.load_state_dict(_clone(state))
             for group in self.opt.param_groups:
                 group["lr"] = self.lr
         # Adam: the scale's result is an average of its iterates (crowsonkb); None: the iterate

@@ -248,8 +248,10 @@ class Pyramid:
         *,
         lr: float,
         recoveries: int,
+        step: int | None = None,
     ) -> Progress:
-        """The Progress of iteration ``it`` of scale ``s``; ``vals``: total, content, style, tv."""
+        """The Progress of iteration ``it`` of scale ``s``; ``vals``: total, content, style, tv;
+        ``step``: the job's step count (None: this run's, ``self.step``)."""
         removed = removed_fractions(start, vals)
         hw, iters = self.schedule[s]
         return Progress(
@@ -258,7 +260,7 @@ class Pyramid:
             size=hw,
             iteration=it,
             iterations=iters,
-            step=self.step,
+            step=self.step if step is None else step,
             total_steps=self.total,
             loss=vals[0],
             content_loss=vals[1],
