@@ -36,18 +36,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
     Integer,
     Label,
     Select,
-    Text,
     and_,
     bindparam,
     case,
-    cast,
     func,
     or_,
     select,
@@ -183,15 +181,23 @@ def _serialise(session: Session, wait: bool) -> bool:
     return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _LOCK_KEY}))
 
 
+class Among(NamedTuple):
+    """The waiting jobs a GPU group may take: of one bucket (``shared.buckets``) that start at one
+    scale (``jobs.resume_scale``: fresh ones at 0, a resumed one where its checkpoint left it)."""
+
+    bucket: str
+    resume_scale: int = 0
+
+
 def fair_picks(
-    session: Session, count: int, settings: Settings, now: datetime, *, bucket: str | None = None
+    session: Session, count: int, settings: Settings, now: datetime, *, among: Among | None = None
 ) -> list[str]:
-    """The next ``count`` waiting jobs in fair order (see the module docstring); with ``bucket``,
-    among the jobs of that bucket only (a GPU worker filling its group, worker.batch)."""
-    return _pick(session, _survey(session, settings, now, bucket)[1], count, bucket)
+    """The next ``count`` waiting jobs in fair order (see the module docstring); with ``among``,
+    of that bucket and resume scale only (a GPU worker filling its group, worker.batch)."""
+    return _pick(session, _survey(session, settings, now, among)[1], count, among)
 
 
-def _pick(session: Session, lines: dict[str, _Line], count: int, bucket: str | None = None) -> list[str]:
+def _pick(session: Session, lines: dict[str, _Line], count: int, among: Among | None = None) -> list[str]:
     heap = [(line.key(), line.tenant_id) for line in lines.values()]
     heapq.heapify(heap)
     picks: list[str] = []
@@ -201,7 +207,7 @@ def _pick(session: Session, lines: dict[str, _Line], count: int, bucket: str | N
         if line.max_running and line.in_flight >= line.max_running:
             continue  # at its cap: the rest of this pass goes to the others
         if not line.fetched:
-            line.heads = _heads(session, tenant_id, count, bucket)
+            line.heads = _heads(session, tenant_id, count, among)
             line.fetched = True
         if not line.heads:
             continue
@@ -215,12 +221,10 @@ def _pick(session: Session, lines: dict[str, _Line], count: int, bucket: str | N
 
 
 def _waiting_in(bucketed: bool) -> ColumnElement[bool]:
-    """Waiting jobs; ``bucketed``: of one bucket, and without a checkpoint (such a job resumes
-    alone: a group does not take it, worker.batch)."""
+    """Waiting jobs; ``bucketed``: of one bucket that start at one scale (``Among``'s parameters)."""
     if not bucketed:
         return waiting()
-    fresh = cast(Job.checkpoints, Text) == "[]"
-    return and_(waiting(), Job.bucket == bindparam("bucket"), fresh)
+    return and_(waiting(), Job.bucket == bindparam("bucket"), Job.resume_scale == bindparam("resume_scale"))
 
 
 @cache
@@ -262,16 +266,16 @@ def _survey_query(bucketed: bool = False) -> Select[Any]:
 
 
 def _survey(
-    session: Session, settings: Settings, now: datetime, bucket: str | None = None
+    session: Session, settings: Settings, now: datetime, among: Among | None = None
 ) -> tuple[int, dict[str, _Line]]:
     """The room, and the waiting tenants' lines (none waiting: room 0, nothing to fill it with)."""
     params: dict[str, Any] = {
         "window_start": now - FAIR_WINDOW,
         "heard_since": now - timedelta(seconds=settings.lease_s),
     }
-    if bucket is not None:
-        params["bucket"] = bucket
-    rows = session.execute(_survey_query(bucket is not None), params).all()
+    if among is not None:
+        params.update(among._asdict())
+    rows = session.execute(_survey_query(among is not None), params).all()
     if not rows:
         return 0, {}
     lines = {
@@ -298,16 +302,17 @@ def _heads_query(bucketed: bool = False) -> Select[str, int]:
     )
 
 
-def _heads(session: Session, tenant_id: str, limit: int, bucket: str | None = None) -> list[tuple[str, int]]:
+def _heads(session: Session, tenant_id: str, limit: int, among: Among | None = None) -> list[tuple[str, int]]:
     params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit}
-    if bucket is not None:
-        params["bucket"] = bucket
-    rows = session.execute(_heads_query(bucket is not None), params).all()
+    if among is not None:
+        params.update(among._asdict())
+    rows = session.execute(_heads_query(among is not None), params).all()
     return [(job_id, int(cost)) for job_id, cost in rows]
 
 
 __all__ = [
     "FAIR_WINDOW",
+    "Among",
     "DispatchReport",
     "PublishMany",
     "dispatch_once",

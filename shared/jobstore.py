@@ -102,6 +102,7 @@ def insert_queued(
             "mask_image_ids": None if spec.mask_ids is None else list(spec.mask_ids),
             "progress": {},
             "checkpoints": [],
+            "resume_scale": 0,
             "attempt": 0,
             "max_attempts": max_attempts,
             "handbacks": 0,
@@ -175,15 +176,25 @@ def heartbeat(session: Session, job_id: str, attempt: int, progress: dict[str, A
     return matched(session, update(Job).where(*_held(job_id, attempt)).values(**values)) == 1
 
 
+def resume_scale(refs: list[dict[str, Any]]) -> int:
+    """The scale an attempt that resumes from the latest of ``refs`` starts at (the engine's rule:
+    a checkpoint that ended its scale resumes at the next); 0 with none."""
+    if not refs:
+        return 0
+    last = refs[-1]
+    return int(last.get("scale") or 0) + (1 if last.get("end_of_scale") else 0)
+
+
 def record_checkpoints(
     session: Session, job_id: str, attempt: int, refs: list[dict[str, Any]], *, new: bool = True
 ) -> bool:
-    """Store the holder's checkpoint list (with a heartbeat); False when fenced out. ``new``: the list
-    gained a checkpoint (its webhook ``checkpoint`` event), rather than only losing old ones."""
+    """Store the holder's checkpoint list (with a heartbeat, and the scale it resumes at); False when
+    fenced out. ``new``: the list gained a checkpoint (its webhook ``checkpoint`` event), rather than
+    only losing old ones."""
     stmt = (
         update(Job)
         .where(*_held(job_id, attempt))
-        .values(checkpoints=refs, heartbeat_at=utcnow())
+        .values(checkpoints=refs, resume_scale=resume_scale(refs), heartbeat_at=utcnow())
         .returning(Job.id, Job.tenant_id, Job.batch_id, Job.webhook, Job.webhook_events)
     )
     row = session.execute(stmt, execution_options={"synchronize_session": False}).first()
@@ -326,6 +337,7 @@ __all__ = [
     "insert_queued",
     "lease_expired",
     "record_checkpoints",
+    "resume_scale",
     "release",
     "request_cancel",
     "succeed",

@@ -102,7 +102,7 @@ def mark_emptied(session: Session, job_ids: Sequence[str], now: datetime) -> Non
     stmt = (
         update(Job)
         .where(Job.id.in_(list(job_ids)), Job.status.in_(sorted(TERMINAL)))
-        .values(result_key=None, checkpoints=[], emptied_at=now)
+        .values(result_key=None, checkpoints=[], resume_scale=0, emptied_at=now)
     )
     session.execute(stmt, execution_options={"synchronize_session": False})
 

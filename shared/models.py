@@ -156,6 +156,9 @@ class Job(Base):
     result_key: Mapped[str | None] = mapped_column(String(300), default=None)
     # [{"key": ..., "preview_key": ..., "scale": i, "iteration": n, "step": s, "at": iso}]
     checkpoints: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # the scale a new attempt starts at: 0, or its latest checkpoint's (the next one after a
+    # checkpoint that ended its scale); a GPU group takes only jobs that start at one scale
+    resume_scale: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     published_at: Mapped[datetime | None] = mapped_column(default=None)
     # Higher first, within the tenant's share (never ahead of other tenants).
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

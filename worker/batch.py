@@ -2,19 +2,23 @@
 
 The database is the queue (``shared.dispatch``), so a group is filled from the table, not from the
 broker: a worker process that claimed a delivered job whose bucket (``shared.buckets``) others share
-takes up to ``batch_limit - 1`` of them that are still waiting, in fair order within the bucket
-(``dispatch.fair_picks(bucket=...)``), and claims each with the usual fenced claim. If it found
+takes up to ``batch_limit - 1`` of them that are still waiting and start at the scale it does (fresh
+jobs at 0, a job with a checkpoint where that checkpoint left it: ``jobs.resume_scale``), in fair
+order within the bucket (``dispatch.fair_picks(among=...)``), and claims each with the usual fenced
+claim. If it found
 some but not enough, it looks again for at most ``batch_wait_ms``; if it found none it does not wait
 at all, so a lone job starts at once. The dispatcher counts the process as one slot whatever the
 group's size (``dispatch.slots_taken``).
 
 Each member keeps every guarantee of a job run alone: its own watcher (heartbeat, cancel, fencing,
-shutdown), its own checkpoint uploads (single-job format: it resumes alone), its own NaN guard and
-outcome (``worker.engine.groups``), its own settlement (``worker.settle``). If the process dies, the
+shutdown), its own checkpoint uploads (single-job format), its own NaN guard and outcome
+(``worker.engine.groups``), its own settlement (``worker.settle``). If the process dies, the
 delivered job is redelivered and the others' leases expire: each runs again and resumes from its own
-checkpoint. A job that has a checkpoint runs alone (resuming into a group is not supported). If
-the group fails as a whole (the engine refuses it, or runs out of memory), each member runs alone,
-here and now, rather than going back to be grouped, and to fail, again. A time limit ends every
+checkpoint, alone or in a group again (a redelivered group regroups: its members checkpointed at the
+same scale). A member that cannot go on in the group (its checkpoint turned out unreadable, or the
+engine refuses it) runs alone after the group, here and now; so does each member when the group
+fails as a whole (the engine refuses it, or runs out of memory), rather than going back to be
+grouped, and to fail, again. A time limit ends every
 member (``time_limit``); a database outage while the group is filled gives every job back.
 """
 
@@ -30,6 +34,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import dispatch, jobstore_queue
 from shared.db import get_sessionmaker
+from shared.dispatch import Among
+from shared.jobstore import resume_scale
 from shared.models import new_id, utcnow
 from shared.settings import Settings
 from shared.storage import open_storage
@@ -63,14 +69,15 @@ Alone = Callable[[jobstore.Claim], str]  # runs one claimed job by itself (worke
 def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings, alone: Alone) -> str | None:
     """The delivered job's outcome when it ran in a group; None: no group (run it alone)."""
     limit = batch_limit(settings)
-    if limit <= 1 or first.bucket is None or first.checkpoints:
+    if limit <= 1 or first.bucket is None:
         return None
+    among = Among(first.bucket, resume_scale(first.checkpoints))
     engine = get_engine(settings)
     if not hasattr(engine, "run_group"):  # an engine that runs one job at a time
         return None
     mates: list[jobstore.Claim] = []
     try:
-        gather(settings, first.bucket, jobstore.worker_identity(nodename), limit - 1, mates)
+        gather(settings, among, jobstore.worker_identity(nodename), limit - 1, mates)
     except TRANSIENT as exc:  # the database went away while the group was filled
         for mate in mates:
             best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
@@ -82,21 +89,20 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings, alone:
     for claim in (first, *mates):
         log_event(claim.job_id, claim.attempt, "grouped", group=group, jobs=1 + len(mates))
     try:
-        outcomes, ran = _run(settings, [first, *mates], group, engine)
+        outcomes = _run(settings, [first, *mates], group, engine, among.resume_scale)
     except BaseException:  # the first's transient error (its task retries it) after the others settled
         for mate in mates:
             best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
         raise
-    if not ran:
-        # The group as a whole failed (the engine refused it, out of memory, ...): each job not
-        # settled yet runs alone here, now, rather than going back to be grouped (and fail) again.
-        for mate in (m for m in mates if m.job_id not in outcomes):
+    # Each job the group did not settle (the group failed as a whole: out of memory, ...; or the
+    # job could not go on in it) runs alone here, now, rather than going back to be grouped again.
+    for mate in (m for m in mates if m.job_id not in outcomes):
 
-            def run_alone(mate: jobstore.Claim = mate) -> str:
-                return alone(mate)
+        def run_alone(mate: jobstore.Claim = mate) -> str:
+            return alone(mate)
 
-            ended = guarded(settings, mate, run_alone, retried=False)
-            log_event(mate.job_id, mate.attempt, "group_member_ended", group=group, outcome=ended)
+        ended = guarded(settings, mate, run_alone, retried=False)
+        log_event(mate.job_id, mate.attempt, "group_member_ended", group=group, outcome=ended)
     return outcomes.get(first.job_id)  # None: the first runs alone (the caller)
 
 
@@ -107,12 +113,12 @@ def _raiser(exc: BaseException) -> Callable[[], str]:
     return again
 
 
-def gather(settings: Settings, bucket: str, me: str, want: int, mates: list[jobstore.Claim]) -> None:
-    """Add to ``mates`` up to ``want`` waiting jobs of ``bucket``, taken from the table and claimed by
-    ``me`` (a list the caller holds, so that it can give them back if this raises)."""
+def gather(settings: Settings, among: Among, me: str, want: int, mates: list[jobstore.Claim]) -> None:
+    """Add to ``mates`` up to ``want`` waiting jobs ``among`` a bucket and resume scale, taken from the
+    table and claimed by ``me`` (a list the caller holds, so that it can give them back if this raises)."""
     deadline = time.monotonic() + settings.batch_wait_ms / 1000
     while len(mates) < want:
-        for job_id in _take_waiting(settings, bucket, want - len(mates)):
+        for job_id in _take_waiting(settings, among, want - len(mates)):
             got = jobstore.claim(settings.database_url, job_id, me, settings.lease_s)
             if not isinstance(got, jobstore.Claim):
                 log_event(job_id, None, "dropped", reason=got.value)
@@ -124,22 +130,22 @@ def gather(settings: Settings, bucket: str, me: str, want: int, mates: list[jobs
         time.sleep(BATCH_POLL_S)  # bounded by batch_wait_ms: more of a burst may be committing
 
 
-def _take_waiting(settings: Settings, bucket: str, count: int) -> list[str]:
-    """Take waiting jobs of the bucket from the dispatcher (the guarded claim of a dispatch pass);
-    never one with a checkpoint (it resumes alone: ``dispatch.fair_picks`` leaves those out)."""
+def _take_waiting(settings: Settings, among: Among, count: int) -> list[str]:
+    """Take waiting jobs of the bucket that start at the group's scale from the dispatcher (the
+    guarded claim of a dispatch pass)."""
     now = utcnow()
     with get_sessionmaker(settings.database_url)() as session:
-        picks = dispatch.fair_picks(session, count, settings, now, bucket=bucket)
+        picks = dispatch.fair_picks(session, count, settings, now, among=among)
         taken = jobstore_queue.claim_dispatch(session, picks, now)
         session.commit()
     return taken
 
 
 def _run(
-    settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any
-) -> tuple[dict[str, str], bool]:
-    """Run the group: the outcomes by job id of the members settled, and whether the group ran
-    (False: it failed as a whole; only members settled before it started have an outcome).
+    settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any, scale: int
+) -> dict[str, str]:
+    """Run the group from ``scale``: the outcomes by job id of the members settled (none for those
+    it did not settle: the group failed as a whole, or the job could not go on in it).
 
     Every member's watcher (heartbeat, cancel, fencing) runs from before its inputs are read until
     it is settled; the checkpoint uploads of all are settled first (a shutdown's checkpoint is
@@ -149,14 +155,14 @@ def _run(
     with ExitStack() as watching:
         watchers = watch_all(settings, claims, watching, outcomes)
         with ExitStack() as saving:
-            members = prepare_members(settings, storage, watchers, saving, outcomes, claims[0].job_id)
+            delivered = claims[0].job_id
+            members = prepare_members(settings, storage, watchers, saving, outcomes, delivered, scale)
             if not members:
-                return outcomes, True
+                return outcomes
             results = _run_engine(engine, members, group)
-        if results is None:
-            return outcomes, False
-        settle_all(settings, storage, members, results, claims[0].job_id, group, outcomes)
-    return outcomes, True
+        if results is not None:
+            settle_all(settings, storage, members, results, claims[0].job_id, group, outcomes)
+    return outcomes
 
 
 def _run_engine(engine: Any, members: list[Member], group: str) -> list[GroupOutcome] | None:

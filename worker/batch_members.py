@@ -1,5 +1,7 @@
-"""The members of a GPU group (worker.batch): each job prepared with its own watcher, inputs and
-checkpoint saver; a cancel that ends it at once; its settlement once the group has run."""
+"""The members of a GPU group (worker.batch): each job prepared with its own watcher, inputs,
+checkpoint to resume from and checkpoint saver; a cancel that ends it at once; its settlement once
+the group has run. A job that cannot go on inside the group (its checkpoint starts it at another
+scale, or the engine refuses its checkpoint) is left unsettled: worker.batch runs it alone after."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from shared.params import JobParams
 from shared.settings import Settings
 from shared.storage import Storage
 from worker import jobstore
-from worker.checkpoints import CheckpointSaver
-from worker.config import at_run_size, job_params, load_inputs, transfer_config
-from worker.engine.schedule import long_edges
+from worker.checkpoints import CheckpointSaver, resume_point
+from worker.config import at_run_size, job_params, load_inputs, scale_edges, transfer_config
+from worker.engine.group_resume import start_scale
 from worker.settle import best_effort, deliver, execution, guarded, log_event, stopped
 from worker.watcher import JobStopped, StopReason, Watcher
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from worker.engine.groups import GroupJob, GroupOutcome
 
 logger = logging.getLogger(__name__)
+
+ALONE = "alone"  # a member's outcome that is none yet: it runs alone once the group has run
 
 
 @dataclass
@@ -58,9 +62,13 @@ def settle_all(
     retries it), after the others are settled."""
     pairs = sorted(zip(members, results, strict=True), key=lambda pair: pair[0].claim.job_id == delivered)
     for m, outcome in pairs:
+        if _refused(m, outcome):  # unsettled: it runs alone, afresh, after the group (worker.batch)
+            log_event(m.claim.job_id, m.claim.attempt, "group_resume_refused", logging.WARNING, group=group)
+            m.watcher.close()
+            continue
 
         def end(m: Member = m, outcome: GroupOutcome = outcome) -> str:
-            return _settle(settings, storage, m, outcome, len(members))
+            return _settle(settings, storage, m, outcome, len(members), m.claim.job_id == delivered)
 
         ended = guarded(settings, m.claim, end, retried=m.claim.job_id == delivered)
         outcomes[m.claim.job_id] = ended
@@ -78,8 +86,8 @@ def watch_all(
 
         def watch(claim: jobstore.Claim = claim, found: list[Any] = found) -> str:
             params = job_params(claim.params)
-            edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
-            watcher = stack.enter_context(Watcher(settings, claim.job_id, claim.attempt, 0, list(edges)))
+            watcher = Watcher(settings, claim.job_id, claim.attempt, 0, scale_edges(params))
+            stack.enter_context(watcher)
             found.append((claim, params, watcher))
             return "watched"
 
@@ -98,9 +106,11 @@ def prepare_members(
     stack: ExitStack,
     outcomes: dict[str, str],
     delivered: str,
+    scale: int,
 ) -> list[Member]:
-    """Each watched job with its inputs and checkpoint saver (entered on ``stack``); a job whose
-    inputs are bad, or whose config differs from the first's, is settled at once and left out.
+    """Each watched job with its inputs, checkpoint and checkpoint saver (entered on ``stack``); a
+    job whose inputs are bad, or whose config differs from the first's, is settled at once and left
+    out; one whose checkpoint does not start it at the group's ``scale`` is left out unsettled.
     ``delivered``: the job whose message this is (its transient errors are raised: its task retries)."""
     from worker.engine.config import BatchItem
     from worker.engine.groups import GroupJob
@@ -118,19 +128,24 @@ def prepare_members(
                 return "handed_back"
             content, styles, inputs = load_inputs(storage, claim, settings)
             content, inputs, exact_wh = at_run_size(params, content, inputs)
+            resume, step = resume_point(storage, claim)
+            if start_scale(resume) != scale or scale >= len(scale_edges(params)):
+                return ALONE  # it would start elsewhere (its checkpoint was unreadable, or its last)
+            watcher.start_step = step
             saver = stack.enter_context(
                 CheckpointSaver(storage, settings.database_url, claim, watcher, settings.checkpoints_keep)
             )
             item = BatchItem(content, styles, masks=inputs.get("masks"), **_item_weights(config))
             early = EarlyCancel(settings, claim, watcher)
-            job = GroupJob(item, config.seed, early.on_progress, early.wrap(saver), config)
+            job = GroupJob(item, config.seed, early.on_progress, early.wrap(saver), config, resume)
             members.append(Member(claim, params, config, shared, job, watcher, saver, exact_wh))
-            log_event(claim.job_id, claim.attempt, "started", resume_step=0)
+            log_event(claim.job_id, claim.attempt, "started", resume_step=step)
             return "prepared"
 
         outcome = guarded(settings, claim, prepare, retried=claim.job_id == delivered)
         if outcome != "prepared":
-            outcomes[claim.job_id] = outcome
+            if outcome != ALONE:
+                outcomes[claim.job_id] = outcome
             watcher.close()
     return members
 
@@ -182,9 +197,17 @@ class EarlyCancel:
             self.watcher.close()
 
 
-def _settle(settings: Settings, storage: Storage, m: Member, outcome: GroupOutcome, size: int) -> str:
+def _refused(m: Member, outcome: GroupOutcome) -> bool:
+    """The engine refused the member's checkpoint (``checkpoint_mismatch``): a run alone starts afresh."""
+    code = getattr(outcome.error, "code", None)
+    return m.job.resume is not None and code in ("checkpoint_mismatch", "checkpoint_invalid")
+
+
+def _settle(
+    settings: Settings, storage: Storage, m: Member, outcome: GroupOutcome, size: int, delivered: bool
+) -> str:
     if isinstance(outcome.error, JobStopped):
-        return stopped(settings, m.claim, outcome.error.reason, m.saver.last_step)
+        return stopped(settings, m.claim, outcome.error.reason, m.saver.last_step, delivered=delivered)
     if outcome.error is not None:
         raise outcome.error  # guarded() makes it the job's outcome (an engine error, a crash)
     assert outcome.result is not None
@@ -194,4 +217,4 @@ def _settle(settings: Settings, storage: Storage, m: Member, outcome: GroupOutco
     return deliver(settings, storage, m.claim, m.params, outcome.result, final, ran, m.exact_wh)
 
 
-__all__ = ["EarlyCancel", "Member", "give_back", "prepare_members", "settle_all", "watch_all"]
+__all__ = ["ALONE", "EarlyCancel", "Member", "give_back", "prepare_members", "settle_all", "watch_all"]

@@ -24,6 +24,7 @@ from shared.params import JobParams, fit_long_edge
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, Storage
 from worker.engine import TransferConfig, load_image
+from worker.engine.schedule import long_edges
 
 if TYPE_CHECKING:
     from worker import jobstore
@@ -62,6 +63,11 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()[:5]
     )
+
+
+def scale_edges(params: JobParams) -> list[int]:
+    """The long edge of each of the job's scales, smallest first (what its progress counts)."""
+    return list(params.scales or long_edges(params.size, params.min_size, params.scale_factor))
 
 
 def transfer_config(params: JobParams, settings: Settings) -> TransferConfig:

@@ -23,9 +23,8 @@ from shared.settings import Settings
 from shared.storage import open_storage
 from worker import batch, jobstore
 from worker.checkpoints import CheckpointSaver, resume_point
-from worker.config import EngineInputs, at_run_size, job_params, load_inputs, transfer_config
+from worker.config import EngineInputs, at_run_size, job_params, load_inputs, scale_edges, transfer_config
 from worker.engine import EngineError
-from worker.engine.schedule import long_edges
 from worker.runtime import get_engine
 from worker.settle import (
     best_effort,
@@ -95,8 +94,7 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     content, inputs, exact_wh = at_run_size(params, content, inputs)
     resume, start_step = resume_point(storage, claim)
     engine = get_engine(settings)
-    edges = params.scales or long_edges(params.size, params.min_size, params.scale_factor)
-    with Watcher(settings, claim.job_id, claim.attempt, start_step, list(edges)) as watcher:
+    with Watcher(settings, claim.job_id, claim.attempt, start_step, scale_edges(params)) as watcher:
         keep = settings.checkpoints_keep
         with CheckpointSaver(storage, settings.database_url, claim, watcher, keep) as saver:
             log_event(claim.job_id, claim.attempt, "started", resume_step=start_step)

@@ -177,15 +177,24 @@ def delete_quietly(storage: Storage, claim: jobstore.Claim, keys: list[str]) -> 
 
 
 def stopped(
-    settings: Settings, claim: jobstore.Claim, reason: StopReason, checkpoint_step: int | None = None
+    settings: Settings,
+    claim: jobstore.Claim,
+    reason: StopReason,
+    checkpoint_step: int | None = None,
+    *,
+    delivered: bool = True,
 ) -> str:
+    """The outcome of a run its watcher stopped. A shutdown hands the job back: the delivered job
+    with a new message (its own is acked); a group's other member (``delivered=False``) back to
+    waiting, so that the redelivered job takes it into its group again (worker.batch)."""
     url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
     if reason is StopReason.CANCELED:
         jobstore.cancel(url, job_id, attempt)  # no row changed: the API marked it canceled already
         log_event(job_id, attempt, "canceled")
         return ended(settings, claim, "canceled")
     if reason is StopReason.SHUTDOWN:
-        if jobstore.release(url, job_id, attempt, graceful=True):
+        released = jobstore.release(url, job_id, attempt, graceful=True, waiting=not delivered)
+        if released and delivered:
             publish_job(get_celery(), job_id)
         log_event(job_id, attempt, "handed_back", checkpoint_step=checkpoint_step)
         return ended(settings, claim, "handed_back")

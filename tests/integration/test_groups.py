@@ -10,8 +10,8 @@ so a whole worker killed mid-group is noticed within seconds. Tiny images (32 px
 * a group holds ONE slot: with a group of four running and a second worker started, the dispatcher
   publishes the next job at once and the second worker runs it while the group runs;
 * ``kill -9`` of the whole worker while the four run as a group: their leases expire, the dispatcher
-  requeues them, a new worker resumes each from its own last checkpoint (alone: a job with a
-  checkpoint is not taken into a group) and every job ends ``succeeded`` exactly once;
+  requeues them, a new worker resumes each from its own last checkpoint (alone, or in a group again
+  with the jobs that resume at the same scale) and every job ends ``succeeded`` exactly once;
 * a canceled member ends canceled within seconds while the group runs on; a group whose members
   are all canceled frees its slot within seconds.
 
@@ -348,8 +348,9 @@ def test_kill9_of_the_worker_mid_group_every_member_succeeds_once(
     gs: GroupStack, inputs: tuple[list[bytes], list[bytes]]
 ) -> None:
     """``kill -9`` of the whole worker once the four run as a group and each wrote a checkpoint: the
-    dispatcher requeues each when its lease expires, a new worker resumes each (alone) from its own
-    last checkpoint, attempt 2; one ``succeeded`` event and one result object per job."""
+    dispatcher requeues each when its lease expires, a new worker resumes each from its own last
+    checkpoint, attempt 2 (a regrouped job only with jobs that resume at its scale); one
+    ``succeeded`` event and one result object per job."""
     contents, styles = inputs
     job_ids = gs.submit(contents, styles, KILLABLE)
     _run_as_a_group(gs, job_ids, checkpointed=True)
@@ -359,13 +360,24 @@ def test_kill9_of_the_worker_mid_group_every_member_succeeds_once(
         assert row.status == "running" and row.attempt == 1, (row.status, row.attempt)
         assert row.progress.get("step", 0) < KILLABLE_STEPS, ("ended before the kill", row.progress)
     resumed_from = {j: int(r.checkpoints[-1]["step"]) for j, r in rows.items()}
+    scales = {j: r.resume_scale for j, r in rows.items()}
     gs.ensure_running()  # a new worker (and the dispatcher, which never stopped)
     gs.wait_terminal(job_ids, timeout=120)
+    sizes: dict[str, int] = {}
     for job_id in job_ids:
         job = gs.assert_succeeded_once(job_id, attempt=2, resumed_from=resumed_from[job_id])
         later = [c["step"] for c in gs.stack.job(job_id).checkpoints if c["step"] > resumed_from[job_id]]
         assert later and later[-1] == KILLABLE_STEPS, gs.stack.job(job_id).checkpoints  # it went on
-        assert job["execution"]["group_size"] == 1, job  # a job with a checkpoint resumes alone
+        sizes[job_id] = job["execution"]["group_size"]
+    regrouped: dict[str, list[str]] = {}  # the leases expire one by one: any grouping may form
+    for e in gs.events():
+        if e.event == "grouped" and e.job_id in job_ids and e.attempt == 2:
+            regrouped.setdefault(e.fields["group"], []).append(e.job_id)
+    for members in regrouped.values():
+        assert len({scales[j] for j in members}) == 1, (members, scales)  # one scale per group
+        assert {sizes[j] for j in members} == {len(members)}, (members, sizes)
+    grouped = {j for members in regrouped.values() for j in members}
+    assert all(sizes[j] == 1 for j in job_ids if j not in grouped), sizes
     requeued = chaos_lib.job_events([gs.stack.log_of("dispatch")])
     for job_id in job_ids:  # the dispatcher's reconcile step brought them back
         assert any(e.job_id == job_id and e.event == "lease_expired" for e in requeued), gs.tails()

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.dispatch import dispatch_once, fair_picks
+from shared.dispatch import Among, dispatch_once, fair_picks
 from shared.jobs import JobStatus
 from shared.models import Job, StoredImage, Tenant, Worker, utcnow
 from shared.settings import Settings
@@ -254,12 +254,16 @@ def test_one_pass_sends_lost_and_requeued_jobs_only_into_free_slots(sessions: se
 
 
 def test_picks_within_a_bucket_keep_the_fair_order(sessions: sessionmaker[Session]) -> None:
-    """A GPU worker filling its group takes only its bucket's jobs, still in fair order."""
+    """A GPU worker filling its group takes only its bucket's jobs that start at its scale, still
+    in fair order."""
     a1 = add_jobs(sessions, "t1", 4, bucket="a")
     add_jobs(sessions, "t1", 4, bucket="b", start=10)
     a2 = add_jobs(sessions, "t2", 2, bucket="a", start=20)
+    later = add_jobs(sessions, "t2", 2, bucket="a", start=30, resume_scale=2)
     with sessions() as s:
-        picks = fair_picks(s, 5, settings(), utcnow(), bucket="a")
+        picks = fair_picks(s, 5, settings(), utcnow(), among=Among("a"))
+        resumed = fair_picks(s, 5, settings(), utcnow(), among=Among("a", resume_scale=2))
         everything = fair_picks(s, 20, settings(), utcnow())
     assert picks == [a1[0], a2[0], a1[1], a2[1], a1[2]]  # the tenants alternate (equal costs)
-    assert len(everything) == 10
+    assert resumed == later
+    assert len(everything) == 12

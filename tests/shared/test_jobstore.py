@@ -269,6 +269,25 @@ def test_worker_lost_counts_losses_not_hand_backs(db_url: str, make_job: MakeJob
         assert job.error_message.startswith("the worker running this job was lost 3 times (max_attempts=3)")
 
 
+def test_the_checkpoint_list_sets_the_scale_a_job_resumes_at(db_url: str, make_job: MakeJob) -> None:
+    """``resume_scale`` follows the latest ref (the next scale after one that ended its scale), so a
+    GPU group takes the job only with others that start where it does (shared.dispatch.Among)."""
+    job_id = make_job(**ROW, status=R)
+    lists = [
+        ([{"key": "a", "scale": 0, "end_of_scale": False}], 0),
+        ([{"key": "a", "scale": 0}, {"key": "b", "scale": 1, "end_of_scale": True}], 2),
+        ([{"key": "c", "scale": 3, "end_of_scale": False}], 3),
+    ]
+    with get_sessionmaker(db_url)() as s:
+        for refs, scale in lists:
+            assert jobstore.record_checkpoints(s, job_id, 1, refs)
+            s.commit()
+            assert _load(s, job_id).resume_scale == scale == jobstore.resume_scale(refs)
+        assert not jobstore.record_checkpoints(s, job_id, 2, [])  # fenced: nothing changes
+        s.commit()
+        assert _load(s, job_id).resume_scale == 3
+
+
 WRITES = re.compile(r"\b(update|insert|delete)\(\s*Job\s*\)|\.add(_all)?\(\s*Job\(")
 
 

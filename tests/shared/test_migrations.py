@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from shared.migrate import upgrade
 
@@ -123,25 +123,31 @@ def test_unfinished_jobs_keep_their_exact_aspect(old_db: str) -> None:
     }
 
 
+def _insert_jobs(engine: Engine, rows: dict[str, dict[str, Any]]) -> None:
+    """A tenant, an image and these jobs, in raw SQL (the schema of an old revision): per job id its
+    status ``s`` (running), ``attempt`` a (1), ``max_attempts`` m (3) and checkpoints ``c`` ([])."""
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": NOW})
+        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": NOW})
+        for job_id, values in rows.items():
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
+                    "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
+                    "updated_at) VALUES (:id, 't', :s, '{}', 'i', '[\"i\"]', '{}', :a, :m, false, "
+                    ":c, :n, :n)"
+                ),
+                {"id": job_id, "s": "running", "a": 1, "m": 3, "c": "[]", "n": NOW, **values},
+            )
+
+
 def test_handbacks_are_estimated_for_jobs_made_before_the_column(old_db: str) -> None:
     """Migration 0007: ``jobs.handbacks`` for existing rows is max_attempts above the default (3),
     at most the attempts made; later hand-backs are counted exactly."""
     upgrade(old_db, "0006")
     engine = create_engine(old_db)
     rows = {"plain": (2, 3), "handed_twice": (4, 5), "capped": (1, 6)}  # id: (attempt, max_attempts)
-    with engine.begin() as conn:
-        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :n)"), {"n": NOW})
-        conn.execute(text("INSERT INTO images VALUES ('i', 'PNG', 64, 48, 1, 'images/i', :n)"), {"n": NOW})
-        for job_id, (attempt, max_attempts) in rows.items():
-            conn.execute(
-                text(
-                    "INSERT INTO jobs (id, tenant_id, status, params, content_image_id, style_image_ids, "
-                    "progress, attempt, max_attempts, cancel_requested, checkpoints, created_at, "
-                    "updated_at) VALUES (:id, 't', 'running', '{}', 'i', '[\"i\"]', '{}', :a, :m, false, "
-                    "'[]', :n, :n)"
-                ),
-                {"id": job_id, "a": attempt, "m": max_attempts, "n": NOW},
-            )
+    _insert_jobs(engine, {j: {"a": a, "m": m} for j, (a, m) in rows.items()})
     upgrade(old_db)
     with engine.connect() as conn:
         got: dict[str, int] = {
@@ -149,3 +155,23 @@ def test_handbacks_are_estimated_for_jobs_made_before_the_column(old_db: str) ->
         }
     engine.dispose()
     assert got == {"plain": 0, "handed_twice": 2, "capped": 1}
+
+
+def test_unfinished_jobs_with_checkpoints_get_the_scale_they_resume_at(old_db: str) -> None:
+    """Migration 0009: ``jobs.resume_scale`` from each unfinished job's latest checkpoint (the next
+    scale after one that ended its scale); finished jobs and jobs without checkpoints start at 0."""
+    upgrade(old_db, "0008")
+    engine = create_engine(old_db)
+    mid = [{"key": "a", "scale": 0, "end_of_scale": True}, {"key": "b", "scale": 2, "end_of_scale": False}]
+    rows = {  # id: (status, checkpoints)
+        "mid_scale": ("queued", mid),
+        "scale_end": ("running", [{"key": "c", "scale": 1, "end_of_scale": True}]),
+        "fresh": ("queued", []),
+        "done": ("succeeded", mid),
+    }
+    _insert_jobs(engine, {j: {"s": status, "c": json.dumps(refs)} for j, (status, refs) in rows.items()})
+    upgrade(old_db)
+    with engine.connect() as conn:
+        got = {str(i): int(s) for i, s in conn.execute(text("SELECT id, resume_scale FROM jobs"))}
+    engine.dispose()
+    assert got == {"mid_scale": 2, "scale_end": 2, "fresh": 0, "done": 0}

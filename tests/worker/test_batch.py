@@ -17,13 +17,14 @@ from sqlalchemy.exc import OperationalError
 
 from shared.buckets import bucket_key
 from shared.db import get_sessionmaker
+from shared.dispatch import Among
 from shared.models import Job, StoredImage
 from shared.params import JobParams
 from shared.settings import Settings
 from shared.storage import open_storage
 from tests.support.images import png, png_bytes
 from tests.support.jobs import CONTENT, NODE, STYLE, LoadJob, MakeJob
-from worker import batch, runner
+from worker import batch, runner, settle
 from worker.watcher import StopReason, Watcher
 
 PARAMS = {"size": 32, "min_size": 16, "scale_factor": 2, "iterations": 3}
@@ -100,16 +101,90 @@ def test_a_member_with_bad_input_fails_alone(grouped: Settings, make_job: MakeJo
     assert (job.status, job.error_code) == ("failed", "input_missing")
 
 
-def test_a_job_with_a_checkpoint_is_not_taken_into_a_group(
+def test_a_job_that_resumes_at_another_scale_is_not_taken_into_the_group(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob
 ) -> None:
     first = _jobs(make_job, 1)[0]
-    resumable = _jobs(make_job, 1, checkpoints=[{"key": "jobs/x/checkpoints/3.pt", "step": 3}])[0]
+    ref = {"key": "jobs/x/checkpoints/3.pt", "scale": 0, "iteration": 3, "step": 3, "end_of_scale": True}
+    resumable = _jobs(make_job, 1, checkpoints=[ref], resume_scale=1)[0]
     assert runner.run_job(first, NODE, grouped) == "succeeded"
     job = load_job(first)
     assert job.execution is not None and job.execution["group_size"] == 1  # it ran alone
     resumed = load_job(resumable)
     assert (resumed.status, resumed.published_at) == ("queued", None)  # waiting, no attempt used
+
+
+def _hand_back_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
+    """Each job's first attempt stops at ``step`` as on a worker's shutdown: it checkpoints, then
+    is handed back; the jobs published again (no broker here)."""
+    published: list[str] = []
+    monkeypatch.setattr(settle, "publish_job", lambda _app, job_id: published.append(job_id))
+    monkeypatch.setattr(settle, "get_celery", lambda: None)
+    stopped: set[str] = set()
+    seen = Watcher.on_progress
+
+    def on_progress(self: Watcher, p: Any) -> str | None:
+        if p.step >= step and self.job_id not in stopped:
+            stopped.add(self.job_id)
+            self.stop = StopReason.SHUTDOWN
+        return seen(self, p)
+
+    monkeypatch.setattr(Watcher, "on_progress", on_progress)
+    return published
+
+
+def _resumes(monkeypatch: pytest.MonkeyPatch) -> list[list[int | None]]:
+    """The step each member of each group resumes from (None: fresh)."""
+    from worker.engine import StyleTransfer
+
+    groups: list[list[int | None]] = []
+    run_group = StyleTransfer.run_group
+
+    def spy(self: StyleTransfer, jobs: Any, config: Any, **kw: Any) -> Any:
+        groups.append([j.resume.step if j.resume is not None else None for j in jobs])
+        return run_group(self, jobs, config, **kw)
+
+    monkeypatch.setattr(StyleTransfer, "run_group", spy)
+    return groups
+
+
+def test_jobs_handed_back_mid_group_resume_together_in_a_group(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped at scale 1, iteration 1 (step 4) by a shutdown, the three regroup at scale 1 from their
+    own checkpoints when the delivered one comes back; a fresh job of the bucket waits (it starts
+    at scale 0)."""
+    jobs = _jobs(make_job, 3)
+    published = _hand_back_at_step(monkeypatch, 4)
+    assert runner.run_job(jobs[0], NODE, grouped) == "handed_back"
+    assert [(load_job(j).status, load_job(j).resume_scale) for j in jobs] == [("queued", 1)] * 3
+    assert published == [jobs[0]]  # a new message for the delivered job; the others wait for it
+    assert [load_job(j).published_at is None for j in jobs] == [False, True, True]
+    fresh = _jobs(make_job, 1)[0]
+    groups = _resumes(monkeypatch)
+    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
+    assert groups == [[4, 4, 4]]
+    for job_id in jobs:
+        job = load_job(job_id)
+        assert job.status == "succeeded" and job.execution is not None and job.execution["group_size"] == 3
+        assert job.progress["step"] == job.progress["total_steps"] == 6
+    assert load_job(fresh).status == "queued"
+
+
+def test_a_member_whose_checkpoint_is_gone_runs_alone_afresh(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = _jobs(make_job, 3)
+    _hand_back_at_step(monkeypatch, 4)
+    assert runner.run_job(jobs[0], NODE, grouped) == "handed_back"
+    storage = open_storage(grouped)
+    for ref in load_job(jobs[2]).checkpoints:
+        storage.delete(ref["key"])
+    groups = _resumes(monkeypatch)
+    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
+    assert groups == [[4, 4]]  # the third could not start at scale 1 with the others
+    sizes = [(load_job(j).status, (load_job(j).execution or {}).get("group_size")) for j in jobs]
+    assert sizes == [("succeeded", 2), ("succeeded", 2), ("succeeded", 1)]
 
 
 @pytest.mark.parametrize(
@@ -173,10 +248,10 @@ def test_a_database_outage_while_filling_the_group_gives_every_job_back(
     real = batch._take_waiting
     calls = {"n": 0}
 
-    def flaky(settings: Settings, bucket: str, count: int) -> list[str]:
+    def flaky(settings: Settings, among: Among, count: int) -> list[str]:
         calls["n"] += 1
         if calls["n"] == 1:
-            return real(settings, bucket, 1)  # one mate taken, then the database goes away
+            return real(settings, among, 1)  # one mate taken, then the database goes away
         raise OperationalError("SELECT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(batch, "_take_waiting", flaky)
