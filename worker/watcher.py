@@ -27,7 +27,7 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shared import logs
@@ -108,6 +108,18 @@ def progress_dict(
         "loss": float(p.loss) if p.loss is not None and math.isfinite(p.loss) else None,
         "eta_seconds": round(eta, 1) if eta is not None else None,
     }
+
+
+def final_progress(latest: dict[str, Any] | None, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished job's progress: the latest its attempt reported, as done; for an attempt with none
+    (it resumed from its last scale's end: nothing left to run), the run's own totals."""
+    if latest is None:
+        iterations = list(metadata.get("iterations") or [0])
+        last = {"scale": len(iterations) - 1, "iteration": iterations[-1], "iterations": iterations[-1]}
+        latest = {**last, "scales": len(iterations), "total_steps": metadata.get("steps"), "loss": None}
+    final = {**latest, "fraction": 1.0, "eta_seconds": 0.0}
+    final["step"] = final.get("total_steps", final.get("step"))
+    return final
 
 
 def _paced_eta(
@@ -191,6 +203,9 @@ class Watcher:
 
     # --- engine side (called in the engine's thread, cheap) ---
     def on_progress(self, p: Progress) -> str | None:
+        if p.waiting:  # a group's member that ended its scale waits for the others: nothing new,
+            self.raise_if_stopped()  # but a cancel (or shutdown: its scale's end is saved) ends it now
+            return None
         if p.scale != self._pace_scale:  # a new scale: its own pace (previous iteration's end)
             self._pace_scale, self._pace = p.scale, (self._last_t or time.monotonic(), p.iteration - 1)
         self._last_t = time.monotonic()

@@ -12,7 +12,7 @@ from worker.engine import Checkpoint, EngineError, Progress, StyleTransfer, Tran
 from worker.engine.groups import GroupJob, run_group
 
 from .conftest import small_config
-from .groupkit import alone, jobs, ok
+from .groupkit import alone, gap, jobs, ok
 
 __all__ = ["jobs"]  # the fixture
 
@@ -24,12 +24,6 @@ def _checkpoints(
     saved: list[Checkpoint] = []
     alone(engine, job, replace(cfg, save_every=1), on_checkpoint=saved.append)
     return {(c.scale, c.iteration): Checkpoint.from_bytes(c.to_bytes()) for c in saved}
-
-
-def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean absolute difference: a group and a run alone round differently, and with max pooling
-    a rounding-sized change can flip a pooling window's argmax, so single pixels may differ more."""
-    return float((a - b).abs().mean())
 
 
 @pytest.mark.parametrize(
@@ -51,11 +45,13 @@ def test_a_job_checkpointed_alone_resumes_mid_scale_inside_a_group(
     fresh = run_group(engine, jobs, cfg)
     for i in (0, 2):
         assert torch.equal(ok(outcomes[i]), ok(fresh[i]))
-    assert _gap(ok(outcomes[1]), alone(engine, jobs[1], cfg).tensor) < tolerance
-    assert [(p.scale, p.iteration, p.step) for p in seen] == [
-        (0, 3, 3),
-        (0, 4, 4),
-        *[(1, i, 4 + i) for i in range(1, 5)],
+    assert gap(ok(outcomes[1]), alone(engine, jobs[1], cfg).tensor) < tolerance
+    assert [(p.scale, p.iteration, p.step, p.waiting) for p in seen] == [
+        (0, 3, 3, False),
+        (0, 4, 4, False),
+        (0, 4, 4, True),  # it waits out the others' last 2 iterations, told at each read
+        (0, 4, 4, True),
+        *[(1, i, 4 + i, False) for i in range(1, 5)],
     ]
     assert [(c.scale, c.iteration, c.step, c.end_of_scale) for c in saved] == [
         (0, 4, 4, True),
@@ -65,6 +61,28 @@ def test_a_job_checkpointed_alone_resumes_mid_scale_inside_a_group(
     result = outcomes[1].result
     assert result is not None and result.metadata["resumed_from_step"] == 2
     assert result.metadata["steps"] == 8
+
+
+def test_a_job_that_waits_for_the_others_is_stopped_while_it_waits(
+    engine: StyleTransfer, jobs: list[GroupJob]
+) -> None:
+    """Job 1 ends scale 0 two iterations before the others: a cancel seen while it waits ends it
+    then (not at the next scale); the others end as in a group of fresh jobs."""
+    cfg = small_config(optimizer="adam")
+    seen: list[Progress] = []
+
+    def cancel_while_waiting(p: Progress) -> None:
+        seen.append(p)
+        if p.waiting:
+            raise RuntimeError("canceled")  # what the worker's callback raises (JobStopped)
+
+    ckpt = _checkpoints(engine, jobs[1], cfg)[(0, 2)]
+    resumed = replace(jobs[1], resume=ckpt, on_progress=cancel_while_waiting)
+    outcomes = run_group(engine, [jobs[0], resumed, jobs[2]], cfg)
+    assert isinstance(outcomes[1].error, RuntimeError)
+    assert [(p.iteration, p.waiting) for p in seen] == [(3, False), (4, False), (4, True)]
+    fresh = run_group(engine, [jobs[0], jobs[2]], cfg)
+    assert torch.equal(ok(outcomes[0]), ok(fresh[0])) and torch.equal(ok(outcomes[2]), ok(fresh[1]))
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 import time
@@ -273,6 +274,18 @@ def _progress() -> Progress:
         lr=1,
         recoveries=0,
     )
+
+
+def test_a_group_member_waiting_for_the_others_is_stopped_and_adds_nothing(settings: Settings) -> None:
+    """A waiting progress (engine.group: the member ended its scale first) repeats the last one:
+    no new point, no checkpoint asked for; a stop (here a cancel) ends the member at once."""
+    w = watcher.Watcher(settings, "j1", 1, 0, [16, 32])  # not started: no thread reads the job
+    w.on_progress(_progress())
+    waiting = dataclasses.replace(_progress(), waiting=True)
+    assert w.on_progress(waiting) is None and len(w.history.points()) == 1
+    w.stop = watcher.StopReason.CANCELED  # what its thread sets on seeing the request
+    with pytest.raises(watcher.JobStopped):
+        w.on_progress(waiting)
 
 
 def test_worker_identity_names_node_and_pid() -> None:

@@ -12,18 +12,22 @@ run of b alone gives (to float rounding), whatever else is in the group:
   at the next scale boundary;
 * per-item checkpoints are in the single-job format (batched.py exports torch optimiser states), so
   an item resumes alone; and a member may resume from such a checkpoint, made alone or in any other
-  group (group_resume.py: the members start at one scale, each at its own iteration).
+  group (group_resume.py: the members start at one scale, each at its own iteration); one that
+  ends a scale before the others waits, masked out, and gets its last progress again (``waiting``)
+  at each read, so that its callback can still stop it.
 
 Host reads: the loop keeps its values on the device and reads them every ``report_every`` iterations
 and at each scale's end (progress, divergence, checkpoints); in between a step is a fixed sequence of
 kernels with no sync. On CUDA a read is one non-blocking copy to pinned memory and an event wait
 (readback.py) rather than a blocking ``.tolist()`` per tensor. Departure from a single run: divergence
-is noticed at those reads, so an item may take up to ``report_every`` more restored steps before it fails.
+is noticed at those reads, so an item may take up to ``report_every`` more restored steps before it
+fails, and a ``save_every`` checkpoint falls at the first read at or past its iteration.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -217,35 +221,50 @@ class GroupPyramid(Pyramid):
 
     def _read(self, run: ScaleRun, x: torch.Tensor, k: int, left: list[int]) -> None:
         """The host read after the scale's k-th iteration: progress, divergence and checkpoints of
-        every member still stepping; ``left``: each member's iterations in this scale (one whose
-        last this is ends its scale here and waits, masked out, for the others)."""
-        last, lrs, streaks, counts, started, starts = self._values(run)
+        every member; ``left``: each member's iterations in this scale (one whose last this is ends
+        its scale here and waits, masked out, for the others: it reports its last progress again,
+        marked ``waiting``, so that a cancel reaches it while it waits)."""
+        values = self._values(run)
         for b, m in enumerate(self.members):
-            if m.error is not None or k > left[b]:
-                continue
-            end = k == left[b]
-            if streaks[b] > self.cfg.max_recoveries:
-                self._leave(run, b, diverged(streaks[b], lrs[b]))
-                continue
-            if end and run.s == len(self.schedule) - 1 and streaks[b] >= m.ran + k:
-                self._leave(run, b, diverged(streaks[b], lrs[b]))  # not one finite step in the run
-                continue
-            it, step = m.done + k, m.step + k
-            start = [starts[b]] if starts is not None and started[b] else None  # None: not taken yet
-            vals = [sum(last[b]), *last[b]]
-            progress = self.progress(run.s, it, vals, start, lr=lrs[b], recoveries=counts[b], step=step)
-            try:
-                asked = m.on_progress(progress) == CHECKPOINT_NOW if m.on_progress else False
-                due = end or asked or (self.cfg.save_every and it % self.cfg.save_every == 0)
-                if m.on_checkpoint is not None and due:
-                    at = (it, step, end)
-                    ckpt = resume.item_checkpoint(self, run, b, x, at, start, lrs[b], counts[b])
-                    m.on_checkpoint(ckpt)
-            except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
-                self._leave(run, b, exc)
-                continue
-            if end and k < max(left):
-                run.active[b] = False  # its scale is done: it waits for the others'
+            if m.error is None:
+                self._read_member(run, x, b, (k, left[b]), k < max(left), values)
+        run.read_at = k
+
+    def _read_member(
+        self, run: ScaleRun, x: torch.Tensor, b: int, at: tuple[int, int], more: bool, values: list[Any]
+    ) -> None:
+        """Member b at the read after the scale's ``at = (k, left)``: its k-th of ``left`` iterations,
+        or its last if k is past it (it waits); ``more``: others go on after this read."""
+        last, lrs, streaks, counts, started, starts = values
+        m, waiting, end = self.members[b], at[0] > at[1], at[0] == at[1]
+        k = min(at)
+        if streaks[b] > self.cfg.max_recoveries:
+            self._leave(run, b, diverged(streaks[b], lrs[b]))
+            return
+        it, step = m.done + k, m.step + k
+        start = [starts[b]] if starts is not None and started[b] else None  # None: not taken yet
+        vals = [sum(last[b]), *last[b]]
+        progress = self.progress(run.s, it, vals, start, lr=lrs[b], recoveries=counts[b], step=step)
+        try:
+            asked = m.on_progress(replace(progress, waiting=waiting)) if m.on_progress else None
+            if m.on_checkpoint is not None and not waiting and self._due(m, run, k, end, asked):
+                ckpt = resume.item_checkpoint(self, run, b, x, (it, step, end), start, lrs[b], counts[b])
+                m.on_checkpoint(ckpt)
+        except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
+            self._leave(run, b, exc)
+            return
+        if end and run.s == len(self.schedule) - 1 and streaks[b] >= m.ran + k:
+            self._leave(run, b, diverged(streaks[b], lrs[b]))  # not one finite step in the run
+        elif end and more:
+            run.active[b] = False  # its scale is done: it waits for the others'
+
+    def _due(self, m: Member, run: ScaleRun, k: int, end: bool, asked: Any) -> bool:
+        """A checkpoint of m is due at its k-th iteration: its scale's end, asked for, or a multiple
+        of ``save_every`` passed since the previous read (reads come every ``report_every``
+        iterations and a member resumed mid-scale counts from its own iteration)."""
+        every = self.cfg.save_every
+        since = m.done + min(run.read_at, k)  # m's iteration at the previous read
+        return end or asked == CHECKPOINT_NOW or bool(every and (m.done + k) // every > since // every)
 
     def _leave(self, run: ScaleRun, b: int, error: BaseException) -> None:
         expected = isinstance(error, EngineError) or type(error).__name__ == "JobStopped"

@@ -49,6 +49,7 @@ class ScaleRun:
     last: torch.Tensor  # (B, 3)
     started: torch.Tensor  # (B,) the objective's divisor taken
     active: torch.Tensor  # (B,) still stepping
+    read_at: int = 0  # the scale's iteration (k) at the latest host read
 
 
 def col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,9 @@ class Progress:
     content_removed: float | None = None
     style_removed: float | None = None
     tv_removed: float | None = None
+    # a group's member that ended this scale before the others: its last progress again, sent at
+    # each of the group's reads while it waits (nothing changed; a cancel can reach it)
+    waiting: bool = False
 
 
 __all__ = ["CHECKPOINT_NOW", "Progress"]
