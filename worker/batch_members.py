@@ -20,7 +20,7 @@ from worker.checkpoints import CheckpointSaver, resume_point
 from worker.config import at_run_size, job_params, load_inputs, scale_edges, transfer_config
 from worker.engine.group_resume import start_scale
 from worker.settle import best_effort, deliver, execution, guarded, log_event, stopped
-from worker.watcher import JobStopped, StopReason, Watcher
+from worker.watcher import JobStopped, StopReason, Watcher, final_progress
 
 if TYPE_CHECKING:
     from worker.engine import Checkpoint, Progress, TransferConfig
@@ -62,9 +62,8 @@ def settle_all(
     retries it), after the others are settled."""
     pairs = sorted(zip(members, results, strict=True), key=lambda pair: pair[0].claim.job_id == delivered)
     for m, outcome in pairs:
-        if _refused(m, outcome):  # unsettled: it runs alone, afresh, after the group (worker.batch)
+        if _refused(m, outcome):  # unsettled: it runs alone after the group (worker.batch)
             log_event(m.claim.job_id, m.claim.attempt, "group_resume_refused", logging.WARNING, group=group)
-            m.watcher.close()
             continue
 
         def end(m: Member = m, outcome: GroupOutcome = outcome) -> str:
@@ -143,9 +142,8 @@ def prepare_members(
             return "prepared"
 
         outcome = guarded(settings, claim, prepare, retried=claim.job_id == delivered)
-        if outcome != "prepared":
-            if outcome != ALONE:
-                outcomes[claim.job_id] = outcome
+        if outcome not in ("prepared", ALONE):  # settled; one to run alone keeps its watcher (lease)
+            outcomes[claim.job_id] = outcome
             watcher.close()
     return members
 
@@ -211,8 +209,7 @@ def _settle(
     if outcome.error is not None:
         raise outcome.error  # guarded() makes it the job's outcome (an engine error, a crash)
     assert outcome.result is not None
-    final = m.watcher.progress_now() or {}
-    final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
+    final = final_progress(m.watcher.progress_now(), outcome.result.metadata)
     ran = execution(outcome.result.metadata, size)
     return deliver(settings, storage, m.claim, m.params, outcome.result, final, ran, m.exact_wh)
 

@@ -185,21 +185,27 @@ def retain(
     return kept, list(dict.fromkeys(garbage))
 
 
+def held_checkpoints(url: str, job_id: str, attempt: int) -> list[dict[str, Any]] | None:
+    """The job's checkpoint list as stored now; ``None`` when ``attempt`` no longer holds it."""
+    with session_scope(url) as s:
+        row = s.execute(
+            select(Job.checkpoints).where(
+                Job.id == job_id, Job.attempt == attempt, Job.status == jobrows.HELD
+            )
+        ).first()
+    return None if row is None else list(row[0] or [])
+
+
 def append_checkpoint(url: str, job_id: str, attempt: int, ref: dict[str, Any], keep: int) -> Recorded | None:
     """Record an uploaded checkpoint, keeping the latest ``keep``; ``None`` when fenced out.
 
     Only the attempt holder writes the list, so read-then-write is safe. The caller deletes
     ``garbage`` only after this fenced write succeeded: a stale attempt gets ``None``, deletes nothing.
     """
-    with session_scope(url) as s:
-        current = s.execute(
-            select(Job.checkpoints).where(
-                Job.id == job_id, Job.attempt == attempt, Job.status == jobrows.HELD
-            )
-        ).scalar_one_or_none()
+    current = held_checkpoints(url, job_id, attempt)
     if current is None:
         return None
-    refs, garbage = retain(list(current), ref, keep)
+    refs, garbage = retain(current, ref, keep)
     with session_scope(url) as s:
         if not jobrows.record_checkpoints(s, job_id, attempt, refs):
             return None

@@ -34,7 +34,7 @@ from worker.settle import (
     log_event,
     stopped,
 )
-from worker.watcher import JobStopped, StopReason, Watcher
+from worker.watcher import JobStopped, StopReason, Watcher, final_progress
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -80,13 +80,14 @@ def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
 
 
 def _run_alone(settings: Settings) -> batch.Alone:
-    def alone(claim: jobstore.Claim) -> str:
-        return _execute(claim, settings)
+    def alone(claim: jobstore.Claim, delivered: bool) -> str:
+        return _execute(claim, settings, delivered=delivered)
 
     return alone
 
 
-def _execute(claim: jobstore.Claim, settings: Settings) -> str:
+def _execute(claim: jobstore.Claim, settings: Settings, *, delivered: bool = True) -> str:
+    """Run the claimed job alone; ``delivered``: it is the job of this delivery (worker.settle.stopped)."""
     storage = open_storage(settings)
     params = job_params(claim.params)
     config = transfer_config(params, settings)
@@ -102,9 +103,8 @@ def _execute(claim: jobstore.Claim, settings: Settings) -> str:
         # Leaving the block settled the uploads: a shutdown's checkpoint is recorded before the
         # hand-back releases the job, the last scale's before the result (worker.checkpoints).
         if isinstance(result, StopReason):
-            return stopped(settings, claim, result, saver.last_step)
-        final = watcher.progress_now() or {}
-    final.update(fraction=1.0, eta_seconds=0.0, step=final.get("total_steps", final.get("step")))
+            return stopped(settings, claim, result, saver.last_step, delivered=delivered)
+        final = final_progress(watcher.progress_now(), result.metadata)
     return deliver(settings, storage, claim, params, result, final, execution(result.metadata, 1), exact_wh)
 
 

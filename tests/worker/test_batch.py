@@ -9,50 +9,32 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
-from shared.buckets import bucket_key
 from shared.db import get_sessionmaker
 from shared.dispatch import Among
 from shared.models import Job, StoredImage
-from shared.params import JobParams
 from shared.settings import Settings
 from shared.storage import open_storage
-from tests.support.images import png, png_bytes
-from tests.support.jobs import CONTENT, NODE, STYLE, LoadJob, MakeJob
-from worker import batch, runner, settle
+from tests.support.images import png_bytes
+from tests.support.jobs import NODE, LoadJob, MakeJob
+from worker import batch, runner
 from worker.watcher import StopReason, Watcher
 
-PARAMS = {"size": 32, "min_size": 16, "scale_factor": 2, "iterations": 3}
-BUCKET = bucket_key(JobParams(**PARAMS), (48, 48))  # the conftest's images are 48 x 48
+from .batchkit import PARAMS, bucket_jobs, grouped, hand_back_at_step, resumes
 
-
-@pytest.fixture
-def grouped(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Batching on (4 per group) with the real engine; the inputs in storage; no dispatch pass."""
-    storage = open_storage(settings)
-    storage.put_bytes(f"images/{CONTENT}", png())
-    storage.put_bytes(f"images/{STYLE}", png((255, 200, 0)))
-    monkeypatch.setattr(runner, "refill", lambda _settings: None)
-    return settings.model_copy(update={"batch_max": 4, "batch_wait_ms": 0})
-
-
-def _jobs(make_job: MakeJob, n: int, **fields: Any) -> list[str]:
-    fields.setdefault("bucket", BUCKET)
-    fields.setdefault("params", PARAMS)
-    return [make_job(**fields) for _ in range(n)]
+__all__ = ["grouped"]  # the fixture
 
 
 def test_the_delivered_job_runs_with_the_waiting_jobs_of_its_bucket(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob
 ) -> None:
-    first, *mates = _jobs(make_job, 4)
+    first, *mates = bucket_jobs(make_job, 4)
     other = make_job(bucket="another-bucket", params=PARAMS)
-    too_many = _jobs(make_job, 1)  # a fifth of the bucket: the group holds 4
+    too_many = bucket_jobs(make_job, 1)  # a fifth of the bucket: the group holds 4
     assert runner.run_job(first, NODE, grouped) == "succeeded"
     for job_id in (first, *mates):
         job = load_job(job_id)
@@ -66,8 +48,8 @@ def test_the_delivered_job_runs_with_the_waiting_jobs_of_its_bucket(
 def test_per_item_values_differ_within_a_group(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob
 ) -> None:
-    first = _jobs(make_job, 1)[0]
-    heavy = _jobs(make_job, 1, params={**PARAMS, "style_weight": 50.0, "seed": 3})[0]
+    first = bucket_jobs(make_job, 1)[0]
+    heavy = bucket_jobs(make_job, 1, params={**PARAMS, "style_weight": 50.0, "seed": 3})[0]
     assert runner.run_job(first, NODE, grouped) == "succeeded"
     assert load_job(heavy).status == "succeeded"
     results = [open_storage(grouped).get_bytes(load_job(j).result_key or "") for j in (first, heavy)]
@@ -77,7 +59,7 @@ def test_per_item_values_differ_within_a_group(
 def test_a_canceled_member_stops_alone(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first, victim, third = _jobs(make_job, 3)
+    first, victim, third = bucket_jobs(make_job, 3)
     seen = Watcher.on_progress
 
     def on_progress(self: Watcher, p: Any) -> str | None:
@@ -91,8 +73,8 @@ def test_a_canceled_member_stops_alone(
 
 
 def test_a_member_with_bad_input_fails_alone(grouped: Settings, make_job: MakeJob, load_job: LoadJob) -> None:
-    first = _jobs(make_job, 1)[0]
-    missing = _jobs(make_job, 1)[0]
+    first = bucket_jobs(make_job, 1)[0]
+    missing = bucket_jobs(make_job, 1)[0]
     with get_sessionmaker(grouped.database_url)() as s:
         s.execute(update(Job).where(Job.id == missing).values(style_image_ids=["f" * 64]))
         s.commit()
@@ -104,48 +86,14 @@ def test_a_member_with_bad_input_fails_alone(grouped: Settings, make_job: MakeJo
 def test_a_job_that_resumes_at_another_scale_is_not_taken_into_the_group(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob
 ) -> None:
-    first = _jobs(make_job, 1)[0]
+    first = bucket_jobs(make_job, 1)[0]
     ref = {"key": "jobs/x/checkpoints/3.pt", "scale": 0, "iteration": 3, "step": 3, "end_of_scale": True}
-    resumable = _jobs(make_job, 1, checkpoints=[ref], resume_scale=1)[0]
+    resumable = bucket_jobs(make_job, 1, checkpoints=[ref], resume_scale=1)[0]
     assert runner.run_job(first, NODE, grouped) == "succeeded"
     job = load_job(first)
     assert job.execution is not None and job.execution["group_size"] == 1  # it ran alone
     resumed = load_job(resumable)
     assert (resumed.status, resumed.published_at) == ("queued", None)  # waiting, no attempt used
-
-
-def _hand_back_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
-    """Each job's first attempt stops at ``step`` as on a worker's shutdown: it checkpoints, then
-    is handed back; the jobs published again (no broker here)."""
-    published: list[str] = []
-    monkeypatch.setattr(settle, "publish_job", lambda _app, job_id: published.append(job_id))
-    monkeypatch.setattr(settle, "get_celery", lambda: None)
-    stopped: set[str] = set()
-    seen = Watcher.on_progress
-
-    def on_progress(self: Watcher, p: Any) -> str | None:
-        if p.step >= step and self.job_id not in stopped:
-            stopped.add(self.job_id)
-            self.stop = StopReason.SHUTDOWN
-        return seen(self, p)
-
-    monkeypatch.setattr(Watcher, "on_progress", on_progress)
-    return published
-
-
-def _resumes(monkeypatch: pytest.MonkeyPatch) -> list[list[int | None]]:
-    """The step each member of each group resumes from (None: fresh)."""
-    from worker.engine import StyleTransfer
-
-    groups: list[list[int | None]] = []
-    run_group = StyleTransfer.run_group
-
-    def spy(self: StyleTransfer, jobs: Any, config: Any, **kw: Any) -> Any:
-        groups.append([j.resume.step if j.resume is not None else None for j in jobs])
-        return run_group(self, jobs, config, **kw)
-
-    monkeypatch.setattr(StyleTransfer, "run_group", spy)
-    return groups
 
 
 def test_jobs_handed_back_mid_group_resume_together_in_a_group(
@@ -154,14 +102,14 @@ def test_jobs_handed_back_mid_group_resume_together_in_a_group(
     """Stopped at scale 1, iteration 1 (step 4) by a shutdown, the three regroup at scale 1 from their
     own checkpoints when the delivered one comes back; a fresh job of the bucket waits (it starts
     at scale 0)."""
-    jobs = _jobs(make_job, 3)
-    published = _hand_back_at_step(monkeypatch, 4)
+    jobs = bucket_jobs(make_job, 3)
+    published = hand_back_at_step(monkeypatch, 4)
     assert runner.run_job(jobs[0], NODE, grouped) == "handed_back"
     assert [(load_job(j).status, load_job(j).resume_scale) for j in jobs] == [("queued", 1)] * 3
     assert published == [jobs[0]]  # a new message for the delivered job; the others wait for it
     assert [load_job(j).published_at is None for j in jobs] == [False, True, True]
-    fresh = _jobs(make_job, 1)[0]
-    groups = _resumes(monkeypatch)
+    fresh = bucket_jobs(make_job, 1)[0]
+    groups = resumes(monkeypatch)
     assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
     assert groups == [[4, 4, 4]]
     for job_id in jobs:
@@ -169,22 +117,6 @@ def test_jobs_handed_back_mid_group_resume_together_in_a_group(
         assert job.status == "succeeded" and job.execution is not None and job.execution["group_size"] == 3
         assert job.progress["step"] == job.progress["total_steps"] == 6
     assert load_job(fresh).status == "queued"
-
-
-def test_a_member_whose_checkpoint_is_gone_runs_alone_afresh(
-    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    jobs = _jobs(make_job, 3)
-    _hand_back_at_step(monkeypatch, 4)
-    assert runner.run_job(jobs[0], NODE, grouped) == "handed_back"
-    storage = open_storage(grouped)
-    for ref in load_job(jobs[2]).checkpoints:
-        storage.delete(ref["key"])
-    groups = _resumes(monkeypatch)
-    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
-    assert groups == [[4, 4]]  # the third could not start at scale 1 with the others
-    sizes = [(load_job(j).status, (load_job(j).execution or {}).get("group_size")) for j in jobs]
-    assert sizes == [("succeeded", 2), ("succeeded", 2), ("succeeded", 1)]
 
 
 @pytest.mark.parametrize(
@@ -196,37 +128,6 @@ def test_the_batch_limit(
     assert batch.batch_limit(settings_factory(device=device, batch_max=batch_max)) == expected
 
 
-def test_when_the_group_fails_as_a_whole_each_job_runs_alone(
-    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from worker.engine import StyleTransfer
-
-    def refuse(self: StyleTransfer, jobs: Any, config: Any, **kw: Any) -> Any:
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(StyleTransfer, "run_group", refuse)
-    jobs = _jobs(make_job, 3)
-    missing = _jobs(make_job, 1)[0]  # settled (failed) while the group was prepared: not run again
-    with get_sessionmaker(grouped.database_url)() as s:
-        s.execute(update(Job).where(Job.id == missing).values(style_image_ids=["f" * 64]))
-        s.commit()
-    runs = []
-    alone = runner._execute
-
-    def count(claim: Any, settings: Settings) -> str:
-        runs.append(claim.job_id)
-        return alone(claim, settings)
-
-    monkeypatch.setattr(runner, "_execute", count)
-    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
-    for job_id in jobs:
-        job = load_job(job_id)
-        assert (job.status, job.attempt) == ("succeeded", 1)
-        assert job.execution is not None and job.execution["group_size"] == 1
-    assert (load_job(missing).status, load_job(missing).error_code) == ("failed", "input_missing")
-    assert sorted(runs) == sorted(jobs)  # each alone once; the failed one not at all
-
-
 def test_a_time_limit_ends_every_member(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,7 +137,7 @@ def test_a_time_limit_ends_every_member(
         raise SoftTimeLimitExceeded()
 
     monkeypatch.setattr(StyleTransfer, "run_group", too_long)
-    jobs = _jobs(make_job, 3)
+    jobs = bucket_jobs(make_job, 3)
     assert runner.run_job(jobs[0], NODE, grouped) == "failed"
     assert {(load_job(j).status, load_job(j).error_code) for j in jobs} == {("failed", "time_limit")}
 
@@ -244,7 +145,7 @@ def test_a_time_limit_ends_every_member(
 def test_a_database_outage_while_filling_the_group_gives_every_job_back(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first, mate, third = _jobs(make_job, 3)
+    first, mate, third = bucket_jobs(make_job, 3)
     real = batch._take_waiting
     calls = {"n": 0}
 
