@@ -255,6 +255,7 @@ def release(
     graceful: bool,
     message_due: datetime | None = None,
     waiting: bool = False,
+    alone: bool = False,
 ) -> bool:
     """Give a running job back to the queue (attempt kept: the next claim bumps it).
 
@@ -266,13 +267,16 @@ def release(
     at the latest; ``published_at`` is set to that time, so the reconciler does not take the retry
     waiting out its backoff for a lost message. ``waiting``: no message follows (a job a GPU group
     took from the table, worker.batch): it waits in the table again (``published_at`` NULL) for
-    the dispatcher.
+    the dispatcher. ``alone``: it runs alone from now on (its bucket cleared: a GPU group it was in
+    failed as a whole, or it could not go on in the group).
     """
     values: dict[str, Any] = {
         "worker": None,
         "heartbeat_at": None,
         "published_at": None if waiting else message_due or utcnow(),
     }
+    if alone:
+        values["bucket"] = None
     if graceful:
         values["max_attempts"] = Job.max_attempts + 1
         values["handbacks"] = Job.handbacks + 1

@@ -16,16 +16,17 @@ shutdown), its own checkpoint uploads (single-job format), its own NaN guard and
 delivered job is redelivered and the others' leases expire: each runs again and resumes from its own
 checkpoint, alone or in a group again (a redelivered group regroups: its members checkpointed at the
 same scale). A member that cannot go on in the group (its checkpoint turned out unreadable, or the
-engine refuses it) runs alone after the group, here and now, from its checkpoints as recorded then;
-so does each member when the group fails as a whole (the engine refuses it, or runs out of memory),
-rather than going back to be grouped, and to fail, again. Its watcher keeps its lease until its run
-alone starts, so that no reconciler takes it over while the others run. A time limit ends every
-member (``time_limit``); a database outage while the group is filled gives every job back.
+engine refuses it) goes back to the queue once the group has run, to run alone (its bucket cleared,
+no attempt used: the delivered job with a new message, the others to waiting); so does each member
+when the group fails as a whole (the engine refuses it, or runs out of memory), rather than being
+grouped, and failing, again. Each then gets its own delivery and time limit, on any worker, and
+resumes from its latest checkpoint; until it is given back its watcher keeps its lease. A time
+limit ends every member (``time_limit``); a database outage while the group is filled gives every
+job back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +38,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 from shared import dispatch, jobstore_queue
 from shared.db import get_sessionmaker
 from shared.dispatch import Among
-from shared.jobs import JobStatus
 from shared.jobstore import resume_scale
 from shared.models import new_id, utcnow
 from shared.settings import Settings
@@ -45,7 +45,7 @@ from shared.storage import open_storage
 from worker import jobstore, metrics
 from worker.batch_members import Member, give_back, prepare_members, settle_all, watch_all
 from worker.runtime import get_engine
-from worker.settle import TRANSIENT, best_effort, ended, guarded, log_event
+from worker.settle import TRANSIENT, best_effort, guarded, hand_back, log_event
 from worker.startup_check import device_of
 
 if TYPE_CHECKING:
@@ -66,13 +66,8 @@ def batch_limit(settings: Settings, device_kind: str | None = None) -> int:
     return AUTO_BATCH_CUDA if kind == "cuda" else 1
 
 
-Alone = Callable[[jobstore.Claim, bool], str]  # runs a claimed job by itself (worker.runner); bool:
-# the job is the delivered one (its message), not a group's other member (worker.settle.stopped)
-
-
-def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings, alone: Alone) -> str | None:
-    """The delivered job's outcome when a group was formed (it ran in it, or alone after it);
-    None: no group (run it alone)."""
+def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings) -> str | None:
+    """The delivered job's outcome when it ran in a group; None: no group (run it alone)."""
     limit = batch_limit(settings)
     if limit <= 1 or first.bucket is None:
         return None
@@ -94,7 +89,7 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings, alone:
     for claim in (first, *mates):
         log_event(claim.job_id, claim.attempt, "grouped", group=group, jobs=1 + len(mates))
     try:
-        return _run(settings, [first, *mates], group, engine, among.resume_scale, alone)
+        return _run(settings, [first, *mates], group, engine, among.resume_scale)
     except BaseException:  # the first's transient error (its task retries it): the rest go back
         for mate in mates:  # (a no-op for those settled)
             best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
@@ -136,49 +131,34 @@ def _take_waiting(settings: Settings, among: Among, count: int) -> list[str]:
     return taken
 
 
-def _run(
-    settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any, scale: int, alone: Alone
-) -> str:
-    """Run the group from ``scale``, then alone each member it did not settle (the group failed
-    as a whole, or the job could not go on in it), the delivered job (``claims[0]``) first, rather
-    than send it back to be grouped, and to fail, again: the delivered job's outcome.
+def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any, scale: int) -> str:
+    """Run the group from ``scale``; the delivered job's (``claims[0]``) outcome. A member it did
+    not settle (the group failed as a whole, or the job could not go on in it) goes back to the
+    queue to run alone (``give_back(alone=True)``): no attempt used, its own delivery and time
+    limit, on any worker, and never into a group again to fail there again.
 
     Every member's watcher (heartbeat, cancel, fencing) runs from before its inputs are read until
-    it is settled or its run alone starts (its lease is kept while others run); the checkpoint
-    uploads of all are settled first (a shutdown's checkpoint is recorded before its hand-back)."""
+    it is settled or given back; the checkpoint uploads of all are settled first (a shutdown's
+    checkpoint is recorded before its hand-back; a member given back resumes from its latest)."""
     storage = open_storage(settings)
     outcomes: dict[str, str] = {}
+    delivered = claims[0].job_id
     with ExitStack() as watching:
         watchers = watch_all(settings, claims, watching, outcomes)
         with ExitStack() as saving:
-            delivered = claims[0].job_id
             members = prepare_members(settings, storage, watchers, saving, outcomes, delivered, scale)
             results = _run_engine(engine, members, group) if members else None
         if results is not None:
             settle_all(settings, storage, members, results, delivered, group, outcomes)
-        for claim, _, watcher in watchers:
+        for claim, _, _watcher in watchers:
             if claim.job_id not in outcomes:
-                watcher.close()  # its run alone has its own
-                outcomes[claim.job_id] = _alone(settings, claim, alone, claim.job_id == delivered, group)
-    return outcomes[claims[0].job_id]
 
+                def back(claim: jobstore.Claim = claim) -> str:
+                    return hand_back(settings, claim, delivered=claim.job_id == delivered, alone=True)
 
-def _alone(settings: Settings, claim: jobstore.Claim, alone: Alone, delivered: bool, group: str) -> str:
-    """The claimed job run alone after its group; from its checkpoints as recorded now (the group
-    may have recorded newer ones, and dropped those it was claimed with)."""
-
-    def run() -> str:
-        refs = jobstore.held_checkpoints(settings.database_url, claim.job_id, claim.attempt)
-        if refs is None:  # no longer its holder: canceled, or its lease was taken over
-            snap = jobstore.snapshot(settings.database_url, claim.job_id)
-            gone = "canceled" if snap is not None and snap.status is JobStatus.CANCELED else "fenced"
-            log_event(claim.job_id, claim.attempt, gone, stage="group")
-            return ended(settings, claim, gone)
-        return alone(dataclasses.replace(claim, checkpoints=refs), delivered)
-
-    outcome = guarded(settings, claim, run, retried=delivered)
-    log_event(claim.job_id, claim.attempt, "group_member_ended", group=group, outcome=outcome)
-    return outcome
+                outcomes[claim.job_id] = guarded(settings, claim, back, retried=claim.job_id == delivered)
+                log_event(claim.job_id, claim.attempt, "group_member_ended", group=group, outcome="alone")
+    return outcomes[delivered]
 
 
 def _run_engine(engine: Any, members: list[Member], group: str) -> list[GroupOutcome] | None:

@@ -1,7 +1,8 @@
 """The members of a GPU group (worker.batch): each job prepared with its own watcher, inputs,
 checkpoint to resume from and checkpoint saver; a cancel that ends it at once; its settlement once
 the group has run. A job that cannot go on inside the group (its checkpoint starts it at another
-scale, or the engine refuses its checkpoint) is left unsettled: worker.batch runs it alone after."""
+scale, or the engine refuses its checkpoint) is left unsettled, its watcher running: worker.batch
+gives it back to run alone."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ALONE = "alone"  # a member's outcome that is none yet: it runs alone once the group has run
+ALONE = "alone"  # a member's outcome that is none yet: it goes back to run alone once the group has run
 
 
 @dataclass
@@ -62,7 +63,7 @@ def settle_all(
     retries it), after the others are settled."""
     pairs = sorted(zip(members, results, strict=True), key=lambda pair: pair[0].claim.job_id == delivered)
     for m, outcome in pairs:
-        if _refused(m, outcome):  # unsettled: it runs alone after the group (worker.batch)
+        if _refused(m, outcome):  # unsettled: it goes back to run alone (worker.batch)
             log_event(m.claim.job_id, m.claim.attempt, "group_resume_refused", logging.WARNING, group=group)
             continue
 

@@ -242,11 +242,12 @@ def release(
     graceful: bool,
     message_due: datetime | None = None,
     waiting: bool = False,
+    alone: bool = False,
 ) -> bool:
     """Give a running job back to the queue; graceful: not counted as an attempt (``shared.jobstore``)."""
     with session_scope(url) as s:
         return jobrows.release(
-            s, job_id, attempt, graceful=graceful, message_due=message_due, waiting=waiting
+            s, job_id, attempt, graceful=graceful, message_due=message_due, waiting=waiting, alone=alone
         )
 
 

@@ -72,22 +72,13 @@ def _run_delivery(job_id: str, nodename: str, settings: Settings) -> str:
         log_event(job_id, None, "dropped", reason=got.value)
         return f"dropped:{got.value}"
     log_event(job_id, got.attempt, "claimed", worker=nodename)
-    alone = _run_alone(settings)
-    grouped = batch.run_grouped(got, nodename, settings, alone)  # a GPU worker: its bucket's waiting jobs
+    grouped = batch.run_grouped(got, nodename, settings)  # a GPU worker: its bucket's waiting jobs
     if grouped is not None:
         return grouped
     return guarded(settings, got, lambda: _execute(got, settings))
 
 
-def _run_alone(settings: Settings) -> batch.Alone:
-    def alone(claim: jobstore.Claim, delivered: bool) -> str:
-        return _execute(claim, settings, delivered=delivered)
-
-    return alone
-
-
-def _execute(claim: jobstore.Claim, settings: Settings, *, delivered: bool = True) -> str:
-    """Run the claimed job alone; ``delivered``: it is the job of this delivery (worker.settle.stopped)."""
+def _execute(claim: jobstore.Claim, settings: Settings) -> str:
     storage = open_storage(settings)
     params = job_params(claim.params)
     config = transfer_config(params, settings)
@@ -103,7 +94,7 @@ def _execute(claim: jobstore.Claim, settings: Settings, *, delivered: bool = Tru
         # Leaving the block settled the uploads: a shutdown's checkpoint is recorded before the
         # hand-back releases the job, the last scale's before the result (worker.checkpoints).
         if isinstance(result, StopReason):
-            return stopped(settings, claim, result, saver.last_step, delivered=delivered)
+            return stopped(settings, claim, result, saver.last_step)
         final = final_progress(watcher.progress_now(), result.metadata)
     return deliver(settings, storage, claim, params, result, final, execution(result.metadata, 1), exact_wh)
 

@@ -193,13 +193,22 @@ def stopped(
         log_event(job_id, attempt, "canceled")
         return ended(settings, claim, "canceled")
     if reason is StopReason.SHUTDOWN:
-        released = jobstore.release(url, job_id, attempt, graceful=True, waiting=not delivered)
-        if released and delivered:
-            publish_job(get_celery(), job_id)
-        log_event(job_id, attempt, "handed_back", checkpoint_step=checkpoint_step)
-        return ended(settings, claim, "handed_back")
+        return hand_back(settings, claim, delivered=delivered, checkpoint_step=checkpoint_step)
     log_event(job_id, attempt, "fenced", stage="run")
     return ended(settings, claim, "fenced")
+
+
+def hand_back(settings: Settings, claim: jobstore.Claim, *, delivered: bool, **fields: Any) -> str:
+    """Back to the queue, no attempt used: the delivered job with a new message (its own is acked),
+    a group's other member to waiting (the dispatcher's). ``alone=True`` (in ``fields``, logged
+    with them): it runs alone from now on (its bucket cleared; worker.batch)."""
+    url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
+    alone = bool(fields.get("alone"))
+    released = jobstore.release(url, job_id, attempt, graceful=True, waiting=not delivered, alone=alone)
+    if released and delivered:
+        publish_job(get_celery(), job_id)
+    log_event(job_id, attempt, "handed_back", **fields)
+    return ended(settings, claim, "handed_back")
 
 
 def fail(settings: Settings, claim: jobstore.Claim, code: str, message: str, retryable: bool) -> str:

@@ -42,12 +42,18 @@ def bucket_jobs(make_job: MakeJob, n: int, **fields: Any) -> list[str]:
     return [make_job(**fields) for _ in range(n)]
 
 
-def hand_back_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
-    """Each job's first attempt stops at ``step`` as on a worker's shutdown: it checkpoints, then
-    is handed back; the jobs published again (no broker here)."""
+def republished(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The jobs handed back with a new message (no broker here)."""
     published: list[str] = []
     monkeypatch.setattr(settle, "publish_job", lambda _app, job_id: published.append(job_id))
     monkeypatch.setattr(settle, "get_celery", lambda: None)
+    return published
+
+
+def hand_back_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
+    """Each job's first attempt stops at ``step`` as on a worker's shutdown: it checkpoints, then
+    is handed back; the jobs published again (``republished``)."""
+    published = republished(monkeypatch)
     stopped: set[str] = set()
     seen = Watcher.on_progress
 
@@ -88,4 +94,13 @@ def heartbeats_go_on(settings: Settings, job_ids: list[str]) -> None:
     wait_for(lambda: all(a != b for a, b in zip(beats(), before, strict=True)), BEAT_WAIT_S, "heartbeats")
 
 
-__all__ = ["BUCKET", "PARAMS", "bucket_jobs", "grouped", "hand_back_at_step", "heartbeats_go_on", "resumes"]
+__all__ = [
+    "BUCKET",
+    "PARAMS",
+    "bucket_jobs",
+    "grouped",
+    "hand_back_at_step",
+    "heartbeats_go_on",
+    "republished",
+    "resumes",
+]

@@ -1,7 +1,8 @@
-"""The members of a GPU group (worker.batch) that run alone after it: one that could not go on in
-the group, and each one when the group failed as a whole. Until its run alone starts a member keeps
-its lease (its heartbeat goes on while the others run), and it runs from its checkpoints as
-recorded then, not as claimed."""
+"""The members of a GPU group (worker.batch) that go back to run alone: one that could not go on in
+the group, and each one when the group failed as a whole. Until it is given back a member keeps its
+lease (its heartbeat goes on while the group runs); it goes back with no attempt used and its bucket
+cleared (never into a group again), the delivered job with a new message, and its run alone resumes
+from its latest checkpoint, the group's included."""
 
 from __future__ import annotations
 
@@ -18,27 +19,23 @@ from shared.storage import open_storage
 from tests.support.jobs import NODE, LoadJob, MakeJob
 from worker import checkpoints, runner
 
-from .batchkit import bucket_jobs, grouped, hand_back_at_step, heartbeats_go_on, resumes
+from .batchkit import bucket_jobs, grouped, hand_back_at_step, heartbeats_go_on, republished, resumes
 
 __all__ = ["grouped"]  # the fixture
 
 
-def _runs_alone(monkeypatch: pytest.MonkeyPatch, during_first: Any = None) -> list[str]:
-    """The jobs run alone, in order; ``during_first()`` is called as the first of them starts."""
-    runs: list[str] = []
-    alone = runner._execute
-
-    def count(claim: Any, settings: Settings, **kw: Any) -> str:
-        runs.append(claim.job_id)
-        if len(runs) == 1 and during_first is not None:
-            during_first()
-        return alone(claim, settings, **kw)
-
-    monkeypatch.setattr(runner, "_execute", count)
-    return runs
+def _given_back_alone(load_job: LoadJob, job_id: str, attempt: int) -> bool:
+    job = load_job(job_id)
+    return (job.status, job.bucket, job.attempt, job.worker) == ("queued", None, attempt, None)
 
 
-def test_a_member_whose_checkpoint_is_gone_runs_alone_afresh_and_keeps_its_lease(
+def _runs_alone(load_job: LoadJob, grouped: Settings, job_id: str) -> int | None:
+    """Deliver the job (as the dispatcher does) once it was given back: its group size."""
+    assert runner.run_job(job_id, NODE, grouped) == "succeeded"
+    return (load_job(job_id).execution or {}).get("group_size")
+
+
+def test_a_member_whose_checkpoint_is_gone_keeps_its_lease_then_runs_alone_afresh(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from worker.engine import StyleTransfer
@@ -59,41 +56,44 @@ def test_a_member_whose_checkpoint_is_gone_runs_alone_afresh_and_keeps_its_lease
     monkeypatch.setattr(StyleTransfer, "run_group", beating)
     assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
     assert groups == [[4, 4]]  # the third could not start at scale 1 with the others
-    sizes = [(load_job(j).status, (load_job(j).execution or {}).get("group_size")) for j in jobs]
-    assert sizes == [("succeeded", 2), ("succeeded", 2), ("succeeded", 1)]
-    assert [load_job(j).attempt for j in jobs] == [2, 2, 2]  # no lease ran out
+    assert [(load_job(j).status, (load_job(j).execution or {}).get("group_size")) for j in jobs[:2]] == [
+        ("succeeded", 2)
+    ] * 2
+    third = load_job(jobs[2])
+    assert _given_back_alone(load_job, jobs[2], 2) and third.published_at is None  # waiting
+    assert third.max_attempts == 5  # two hand-backs, no attempt used
+    assert _runs_alone(load_job, grouped, jobs[2]) == 1
 
 
-def test_when_the_group_fails_as_a_whole_each_job_runs_alone(
+def test_when_the_group_fails_as_a_whole_each_job_goes_back_to_run_alone(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The delivered job runs alone first; the others keep their leases meanwhile."""
     from worker.engine import StyleTransfer
 
     def refuse(self: StyleTransfer, jobs: Any, config: Any, **kw: Any) -> Any:
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(StyleTransfer, "run_group", refuse)
+    published = republished(monkeypatch)
     jobs = bucket_jobs(make_job, 3)
-    missing = bucket_jobs(make_job, 1)[0]  # settled (failed) while the group was prepared: not run again
+    missing = bucket_jobs(make_job, 1)[0]  # settled (failed) while the group was prepared
     with get_sessionmaker(grouped.database_url)() as s:
         s.execute(update(Job).where(Job.id == missing).values(style_image_ids=["f" * 64]))
         s.commit()
-    runs = _runs_alone(monkeypatch, lambda: heartbeats_go_on(grouped, jobs[1:]))
-    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
-    for job_id in jobs:
-        job = load_job(job_id)
-        assert (job.status, job.attempt) == ("succeeded", 1)
-        assert job.execution is not None and job.execution["group_size"] == 1
+    assert runner.run_job(jobs[0], NODE, grouped) == "handed_back"
+    assert all(_given_back_alone(load_job, j, 1) for j in jobs)
+    assert published == [jobs[0]]  # the delivered job's new message; the others wait for the dispatcher
+    assert [load_job(j).published_at is None for j in jobs] == [False, True, True]
     assert (load_job(missing).status, load_job(missing).error_code) == ("failed", "input_missing")
-    assert runs[0] == jobs[0] and sorted(runs) == sorted(jobs)  # each alone once; the failed one not at all
+    assert [_runs_alone(load_job, grouped, j) for j in jobs] == [1, 1, 1]
+    assert [load_job(j).attempt for j in jobs] == [2, 2, 2]
 
 
 def test_after_a_late_group_failure_each_job_resumes_from_the_groups_checkpoints(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The group recorded every member's checkpoints (to its last scale's end) and then failed: each
-    run alone resumes from its latest, not from the list it was claimed with (none)."""
+    run alone resumes from its latest, with nothing left to run."""
     from worker.engine import StyleTransfer
 
     run_group = StyleTransfer.run_group
@@ -103,6 +103,7 @@ def test_after_a_late_group_failure_each_job_resumes_from_the_groups_checkpoints
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(StyleTransfer, "run_group", fail_late)
+    republished(monkeypatch)
     steps: list[int] = []
     point = checkpoints.resume_point
 
@@ -113,9 +114,9 @@ def test_after_a_late_group_failure_each_job_resumes_from_the_groups_checkpoints
 
     monkeypatch.setattr(runner, "resume_point", resume_point)
     jobs = bucket_jobs(make_job, 3)
-    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
-    assert steps == [6, 6, 6]  # the runs alone: each from its own end-of-run checkpoint
+    assert runner.run_job(jobs[0], NODE, grouped) == "handed_back"
+    assert [_runs_alone(load_job, grouped, j) for j in jobs] == [1, 1, 1]
+    assert steps == [6, 6, 6]  # each from its own end-of-run checkpoint
     for job_id in jobs:
-        job = load_job(job_id)
-        assert (job.status, job.attempt) == ("succeeded", 1)
-        assert job.progress["step"] == job.progress["total_steps"] == 6
+        progress = load_job(job_id).progress
+        assert progress["step"] == progress["total_steps"] == 6 and progress["fraction"] == 1.0
