@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -15,6 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 # Fail fast when the database is down or unreachable: callers answer 503 instead of hanging.
 CONNECT_TIMEOUT_S = 3  # per connection attempt (libpq connect_timeout)
 POOL_TIMEOUT_S = 5  # waiting for a free pooled connection
+WAL_WAIT_S = 30.0  # SQLite: how long a new connection tries to switch the file to WAL
+WAL_RETRY_S = 0.05
 _PG_CONNECT_ARGS = {
     "connect_timeout": CONNECT_TIMEOUT_S,
     # A server that vanished without closing the socket is noticed in seconds, not minutes.
@@ -33,10 +37,9 @@ def get_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # WAL lets the API read while a worker writes; busy timeout instead of "database is locked".
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA busy_timeout=30000")  # first: wait for locks rather than fail
+            _wal(cur)
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -50,6 +53,23 @@ def get_engine(url: str) -> Engine:
         pool_timeout=POOL_TIMEOUT_S,
         connect_args=connect_args,
     )
+
+
+def _wal(cur: Any) -> None:
+    """WAL, so that the API reads while a worker writes; kept in the file, so set once. Switching
+    needs the database alone, and SQLite answers "database is locked" at once, without waiting,
+    while another process writes to it (its busy handler would deadlock): tried again for at
+    most ``WAL_WAIT_S`` (seen at a stack's start: the API's first connection beside the worker's)."""
+    deadline = time.monotonic() + WAL_WAIT_S
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() not in ("wal", "memory"):
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(WAL_RETRY_S)
 
 
 @lru_cache(maxsize=8)
