@@ -22,6 +22,8 @@ Figures, each printed as soon as it is measured:
   tensor values), as count differences between two iteration counts;
 - a default 512 job at B = 1 end to end (CUDA only), and default jobs per hour at each B estimated
   from the s/it figures (the default schedule's iterations x s/it interpolated by pixel count / B);
+- the L-BFGS direction alone (bench/gpu_lbfgs.py): the engine's solved form vs torch's two-loop order
+  at B in {1, 16} x the largest size, history full: ms per direction and the speed-up;
 - eager vs graph: the same one-scale case run eager, then with the VGG evaluation (forward and its
   backward) under torch.compile (worker.engine.graph; --graph, default mode "reduce-overhead": inductor
   and CUDA graphs), at B in {1, 16} x the largest size x both precisions, both optimisers: s/it eager,
@@ -61,6 +63,7 @@ if str(HERE) not in sys.path:
 
 from gpu_common import DATASHEET_TFLOPS, GFLOP_512, PEAK_TFLOPS, Plan, say  # noqa: E402
 from gpu_graph import graph_precisions, graph_size, graph_verdict, run_graphs  # noqa: E402
+from gpu_lbfgs import direction_lines  # noqa: E402
 from gpu_summary import default_job, summary  # noqa: E402
 from gpu_timing import cross_check, run_grid, sync_lines  # noqa: E402
 
@@ -144,7 +147,7 @@ def header(plan: Plan) -> None:
     say("weights: seeded random VGG19 (same FLOPs as the ImageNet weights); images: synthesised, square")
     say("fp32 = no autocast; on CUDA the engine turns on TF32 for matmuls and convolutions (fast_cuda_math)")
     say(
-        f"peak: {PEAK_TFLOPS:.0f} TFLOP/s dense bf16 (H200 as measured here; the SXM datasheet's "
+        f"peak: {PEAK_TFLOPS:.0f} TFLOP/s dense bf16 (H200, the team's figure; the SXM datasheet's "
         f"~{DATASHEET_TFLOPS:.0f} only lowers the fractions); {GFLOP_512:.0f} GFLOP per 512x512 iteration"
     )
     say(
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda a report's event wait counts as 1 host read (set_sync_debug_mode does not see event waits)"
     )
     sync_lines(engine, plan)
+    if "lbfgs" in plan.optimizers:
+        direction_lines(plan)
     warm_job = default_job(engine, plan)
     say("\n# two-run check (the robust way) at the largest size, B=1")
     cross_check(engine, plan)

@@ -22,7 +22,7 @@ from worker.engine.groups import GroupJob
 from worker.engine.transfer import resolve_device, resolve_precision
 
 GFLOP_512 = 379.0  # VGG19 to relu5_1, forward + backward to the input, one 512x512 image (the issue's)
-PEAK_TFLOPS = 790.0  # H200 dense bf16, as measured on this workplace's machines
+PEAK_TFLOPS = 790.0  # H200 dense bf16: the team's figure (engine review), not measured here
 DATASHEET_TFLOPS = 990.0  # the SXM datasheet's dense bf16: a higher peak only lowers the fraction
 NO_READS = 10**6  # report_every that leaves only the scale-end read
 STYLES = 4  # distinct style images in a group (targets cost is per distinct style)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from worker.engine import BatchItem, Checkpoint, EngineError, Progress, StyleTransfer
 from worker.engine import objective as objective_mod
+from worker.engine.batched_lbfgs import BatchedLBFGS, two_loop_direction
 from worker.engine.diagnostics import HostReads
 from worker.engine.group import GroupPyramid
 from worker.engine.groups import GroupJob, GroupOutcome, run_group
@@ -55,6 +56,29 @@ def test_a_group_with_lbfgs_follows_each_single_run(engine: StyleTransfer, jobs:
         for p, q in zip(seen[i], by_itself, strict=True):
             assert p.loss == pytest.approx(q.loss, rel=1e-3), (i, p.step)
         assert (ok(outcome) - single.tensor).abs().mean() < 1e-3
+
+
+def test_the_solved_lbfgs_direction_is_the_two_loop_recursion(
+    engine: StyleTransfer, jobs: list[GroupJob], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At every step of a group (items with different histories, one reset by a NaN, a ring of 3
+    that wraps), the solved form (an option, batched_lbfgs.py) gives torch's two-loop direction to
+    float rounding, and a group run with it completes every item."""
+    gaps: list[float] = []
+
+    def both(self: BatchedLBFGS, g: torch.Tensor) -> torch.Tensor:
+        d, ref = self.solved_direction(g), two_loop_direction(self, g)
+        gaps.append(float(((d - ref).norm(dim=1) / ref.norm(dim=1)).max()))
+        return ref
+
+    cfg = small_config(optimizer="lbfgs", init="noise", lbfgs_history=3, iterations=6)
+    solved = run_group(engine, jobs, cfg, lbfgs_solved=True)
+    assert all(o.error is None for o in solved)
+    monkeypatch.setattr(BatchedLBFGS, "direction", both)
+    _poison(monkeypatch, 2, lambda n: n == 4)  # item 2 restarts its history at its 4th step
+    outcomes = run_group(engine, jobs, cfg)
+    assert all(o.error is None for o in outcomes)
+    assert len(gaps) == 12 and max(gaps) < 1e-4, gaps
 
 
 def test_a_canceled_item_leaves_the_others_unchanged_and_the_batch_shrinks(

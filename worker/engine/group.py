@@ -12,9 +12,8 @@ run of b alone gives (to float rounding), whatever else is in the group:
   at the next scale boundary;
 * per-item checkpoints are in the single-job format (batched.py exports torch optimiser states), so
   an item resumes alone; and a member may resume from such a checkpoint, made alone or in any other
-  group (group_resume.py: the members start at one scale, each at its own iteration); one that
-  ends a scale before the others waits, masked out, and gets its last progress again (``waiting``)
-  at each read, so that its callback can still stop it.
+  group (group_resume.py: the members start at one scale, each at its own iteration; one that ends
+  a scale first waits, masked out, told its last progress again at each read: ``waiting``).
 
 Host reads: the loop keeps its values on the device and reads them every ``report_every`` iterations
 and at each scale's end (progress, divergence, checkpoints); in between a step is a fixed sequence of
@@ -50,11 +49,19 @@ class GroupPyramid(Pyramid):
     """Pyramid over a group; ``members`` parallel to ``items``. ``run_group()`` -> (B, C, H, W) of
     every member (rows of members that left hold their last image)."""
 
-    def __init__(self, *args: Any, members: list[Member], report_every: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        members: list[Member],
+        report_every: int = 1,
+        lbfgs_solved: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, on_progress=None, on_checkpoint=None, **kwargs)
         if self.scaler is not None:
             raise EngineError("invalid_config", "fp16 jobs run alone (loss scaling is per batch)")
         self.members, self.report_every = members, max(1, report_every)
+        self.lbfgs_solved = lbfgs_solved  # L-BFGS directions in the solved form (batched_lbfgs.py)
         b = len(members)
         self.lrs = torch.full((b,), self.lr, device=self.device, dtype=torch.float64)
         self.streaks = torch.zeros(b, dtype=torch.long, device=self.device)
@@ -126,7 +133,7 @@ class GroupPyramid(Pyramid):
             keep = adam is not None and (first or cfg.carry_optimizer_state)
             opt = adam if keep and adam is not None else BatchedAdam(x, cfg.betas)
         else:
-            opt = BatchedLBFGS(x.detach(), cfg.lbfgs_history)
+            opt = BatchedLBFGS(x.detach(), cfg.lbfgs_history, solved=self.lbfgs_solved)
         avg = (
             BatchedAverage(x.detach(), cfg.ema_decay)
             if cfg.optimizer == "adam" and cfg.ema_decay > 0

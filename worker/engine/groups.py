@@ -67,10 +67,12 @@ def run_group(
     config: TransferConfig,
     *,
     report_every: int | None = None,
+    lbfgs_solved: bool = False,
 ) -> list[GroupOutcome]:
     """Run ``jobs`` as one batch; one outcome per job, in order. Raises (for the whole group) only
     what no job could run with: an invalid config, no device, unloadable weights, jobs that do not
-    share a schedule (``batch_shape_mismatch``: the caller grouped them wrongly)."""
+    share a schedule (``batch_shape_mismatch``: the caller grouped them wrongly). ``lbfgs_solved``:
+    L-BFGS directions in the solved form (batched_lbfgs.py)."""
     from .transfer import resolve_device, resolve_precision
 
     if not jobs:
@@ -119,6 +121,7 @@ def run_group(
         loss_scaling=dtype == torch.float16,
         members=[members[i] for i in running],
         report_every=every,
+        lbfgs_solved=lbfgs_solved,
     )
     run.run_group()
     seconds = round(time.perf_counter() - t0, 3)
