@@ -85,7 +85,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", help="group sizes B (default 1,4,16,64; --quick 1,2)")
     ap.add_argument("--precisions", help="fp32,bf16 (default both; bf16 only where supported)")
     ap.add_argument("--optimizers", default="lbfgs,adam", help="lbfgs,adam (default both)")
-    ap.add_argument("--budget", type=float, help="seconds for the whole run (default 420; --quick 120)")
+    ap.add_argument("--budget", type=float, help="seconds for the whole run (default 390; --quick 120)")
     ap.add_argument(
         "--graph",
         choices=(*MODES, *BACKENDS, "off"),
@@ -120,7 +120,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         else {"adam": (10, 10, 30), "lbfgs": (25, 50, 75)},
         sync_counts=(4, 8) if q else (10, 30),
         sync_every=2 if q else DEFAULT_REPORT_EVERY_CUDA,
-        budget_s=args.budget or (120.0 if q else 420.0),
+        budget_s=args.budget or (120.0 if q else 390.0),  # + 30 s grace + start-up: < 8 min
         graph_mode=args.graph or ("aot_eager" if q else "reduce-overhead"),
         graph_batches=_ints(args.graph_batches or ("1" if q else "1,16")),
         graph_reserve_s=args.graph_reserve if args.graph_reserve is not None else (30.0 if q else 150.0),
