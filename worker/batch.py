@@ -134,7 +134,7 @@ def _take_waiting(settings: Settings, among: Among, count: int) -> list[str]:
 def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any, scale: int) -> str:
     """Run the group from ``scale``; the delivered job's (``claims[0]``) outcome. A member it did
     not settle (the group failed as a whole, or the job could not go on in it) goes back to the
-    queue to run alone (``give_back(alone=True)``): no attempt used, its own delivery and time
+    queue to run alone (``settle.hand_back(alone=True)``): no attempt used, its own delivery and time
     limit, on any worker, and never into a group again to fail there again.
 
     Every member's watcher (heartbeat, cancel, fencing) runs from before its inputs are read until
