@@ -33,6 +33,7 @@ def _full_history(batch: int, size: int, history: int, device: str) -> tuple[Bat
     opt.head = torch.arange(batch, device=device) % history
     opt.count.fill_(history)
     opt.n_iter.fill_(history + 1)
+    opt.iters = history + 1
     return opt, torch.randn(batch, n, generator=gen).to(device)
 
 

@@ -198,16 +198,17 @@ def stopped(
     return ended(settings, claim, "fenced")
 
 
-def hand_back(settings: Settings, claim: jobstore.Claim, *, delivered: bool, **fields: Any) -> str:
+def hand_back(
+    settings: Settings, claim: jobstore.Claim, *, delivered: bool, alone: bool = False, **fields: Any
+) -> str:
     """Back to the queue, no attempt used: the delivered job with a new message (its own is acked),
-    a group's other member to waiting (the dispatcher's). ``alone=True`` (in ``fields``, logged
-    with them): it runs alone from now on (its bucket cleared; worker.batch)."""
+    a group's other member to waiting (the dispatcher's); ``alone``: it runs alone from now on (its
+    bucket cleared; worker.batch). ``fields``: for the log line."""
     url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
-    alone = bool(fields.get("alone"))
     released = jobstore.release(url, job_id, attempt, graceful=True, waiting=not delivered, alone=alone)
     if released and delivered:
         publish_job(get_celery(), job_id)
-    log_event(job_id, attempt, "handed_back", **fields)
+    log_event(job_id, attempt, "handed_back", **({"alone": True} if alone else {}), **fields)
     return ended(settings, claim, "handed_back")
 
 

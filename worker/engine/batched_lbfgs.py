@@ -58,6 +58,7 @@ class BatchedLBFGS:
         self.H_diag = torch.ones(b, device=dev, dtype=dt)
         self.prev_g = torch.zeros(b, n, device=dev, dtype=dt)
         self.rows = torch.arange(b, device=dev)
+        self.iters = 0  # host: steps since the group's scale began (bounds the slots in use)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, take: torch.Tensor) -> None:
@@ -70,6 +71,7 @@ class BatchedLBFGS:
         ys = _dot(y, s)
         accept = take & ~first & (ys > CURVATURE_MIN)
         self._remember(accept, s, y, ys)
+        self.iters += 1
         d = torch.where(first[:, None], -g, self.direction(g))
         t = torch.where(first, torch.clamp(1.0 / g.abs().sum(dim=1), max=1.0) * lr, lr.to(g.dtype))
         move = take & (_dot(g, d) <= 0)
@@ -184,6 +186,7 @@ class BatchedLBFGS:
             self.t[b] = torch.as_tensor(held["t"]).to(self.t)
             self.H_diag[b] = torch.as_tensor(held["H_diag"]).to(self.H_diag)
             self.prev_g[b] = held["prev_flat_grad"].to(self.prev_g)
+            self.iters = max(self.iters, len(pairs))  # the slots in use cover these pairs
 
 
 @contextmanager
@@ -217,7 +220,8 @@ def _reorder(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def two_loop_direction(opt: BatchedLBFGS, g: torch.Tensor) -> torch.Tensor:
     """``opt.direction(g)`` in torch.optim.LBFGS's order: the two loops pair by pair (the
     reference the solve form is tested and benchmarked against)."""
-    q, alphas, rows, held = -g, [], opt.rows, opt.h  # every slot: an empty one adds 0
+    # every pair held is among the newest min(iters, h) ring positions (an empty one adds 0)
+    q, alphas, rows, held = -g, [], opt.rows, min(opt.iters, opt.h)
     for k in range(held):  # newest to oldest
         slot = (opt.head - 1 - k) % opt.h
         a = _dot(opt.S[rows, slot], q) * opt.rho[rows, slot]
