@@ -22,7 +22,9 @@ when the group fails as a whole (the engine refuses it, or runs out of memory), 
 grouped, and failing, again. Each then gets its own delivery and time limit, on any worker, and
 resumes from its latest checkpoint; until it is given back its watcher keeps its lease. A time
 limit ends every member (``time_limit``); a database outage while the group is filled gives every
-job back.
+job back. An error outside every member's guard (storage cannot be opened, a saver fails to close)
+gives the others back and the delivered job the outcome a run alone would have: no job of the
+group is left held until its lease runs out.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings) -> str
     if limit <= 1 or first.bucket is None:
         return None
     among = Among(first.bucket, resume_scale(first.checkpoints))
-    engine = get_engine(settings)
+    try:
+        engine = get_engine(settings)
+    except Exception:  # noqa: BLE001 - the run alone builds it again, guarded: the job gets its code
+        return None
     if not hasattr(engine, "run_group"):  # an engine that runs one job at a time
         return None
     mates: list[jobstore.Claim] = []
@@ -90,10 +95,23 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings) -> str
         log_event(claim.job_id, claim.attempt, "grouped", group=group, jobs=1 + len(mates))
     try:
         return _run(settings, [first, *mates], group, engine, among.resume_scale)
-    except BaseException:  # the first's transient error (its task retries it): the rest go back
-        for mate in mates:  # (a no-op for those settled)
+    except BaseException as exc:  # the rest go back (a no-op for those settled)
+        for mate in mates:
             best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
+        if isinstance(exc, Exception) and _still_held(settings, first):
+            # Raised outside every member's guard (storage could not be opened, a saver or watcher
+            # failed to close): the delivered job gets the outcome a run alone would have, rather
+            # than waiting out its lease. One its guard settled or gave back already is not held.
+            return guarded(settings, first, _raiser(exc))
         raise
+
+
+def _still_held(settings: Settings, claim: jobstore.Claim) -> bool:
+    """Whether ``claim``'s attempt still holds its job (False when that cannot be told)."""
+    try:
+        return jobstore.held_checkpoints(settings.database_url, claim.job_id, claim.attempt) is not None
+    except TRANSIENT:
+        return False
 
 
 def _raiser(exc: BaseException) -> Callable[[], str]:
