@@ -26,14 +26,15 @@ Figures, each printed as soon as it is measured:
   at B in {1, 16} x the largest size, history full: ms per direction and the speed-up;
 - eager vs graph: the same one-scale case run eager, then with the VGG evaluation (forward and its
   backward) under torch.compile (worker.engine.graph; --graph, default mode "reduce-overhead": inductor
-  and CUDA graphs), at B in {1, 16} x the largest size x both precisions, both optimisers: s/it eager,
-  s/it graph, the speed-up, and the compile and capture time apart (the graph run's one-time less
-  eager's). The whole model is tried first, then with conv1_1 eager (inductor's
-  replication_pad2d_backward fails a stride assertion under channels_last); a failed attempt is
-  printed as "graph: failed (<type>: <message>)" and the run goes on. Graph cells get what the grid
-  leaves of the budget (at least --graph-reserve seconds), a cell is skipped when the last one's time
-  no longer fits, and an attempt still compiling past the budget (+30 s) is stopped. A last line says
-  whether graph mode was faster and by how much; the engine's production path stays eager either way;
+  and CUDA graphs), at B in {1, 16, 4, 64} (in that order, as the budget allows) x the largest size x
+  both precisions, both optimisers: s/it eager, s/it graph, the speed-up, and the compile and
+  capture time apart (the graph run's one-time less eager's). The whole model is tried first, then
+  with conv1_1 eager (inductor's replication_pad2d_backward fails a stride assertion under
+  channels_last); a failed attempt is printed as "graph: failed (<type>: <message>)" and the run
+  goes on. Graph cells get what the grid leaves of the budget (at least --graph-reserve seconds), a
+  cell is skipped when the last one's time (scaled up by B) no longer fits, and an attempt still
+  compiling past the budget (+30 s) is stopped. A last line says whether graph mode was faster and
+  by how much; the engine's production path stays eager either way;
 - (--quick: the graph path with torch.compile's aot_eager backend, which traces but generates no
   code: it checks the code path on the CPU, its ratio is no speed figure)
 - the issue's targets, with MISSED where one is not met (exit status 1; --quick never fails on them).
@@ -91,7 +92,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         choices=(*MODES, *BACKENDS, "off"),
         help="torch.compile mode or backend of the graph cells (default reduce-overhead; --quick aot_eager)",
     )
-    ap.add_argument("--graph-batches", help="B of the graph cells (default 1,16; --quick 1)")
+    ap.add_argument(
+        "--graph-batches", help="B of the graph cells, in the order run (default 1,16,4,64; --quick 1)"
+    )
     ap.add_argument(
         "--graph-reserve",
         type=float,
@@ -122,7 +125,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sync_every=2 if q else DEFAULT_REPORT_EVERY_CUDA,
         budget_s=args.budget or (120.0 if q else 390.0),  # + 30 s grace + start-up: < 8 min
         graph_mode=args.graph or ("aot_eager" if q else "reduce-overhead"),
-        graph_batches=_ints(args.graph_batches or ("1" if q else "1,16")),
+        graph_batches=_ints(args.graph_batches or ("1" if q else "1,16,4,64")),
         graph_reserve_s=args.graph_reserve if args.graph_reserve is not None else (30.0 if q else 150.0),
     )
 

@@ -44,7 +44,7 @@ class GraphRow:
 class GraphState:
     rows: list[GraphRow] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # variant -> its first failure
-    cell_s: list[float] = field(default_factory=list)  # wall time of each graph cell run
+    cell_s: list[tuple[int, float]] = field(default_factory=list)  # (B, wall time) of each cell run
     notes: list[str] = field(default_factory=list)  # why cells went unmeasured
     stopped: bool = False  # the deadline hit: no more graph attempts (torch state unknown)
 
@@ -161,12 +161,11 @@ def run_graphs(engine: StyleTransfer, plan: Plan) -> GraphState:
         state.notes.append("--graph off")
         say("graph: skipped (--graph off)")
         return state
-    for prec in graph_precisions(plan):
-        for b in plan.graph_batches:
+    # B first, both precisions at each: the cells the budget may not reach are the last B listed
+    for b in plan.graph_batches:
+        for prec in graph_precisions(plan):
             cases = [Case(o, prec, size, b) for o in plan.optimizers]
-            # the last cell's time: its variants are the ones this cell will try (a failed one is
-            # not retried, so the first cell is the dearest)
-            need = state.cell_s[-1] if state.cell_s else GRAPH_FIRST_S[plan.quick]
+            need = _cell_estimate(state, b, plan)
             why = "a graph attempt was stopped at the deadline" if state.stopped else None
             if why is None and plan.left() < need:
                 why = f"estimated {need:.0f} s > {max(plan.left(), 0):.0f} s left"
@@ -176,8 +175,19 @@ def run_graphs(engine: StyleTransfer, plan: Plan) -> GraphState:
                 continue
             t0 = time.perf_counter()
             graph_cell(engine, plan, cases, state)
-            state.cell_s.append(time.perf_counter() - t0)
+            state.cell_s.append((b, time.perf_counter() - t0))
     return state
+
+
+def _cell_estimate(state: GraphState, b: int, plan: Plan) -> float:
+    """Seconds the next cell (at ``b``) is assumed to need: the last cell's time, its variants being
+    the ones this cell will try (a failed one is not retried, so the first cell is the dearest),
+    scaled by B when it is larger (an iteration's time grows with B; compiling does not, so this
+    errs long)."""
+    if not state.cell_s:
+        return GRAPH_FIRST_S[plan.quick]
+    last_b, last_s = state.cell_s[-1]
+    return last_s * max(1.0, b / last_b)
 
 
 def graph_verdict(plan: Plan, state: GraphState) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import re
@@ -232,6 +233,32 @@ def test_graph_cells_past_the_budget_are_skipped_or_stopped_with_a_reason(
     assert "[whole model] graph: failed (TimeoutError: still running 0 s past" in out, out
     assert "conv1_1 eager" not in out  # not tried after the deadline
     assert re.search(r"^graph adam .*B=2 .* skipped: a graph attempt was stopped at the deadline", out, re.M)
+
+
+def test_graph_cells_run_b_first_and_a_larger_b_is_assumed_dearer(
+    engine: StyleTransfer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both precisions at each B before the next B; the next cell's estimate is the last one's time
+    scaled up by B (never down), so a cell at 4x the B of one that took 1 s is skipped with 3 s left."""
+    graph = _graph_section()
+    ran: list[tuple[str, int]] = []
+    clock = iter(range(1000))  # perf_counter, read before and after each cell: each takes 1 s
+
+    def cell(_engine: object, _plan: object, cases: list[Any], _state: object) -> None:
+        ran.append((cases[0].precision, cases[0].batch))
+
+    monkeypatch.setattr(graph, "graph_cell", cell)
+    monkeypatch.setattr(graph.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(graph, "graph_precisions", lambda _plan: ("fp32", "bf16"))
+    monkeypatch.setattr(graph, "GRAPH_FIRST_S", {True: 1.0, False: 1.0})
+    plan = _bench().make_plan(_bench()._args(["--quick", "--sizes", "16", "--optimizers", "adam"]))
+    plan = dataclasses.replace(plan, graph_batches=(1, 2, 8))
+    monkeypatch.setattr(type(plan), "left", lambda _self: 3.0)
+    state = graph.run_graphs(engine, plan)
+    assert ran == [("fp32", 1), ("bf16", 1), ("fp32", 2), ("bf16", 2)]
+    assert [b for b, _ in state.cell_s] == [1, 1, 2, 2]
+    out = capsys.readouterr().out
+    assert re.search(r"^graph adam .*B=8 .* skipped: estimated 4 s > 3 s left", out, re.M), out
 
 
 @pytest.mark.parametrize("eager_head", [False, True])
