@@ -20,11 +20,14 @@ engine refuses it) goes back to the queue once the group has run, to run alone (
 no attempt used: the delivered job with a new message, the others to waiting); so does each member
 when the group fails as a whole (the engine refuses it, or runs out of memory), rather than being
 grouped, and failing, again. Each then gets its own delivery and time limit, on any worker, and
-resumes from its latest checkpoint; until it is given back its watcher keeps its lease. A time
-limit ends every member (``time_limit``); a database outage while the group is filled gives every
-job back. An error outside every member's guard (storage cannot be opened, a saver fails to close)
-gives the others back and the delivered job the outcome a run alone would have: no job of the
-group is left held until its lease runs out.
+resumes from its latest checkpoint; until it is given back its watcher keeps its lease; one
+canceled meanwhile ends canceled. A time limit ends every member (``time_limit``), wherever it
+lands (in the engine, or in one member's callback: ``GroupAborted``); before the group runs, it
+fails the delivered job and gives the others back. A database outage while the group is filled
+gives every job back. An error outside every member's guard (the database or a bug while the group
+is filled, storage cannot be opened, a saver fails to close) gives the others back and the
+delivered job the outcome a run alone would have: no job of the group is left held until its lease
+runs out, and none is counted twice.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -46,9 +50,20 @@ from shared.settings import Settings
 from shared.storage import open_storage
 from worker import jobstore, metrics
 from worker.batch_members import Member, give_back, prepare_members, settle_all, watch_all
+from worker.engine.errors import GroupAborted
 from worker.runtime import get_engine
-from worker.settle import TRANSIENT, best_effort, guarded, hand_back, log_event
+from worker.settle import (
+    TRANSIENT,
+    best_effort,
+    gave_back,
+    guarded,
+    hand_back,
+    log_event,
+    release_transient,
+    stopped,
+)
 from worker.startup_check import device_of
+from worker.watcher import StopReason, Watcher
 
 if TYPE_CHECKING:
     from worker.engine.groups import GroupOutcome
@@ -82,28 +97,41 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings) -> str
         return None
     mates: list[jobstore.Claim] = []
     try:
-        gather(settings, among, jobstore.worker_identity(nodename), limit - 1, mates)
-    except TRANSIENT as exc:  # the database went away while the group was filled
+        return _gather_and_run(
+            settings, first, among, jobstore.worker_identity(nodename), limit, engine, mates
+        )
+    except BaseException as exc:  # the rest go back (a no-op for those settled)
         for mate in mates:
             best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
-        return guarded(settings, first, _raiser(exc))  # given back; its task retries
+        if isinstance(exc, Exception) and _still_held(settings, first):
+            if gave_back(exc, first):  # its guard counted it but could not release it: once more
+                release_transient(settings, first, retried=True)
+                raise
+            # Raised outside every member's guard (the database while the group was filled, storage
+            # could not be opened, a saver failed to close): the delivered job gets the outcome a run
+            # alone would have (given back for its task's retry, or failed with a code), rather than
+            # waiting out its lease. One its guard settled or gave back already is not held.
+            return guarded(settings, first, _raiser(exc))
+        raise
+
+
+def _gather_and_run(
+    settings: Settings,
+    first: jobstore.Claim,
+    among: Among,
+    me: str,
+    limit: int,
+    engine: Any,
+    mates: list[jobstore.Claim],
+) -> str | None:
+    gather(settings, among, me, limit - 1, mates)
     metrics.group_formed(1 + len(mates))
     if not mates:
         return None
     group = new_id()[:8]
     for claim in (first, *mates):
         log_event(claim.job_id, claim.attempt, "grouped", group=group, jobs=1 + len(mates))
-    try:
-        return _run(settings, [first, *mates], group, engine, among.resume_scale)
-    except BaseException as exc:  # the rest go back (a no-op for those settled)
-        for mate in mates:
-            best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
-        if isinstance(exc, Exception) and _still_held(settings, first):
-            # Raised outside every member's guard (storage could not be opened, a saver or watcher
-            # failed to close): the delivered job gets the outcome a run alone would have, rather
-            # than waiting out its lease. One its guard settled or gave back already is not held.
-            return guarded(settings, first, _raiser(exc))
-        raise
+    return _run(settings, [first, *mates], group, engine, among.resume_scale)
 
 
 def _still_held(settings: Settings, claim: jobstore.Claim) -> bool:
@@ -126,8 +154,13 @@ def gather(settings: Settings, among: Among, me: str, want: int, mates: list[job
     table and claimed by ``me`` (a list the caller holds, so that it can give them back if this raises)."""
     deadline = time.monotonic() + settings.batch_wait_ms / 1000
     while len(mates) < want:
-        for job_id in _take_waiting(settings, among, want - len(mates)):
-            got = jobstore.claim(settings.database_url, job_id, me, settings.lease_s)
+        taken, at = _take_waiting(settings, among, want - len(mates))
+        for i, job_id in enumerate(taken):
+            try:
+                got = jobstore.claim(settings.database_url, job_id, me, settings.lease_s)
+            except BaseException:  # those not claimed wait again, rather than for the reconciler
+                best_effort(job_id, 0, lambda rest=taken[i:], at=at: _unclaim(settings, rest, at))
+                raise
             if not isinstance(got, jobstore.Claim):
                 log_event(job_id, None, "dropped", reason=got.value)
             else:
@@ -138,15 +171,21 @@ def gather(settings: Settings, among: Among, me: str, want: int, mates: list[job
         time.sleep(BATCH_POLL_S)  # bounded by batch_wait_ms: more of a burst may be committing
 
 
-def _take_waiting(settings: Settings, among: Among, count: int) -> list[str]:
+def _take_waiting(settings: Settings, among: Among, count: int) -> tuple[list[str], datetime]:
     """Take waiting jobs of the bucket that start at the group's scale from the dispatcher (the
-    guarded claim of a dispatch pass)."""
+    guarded claim of a dispatch pass); and when (their ``published_at``)."""
     now = utcnow()
     with get_sessionmaker(settings.database_url)() as session:
         picks = dispatch.fair_picks(session, count, settings, now, among=among)
         taken = jobstore_queue.claim_dispatch(session, picks, now)
         session.commit()
-    return taken
+    return taken, now
+
+
+def _unclaim(settings: Settings, job_ids: list[str], at: datetime) -> None:
+    with get_sessionmaker(settings.database_url)() as session:
+        jobstore_queue.unclaim_dispatch(session, job_ids, at)
+        session.commit()
 
 
 def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any, scale: int) -> str:
@@ -161,22 +200,40 @@ def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: A
     storage = open_storage(settings)
     outcomes: dict[str, str] = {}
     delivered = claims[0].job_id
+    raised: BaseException | None = None  # the delivered job's transient error, raised on at the end
     with ExitStack() as watching:
         watchers = watch_all(settings, claims, watching, outcomes)
         with ExitStack() as saving:
             members = prepare_members(settings, storage, watchers, saving, outcomes, delivered, scale)
             results = _run_engine(engine, members, group) if members else None
         if results is not None:
-            settle_all(settings, storage, members, results, delivered, group, outcomes)
-        for claim, _, _watcher in watchers:
+            try:
+                settle_all(settings, storage, members, results, delivered, group, outcomes)
+            except TRANSIENT as exc:  # its guard gave it back; the others still go back alone first
+                if not gave_back(exc, claims[0]):
+                    raise
+                raised, outcomes[delivered] = exc, "transient"
+        # the delivered job last: its transient error is raised on (its task retries it)
+        for claim, _, watcher in sorted(watchers, key=lambda w: w[0].job_id == delivered):
             if claim.job_id not in outcomes:
-
-                def back(claim: jobstore.Claim = claim) -> str:
-                    return hand_back(settings, claim, delivered=claim.job_id == delivered, alone=True)
-
-                outcomes[claim.job_id] = guarded(settings, claim, back, retried=claim.job_id == delivered)
+                outcomes[claim.job_id] = _back_alone(settings, claim, watcher, claim.job_id == delivered)
                 log_event(claim.job_id, claim.attempt, "group_member_ended", group=group, outcome="alone")
+    if raised is not None:
+        raise raised
     return outcomes[delivered]
+
+
+def _back_alone(settings: Settings, claim: jobstore.Claim, watcher: Watcher, delivered: bool) -> str:
+    """An unsettled member back to the queue to run alone; one canceled or fenced meanwhile (its
+    watcher saw it) ends as it would alone."""
+    if watcher.stop in (StopReason.CANCELED, StopReason.FENCED):
+        reason = watcher.stop
+        return guarded(settings, claim, lambda: stopped(settings, claim, reason), retried=delivered)
+
+    def back() -> str:
+        return hand_back(settings, claim, delivered=delivered, alone=True)
+
+    return guarded(settings, claim, back, retried=delivered)
 
 
 def _run_engine(engine: Any, members: list[Member], group: str) -> list[GroupOutcome] | None:
@@ -188,6 +245,8 @@ def _run_engine(engine: Any, members: list[Member], group: str) -> list[GroupOut
         return results
     except SoftTimeLimitExceeded as exc:  # the delivery's limit: every member ran past it
         return [GroupOutcome(error=exc) for _ in members]
+    except GroupAborted as exc:  # the limit landed in a member's callback (batch_members.EarlyCancel)
+        return [GroupOutcome(error=exc.__cause__ or exc) for _ in members]
     except Exception as exc:  # noqa: BLE001 - the group failed as a whole: each job runs alone
         first = members[0].claim
         error = repr(exc)[:200]

@@ -13,12 +13,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from shared.params import JobParams
 from shared.settings import Settings
 from shared.storage import Storage
-from worker import jobstore
+from worker import jobstore, metrics
 from worker.checkpoints import CheckpointSaver, resume_point
 from worker.config import at_run_size, job_params, load_inputs, scale_edges, transfer_config
+from worker.engine.errors import GroupAborted
 from worker.engine.group_resume import start_scale
 from worker.settle import best_effort, deliver, execution, guarded, log_event, stopped
 from worker.watcher import JobStopped, StopReason, Watcher, final_progress
@@ -46,8 +49,9 @@ class Member:
 
 def give_back(settings: Settings, claim: jobstore.Claim) -> None:
     """Back to waiting, no attempt used (a no-op for a job that was settled meanwhile)."""
-    jobstore.release(settings.database_url, claim.job_id, claim.attempt, graceful=True, waiting=True)
-    log_event(claim.job_id, claim.attempt, "ungrouped")
+    if jobstore.release(settings.database_url, claim.job_id, claim.attempt, graceful=True, waiting=True):
+        log_event(claim.job_id, claim.attempt, "ungrouped")
+        metrics.attempt_ended(claim.job_id, "handed_back")
 
 
 def settle_all(
@@ -76,6 +80,27 @@ def settle_all(
         log_event(m.claim.job_id, m.claim.attempt, "group_member_ended", group=group, outcome=ended)
 
 
+def member_guarded(
+    settings: Settings, claim: jobstore.Claim, action: Callable[[], str], *, retried: bool
+) -> str:
+    """``guarded`` for one member's step, but the delivery's time limit landing in it is raised on:
+    it is the group's (worker.batch settles the delivered job with it and gives the others back),
+    not this member's failure."""
+    limit: list[SoftTimeLimitExceeded] = []
+
+    def step() -> str:
+        try:
+            return action()
+        except SoftTimeLimitExceeded as exc:
+            limit.append(exc)
+            return "time_limit"
+
+    outcome = guarded(settings, claim, step, retried=retried)
+    if limit:
+        raise limit[0]
+    return outcome
+
+
 def watch_all(
     settings: Settings, claims: list[jobstore.Claim], stack: ExitStack, outcomes: dict[str, str]
 ) -> list[tuple[jobstore.Claim, JobParams, Watcher]]:
@@ -91,7 +116,7 @@ def watch_all(
             found.append((claim, params, watcher))
             return "watched"
 
-        outcome = guarded(settings, claim, watch, retried=i == 0)
+        outcome = member_guarded(settings, claim, watch, retried=i == 0)
         if found:
             watched.extend(found)
         else:
@@ -142,7 +167,7 @@ def prepare_members(
             log_event(claim.job_id, claim.attempt, "started", resume_step=step)
             return "prepared"
 
-        outcome = guarded(settings, claim, prepare, retried=claim.job_id == delivered)
+        outcome = member_guarded(settings, claim, prepare, retried=claim.job_id == delivered)
         if outcome not in ("prepared", ALONE):  # settled; one to run alone keeps its watcher (lease)
             outcomes[claim.job_id] = outcome
             watcher.close()
@@ -178,6 +203,8 @@ class EarlyCancel:
         except JobStopped as stop:
             self._stopped(stop)
             raise
+        except SoftTimeLimitExceeded as exc:  # the delivery's limit, landed here: it ends every member
+            raise GroupAborted() from exc
 
     def wrap(self, saver: CheckpointSaver) -> Callable[[Checkpoint], None]:
         def on_checkpoint(ckpt: Checkpoint) -> None:
@@ -186,6 +213,8 @@ class EarlyCancel:
             except JobStopped as stop:
                 self._stopped(stop)
                 raise
+            except SoftTimeLimitExceeded as exc:
+                raise GroupAborted() from exc
 
         return on_checkpoint
 

@@ -5,14 +5,13 @@ tenant. Every write is fenced by the attempt.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import torch
-from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from sqlalchemy.exc import OperationalError
 
@@ -24,6 +23,7 @@ from shared.settings import Settings
 from shared.storage import Storage, StorageUnavailable
 from worker import jobstore, metrics
 from worker.config import Failure
+from worker.crashes import WORKER_SETUP_CODES, WORKER_SETUP_ERROR, classify_crash
 from worker.engine import EngineError, save_image
 from worker.thumbs import thumbnail
 from worker.watcher import StopReason
@@ -40,6 +40,26 @@ TRANSIENT: tuple[type[BaseException], ...] = (StorageUnavailable, OperationalErr
 def log_event(job_id: str, attempt: int | None, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """One worker event in the service's log shape (shared.logs)."""
     logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
+
+
+GAVE_BACK = "stylequeue_gave_back"  # on a transient error guarded() raised on: the job it gave back
+
+
+def gave_back(exc: BaseException, claim: jobstore.Claim) -> bool:
+    """Whether ``exc`` was raised on by ``guarded`` for ``claim`` (its outcome counted already)."""
+    return getattr(exc, GAVE_BACK, None) == claim.job_id
+
+
+def release_transient(settings: Settings, claim: jobstore.Claim, *, retried: bool) -> None:
+    """Give the job back after a transient error, no attempt used (best effort: the database may be
+    what is down); ``retried``: due by the task's latest retry, else waiting for the dispatcher."""
+    due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s) if retried else None
+    url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
+    best_effort(
+        job_id,
+        attempt,
+        lambda: jobstore.release(url, job_id, attempt, graceful=True, message_due=due, waiting=not retried),
+    )
 
 
 def guarded(
@@ -64,17 +84,11 @@ def guarded(
         # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
         # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
         # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
-        due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s) if retried else None
-        url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
-        best_effort(
-            job_id,
-            attempt,
-            lambda: jobstore.release(
-                url, job_id, attempt, graceful=True, message_due=due, waiting=not retried
-            ),
-        )
+        release_transient(settings, claim, retried=retried)
         metrics.attempt_ended(claim.job_id, "transient")
         if retried:
+            with contextlib.suppress(AttributeError):  # an exception class without attributes
+                setattr(exc, GAVE_BACK, claim.job_id)
             raise
         return "handed_back"
     except Failure as exc:
@@ -206,7 +220,10 @@ def hand_back(
     bucket cleared; worker.batch). ``fields``: for the log line."""
     url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
     released = jobstore.release(url, job_id, attempt, graceful=True, waiting=not delivered, alone=alone)
-    if released and delivered:
+    if not released:  # canceled, or a newer attempt holds it: nothing of it is this attempt's now
+        log_event(job_id, attempt, "fenced", stage="hand_back")
+        return ended(settings, claim, "fenced")
+    if delivered:
         publish_job(get_celery(), job_id)
     log_event(job_id, attempt, "handed_back", **({"alone": True} if alone else {}), **fields)
     return ended(settings, claim, "handed_back")
@@ -247,34 +264,6 @@ def engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) -
         detail=repr(exc.message[:500]),
     )
     return fail(settings, claim, exc.code, WORKER_SETUP_ERROR, True)
-
-
-WORKER_SETUP_CODES = frozenset({"weights_unavailable", "weights_invalid", "device_unavailable"})
-WORKER_SETUP_ERROR = (
-    "the worker is not set up to run jobs (model weights or device); the error was "
-    "logged with this job's id. Submit the job again later"
-)
-INTERNAL_ERROR = (
-    "the worker failed unexpectedly; the error was logged with this job's id "
-    "(quote it when reporting the problem)"
-)
-
-
-def classify_crash(exc: Exception) -> tuple[str, str, bool]:
-    """(code, tenant-visible message, retryable) for an exception nothing else handled."""
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return (
-            "time_limit",
-            "the job ran past the worker's time limit; ask for a smaller size or fewer iterations",
-            False,
-        )
-    if isinstance(exc, torch.OutOfMemoryError):
-        return (
-            "out_of_memory",
-            "the worker ran out of memory on this job; ask for a smaller size or fewer style images",
-            False,
-        )
-    return "internal_error", INTERNAL_ERROR, True
 
 
 def best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> None:

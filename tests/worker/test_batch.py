@@ -21,7 +21,7 @@ from shared.settings import Settings
 from shared.storage import open_storage
 from tests.support.images import png_bytes
 from tests.support.jobs import NODE, LoadJob, MakeJob
-from worker import batch, runner
+from worker import batch, jobstore, runner
 from worker.watcher import StopReason, Watcher
 
 from .batchkit import PARAMS, bucket_jobs, grouped, hand_back_at_step, resumes
@@ -142,20 +142,25 @@ def test_a_time_limit_ends_every_member(
     assert {(load_job(j).status, load_job(j).error_code) for j in jobs} == {("failed", "time_limit")}
 
 
+def _one_mate_then(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """The group's first look at the table takes one mate; the next raises ``error``."""
+    real = batch._take_waiting
+    calls = {"n": 0}
+
+    def flaky(settings: Settings, among: Among, count: int) -> tuple[list[str], Any]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(settings, among, 1)
+        raise error
+
+    monkeypatch.setattr(batch, "_take_waiting", flaky)
+
+
 def test_a_database_outage_while_filling_the_group_gives_every_job_back(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, mate, third = bucket_jobs(make_job, 3)
-    real = batch._take_waiting
-    calls = {"n": 0}
-
-    def flaky(settings: Settings, among: Among, count: int) -> list[str]:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            return real(settings, among, 1)  # one mate taken, then the database goes away
-        raise OperationalError("SELECT", {}, Exception("server closed the connection"))
-
-    monkeypatch.setattr(batch, "_take_waiting", flaky)
+    _one_mate_then(monkeypatch, OperationalError("SELECT", {}, Exception("server closed the connection")))
     with pytest.raises(OperationalError):  # its Celery task retries it
         runner.run_job(first, NODE, grouped.model_copy(update={"batch_wait_ms": 60_000}))
     delivered, taken, untouched = load_job(first), load_job(mate), load_job(third)
@@ -163,6 +168,42 @@ def test_a_database_outage_while_filling_the_group_gives_every_job_back(
     assert delivered.published_at is not None  # its retry message is due
     assert (taken.status, taken.published_at, taken.max_attempts) == ("queued", None, 4)  # waiting again
     assert (untouched.status, untouched.attempt) == ("queued", 0)
+
+
+def test_a_crash_while_filling_the_group_fails_the_delivered_job_and_gives_the_rest_back(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a transient error (a bug in the dispatcher's picks, say): the delivered job fails with a
+    code as a run alone would, the mate already claimed waits again; none is left held."""
+    first, mate, third = bucket_jobs(make_job, 3)
+    _one_mate_then(monkeypatch, RuntimeError("a bug in the picks"))
+    assert runner.run_job(first, NODE, grouped.model_copy(update={"batch_wait_ms": 60_000})) == "failed"
+    delivered, taken, untouched = load_job(first), load_job(mate), load_job(third)
+    assert (delivered.status, delivered.error_code) == ("failed", "internal_error")
+    assert (taken.status, taken.worker, taken.published_at) == ("queued", None, None)
+    assert (untouched.status, untouched.attempt) == ("queued", 0)
+
+
+def test_a_claim_that_fails_leaves_the_jobs_taken_after_it_waiting(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatcher's take marks the picks published; a claim that raises part-way gives those
+    not claimed back to waiting (published_at cleared), not to the reconciler's lost-message grace."""
+    first, *rest = bucket_jobs(make_job, 3)
+    claim = jobstore.claim
+
+    def failing(url: str, job_id: str, *args: Any) -> Any:
+        if job_id == rest[0]:
+            raise OperationalError("UPDATE", {}, Exception("server closed the connection"))
+        return claim(url, job_id, *args)
+
+    monkeypatch.setattr(jobstore, "claim", failing)
+    with pytest.raises(OperationalError):
+        runner.run_job(first, NODE, grouped)
+    assert load_job(first).status == "queued"
+    for job_id in rest:
+        job = load_job(job_id)
+        assert (job.status, job.attempt, job.published_at) == ("queued", 0, None), job_id
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -11,14 +11,13 @@ from typing import Any
 import pytest
 import torch
 from sqlalchemy import update
-from sqlalchemy.exc import OperationalError
 
 from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.settings import Settings
-from shared.storage import StorageUnavailable, open_storage
+from shared.storage import open_storage
 from tests.support.jobs import NODE, LoadJob, MakeJob
-from worker import batch, checkpoints, runner
+from worker import checkpoints, runner
 
 from .batchkit import bucket_jobs, grouped, hand_back_at_step, heartbeats_go_on, republished, resumes
 
@@ -121,76 +120,3 @@ def test_after_a_late_group_failure_each_job_resumes_from_the_groups_checkpoints
     for job_id in jobs:
         progress = load_job(job_id).progress
         assert progress["step"] == progress["total_steps"] == 6 and progress["fraction"] == 1.0
-
-
-@pytest.mark.parametrize(
-    ("error", "outcome"),
-    [(StorageUnavailable("storage down"), "transient"), (RuntimeError("a bug"), "failed")],
-    ids=["transient", "crash"],
-)
-def test_an_error_outside_every_members_guard_settles_the_delivered_job(
-    grouped: Settings,
-    make_job: MakeJob,
-    load_job: LoadJob,
-    monkeypatch: pytest.MonkeyPatch,
-    error: Exception,
-    outcome: str,
-) -> None:
-    """Storage cannot be opened for the group: the delivered job gets a run alone's outcome (given
-    back for its task's retry, or failed with a code), never left held until its lease runs out; the
-    others wait again."""
-
-    def unopenable(_settings: Settings) -> Any:
-        raise error
-
-    monkeypatch.setattr(batch, "open_storage", unopenable)
-    republished(monkeypatch)
-    jobs = bucket_jobs(make_job, 3)
-    if outcome == "transient":
-        with pytest.raises(StorageUnavailable):  # raised on: the task retries it
-            runner.run_job(jobs[0], NODE, grouped)
-        assert load_job(jobs[0]).status == "queued"
-    else:
-        assert runner.run_job(jobs[0], NODE, grouped) == "failed"
-        first = load_job(jobs[0])
-        assert (first.status, first.error_code) == ("failed", "internal_error")
-    for job_id in jobs[1:]:
-        mate = load_job(job_id)
-        assert (mate.status, mate.worker, mate.attempt) == ("queued", None, 1)
-
-
-def test_a_saver_that_fails_to_close_leaves_no_job_held(
-    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The group's checkpoint savers are closed outside every member's guard: a failure there (the
-    database went away as the last upload was recorded) gives every job back, none left held."""
-    close = checkpoints.CheckpointSaver.close
-
-    def failing(self: checkpoints.CheckpointSaver, settle: bool = True) -> None:
-        close(self, settle)
-        raise OperationalError("UPDATE jobs", {}, Exception("database went away"))
-
-    monkeypatch.setattr(checkpoints.CheckpointSaver, "close", failing)
-    republished(monkeypatch)
-    jobs = bucket_jobs(make_job, 3)
-    with pytest.raises(OperationalError):  # the delivered job's: its task retries it
-        runner.run_job(jobs[0], NODE, grouped)
-    for job_id in jobs:
-        job = load_job(job_id)
-        assert (job.status, job.worker) == ("queued", None), job_id
-
-
-def test_an_engine_the_group_cannot_build_leaves_the_job_to_its_run_alone(
-    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Building the engine is the run alone's to fail (guarded, with the job's code): the group path
-    steps aside rather than let the error escape with the job held."""
-
-    def unbuildable(_settings: Settings) -> Any:
-        raise RuntimeError("no device")
-
-    monkeypatch.setattr(batch, "get_engine", unbuildable)
-    jobs = bucket_jobs(make_job, 2)
-    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"  # alone: the runner's engine builds
-    assert (load_job(jobs[0]).execution or {}).get("group_size") == 1
-    assert load_job(jobs[1]).status == "queued"

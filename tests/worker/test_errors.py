@@ -12,7 +12,7 @@ from shared.settings import Settings
 from shared.storage import StorageUnavailable
 from tests.support.jobs import NODE, LoadJob, MakeJob
 from tests.worker.fakes import FakeEngine
-from worker import jobstore, runner, settle
+from worker import crashes, jobstore, runner
 from worker.engine import EngineError, WeightsError
 from worker.tasks import run_job
 
@@ -37,7 +37,7 @@ def test_unexpected_exception_is_logged_not_shown(
     assert (job.status, job.error_code, job.error_message) == (
         "failed",
         "internal_error",
-        settle.INTERNAL_ERROR,
+        crashes.INTERNAL_ERROR,
     )
     assert "Given input size" not in (job.error_message or "")
     crash = [r for r in caplog.records if "event=crash" in r.getMessage()]
@@ -109,7 +109,7 @@ def test_worker_setup_errors_hide_server_details(
     job = load_job(job_id)
     assert (job.error_code, job.error_message, job.error_retryable) == (
         "weights_unavailable",
-        settle.WORKER_SETUP_ERROR,
+        crashes.WORKER_SETUP_ERROR,
         True,
     )
     assert any(

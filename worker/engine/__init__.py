@@ -5,7 +5,7 @@ Imports only torch, torchvision, PIL, numpy and the standard library.
 
 from .checkpoint import Checkpoint
 from .config import BatchItem, TransferConfig
-from .errors import EngineError, ImageError, WeightsError
+from .errors import EngineError, GroupAborted, ImageError, WeightsError
 from .images import load_image, save_image
 from .progress import CHECKPOINT_NOW, Progress
 from .transfer import Result, StyleTransfer, stylize
@@ -15,6 +15,7 @@ __all__ = [
     "BatchItem",
     "Checkpoint",
     "EngineError",
+    "GroupAborted",
     "ImageError",
     "Progress",
     "Result",

@@ -32,3 +32,9 @@ class ImageError(EngineError):
 
 class WeightsError(EngineError):
     """VGG19 weights that cannot be had (weights_unavailable) or are not valid (weights_invalid)."""
+
+
+class GroupAborted(Exception):
+    """Raised by a group member's callback to end the whole group, not that member alone (the
+    caller's deadline, say): ``run_group`` raises it on. Any other exception a member's callback
+    raises ends that member only. The reason is its ``__cause__`` (``raise GroupAborted() from exc``)."""

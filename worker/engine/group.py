@@ -33,7 +33,7 @@ import torch
 
 from . import group_resume as resume
 from .batched import BatchedAdam, BatchedAverage, BatchedLBFGS
-from .errors import EngineError
+from .errors import EngineError, GroupAborted
 from .group_state import Member, ScaleRun, col
 from .images import resize
 from .objective import LossFn
@@ -257,6 +257,8 @@ class GroupPyramid(Pyramid):
             if m.on_checkpoint is not None and not waiting and self._due(m, run, k, end, asked):
                 ckpt = resume.item_checkpoint(self, run, b, x, (it, step, end), start, lrs[b], counts[b])
                 m.on_checkpoint(ckpt)
+        except GroupAborted:  # the callback ends the whole group (the caller's deadline)
+            raise
         except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
             self._leave(run, b, exc)
             return

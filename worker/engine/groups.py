@@ -7,7 +7,7 @@ differ per job is in its ``GroupJob``: images and blends, loss weights (on the `
 its callbacks, and the single-job checkpoint it resumes from (``resume``: the members of a group start
 at one scale, group_resume.py). Each job comes back as its own ``GroupOutcome``: a result, or the
 error that ended it (an ``EngineError``, or whatever its own callback raised, such as the worker's
-stop signal).
+stop signal). A callback that raises ``GroupAborted`` ends the whole group: ``run_group`` raises it.
 """
 
 from __future__ import annotations
