@@ -54,6 +54,7 @@ from worker.engine.errors import GroupAborted
 from worker.runtime import get_engine
 from worker.settle import (
     TRANSIENT,
+    UNRELEASED,
     best_effort,
     gave_back,
     guarded,
@@ -91,18 +92,23 @@ def run_grouped(first: jobstore.Claim, nodename: str, settings: Settings) -> str
     among = Among(first.bucket, resume_scale(first.checkpoints))
     try:
         engine = get_engine(settings)
+    except SoftTimeLimitExceeded as exc:  # the delivery's limit (waiting for the preload, say)
+        return guarded(settings, first, _raiser(exc))
     except Exception:  # noqa: BLE001 - the run alone builds it again, guarded: the job gets its code
         return None
     if not hasattr(engine, "run_group"):  # an engine that runs one job at a time
         return None
     mates: list[jobstore.Claim] = []
+    outcomes: dict[str, str] = {}  # each member's, as it is settled
     try:
-        return _gather_and_run(
-            settings, first, among, jobstore.worker_identity(nodename), limit, engine, mates
-        )
+        me = jobstore.worker_identity(nodename)
+        return _gather_and_run(settings, first, among, me, limit, engine, (mates, outcomes))
     except BaseException as exc:  # the rest go back (a no-op for those settled)
         for mate in mates:
-            best_effort(mate.job_id, mate.attempt, lambda m=mate: give_back(settings, m))
+            counted = mate.job_id in outcomes
+            best_effort(
+                mate.job_id, mate.attempt, lambda m=mate, c=counted: give_back(settings, m, counted=c)
+            )
         if isinstance(exc, Exception) and _still_held(settings, first):
             if gave_back(exc, first):  # its guard counted it but could not release it: once more
                 release_transient(settings, first, retried=True)
@@ -122,8 +128,9 @@ def _gather_and_run(
     me: str,
     limit: int,
     engine: Any,
-    mates: list[jobstore.Claim],
+    members: tuple[list[jobstore.Claim], dict[str, str]],
 ) -> str | None:
+    mates, outcomes = members
     gather(settings, among, me, limit - 1, mates)
     metrics.group_formed(1 + len(mates))
     if not mates:
@@ -131,7 +138,7 @@ def _gather_and_run(
     group = new_id()[:8]
     for claim in (first, *mates):
         log_event(claim.job_id, claim.attempt, "grouped", group=group, jobs=1 + len(mates))
-    return _run(settings, [first, *mates], group, engine, among.resume_scale)
+    return _run(settings, [first, *mates], group, engine, among.resume_scale, outcomes)
 
 
 def _still_held(settings: Settings, claim: jobstore.Claim) -> bool:
@@ -188,7 +195,14 @@ def _unclaim(settings: Settings, job_ids: list[str], at: datetime) -> None:
         session.commit()
 
 
-def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: Any, scale: int) -> str:
+def _run(
+    settings: Settings,
+    claims: list[jobstore.Claim],
+    group: str,
+    engine: Any,
+    scale: int,
+    outcomes: dict[str, str],
+) -> str:
     """Run the group from ``scale``; the delivered job's (``claims[0]``) outcome. A member it did
     not settle (the group failed as a whole, or the job could not go on in it) goes back to the
     queue to run alone (``settle.hand_back(alone=True)``): no attempt used, its own delivery and time
@@ -198,7 +212,6 @@ def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: A
     it is settled or given back; the checkpoint uploads of all are settled first (a shutdown's
     checkpoint is recorded before its hand-back; a member given back resumes from its latest)."""
     storage = open_storage(settings)
-    outcomes: dict[str, str] = {}
     delivered = claims[0].job_id
     raised: BaseException | None = None  # the delivered job's transient error, raised on at the end
     with ExitStack() as watching:
@@ -218,6 +231,9 @@ def _run(settings: Settings, claims: list[jobstore.Claim], group: str, engine: A
             if claim.job_id not in outcomes:
                 outcomes[claim.job_id] = _back_alone(settings, claim, watcher, claim.job_id == delivered)
                 log_event(claim.job_id, claim.attempt, "group_member_ended", group=group, outcome="alone")
+    for claim in claims:  # its transient error counted, its release failed: once more
+        if outcomes.get(claim.job_id) == UNRELEASED:
+            best_effort(claim.job_id, claim.attempt, lambda c=claim: give_back(settings, c, counted=True))
     if raised is not None:
         raise raised
     return outcomes[delivered]

@@ -47,11 +47,13 @@ class Member:
     exact_wh: tuple[int, int] | None = None  # ran at a snapped aspect: the result goes back to this
 
 
-def give_back(settings: Settings, claim: jobstore.Claim) -> None:
-    """Back to waiting, no attempt used (a no-op for a job that was settled meanwhile)."""
+def give_back(settings: Settings, claim: jobstore.Claim, *, counted: bool = False) -> None:
+    """Back to waiting, no attempt used (a no-op for a job that was settled meanwhile); ``counted``:
+    the attempt's end was counted already (``settle.UNRELEASED``)."""
     if jobstore.release(settings.database_url, claim.job_id, claim.attempt, graceful=True, waiting=True):
         log_event(claim.job_id, claim.attempt, "ungrouped")
-        metrics.attempt_ended(claim.job_id, "handed_back")
+        if not counted:
+            metrics.attempt_ended(claim.job_id, "handed_back")
 
 
 def settle_all(
@@ -199,20 +201,22 @@ class EarlyCancel:
 
     def on_progress(self, p: Progress) -> str | None:
         try:
-            return self.watcher.on_progress(p)
-        except JobStopped as stop:
-            self._stopped(stop)
-            raise
+            try:
+                return self.watcher.on_progress(p)
+            except JobStopped as stop:
+                self._stopped(stop)
+                raise
         except SoftTimeLimitExceeded as exc:  # the delivery's limit, landed here: it ends every member
             raise GroupAborted() from exc
 
     def wrap(self, saver: CheckpointSaver) -> Callable[[Checkpoint], None]:
         def on_checkpoint(ckpt: Checkpoint) -> None:
             try:
-                saver(ckpt)
-            except JobStopped as stop:
-                self._stopped(stop)
-                raise
+                try:
+                    saver(ckpt)
+                except JobStopped as stop:
+                    self._stopped(stop)
+                    raise
             except SoftTimeLimitExceeded as exc:
                 raise GroupAborted() from exc
 
@@ -236,6 +240,8 @@ def _settle(
 ) -> str:
     if isinstance(outcome.error, JobStopped):
         return stopped(settings, m.claim, outcome.error.reason, m.saver.last_step, delivered=delivered)
+    if outcome.error is not None and m.watcher.stop in (StopReason.CANCELED, StopReason.FENCED):
+        return stopped(settings, m.claim, m.watcher.stop)  # it left before the group failed
     if outcome.error is not None:
         raise outcome.error  # guarded() makes it the job's outcome (an engine error, a crash)
     assert outcome.result is not None

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from sqlalchemy.exc import OperationalError
 
@@ -42,6 +43,9 @@ def log_event(job_id: str, attempt: int | None, event: str, level: int = logging
     logs.event(logger, event, job_id=job_id, attempt=attempt, level=level, **fields)
 
 
+# A group member's outcome (``retried=False``): its transient error counted, but the write giving it
+# back failed too; worker.batch gives it back again once the group has run.
+UNRELEASED = "unreleased"
 GAVE_BACK = "stylequeue_gave_back"  # on a transient error guarded() raised on: the job it gave back
 
 
@@ -50,16 +54,22 @@ def gave_back(exc: BaseException, claim: jobstore.Claim) -> bool:
     return getattr(exc, GAVE_BACK, None) == claim.job_id
 
 
-def release_transient(settings: Settings, claim: jobstore.Claim, *, retried: bool) -> None:
+def release_transient(settings: Settings, claim: jobstore.Claim, *, retried: bool) -> bool:
     """Give the job back after a transient error, no attempt used (best effort: the database may be
-    what is down); ``retried``: due by the task's latest retry, else waiting for the dispatcher."""
+    what is down; False when the write failed); ``retried``: due by the task's latest retry, else
+    waiting for the dispatcher."""
     due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s) if retried else None
     url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
+    wrote: list[bool] = []
     best_effort(
         job_id,
         attempt,
-        lambda: jobstore.release(url, job_id, attempt, graceful=True, message_due=due, waiting=not retried),
+        lambda: wrote.append(
+            jobstore.release(url, job_id, attempt, graceful=True, message_due=due, waiting=not retried)
+            or True
+        ),
     )
+    return bool(wrote)
 
 
 def guarded(
@@ -84,13 +94,13 @@ def guarded(
         # Not counted as an attempt (graceful): the task's max_retries bounds transient retries and
         # ends them with ``unavailable``. Counting them made a storage blip of under a second use up
         # all three attempts and fail the job as ``worker_lost`` (tests/faults, storage outage).
-        release_transient(settings, claim, retried=retried)
+        released = release_transient(settings, claim, retried=retried)
         metrics.attempt_ended(claim.job_id, "transient")
         if retried:
             with contextlib.suppress(AttributeError):  # an exception class without attributes
                 setattr(exc, GAVE_BACK, claim.job_id)
             raise
-        return "handed_back"
+        return "handed_back" if released else UNRELEASED
     except Failure as exc:
         return fail(settings, claim, exc.code, exc.message, exc.retryable)
     except EngineError as exc:
@@ -267,8 +277,11 @@ def engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) -
 
 
 def best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> None:
+    """``action()``, its failure logged; the delivery's time limit is raised on, never swallowed."""
     try:
         action()
+    except SoftTimeLimitExceeded:
+        raise
     except Exception as exc:  # noqa: BLE001 - the database may be the thing that is down
         log_event(
             job_id,

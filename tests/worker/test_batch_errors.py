@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from shared.settings import Settings
 from shared.storage import StorageUnavailable
 from tests.support.jobs import NODE, LoadJob, MakeJob
-from worker import batch, batch_members, checkpoints, config, jobstore, metrics, runner, settle
+from worker import batch, batch_members, checkpoints, config, jobstore, metrics, runner, runtime, settle
 from worker.watcher import StopReason, Watcher
 
 from .batchkit import bucket_jobs, grouped, republished
@@ -121,6 +121,38 @@ def test_an_engine_the_group_cannot_build_leaves_the_job_to_its_run_alone(
     assert load_job(jobs[1]).status == "queued"
 
 
+def _transient_then_failed_release(monkeypatch: pytest.MonkeyPatch, job_id: str) -> list[str]:
+    """The job's inputs hit a storage blip, and the write giving it back a database blip (once)."""
+    load, release, failed = config.load_inputs, jobstore.release, list[str]()
+
+    def load_inputs(storage: Any, claim: Any, settings: Any) -> Any:
+        if claim.job_id == job_id:
+            raise StorageUnavailable("storage blip")
+        return load(storage, claim, settings)
+
+    def flaky(url: str, this: str, attempt: int, **kw: Any) -> bool:
+        if this == job_id and not failed:
+            failed.append(this)
+            raise OperationalError("UPDATE jobs", {}, Exception("database blip"))
+        return release(url, this, attempt, **kw)
+
+    monkeypatch.setattr(batch_members, "load_inputs", load_inputs)
+    monkeypatch.setattr(jobstore, "release", flaky)
+    return failed
+
+
+def _canceled_at(monkeypatch: pytest.MonkeyPatch, job_id: str, step: int) -> None:
+    """The job's watcher sees it canceled at ``step``."""
+    seen = Watcher.on_progress
+
+    def on_progress(self: Watcher, p: Any) -> str | None:
+        if self.job_id == job_id and p.step >= step:
+            self.stop = StopReason.CANCELED
+        return seen(self, p)
+
+    monkeypatch.setattr(Watcher, "on_progress", on_progress)
+
+
 def test_a_broker_blip_handing_the_delivered_job_back_still_sends_the_others_back_alone(
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,23 +182,7 @@ def test_a_transient_error_whose_release_failed_is_released_again_and_counted_on
     grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     jobs = bucket_jobs(make_job, 2)
-    load = config.load_inputs
-
-    def load_inputs(storage: Any, claim: Any, settings: Any) -> Any:
-        if claim.job_id == jobs[0]:
-            raise StorageUnavailable("storage blip")
-        return load(storage, claim, settings)
-
-    monkeypatch.setattr(batch_members, "load_inputs", load_inputs)
-    release, failed = jobstore.release, list[str]()
-
-    def flaky(url: str, job_id: str, attempt: int, **kw: Any) -> bool:
-        if job_id == jobs[0] and not failed:
-            failed.append(job_id)
-            raise OperationalError("UPDATE jobs", {}, Exception("database blip"))
-        return release(url, job_id, attempt, **kw)
-
-    monkeypatch.setattr(jobstore, "release", flaky)
+    failed = _transient_then_failed_release(monkeypatch, jobs[0])
     ended = _ended(monkeypatch)
     with pytest.raises(StorageUnavailable):
         runner.run_job(jobs[0], NODE, grouped)
@@ -179,14 +195,7 @@ def test_a_member_canceled_before_the_group_failed_ends_canceled(
 ) -> None:
     """As a run alone: the delivery's outcome is canceled (its slot is free), not handed back."""
     jobs = bucket_jobs(make_job, 2)
-    seen = Watcher.on_progress
-
-    def on_progress(self: Watcher, p: Any) -> str | None:
-        if self.job_id == jobs[0] and p.step >= 2:
-            self.stop = StopReason.CANCELED
-        return seen(self, p)
-
-    monkeypatch.setattr(Watcher, "on_progress", on_progress)
+    _canceled_at(monkeypatch, jobs[0], 2)
     _oom_after_running(monkeypatch)
     republished(monkeypatch)
     ended = _ended(monkeypatch)
@@ -234,3 +243,79 @@ def test_a_time_limit_while_a_member_is_prepared_is_the_groups(
     assert runner.run_job(jobs[0], NODE, grouped) == "failed"
     assert (load_job(jobs[0]).status, load_job(jobs[0]).error_code) == ("failed", "time_limit")
     assert [(load_job(j).status, load_job(j).worker) for j in jobs[1:]] == [("queued", None)] * 2
+
+
+def _limit_once(when: Any) -> tuple[Any, list[Any]]:
+    """A wrapper of ``when`` (a function) that raises the soft time limit at its first call, as if
+    the signal landed there; the calls it fired at."""
+    fired: list[Any] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(args[:1])
+            raise SoftTimeLimitExceeded()
+        return when(*args, **kwargs)
+
+    return wrapper, fired
+
+
+@pytest.mark.parametrize("where", ["item_checkpoint", "cancel_write", "get_engine"])
+def test_a_time_limit_landing_in_the_engine_or_a_cleanup_is_never_swallowed(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The engine's own work inside a member's read (a checkpoint's copies), a best-effort write
+    (a member's cancel) and the wait for the engine: each ends the delivery with time_limit."""
+    from worker.engine import group_resume
+
+    jobs = bucket_jobs(make_job, 3)
+    if where == "item_checkpoint":
+        wrapper, fired = _limit_once(group_resume.item_checkpoint)
+        monkeypatch.setattr(group_resume, "item_checkpoint", wrapper)
+    elif where == "cancel_write":
+        _canceled_at(monkeypatch, jobs[1], 2)
+        wrapper, fired = _limit_once(jobstore.cancel)
+        monkeypatch.setattr(jobstore, "cancel", wrapper)
+    else:
+        wrapper, fired = _limit_once(runtime.get_engine)
+        monkeypatch.setattr(batch, "get_engine", wrapper)
+    assert runner.run_job(jobs[0], NODE, grouped) == "failed"
+    assert fired
+    assert (load_job(jobs[0]).status, load_job(jobs[0]).error_code) == ("failed", "time_limit")
+    for job_id in jobs[1:]:  # none left held: ended by the limit, canceled, or never taken
+        assert load_job(job_id).status in {"failed", "canceled", "queued"}
+        assert load_job(job_id).status != "running"
+
+
+def test_a_mate_whose_transient_release_failed_is_given_back_once_the_group_ran(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its end counted once (transient), and back to waiting rather than held with no watcher until
+    its lease runs out (which would cost it an attempt)."""
+    jobs = bucket_jobs(make_job, 2)
+    failed = _transient_then_failed_release(monkeypatch, jobs[1])
+    ended = _ended(monkeypatch)
+    assert runner.run_job(jobs[0], NODE, grouped) == "succeeded"
+    mate = load_job(jobs[1])
+    assert failed and (mate.status, mate.worker, mate.max_attempts) == ("queued", None, 4)
+    assert [o for j, o in ended if j == jobs[1]] == ["transient"]
+
+
+def test_a_member_canceled_before_a_time_limit_ends_canceled(
+    grouped: Settings, make_job: MakeJob, load_job: LoadJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = bucket_jobs(make_job, 3)
+    seen, fired = Watcher.on_progress, list[int]()
+
+    def on_progress(self: Watcher, p: Any) -> str | None:
+        if self.job_id == jobs[0] and p.step >= 1:
+            self.stop = StopReason.CANCELED
+        if self.job_id == jobs[2] and p.step >= 3 and not fired:
+            fired.append(p.step)
+            raise SoftTimeLimitExceeded()
+        return seen(self, p)
+
+    monkeypatch.setattr(Watcher, "on_progress", on_progress)
+    ended = _ended(monkeypatch)
+    assert runner.run_job(jobs[0], NODE, grouped) == "canceled"
+    assert fired and [o for j, o in ended if j == jobs[0]] == ["canceled"]
+    assert [(load_job(j).status, load_job(j).error_code) for j in jobs[1:]] == [("failed", "time_limit")] * 2

@@ -26,6 +26,7 @@ fails, and a ``save_every`` checkpoint falls at the first read at or past its it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -252,20 +253,28 @@ class GroupPyramid(Pyramid):
         start = [starts[b]] if starts is not None and started[b] else None  # None: not taken yet
         vals = [sum(last[b]), *last[b]]
         progress = self.progress(run.s, it, vals, start, lr=lrs[b], recoveries=counts[b], step=step)
-        try:
-            asked = m.on_progress(replace(progress, waiting=waiting)) if m.on_progress else None
-            if m.on_checkpoint is not None and not waiting and self._due(m, run, k, end, asked):
-                ckpt = resume.item_checkpoint(self, run, b, x, (it, step, end), start, lrs[b], counts[b])
-                m.on_checkpoint(ckpt)
-        except GroupAborted:  # the callback ends the whole group (the caller's deadline)
-            raise
-        except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
-            self._leave(run, b, exc)
+        ok, asked = self._callback(run, b, m.on_progress, replace(progress, waiting=waiting))
+        if ok and m.on_checkpoint is not None and not waiting and self._due(m, run, k, end, asked):
+            ckpt = resume.item_checkpoint(self, run, b, x, (it, step, end), start, lrs[b], counts[b])
+            ok, _ = self._callback(run, b, m.on_checkpoint, ckpt)
+        if not ok:
             return
         if end and run.s == len(self.schedule) - 1 and streaks[b] >= m.ran + k:
             self._leave(run, b, diverged(streaks[b], lrs[b]))  # not one finite step in the run
         elif end and more:
             run.active[b] = False  # its scale is done: it waits for the others'
+
+    def _callback(self, run: ScaleRun, b: int, fn: Callable[[Any], Any] | None, arg: Any) -> tuple[bool, Any]:
+        """``fn(arg)``, member b's callback, and whether b goes on: an exception it raises stops b
+        only (its error), except ``GroupAborted``, which ends the group. Only the callback is inside
+        the ``try``: an exception of the engine's own is no member's."""
+        try:
+            return True, fn(arg) if fn is not None else None
+        except GroupAborted:  # the caller's deadline, say
+            raise
+        except Exception as exc:  # noqa: BLE001 - a member's callback stops that member only
+            self._leave(run, b, exc)
+            return False, None
 
     def _due(self, m: Member, run: ScaleRun, k: int, end: bool, asked: Any) -> bool:
         """A checkpoint of m is due at its k-th iteration: its scale's end, asked for, or a multiple
