@@ -60,16 +60,11 @@ def release_transient(settings: Settings, claim: jobstore.Claim, *, retried: boo
     waiting for the dispatcher."""
     due = utcnow() + timedelta(seconds=settings.retry_backoff_max_s) if retried else None
     url, job_id, attempt = settings.database_url, claim.job_id, claim.attempt
-    wrote: list[bool] = []
-    best_effort(
+    return best_effort(
         job_id,
         attempt,
-        lambda: wrote.append(
-            jobstore.release(url, job_id, attempt, graceful=True, message_due=due, waiting=not retried)
-            or True
-        ),
+        lambda: jobstore.release(url, job_id, attempt, graceful=True, message_due=due, waiting=not retried),
     )
-    return bool(wrote)
 
 
 def guarded(
@@ -276,10 +271,12 @@ def engine_failed(settings: Settings, claim: jobstore.Claim, exc: EngineError) -
     return fail(settings, claim, exc.code, WORKER_SETUP_ERROR, True)
 
 
-def best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> None:
-    """``action()``, its failure logged; the delivery's time limit is raised on, never swallowed."""
+def best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> bool:
+    """``action()``, its failure logged (False); the delivery's time limit is raised on, never
+    swallowed."""
     try:
         action()
+        return True
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:  # noqa: BLE001 - the database may be the thing that is down
@@ -291,3 +288,4 @@ def best_effort(job_id: str, attempt: int, action: Callable[..., object]) -> Non
             error=type(exc).__name__,
             detail=repr(str(exc)[:200]),
         )
+        return False

@@ -283,7 +283,6 @@ def test_a_time_limit_landing_in_the_engine_or_a_cleanup_is_never_swallowed(
     assert (load_job(jobs[0]).status, load_job(jobs[0]).error_code) == ("failed", "time_limit")
     for job_id in jobs[1:]:  # none left held: ended by the limit, canceled, or never taken
         assert load_job(job_id).status in {"failed", "canceled", "queued"}
-        assert load_job(job_id).status != "running"
 
 
 def test_a_mate_whose_transient_release_failed_is_given_back_once_the_group_ran(
